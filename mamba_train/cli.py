@@ -1,0 +1,126 @@
+"""`mamba-train {prep,train,eval,export}`: one entry point for the whole stack.
+
+Expected failures (bad config, bad data, bad checkpoint) print one `error:` line naming
+what is wrong and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mamba_train.checkpoint import CheckpointError
+from mamba_train.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mamba-train", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from mamba_train.data import prep
+
+    prep.add_arguments(commands.add_parser("prep", help="build a corpus, train a tokenizer, write indexed data"))
+
+    train = commands.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="YAML run config, e.g. configs/tiny-cpu.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides: optim.lr=1e-3")
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="'auto': continue from the newest complete checkpoint, if any; or a checkpoint directory")
+
+    evaluate = commands.add_parser("eval", help="perplexity and bits-per-byte, overall and per subset")
+    evaluate.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
+    evaluate.add_argument("--data", help="indexed dataset prefix (default: the run's data.valid_prefix)")
+    evaluate.add_argument("--window", type=int, help="tokens per window; state is carried between windows")
+    evaluate.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    evaluate.add_argument("--out", help="write the results as JSON here")
+
+    export = commands.add_parser("export", help="write a Hugging Face Mamba2ForCausalLM directory")
+    export.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
+    export.add_argument("--out", required=True, help="output directory")
+
+    args = parser.parse_args(argv)
+    from mamba_train.data import DataError
+    from mamba_train.train.loop import TrainingError
+
+    try:
+        if args.command == "prep":
+            return prep.run(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "export":
+            return _export(args)
+    except (ConfigError, CheckpointError, TrainingError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+def _train(args) -> int:
+    from mamba_train.config import load_config
+    from mamba_train.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+    return 0
+
+
+def _load_for_inference(ckpt: str):
+    """Model (fp32, CPU or GPU) and resolved config from a checkpoint directory or root."""
+    import torch
+
+    from mamba_train.checkpoint import load_checkpoint, resolve_resume
+    from mamba_train.config import config_from_dict
+    from mamba_train.model import Mamba2LM
+
+    path = Path(ckpt)
+    if not (path / "manifest.json").exists():
+        resolved = resolve_resume(path, "auto")
+        if resolved is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint")
+        path = resolved
+    state = json.loads((path / "trainer_state.json").read_text())
+    cfg = config_from_dict(state["config"])
+    model = Mamba2LM(cfg.model)
+    load_checkpoint(path, model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), cfg, path, device
+
+
+def _eval(args) -> int:
+    import torch
+
+    from mamba_train.data import IndexedDataset
+    from mamba_train.eval import evaluate, format_table
+
+    model, cfg, path, device = _load_for_inference(args.ckpt)
+    prefix = args.data or cfg.data.valid_prefix
+    results = evaluate(model, IndexedDataset(prefix), window=args.window or cfg.data.seq_len,
+                       max_tokens=args.max_tokens, device=device,
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    results["checkpoint"], results["data"] = str(path), prefix
+    print(f"{path} on {prefix}")
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _export(args) -> int:
+    from mamba_train.data import load_tokenizer
+    from mamba_train.export import export_hf
+
+    model, cfg, path, _ = _load_for_inference(args.ckpt)
+    eod_id = load_tokenizer(cfg.data.tokenizer).eod_id if Path(cfg.data.tokenizer).exists() else None
+    out = export_hf(model.cpu(), cfg.model, args.out, tokenizer_path=cfg.data.tokenizer if eod_id is not None else None,
+                    eod_id=eod_id)
+    print(f"exported {path} to {out} (transformers.Mamba2ForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The whole run's configuration: one dataclass per concern, loaded from YAML with
+dotted command-line overrides (`model.n_layer=2 optim.lr=1e-3`).
+
+Every field has a default and a home; `load_config` validates types and values and
+names the offending field in its error, so a typo never runs silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 768
+    n_layer: int = 24
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    # 0 means "take it from the tokenizer"; the embedding is padded to a multiple of
+    # `pad_vocab_multiple` (times the tensor-parallel size) so matmuls stay aligned.
+    vocab_size: int = 0
+    pad_vocab_multiple: int = 128
+    norm_eps: float = 1e-5
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    D_has_hdim: bool = False
+    initializer_range: float = 0.02
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    def padded_vocab_size(self, tp_size: int = 1) -> int:
+        multiple = self.pad_vocab_multiple * tp_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+            _require(getattr(self, name) > 0, f"model.{name}", "a positive integer", getattr(self, name))
+        _require(self.vocab_size >= 0, "model.vocab_size", "0 (from the tokenizer) or a positive integer", self.vocab_size)
+        _require(self.d_inner % self.headdim == 0, "model.headdim",
+                 f"a divisor of d_inner = expand * d_model = {self.d_inner}", self.headdim)
+        _require(self.nheads % self.ngroups == 0, "model.ngroups",
+                 f"a divisor of nheads = {self.nheads}", self.ngroups)
+        _require(2 <= self.d_conv <= 4, "model.d_conv", "2, 3 or 4", self.d_conv)
+        _require(0 <= self.dt_limit[0] < self.dt_limit[1], "model.dt_limit", "[low, high] with 0 <= low < high",
+                 list(self.dt_limit))
+        _require(0 < self.dt_min <= self.dt_max, "model.dt_min/dt_max", "0 < dt_min <= dt_max",
+                 (self.dt_min, self.dt_max))
+
+
+@dataclass
+class DataConfig:
+    # Prefix of the Megatron-style indexed dataset (`<prefix>.bin`, `<prefix>.idx`) for
+    # training; `valid_prefix` for evaluation. `tokenizer` is a sentencepiece .model or
+    # a Hugging Face tokenizer.json.
+    train_prefix: str = "data/quickstart/train"
+    valid_prefix: str = "data/quickstart/valid"
+    tokenizer: str = "data/quickstart/tokenizer.model"
+    seq_len: int = 2048
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _require(self.seq_len > 0, "data.seq_len", "a positive integer", self.seq_len)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"a number in [0, lr={self.lr}]", self.min_lr)
+        _require(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
+        _require(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _require(self.schedule in ("cosine", "constant"), "optim.schedule", "'cosine' or 'constant'", self.schedule)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch: int = 8
+    grad_accum: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    seed: int = 1234
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    torch_threads: int = 0  # 0: leave torch's default
+
+    def validate(self) -> None:
+        _require(self.steps > 0, "train.steps", "a positive integer", self.steps)
+        _require(self.micro_batch > 0, "train.micro_batch", "a positive integer", self.micro_batch)
+        _require(self.grad_accum > 0, "train.grad_accum", "a positive integer", self.grad_accum)
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)
+        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'",
+                 self.precision)
+        _require(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    every: int = 500  # 0: only at the end
+    keep_last: int = 3
+    keep_every: int = 0  # additionally keep every M-th step forever; 0: none
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", "an integer >= 0", self.every)
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.keep_last)
+        _require(self.keep_every >= 0, "checkpoint.keep_every", "an integer >= 0", self.keep_every)
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    tensorboard: bool = True
+    progress_bar: str = "auto"  # auto: only on a terminal | on | off
+    # Peak dense bf16 FLOP/s of the accelerator, for MFU; 0 looks the GPU up.
+    peak_flops: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.log_every > 0, "logging.log_every", "a positive integer", self.log_every)
+        _require(self.progress_bar in ("auto", "on", "off"), "logging.progress_bar", "'auto', 'on' or 'off'",
+                 self.progress_bar)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    cp: int = 1
+
+    def validate(self) -> None:
+        _require(self.tp >= 1, "parallel.tp", "an integer >= 1", self.tp)
+        _require(self.cp >= 1, "parallel.cp", "an integer >= 1", self.cp)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        for section in fields(self):
+            getattr(self, section.name).validate()
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Build a validated RunConfig from a YAML file (optional) and `a.b=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected the form section.field=value")
+        *sections, leaf = key.split(".")
+        node = raw
+        for name in sections:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {name} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    config = _build(RunConfig, raw, prefix="")
+    config.validate()
+    return config
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """Inverse of RunConfig.to_dict (used when resuming from a checkpoint)."""
+    config = _build(RunConfig, raw, prefix="")
+    config.validate()
+    return config
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, found {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} ({where} allows: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, name: str):
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item_types = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{name}: expected a list of {len(item_types)} values, found {value!r}")
+        return tuple(_coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: {value!r} matches none of {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{name}: expected null, found {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) and `inf` as strings; users mean numbers.
+            try:
+                return float(value.strip().replace(".inf", "inf"))
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name}: expected {hint.__name__}, found {type(value).__name__} {value!r}")
+
+
+def _require(ok: bool, name: str, allowed: str, found) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {allowed}, found {found!r}")
+
+
+def _plain(value):
+    """Make asdict output YAML/JSON friendly (tuples → lists, inf → 'inf')."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

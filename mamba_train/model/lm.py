@@ -1,0 +1,65 @@
+"""Mamba-2 language model: embedding → blocks → final RMSNorm → tied head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamba_train.config import ModelConfig
+from mamba_train.model.mamba2 import Mamba2Block, MixerState, RMSNorm
+
+
+class Mamba2LM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.vocab_size = cfg.padded_vocab_size(tp_size)
+        self.embedding = nn.Embedding(self.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """mamba_ssm's `_init_weights`: N(0, 0.02) embedding, default (Kaiming-uniform)
+        linears, then out_proj rescaled by 1/sqrt(n_layer) (GPT-2's prenorm-residual rule)
+        so the residual stream's variance does not grow with depth."""
+        nn.init.normal_(self.embedding.weight, std=self.cfg.initializer_range)
+        for layer in self.layers:
+            out_proj = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(out_proj, a=math.sqrt(5))
+            out_proj /= math.sqrt(self.cfg.n_layer)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                states: list[MixerState] | None = None, return_states: bool = False):
+        # input_ids, seq_idx: (batch, seqlen) → logits (batch, seqlen, padded vocab)
+        hidden = self.embedding(input_ids).float()
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            if return_states or states is not None:
+                hidden, state = layer(hidden, seq_idx=seq_idx, state=None if states is None else states[i],
+                                      return_state=True)
+                new_states.append(state)
+            else:
+                hidden = layer(hidden, seq_idx=seq_idx)
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        logits = F.linear(hidden, self.embedding.weight)
+        return (logits, new_states) if return_states else logits
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        logits = self(input_ids, seq_idx=seq_idx)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay the matrices (embedding, projections, conv filters) only;
+    A_log, D, dt_bias, norm weights and biases are all 1-D and are never decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
