@@ -123,17 +123,20 @@ def test_chunked_matches_sequential_without_optional_inputs():
 
 def test_sequential_matches_quadratic_form():
     # An independent third form (paper §3, the SSD "attention" dual): y = (L ∘ C Bᵀ) (dt·x)
-    # with L[t, s] = exp(sum_{s<r<=t} A·dt_r), plus C_t · exp(sum_{r<=t} A·dt_r) · h_{-1}.
-    inputs = make_inputs(b=1, l=12, h=2, g=1, D=None, z=False, dt_bias=False)
-    x, dt, A, B, C, h0 = (inputs[k][0] if k != "A" else inputs[k]
-                          for k in ("x", "dt", "A", "B", "C", "initial_states"))
+    # with L[t, s] = exp(sum_{s<r<=t} A·dt_r), plus C_t · exp(sum_{r<=t} A·dt_r) · h_{-1},
+    # plus D·x, then the whole times silu(z) (mamba_ssm gates after the D skip).
+    l = 12
+    inputs = make_inputs(b=1, l=l, h=2, g=1, D="channel", dt_bias=False)
+    x, dt, B, C, z, h0 = (inputs[k][0] for k in ("x", "dt", "B", "C", "z", "initial_states"))
+    A, D = inputs["A"], inputs["D"]
     dt = torch.nn.functional.softplus(dt)
-    cum = torch.cumsum(dt * A, dim=0)                                   # (l, h)
-    causal = torch.ones(12, 12, dtype=torch.bool).tril()[..., None]
+    cum = torch.cumsum(dt * A, dim=0)                                        # (l, h)
+    causal = torch.ones(l, l, dtype=torch.bool).tril()[..., None]
     L = torch.where(causal, torch.exp(cum[:, None] - cum[None, :]), torch.zeros(()))   # (t, s, h)
-    scores = torch.einsum("tn,sn->ts", C[:, 0], B[:, 0])[..., None] * L   # (t, s, h)
+    scores = torch.einsum("tn,sn->ts", C[:, 0], B[:, 0])[..., None] * L     # (t, s, h)
     y = torch.einsum("tsh,shp->thp", scores, dt[..., None] * x)
     y = y + torch.einsum("tn,hpn,th->thp", C[:, 0], h0, torch.exp(cum))
+    y = (y + D * x) * z * torch.sigmoid(z)
     assert_rel_close(ssd_sequential(**inputs)[0], y, "y")
 
 

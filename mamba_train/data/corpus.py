@@ -19,11 +19,15 @@ import os
 import re
 import sysconfig
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
 DOC_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
+_STDLIB = Path(sysconfig.get_paths()["stdlib"])
+_DEBIAN_DOC = Path("/usr/share/doc")
+_MAN = Path("/usr/share/man")
 
 
 class CorpusError(ValueError):
@@ -149,7 +153,7 @@ def _shorten(text: str, limit: int = 80) -> str:
 def python_stdlib_files() -> list[Path]:
     """The installation's own standard-library sources, minus test suites, vendored
     packages and generated codec tables (which teach nothing but hex literals)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _STDLIB
     skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
     return _walk(root, lambda rel: rel.suffix == ".py" and not rel.name.startswith("test_")
                  and not skip_dirs.intersection(rel.parts[:-1]))
@@ -159,13 +163,12 @@ def debian_doc_files() -> list[Path]:
     # Markup and images are skipped by name; binaries that slip through fail the
     # UTF-8/NUL check in _read_text.
     skip = {".html", ".htm", ".css", ".js", ".svg", ".xml", ".png", ".gif", ".jpg", ".pdf", ".ps", ".ico"}
-    return _walk(Path("/usr/share/doc"), lambda rel: Path(rel.name.removesuffix(".gz")).suffix.lower() not in skip)
+    return _walk(_DEBIAN_DOC, lambda rel: Path(rel.name.removesuffix(".gz")).suffix.lower() not in skip)
 
 
 def man_page_files() -> list[Path]:
     # English pages only: /usr/share/man/man1..man8 (translations live in <lang>/manN).
-    root = Path("/usr/share/man")
-    return _walk(root, lambda rel: len(rel.parts) == 2 and re.fullmatch(r"man[1-8]", rel.parts[0]) is not None)
+    return _walk(_MAN, lambda rel: len(rel.parts) == 2 and re.fullmatch(r"man[1-8]", rel.parts[0]) is not None)
 
 
 def docstring_document(path: Path) -> str | None:
@@ -201,7 +204,7 @@ def docstring_document(path: Path) -> str | None:
 
 def _module_name(path: Path) -> str:
     try:
-        parts = path.relative_to(sysconfig.get_paths()["stdlib"]).with_suffix("").parts
+        parts = path.relative_to(_STDLIB).with_suffix("").parts
     except ValueError:
         parts = path.with_suffix("").parts[-1:]
     if parts[-1] == "__init__" and len(parts) > 1:
@@ -222,6 +225,8 @@ def man_page_text(path: Path) -> str | None:
             continue
         if line.startswith((".de ", ".de1 ", ".am ")):
             in_definition = True
+            continue
+        if re.fullmatch(r"\\[{}]\\?\s*", line):  # the braces of a multi-line conditional
             continue
         if line.startswith((".", "'")):
             macro, _, args = line[1:].strip().partition(" ")
@@ -254,24 +259,39 @@ _ROFF_ESCAPES = [
 ]
 
 
-# name → (files, document builder). Order matters: a subset that cannot fill its share
-# hands the rest on to the ones after it, so the scarcest (docstrings) goes first.
-LOCAL_SUBSETS: dict[str, tuple[Callable[[], list[Path]], Callable[[Path], str | None]]] = {
-    "python-docstrings": (python_stdlib_files, docstring_document),
-    "python-stdlib-code": (python_stdlib_files, lambda path: _read_text(path)),
-    "debian-docs": (debian_doc_files, lambda path: _read_text(path)),
-    "man-pages": (man_page_files, man_page_text),
+@dataclass(frozen=True)
+class LocalSubset:
+    list_files: Callable[[], list[Path]]
+    make_document: Callable[[Path], str | None]  # None: skip this file
+    # Files of one family (a package, a command suite) share a cap, so that e.g. the
+    # sixteen thousand `gcloud` man pages cannot crowd out every other command.
+    family: Callable[[Path], str]
+
+
+# Order matters: a subset that cannot fill its share hands the rest on to the ones
+# after it, so the scarcest (docstrings) goes first.
+LOCAL_SUBSETS: dict[str, LocalSubset] = {
+    "python-docstrings": LocalSubset(python_stdlib_files, lambda path: docstring_document(path),
+                                     lambda path: path.relative_to(_STDLIB).parts[0].removesuffix(".py")),
+    "python-stdlib-code": LocalSubset(python_stdlib_files, lambda path: _read_text(path),
+                                      lambda path: path.relative_to(_STDLIB).parts[0].removesuffix(".py")),
+    "debian-docs": LocalSubset(debian_doc_files, lambda path: _read_text(path),
+                               lambda path: path.relative_to(_DEBIAN_DOC).parts[0]),
+    "man-pages": LocalSubset(man_page_files, lambda path: man_page_text(path),
+                             lambda path: re.split(r"[-_.]", path.name, maxsplit=1)[0]),
 }
 
 
 def build_local_corpus(out_dir: str | os.PathLike, max_mb: float, subsets: list[str] | None = None,
-                       min_doc_bytes: int = 500, max_doc_bytes: int = 256 * 1024) -> dict:
+                       min_doc_bytes: int = 500, max_doc_bytes: int = 256 * 1024,
+                       family_fraction: float = 0.1) -> dict:
     """Write `<out_dir>/<subset>.jsonl.zst` for each subset, about `max_mb` MB of text in all.
 
-    Each subset gets an equal share of what is left; files are taken in a fixed
-    pseudo-random order (a hash of their path) so a share samples the whole source, not
-    its alphabetical start. Exact duplicates (e.g. the many copies of the GPL) are kept
-    once. Returns {"subsets": {name: {"docs", "bytes", "file"}}, "bytes": total}.
+    Each subset gets an equal share of what is left, and one family at most
+    `family_fraction` of that share. Files are taken in a fixed pseudo-random order (a
+    hash of their path) so a share samples the whole source, not its alphabetical start.
+    Exact duplicates (e.g. the many copies of the GPL) are kept once.
+    Returns {"subsets": {name: {"docs", "bytes", "file"}}, "bytes": total}.
     """
     names = list(LOCAL_SUBSETS) if subsets is None else subsets
     unknown = [name for name in names if name not in LOCAL_SUBSETS]
@@ -283,28 +303,32 @@ def build_local_corpus(out_dir: str | os.PathLike, max_mb: float, subsets: list[
     seen: set[bytes] = set()
     summary = {"subsets": {}, "bytes": 0}
     for position, name in enumerate(names):
+        subset = LOCAL_SUBSETS[name]
         share = (budget - summary["bytes"]) // (len(names) - position)
-        list_files, make_document = LOCAL_SUBSETS[name]
+        family_cap = max(family_fraction * share, max_doc_bytes)
+        family_bytes: dict[str, int] = {}
         shard = out_dir / f"{name}.jsonl.zst"
         docs = written = 0
         with open(shard, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as writer:
-            for path in sorted(list_files(), key=_path_order):
-                text = make_document(path)
+            for path in sorted(subset.list_files(), key=_path_order):
+                if written >= 0.99 * share:
+                    break
+                family = subset.family(path)
+                if family_bytes.get(family, 0) >= family_cap:
+                    continue
+                text = subset.make_document(path)
                 if text is None:
                     continue
-                size = len(text.encode("utf-8"))
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                if not min_doc_bytes <= size <= max_doc_bytes or digest in seen:
-                    continue
-                if written + size > share:
-                    if written >= 0.98 * share:
-                        break
-                    continue  # a smaller document may still fit
+                data = text.encode("utf-8")
+                digest = hashlib.blake2b(data, digest_size=16).digest()
+                if not min_doc_bytes <= len(data) <= max_doc_bytes or written + len(data) > share or digest in seen:
+                    continue  # a smaller document may still fit the share
                 seen.add(digest)
                 record = {"text": text, "meta": {"pile_set_name": name}}
                 writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
                 docs += 1
-                written += size
+                written += len(data)
+                family_bytes[family] = family_bytes.get(family, 0) + len(data)
         summary["subsets"][name] = {"docs": docs, "bytes": written, "file": shard.name}
         summary["bytes"] += written
     return summary

@@ -1,0 +1,45 @@
+"""Our model exported to transformers' Mamba2ForCausalLM gives the same logits, and
+transformers still imports and runs beside our top-level `kernels` package."""
+
+import pytest
+import torch
+
+from mamba_train.config import ModelConfig
+from mamba_train.export import export_hf
+from mamba_train.model import Mamba2LM
+
+transformers = pytest.importorskip("transformers")
+
+
+def randomized_model(ngroups: int) -> Mamba2LM:
+    torch.manual_seed(ngroups)
+    cfg = ModelConfig(d_model=64, n_layer=2, d_state=16, headdim=16, expand=2, ngroups=ngroups, chunk_size=16,
+                      vocab_size=200, dt_limit=(0.0, 0.2))
+    model = Mamba2LM(cfg)
+    # Move every parameter away from its initial constant so a swapped or ignored one shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", "D", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_transformers_mamba2_gives_our_logits(tmp_path, ngroups):
+    model = randomized_model(ngroups).eval()
+    export_hf(model, model.cfg, tmp_path, eod_id=0)
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 200, (2, 45))  # 45: not a multiple of the chunk size
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = hf(tokens, use_cache=False).logits
+    assert theirs.shape == ours.shape
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_transformers_does_not_mistake_our_kernels_package_for_its_own():
+    import kernels  # ours
+    from transformers.utils import import_utils
+
+    assert hasattr(kernels, "ssd")
+    assert not import_utils.is_kernels_available()
