@@ -158,27 +158,25 @@ def state_passing(states, dA_chunk_end, initial_states=None, seq_idx=None, chunk
     return torch.stack(states_in, dim=1), carried
 
 
-def bmm_chunk(C, B, chunk_size, seq_idx=None):
-    # C, B: (b, l, g, n)  seq_idx: (b, l)  ->  CB: (b, c, g, q, s), q the target token, s the source
-    CB = torch.einsum("bcqgn,bcsgn->bcgqs", _chunk(C, chunk_size), _chunk(B, chunk_size))
-    if seq_idx is not None:
-        # tokens of different documents never see each other (as mamba_ssm's bmm_chunk)
-        docs = _chunk_seq_idx(seq_idx, chunk_size)
-        CB = CB * (docs[..., :, None] == docs[..., None, :])[:, :, None].to(CB.dtype)
-    return CB
+def bmm_chunk(C, B, chunk_size):
+    # C, B: (b, l, g, n)  ->  CB: (b, c, g, q, s), q the target token, s the source (per group,
+    # shared by the group's heads). Unmasked: chunk_scan applies the causal and document masks.
+    return torch.einsum("bcqgn,bcsgn->bcgqs", _chunk(C, chunk_size), _chunk(B, chunk_size))
 
 
 def chunk_scan(CB, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=None):
     # CB: (b, c, g, q, s)  x, z: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  C: (b, l, g, n)
     # states_in: (b, c, h, p, n)  D: (h,) or (h, p)  seq_idx: (b, l)  ->  y: (b, l, h, p)
-    # CB must already be masked across documents (bmm_chunk with seq_idx).
     b, l, h, p = x.shape
     chunk_size = dt.shape[-1]
-    # Diagonal blocks (§6): y_q = sum_{s<=q} C_q·B_s · exp(dA_cumsum_q - dA_cumsum_s) · dt_s · x_s.
-    # Fill the exponent with -inf above the diagonal before exp: the difference is positive
-    # there and could overflow, and inf·0 would poison the gradients.
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-    log_decay = (dA_cumsum[..., :, None] - dA_cumsum[..., None, :]).masked_fill(~causal, -math.inf)
+    # Diagonal blocks (§6): y_q = sum_{s<=q} C_q·B_s · exp(dA_cumsum_q - dA_cumsum_s) · dt_s · x_s,
+    # over sources s of q's own document. Fill the exponent with -inf where masked before exp:
+    # above the diagonal it is positive and could overflow, and inf·0 would poison the gradients.
+    visible = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        docs = _chunk_seq_idx(seq_idx, chunk_size)                           # (b, c, q)
+        visible = visible & (docs[..., :, None] == docs[..., None, :])[:, None]   # (b, 1, c, q, s)
+    log_decay = (dA_cumsum[..., :, None] - dA_cumsum[..., None, :]).masked_fill(~visible, -math.inf)
     scores = (CB.repeat_interleave(h // CB.shape[2], dim=2)          # (b, c, h, q, s)
               * torch.exp(log_decay).transpose(1, 2)
               * dt.transpose(1, 2)[..., None, :])
@@ -187,7 +185,6 @@ def chunk_scan(CB, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=None)
     state_decay = torch.exp(dA_cumsum)   # (b, h, c, q)
     if seq_idx is not None:
         # the carried state belongs to the document of the token before the chunk
-        docs = _chunk_seq_idx(seq_idx, chunk_size)
         doc_before = torch.cat([seq_idx[:, :1], docs[:, :-1, -1]], dim=1)   # (b, c)
         state_decay = state_decay * (docs == doc_before[..., None])[:, None].to(state_decay.dtype)
     C_chunks = _chunk(_heads(C, h), chunk_size)   # (b, c, q, h, n)
@@ -217,7 +214,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_sof
     dt_chunks, dA_cumsum = chunk_cumsum(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     states = chunk_state(B, xc, dt_chunks, dA_cumsum, seq_idx)
     states_in, final_states = state_passing(states, dA_cumsum[..., -1], initial_states, seq_idx, chunk_size)
-    CB = bmm_chunk(C, B, chunk_size, seq_idx)
+    CB = bmm_chunk(C, B, chunk_size)
     y = chunk_scan(CB, xc, dt_chunks, dA_cumsum, C, states_in, D, z, seq_idx).to(x.dtype)
     return (y, final_states) if return_final_states else y
 

@@ -140,6 +140,23 @@ def test_sequential_matches_quadratic_form():
     assert_rel_close(ssd_sequential(**inputs)[0], y, "y")
 
 
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_chunked_matches_transformers_torch_ssd(ngroups):
+    # the model must match transformers' Mamba2; its torch SSD takes no z or seq_idx, runs in float32
+    mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    torch_ssd = getattr(mamba2, "mamba2_chunk_scan", None)
+    if torch_ssd is None:
+        pytest.skip("this transformers version has no mamba2_chunk_scan")
+    inputs = {k: v.float() for k, v in make_inputs(g=ngroups, z=False).items()}
+    y_hf, final_hf = torch_ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 8,
+                               D=inputs["D"], dt_bias=inputs["dt_bias"],
+                               initial_states=inputs["initial_states"], dt_softplus=True,
+                               return_final_states=True)
+    y, final = ssd_chunked(**inputs, chunk_size=8, return_final_states=True)
+    assert_rel_close(y, y_hf, "y", tol=1e-5)
+    assert_rel_close(final, final_hf, "final_states", tol=1e-5)
+
+
 @pytest.mark.parametrize("fn", [ssd_sequential, ssd_chunked], ids=["sequential", "chunked"])
 def test_seq_idx_resets_state_between_documents(fn):
     kwargs = {} if fn is ssd_sequential else {"chunk_size": 8}

@@ -44,7 +44,7 @@ def _chunk_state_fwd_kernel(
         seq_last = tl.load(seq_idx_ptr + (chunk_len - 1) * stride_seq_l)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k in range(0, chunk_len, BLOCK_K):
+    for k in range(0, chunk_size, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         in_chunk = offs_k < chunk_len
         # xᵀ read straight from memory as (p, s): no transpose of a computed tile
@@ -99,7 +99,7 @@ def _chunk_state_bwd_db_kernel(
 
     # intra-chunk part: dB[s] += sum_{t>=s} dCB[t, s] · C[t]  (dCBᵀ loaded as (s, t))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(pid_m * BLOCK_M, chunk_len, BLOCK_K):
+    for k in range(pid_m * BLOCK_M, chunk_size, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
         dcbT = tl.load(dcb_ptr + offs_m[:, None] * stride_cb_s + offs_k[None, :] * stride_cb_t,

@@ -42,6 +42,8 @@ def evaluate(model, dataset: IndexedDataset, window: int = 2048, max_tokens: int
         chunk = torch.from_numpy(np.asarray(stream[start:stop + 1], dtype=np.int64)).to(device)
         doc_ids = np.searchsorted(doc_offsets, np.arange(start, stop + 1), side="right") - 1
         seq_idx = torch.from_numpy(doc_ids[:-1].astype(np.int32)).to(device)[None]
+        if start > 0 and doc_offsets[doc_ids[0]] == start:
+            states = None  # a carried state continues the window's first document: not when one starts here
         with amp:
             logits, states = model(chunk[None, :-1], seq_idx=seq_idx, states=states, return_states=True)
         nll = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none").double().cpu().numpy()

@@ -1,0 +1,150 @@
+"""Stage 4a of SSD (DESIGN §3): CB = C·Bᵀ within each chunk, per group (the paper's diagonal
+blocks before the decay mask, §6).
+
+Only tiles on or below the diagonal are computed and written: every reader masks t >= s on
+load, so the tiles above it are never read.
+
+Backward (`bmm_bwd_dcb`): the gradient of the group's CB summed over its heads,
+    dCB[t, s] = sum_h L_h[t, s] · dt_h[s] · (dy_h[t] · x_h[s]),   L_h = exp(segsum), masked,
+and the intra-chunk gradient w.r.t. the decay exponents: with P = dCB_h ⊙ CB,
+dA_cumsum[t] gets sum_s P[t, s] and dA_cumsum[s] gets -sum_t P[t, s].
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bmm_fwd_kernel(
+    C_ptr, B_ptr, cb_ptr,
+    seqlen, nchunks, chunk_size, dstate,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # one program per (t block × s block, batch × chunk, group); B and C share strides
+    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    num_n = tl.cdiv(chunk_size, BLOCK_N)
+    pid_m, pid_n = pid_mn // num_n, pid_mn % num_n
+    if pid_n * BLOCK_N >= (pid_m + 1) * BLOCK_M:
+        return   # tile strictly above the diagonal
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    group_offs = pid_b * stride_B_b + chunk_start * stride_B_l + pid_g * stride_B_g
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, dstate, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        Ct = tl.load(C_ptr + group_offs + offs_m[:, None] * stride_B_l + offs_k[None, :] * stride_B_n,
+                     mask=(offs_m[:, None] < chunk_len) & (offs_k[None, :] < dstate), other=0.0)
+        # Bᵀ read straight from memory as (n, s)
+        BT = tl.load(B_ptr + group_offs + offs_k[:, None] * stride_B_n + offs_n[None, :] * stride_B_l,
+                     mask=(offs_k[:, None] < dstate) & (offs_n[None, :] < chunk_len), other=0.0)
+        acc += tl.dot(Ct, BT)
+    cb_ptr += pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
+    tl.store(cb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, acc,
+             mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
+
+
+@triton.jit
+def _bmm_bwd_dcb_kernel(
+    dy_ptr, x_ptr, cb_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, dcb_ptr, ddA_cumsum_ptr,
+    seqlen, nchunks, chunk_size, hdim, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
+    stride_seq_b, stride_seq_l,
+    HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dy and x share strides: (b, l, h, p); cb, dcb: (b, c, g, t, s) fp32
+    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    num_n = tl.cdiv(chunk_size, BLOCK_N)
+    pid_m, pid_n = pid_mn // num_n, pid_mn % num_n
+    if pid_n * BLOCK_N >= (pid_m + 1) * BLOCK_M:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # target tokens t
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # source tokens s
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    m_ok = offs_m < chunk_len
+    n_ok = offs_n < chunk_len
+    keep = m_ok[:, None] & n_ok[None, :] & (offs_m[:, None] >= offs_n[None, :])
+    if HAS_SEQ:
+        seq_idx_ptr += pid_b * stride_seq_b + chunk_start * stride_seq_l
+        seq_m = tl.load(seq_idx_ptr + offs_m * stride_seq_l, mask=m_ok, other=-1)
+        seq_n = tl.load(seq_idx_ptr + offs_n * stride_seq_l, mask=n_ok, other=-2)
+        keep = keep & (seq_m[:, None] == seq_n[None, :])
+    cb_offs = (pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
+               + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s)
+    cb = tl.load(cb_ptr + cb_offs, mask=keep, other=0.0)
+    dcb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for hh in range(heads_per_group):
+        head = pid_g * heads_per_group + hh
+        head_offs = pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
+        dy_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p0 in range(0, hdim, BLOCK_K):
+            offs_p = p0 + tl.arange(0, BLOCK_K)
+            dy_t = tl.load(dy_ptr + head_offs + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                           mask=m_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
+            xT = tl.load(x_ptr + head_offs + offs_p[:, None] * stride_x_p + offs_n[None, :] * stride_x_l,
+                         mask=(offs_p[:, None] < hdim) & n_ok[None, :], other=0.0)
+            dy_x += tl.dot(dy_t, xT)
+        dt_offs = pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
+        dA_m = tl.load(dA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, mask=m_ok, other=0.0)
+        dA_n = tl.load(dA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, mask=n_ok, other=0.0)
+        dt_n = tl.load(dt_ptr + dt_offs + offs_n * stride_dt_q, mask=n_ok, other=0.0)
+        # -inf above the diagonal before exp: the difference is positive there and may overflow
+        decay = tl.exp(tl.where(keep, dA_m[:, None] - dA_n[None, :], float("-inf")))
+        dcb_h = dy_x * decay * dt_n[None, :]
+        dcb += dcb_h
+        P = dcb_h * cb
+        tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, tl.sum(P, axis=1), mask=m_ok)
+        tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, -tl.sum(P, axis=0), mask=n_ok)
+    dcb_ptr += (pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g)
+    tl.store(dcb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, dcb,
+             mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
+
+
+def _block(dim, cap=64):
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def bmm_fwd(C, B, chunk_size):
+    # C, B: (b, l, g, n)  ->  CB: (b, c, g, q, q) fp32, valid on and below the diagonal only
+    b, l, g, n = B.shape
+    assert B.stride() == C.stride(), "B and C must share strides"
+    nchunks = triton.cdiv(l, chunk_size)
+    cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
+    block_m = block_n = _block(chunk_size)
+    block_k = _block(n)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
+    _bmm_fwd_kernel[grid](
+        C, B, cb, l, nchunks, chunk_size, n, *B.stride(), *cb.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return cb
+
+
+def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
+    # dy, x: (b, l, h, p)  cb: (b, c, g, q, q)  dt, dA_cumsum, ddA_cumsum: (b, h, c, q)
+    # -> dcb: (b, c, g, q, q) fp32 (valid on and below the diagonal); ddA_cumsum accumulated
+    b, l, h, p = x.shape
+    g = cb.shape[2]
+    nchunks, chunk_size = dt.shape[2:]
+    assert dy.stride() == x.stride(), "dy and x must share strides"
+    dcb = torch.empty_like(cb)
+    block_m = block_n = _block(chunk_size)
+    block_k = _block(p)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
+    _bmm_bwd_dcb_kernel[grid](
+        dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
+        l, nchunks, chunk_size, p, h // g,
+        *x.stride(), *cb.stride(), *dt.stride(),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return dcb

@@ -1,0 +1,102 @@
+"""The public chunked SSD on Triton: the stages of DESIGN §3 chained into one autograd Function.
+
+Forward runs chunk_cumsum → chunk_state → state_passing → bmm → chunk_scan and saves only
+the inputs (and y before the gate when z is given). Backward recomputes the cheap
+intermediates (cumsums, chunk states, carried states, CB) instead of storing them, then runs
+the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32 buffer,
+which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
+"""
+
+import math
+
+import torch
+
+from ..reference import _check_ssd_inputs
+from .bmm import bmm_bwd_dcb, bmm_fwd
+from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
+from .chunk_scan import (chunk_scan_bwd_dc, chunk_scan_bwd_dstates, chunk_scan_bwd_dx, chunk_scan_fwd,
+                         gate_bwd)
+from .chunk_state import chunk_state_bwd_db, chunk_state_fwd
+from .state_passing import state_passing_bwd, state_passing_fwd
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+def _forward_stages(x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
+    # everything chunk_scan needs: dt_out, dA_cumsum (b, h, c, q); states_in (b, c, h, p, n);
+    # final_states (b, h, p, n); cb (b, c, g, q, q)
+    dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
+    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx)
+    cb = bmm_fwd(C, B, chunk_size)
+    return dt_out, dA_cumsum, states_in, final_states, cb
+
+
+class SSDFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus,
+                dt_limit, return_final_states):
+        x, dt, B, C, z, initial_states, seq_idx = (
+            _contiguous(t) for t in (x, dt, B, C, z, initial_states, seq_idx))
+        dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
+            x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
+        y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate)
+        ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
+        # an unused output's gradient arrives as None, not as a tensor of zeros
+        ctx.set_materialize_grads(False)
+        return y, final_states
+
+    @staticmethod
+    def backward(ctx, dout, dfinal_states):
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate = ctx.saved_tensors
+        chunk_size, dt_softplus, dt_limit = ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit
+        dt_out, dA_cumsum, states_in, _, cb = _forward_stages(
+            x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
+        dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype).contiguous()
+        if z is not None:
+            dy, dz = gate_bwd(dout, z, y_pregate)
+        else:
+            dy, dz = dout, None
+        ddA_cumsum = torch.zeros_like(dA_cumsum)
+        dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+        dstates, dinit = state_passing_bwd(
+            dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states, seq_idx,
+            need_dinit=initial_states is not None and ctx.needs_input_grad[8])
+        ddt_out = torch.zeros_like(dt_out)
+        dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx)
+        dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
+        dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx)
+        dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
+        ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)
+        if dD is not None:
+            dD = (dD if D.dim() == 2 else dD.sum(dim=1)).to(D.dtype)
+        if ddt_bias is not None:
+            ddt_bias = ddt_bias.to(dt_bias.dtype)
+        if dinit is not None:
+            dinit = dinit.to(initial_states.dtype)
+        return (dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dinit,
+                None, None, None, None, None)
+
+
+def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
+               dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None, return_final_states=False):
+    """Mamba-2 SSD (chunked, Triton); same signature and result as `kernels.reference.ssd_chunked`.
+
+    Returns y (b, l, h, p) in x's dtype, and with `return_final_states` also the state after
+    the last token (b, h, p, n) in float32.
+    """
+    # x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) | (h, p)
+    # initial_states: (b, h, p, n)  seq_idx: (b, l)
+    _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, found {chunk_size!r}")
+    if B.dtype != C.dtype:
+        raise ValueError(f"B and C: expected one dtype, found B {B.dtype} and C {C.dtype}")
+    y, final_states = SSDFunction.apply(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus,
+        tuple(float(v) for v in dt_limit), return_final_states)
+    return (y, final_states) if return_final_states else y
