@@ -24,13 +24,15 @@ from pathlib import Path
 
 import zstandard
 
+from mamba_train.data.indexed import DataError
+
 DOC_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
 _STDLIB = Path(sysconfig.get_paths()["stdlib"])
 _DEBIAN_DOC = Path("/usr/share/doc")
 _MAN = Path("/usr/share/man")
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """A source file that cannot be read as documents; the message names file and line."""
 
 
@@ -155,8 +157,8 @@ def python_stdlib_files() -> list[Path]:
     packages and generated codec tables (which teach nothing but hex literals)."""
     root = _STDLIB
     skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
-    return _walk(root, lambda rel: rel.suffix == ".py" and not rel.name.startswith("test_")
-                 and not skip_dirs.intersection(rel.parts[:-1]))
+    return _walk(root, lambda rel: rel.suffix == ".py" and not rel.name.startswith("test_"),
+                 skip_dir=lambda name: name in skip_dirs)
 
 
 def debian_doc_files() -> list[Path]:
@@ -310,8 +312,9 @@ def build_local_corpus(out_dir: str | os.PathLike, max_mb: float, subsets: list[
         shard = out_dir / f"{name}.jsonl.zst"
         docs = written = 0
         with open(shard, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as writer:
+            misses = 0  # documents in a row that did not fit what is left of the share
             for path in sorted(subset.list_files(), key=_path_order):
-                if written >= 0.99 * share:
+                if share - written < min_doc_bytes or misses >= 50:
                     break
                 family = subset.family(path)
                 if family_bytes.get(family, 0) >= family_cap:
@@ -321,8 +324,12 @@ def build_local_corpus(out_dir: str | os.PathLike, max_mb: float, subsets: list[
                     continue
                 data = text.encode("utf-8")
                 digest = hashlib.blake2b(data, digest_size=16).digest()
-                if not min_doc_bytes <= len(data) <= max_doc_bytes or written + len(data) > share or digest in seen:
-                    continue  # a smaller document may still fit the share
+                if not min_doc_bytes <= len(data) <= max_doc_bytes or digest in seen:
+                    continue
+                if written + len(data) > share:
+                    misses += 1  # a smaller document may still fit
+                    continue
+                misses = 0
                 seen.add(digest)
                 record = {"text": text, "meta": {"pile_set_name": name}}
                 writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
@@ -334,13 +341,15 @@ def build_local_corpus(out_dir: str | os.PathLike, max_mb: float, subsets: list[
     return summary
 
 
-def _walk(root: Path, keep: Callable[[Path], bool]) -> list[Path]:
-    """Regular files under root (relative-path filter `keep`), in sorted order, no symlinks."""
+def _walk(root: Path, keep: Callable[[Path], bool], skip_dir: Callable[[str], bool] = lambda name: False
+          ) -> list[Path]:
+    """Regular files under root (relative-path filter `keep`), in sorted order, no symlinks;
+    directories named so that `skip_dir` is true are not entered at all."""
     if not root.is_dir():
         return []
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(name for name in dirnames if not skip_dir(name))
         for filename in sorted(filenames):
             path = Path(dirpath, filename)
             if not path.is_symlink() and keep(path.relative_to(root)):

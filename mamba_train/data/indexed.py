@@ -14,6 +14,9 @@ format), so data prepared here trains with Megatron and the other way round:
           document_indices   int64[n+1] = [0, 1, ..., n]: every sequence is one document
     .bin  the tokens, little-endian, in the dtype above
 
+Reading treats each sequence as one document, which holds for everything written here
+and for megatron's own preprocess_data output (without sentence splitting).
+
 Beside them, `<prefix>.docs.npz` (ours, megatron ignores it) keeps per-document UTF-8
 byte counts and subset ids, which bits-per-byte and per-subset evaluation need.
 """
@@ -49,7 +52,12 @@ _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))
 
 
-class IndexedDatasetError(ValueError):
+class DataError(ValueError):
+    """Base of every data-pipeline error (bad file, bad record, bad recipe): the CLI
+    prints these as one line, without a traceback."""
+
+
+class IndexedDatasetError(DataError):
     """A .bin/.idx/.docs.npz file that cannot be used; the message names the file."""
 
 
@@ -85,6 +93,7 @@ class IndexedDatasetWriter:
         self._subset_ids = array("h")
         self._subset_names: dict[str, int] = {}
         self._info = np.iinfo(self.dtype)
+        self._max_token_id = -1  # kept in the sidecar so check_vocab need not scan the .bin
 
     def _tmp(self, path: Path) -> Path:
         return path.with_name(path.name + self._suffix)
@@ -101,23 +110,25 @@ class IndexedDatasetWriter:
             raise RuntimeError("IndexedDatasetWriter.add_document called outside its `with` block")
         tokens = np.asarray(tokens)
         if tokens.ndim != 1:
-            raise ValueError(f"{self.bin_path}: a document must be a 1-D token list, found shape {tokens.shape}")
+            raise IndexedDatasetError(f"{self.bin_path}: a document must be a 1-D token list, found shape {tokens.shape}")
         if tokens.size and (tokens.min() < self._info.min or tokens.max() > self._info.max):
-            raise ValueError(f"{self.bin_path}: token ids [{tokens.min()}, {tokens.max()}] "
+            raise IndexedDatasetError(f"{self.bin_path}: token ids [{tokens.min()}, {tokens.max()}] "
                              f"do not fit {self.dtype} (document {len(self._lengths)})")
         if tokens.size >= 2**31:
-            raise ValueError(f"{self.bin_path}: document {len(self._lengths)} has {tokens.size} tokens, "
+            raise IndexedDatasetError(f"{self.bin_path}: document {len(self._lengths)} has {tokens.size} tokens, "
                              "more than the format's int32 length allows")
         with_meta = utf8_bytes is not None or subset is not None
         if len(self._lengths) and with_meta != bool(len(self._utf8_bytes)):
-            raise ValueError(f"{self.bin_path}: give utf8_bytes and subset for every document or for none")
+            raise IndexedDatasetError(f"{self.bin_path}: give utf8_bytes and subset for every document or for none")
+        if tokens.size:
+            self._max_token_id = max(self._max_token_id, int(tokens.max()))
         self._bin_file.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._lengths.append(tokens.size)
         if with_meta:
             subset = subset or "default"
             if subset not in self._subset_names:
                 if len(self._subset_names) >= np.iinfo(np.int16).max:
-                    raise ValueError(f"{self.docs_path}: more than {np.iinfo(np.int16).max} subsets")
+                    raise IndexedDatasetError(f"{self.docs_path}: more than {np.iinfo(np.int16).max} subsets")
                 self._subset_names[subset] = len(self._subset_names)
             self._utf8_bytes.append(-1 if utf8_bytes is None else int(utf8_bytes))
             self._subset_ids.append(self._subset_names[subset])
@@ -158,14 +169,15 @@ class IndexedDatasetWriter:
         with open(path, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
             np.savez(f, utf8_bytes=np.frombuffer(self._utf8_bytes, dtype=np.int64),
                      subset_id=np.frombuffer(self._subset_ids, dtype=np.int16),
-                     subset_names=np.array(names, dtype=np.str_))
+                     subset_names=np.array(names, dtype=np.str_),
+                     max_token_id=np.array(self._max_token_id, dtype=np.int64))
 
 
 class IndexedDataset:
     """Read-only, memory-mapped view of `<prefix>.bin/.idx` (+ `.docs.npz` if present).
 
-    `ds[i]` is document i's tokens (a view into the memmap, no copy); `ds.tokens` is the
-    whole token stream, documents back to back, which the packed loader slices directly.
+    `ds[i]` is document i's tokens (a view into the memmap, no copy); `token_stream()` is
+    all tokens, documents back to back, which the packed loader slices directly.
     """
 
     def __init__(self, prefix: str | os.PathLike):
@@ -174,6 +186,7 @@ class IndexedDataset:
         self._read_index()
         self._map_tokens()
         self.utf8_bytes = self.subset_ids = self.subset_names = None
+        self._stored_max_token_id = None
         if self.docs_path.exists():
             self._read_docs()
 
@@ -222,7 +235,7 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{path}: {size} bytes, but {self.idx_path.name} describes "
                                       f"{expected} bytes ({self._num_docs} documents of {self.dtype})")
         # np.memmap refuses empty files; an empty dataset is a valid (if useless) dataset.
-        self.tokens = (np.memmap(path, dtype=self.dtype, mode="r") if size
+        self._tokens = (np.memmap(path, dtype=self.dtype, mode="r") if size
                        else np.zeros(0, dtype=self.dtype))
 
     def _read_docs(self) -> None:
@@ -232,6 +245,8 @@ class IndexedDataset:
                 self.utf8_bytes = docs["utf8_bytes"].astype(np.int64, copy=False)
                 self.subset_ids = docs["subset_id"].astype(np.int16, copy=False)
                 self.subset_names = [str(name) for name in docs["subset_names"]]
+                if "max_token_id" in docs:
+                    self._stored_max_token_id = int(docs["max_token_id"])
         except (OSError, ValueError, KeyError) as error:
             raise IndexedDatasetError(f"{path}: unreadable document sidecar: {error}") from error
         for name, values in (("utf8_bytes", self.utf8_bytes), ("subset_id", self.subset_ids)):
@@ -248,7 +263,7 @@ class IndexedDataset:
         if not -self._num_docs <= i < self._num_docs:
             raise IndexError(f"document {i} out of range for {self.prefix} ({self._num_docs} documents)")
         start = int(self._pointers[i]) // self.dtype.itemsize
-        return self.tokens[start : start + int(self._lengths[i])]
+        return self._tokens[start : start + int(self._lengths[i])]
 
     @property
     def doc_lengths(self) -> np.ndarray:
@@ -257,20 +272,24 @@ class IndexedDataset:
 
     @cached_property
     def doc_offsets(self) -> np.ndarray:
-        """(n+1,) int64 token offsets: document i is tokens[doc_offsets[i]:doc_offsets[i+1]]."""
-        offsets = np.empty(self._num_docs + 1, dtype=np.int64)
-        offsets[:-1] = self._pointers // self.dtype.itemsize
-        offsets[-1] = self.num_tokens
-        return offsets
+        """(n,) int64 token offset where each document starts in token_stream()."""
+        return self._pointers // self.dtype.itemsize
+
+    def token_stream(self) -> np.ndarray:
+        """(num_tokens,) every document's tokens back to back (a memmap; slicing reads only the slice)."""
+        return self._tokens
 
     @property
     def num_tokens(self) -> int:
-        return int(self.tokens.size)
+        return int(self._tokens.size)
 
     def max_token_id(self) -> int:
-        """Largest token id in the dataset (-1 when empty); reads the .bin in chunks."""
+        """Largest token id in the dataset (-1 when empty): from the sidecar when it has
+        it, else by reading the .bin in chunks (minutes at Pile scale)."""
+        if self._stored_max_token_id is not None:
+            return self._stored_max_token_id
         chunk = 1 << 26
-        return max((int(self.tokens[i : i + chunk].max()) for i in range(0, self.num_tokens, chunk)), default=-1)
+        return max((int(self._tokens[i : i + chunk].max()) for i in range(0, self.num_tokens, chunk)), default=-1)
 
     def verify(self) -> None:
         """Full check that the pointers are the running sum of the lengths (reads all of .idx)."""

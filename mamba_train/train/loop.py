@@ -58,7 +58,9 @@ def resolve_vocab(cfg: RunConfig) -> None:
         cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
+def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Train until `train.steps` (or `stop_after_steps` more steps, as a preempted job
+    would: checkpoint and return). `resume`: None, "auto" or a checkpoint directory."""
     resolve_vocab(cfg)
     device = pick_device(cfg)
     amp_dtype = autocast_dtype(cfg, device)
@@ -80,13 +82,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     step, consumed_samples = 0, 0
     checkpoint = resolve_resume(cfg.checkpoint.dir, resume)
     if checkpoint is not None:
+        _check_same_model(cfg, json.loads((checkpoint / "trainer_state.json").read_text())["config"], checkpoint)
         state = load_checkpoint(checkpoint, model, optimizer, map_location=device)
-        _check_same_model(cfg, state["config"], checkpoint)
         step, consumed_samples = state["step"], state["consumed_samples"]
         _set_rng_state(state["rng"])
         print(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)", flush=True)
-    elif resume not in (None, "auto"):
-        raise TrainingError(f"--resume {resume}: no checkpoint there")
+    elif resume is None and resolve_resume(cfg.checkpoint.dir, "auto", log=lambda _: None) is not None:
+        raise TrainingError(f"{cfg.checkpoint.dir} already holds checkpoints of another run: pass --resume auto to "
+                            f"continue it, or set checkpoint.dir (and logging.run_dir) to a new directory")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     loader = TrainLoader(samples, cfg.train.micro_batch, seed=cfg.data.seed, consumed_samples=consumed_samples)
@@ -107,7 +110,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
 
     try:
         model.train()
-        while step < cfg.train.steps:
+        last_step = cfg.train.steps if stop_after_steps is None else min(cfg.train.steps, step + stop_after_steps)
+        while step < last_step:
             started = time.perf_counter()
             lr = lr_at(step, cfg.optim, cfg.train.steps)
             for group in optimizer.param_groups:
@@ -138,11 +142,15 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             result.losses[step] = loss_value
             metrics.log_step(step, row)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < last_step:
                 result.checkpoint = save()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 metrics.log_eval(step, _evaluate(cfg, model, device, amp_dtype, cfg.train.eval_batches))
         result.checkpoint = save()
+        if step < cfg.train.steps:
+            metrics.info(f"stopped at step {step} of {cfg.train.steps}; continue with --resume auto")
+            result.step = step
+            return result
         result.eval = _evaluate(cfg, model, device, amp_dtype, max_batches=None)
         metrics.log_eval(step, result.eval)
         (run_dir / "eval.json").write_text(json.dumps(result.eval, indent=1))
