@@ -1,0 +1,1 @@
+"""mamba-train: pretraining Mamba-2 language models at scale."""
