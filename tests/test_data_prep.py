@@ -94,13 +94,23 @@ def test_prep_is_deterministic_and_independent_of_workers(corpus, tmp_path):
     assert file_bytes(tmp_path / "one") == file_bytes(tmp_path / "again") == file_bytes(tmp_path / "two")
 
 
-def test_existing_output_needs_force_and_stays_untouched(corpus, tmp_path):
+def test_existing_output_from_the_same_recipe_is_kept_as_up_to_date(corpus, tmp_path):
+    recipe_path, _ = corpus
+    recipe = load_recipe(recipe_path)
+    summary = prepare(recipe, workers=1)
+    before = file_bytes(tmp_path / "out")
+    assert prepare(recipe, workers=1) == summary  # a rerun of the quickstart does not redo the work
+    assert file_bytes(tmp_path / "out") == before
+
+
+def test_existing_output_from_another_recipe_needs_force_and_stays_untouched(corpus, tmp_path):
     recipe_path, _ = corpus
     recipe = load_recipe(recipe_path)
     prepare(recipe, workers=1)
     before = file_bytes(tmp_path / "out")
-    with pytest.raises(PrepError, match="already exists; pass --force"):
-        prepare(recipe, workers=1)
+    other = recipe.__class__(**{**recipe.__dict__, "seed": recipe.seed + 1})
+    with pytest.raises(PrepError, match="already exists and was not built from this recipe; pass --force"):
+        prepare(other, workers=1)
     assert file_bytes(tmp_path / "out") == before
     prepare(recipe, workers=1, force=True)
     assert file_bytes(tmp_path / "out") == before

@@ -46,7 +46,8 @@ def _state_passing_fwd_kernel(
     states_ptr += pid_b * stride_st_b + pid_h * stride_st_h + offs
     states_in_ptr += pid_b * stride_st_b + pid_h * stride_st_h + offs
     dA_cumsum_ptr += pid_b * stride_dA_b + pid_h * stride_dA_h
-    seq_idx_ptr += pid_b * stride_seq_b
+    if HAS_SEQ:
+        seq_idx_ptr += pid_b * stride_seq_b
     if HAS_INIT:
         carried = tl.load(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs,
                           mask=ok, other=0.0).to(tl.float32)
@@ -82,7 +83,8 @@ def _state_passing_bwd_kernel(
     head_offs = pid_b * stride_st_b + pid_h * stride_st_h + offs
     dA_cumsum_ptr += pid_b * stride_dA_b + pid_h * stride_dA_h
     ddA_cumsum_ptr += pid_b * stride_dA_b + pid_h * stride_dA_h
-    seq_idx_ptr += pid_b * stride_seq_b
+    if HAS_SEQ:
+        seq_idx_ptr += pid_b * stride_seq_b
     if HAS_DFINAL:
         grad = tl.load(dfinal_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs,
                        mask=ok, other=0.0).to(tl.float32)

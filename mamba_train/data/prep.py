@@ -149,7 +149,11 @@ def prepare(recipe: Recipe, out: str | os.PathLike | None = None, force: bool = 
     recipe.validate()
     out = Path(out or recipe.output)
     if out.exists() and not force:
-        raise PrepError(f"{out} already exists; pass --force to replace it")
+        built = _read_summary(out)
+        if built is not None and built.get("recipe") == json.loads(json.dumps(dataclasses.asdict(recipe))):
+            _log(f"{out} is up to date (built from this recipe); --force rebuilds it")
+            return built
+        raise PrepError(f"{out} already exists and was not built from this recipe; pass --force to replace it")
     workers = max(1, workers or os.cpu_count() or 1)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,13 @@ def prepare(recipe: Recipe, out: str | os.PathLike | None = None, force: bool = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _read_summary(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "prep.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _prepare_into(recipe: Recipe, tmp: Path, workers: int) -> dict:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run on the GPU machine (device tool), from the repo root, with .anchor carried:
+#   .anchor holds mamba_ssm 2.3.2.post1's Python sources (its __init__ replaced by a version
+#   line), einops and pytest as unpacked pure-Python wheels (see GPU.md "The speed anchor").
+# Usage: bash bench/device_ssd.sh [tests|bench|profile]...   (default: tests bench)
+set -o pipefail
+export PYTHONPATH="$PWD/.anchor:$PWD" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/ssd_out}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests bench)
+status=0
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests)   python3 -m pytest tests/test_ssd_triton.py -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+    bench)   python3 bench/bench_ssd.py 2>&1 | tee "$OUT/bench.log" || status=1
+             cp bench/results/ssd-*.json "$OUT/" 2>/dev/null ;;
+    profile) python3 bench/bench_ssd.py --profile 2>&1 | tee "$OUT/profile.log" || status=1 ;;
+    *) echo "unknown step $step"; status=1 ;;
+  esac
+done
+exit $status
