@@ -11,10 +11,9 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from kernels import causal_conv1d, rmsnorm_gated, ssd
 from mamba_train.config import ModelConfig
 
 
@@ -72,19 +71,19 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         batch, seqlen, _ = u.shape
         z, xBC, dt = self.in_proj(u).split(self.split_sizes, dim=-1)
-        xBC, conv_state = kernels.causal_conv1d(
+        xBC, conv_state = causal_conv1d(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
             initial_state=None if state is None else state.conv, return_final_state=True, seq_idx=seq_idx)
         bc_dim = cfg.ngroups * cfg.d_state
         x, B, C = xBC.split((cfg.d_inner, bc_dim, bc_dim), dim=-1)
         D = self.D.view(cfg.nheads, cfg.headdim) if cfg.D_has_hdim else self.D
-        y, ssm_state = kernels.ssd(
+        y, ssm_state = ssd(
             x.reshape(batch, seqlen, cfg.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
             B.reshape(batch, seqlen, cfg.ngroups, cfg.d_state), C.reshape(batch, seqlen, cfg.ngroups, cfg.d_state),
             cfg.chunk_size, D=D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=cfg.dt_limit,
             initial_states=None if state is None else state.ssm, seq_idx=seq_idx, return_final_states=True)
         # Gate before the norm, per group: mamba_ssm's norm_before_gate=False.
-        y = kernels.rmsnorm_gated(y.reshape(batch, seqlen, cfg.d_inner), z, self.norm.weight, eps=cfg.norm_eps,
+        y = rmsnorm_gated(y.reshape(batch, seqlen, cfg.d_inner), z, self.norm.weight, eps=cfg.norm_eps,
                                   group_size=cfg.d_inner // cfg.ngroups)
         out = self.out_proj(y)
         return (out, MixerState(conv_state, ssm_state)) if return_state else out
