@@ -211,19 +211,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {name} is not a section")
         node[leaf] = yaml.safe_load(text)
-    config = _build(RunConfig, raw, prefix="")
+    config = from_mapping(RunConfig, raw)
     config.validate()
     return config
 
 
 def config_from_dict(raw: dict) -> RunConfig:
     """Inverse of RunConfig.to_dict (used when resuming from a checkpoint)."""
-    config = _build(RunConfig, raw, prefix="")
+    config = from_mapping(RunConfig, raw)
     config.validate()
     return config
 
 
-def _build(cls, raw: dict, prefix: str):
+def from_mapping(cls, raw: dict, prefix: str = ""):
+    """A dataclass (nested ones too) from a YAML mapping, checking every key and type.
+    Used for run configs and data-prep recipes alike; raises ConfigError naming the field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, found {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -235,22 +237,31 @@ def _build(cls, raw: dict, prefix: str):
     values = {}
     for name, value in raw.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, prefix=f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(value, hint, f"{prefix}{name}")
+        values[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**values)
 
 
 def _coerce(value, hint, name: str):
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, {} if value is None else value, prefix=f"{name}.")
     origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, found {value!r}")
+        return [_coerce(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         item_types = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{name}: expected a list of {len(item_types)} values, found {value!r}")
         return tuple(_coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) == 1:  # `X | None`: report X's own error
+            return _coerce(value, options[0], name)
+        for option in options:
             try:
                 return _coerce(value, option, name)
             except ConfigError:

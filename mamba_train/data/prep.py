@@ -21,8 +21,6 @@ import os
 import shutil
 import sys
 import time
-import types
-import typing
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +31,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from mamba_train.config import ConfigError, from_mapping
 from mamba_train.data.corpus import LOCAL_SUBSETS, build_local_corpus, expand_sources, read_documents
 from mamba_train.data.indexed import DataError, IndexedDatasetWriter, token_dtype_for_vocab
 from mamba_train.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -104,41 +103,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if isinstance(raw.get("sources"), list):  # shorthand: `sources: [a.jsonl.zst, b/*.txt]`
         raw["sources"] = {"files": raw["sources"]}
     try:
-        recipe = _build(Recipe, raw, "")
+        recipe = from_mapping(Recipe, raw)
         recipe.validate()
-    except PrepError as error:
+    except (ConfigError, PrepError) as error:
         raise PrepError(f"{path}: {error}") from None
     return recipe
-
-
-def _build(cls, raw, prefix: str):
-    """A dataclass from a YAML mapping; unknown keys and wrong types name the key."""
-    if not isinstance(raw, dict):
-        raise PrepError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, found {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in known:
-            raise PrepError(f"unknown key {prefix}{key} (allowed here: {', '.join(known)})")
-    return cls(**{key: _value(value, hints[key], f"{prefix}{key}") for key, value in raw.items()})
-
-
-def _value(value, hint, name: str):
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        hint = next(h for h in typing.get_args(hint) if h is not type(None))
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, f"{name}.")
-    if typing.get_origin(hint) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise PrepError(f"{name}: expected a list of strings, found {value!r}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or isinstance(value, bool) != (hint is bool):
-        raise PrepError(f"{name}: expected {hint.__name__}, found {value!r}")
-    return value
 
 
 # Preparing ------------------------------------------------------------------------------
