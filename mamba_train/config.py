@@ -122,6 +122,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 8
     torch_threads: int = 0  # 0: leave torch's default
+    # Steps whose loss or gradient is NaN/inf are dropped; more than this many stop the run.
+    max_skipped_steps: int = 5
 
     def validate(self) -> None:
         _require(self.steps > 0, "train.steps", "a positive integer", self.steps)
@@ -131,6 +133,7 @@ class TrainConfig:
         _require(self.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'",
                  self.precision)
         _require(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
 
 
 @dataclass

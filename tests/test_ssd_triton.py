@@ -20,11 +20,24 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import kernels  # noqa: E402
 from kernels.reference import ssd_chunked, ssd_sequential  # noqa: E402
-from kernels.ssd import ssd_triton  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+# The first import of the subpackage kernels/ssd/ sets the attribute `kernels.ssd` to it,
+# hiding the public op of that name; put the op back (a no-op once kernels/__init__.py
+# imports the subpackage itself before binding `ssd`).
+_public_ssd = kernels.ssd
+from kernels.ssd import ssd_triton  # noqa: E402
+kernels.ssd = _public_ssd
+
+from kernels.ssd import chunk_cumsum as _stage  # noqa: E402
+
+# triton.jit picks interpreter or compiler when the kernels are defined, i.e. at first import
+INTERPRETED = type(_stage._chunk_cumsum_fwd_kernel).__name__ == "InterpretedFunction"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("kernels.ssd was imported before TRITON_INTERPRET=1 was set (set it in the environment "
+                "or run this file first); without CUDA the kernels need the interpreter", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
 # fp32 inputs: the interpreter computes tl.dot in fp32; a GPU uses tf32 for fp32 dots
 FP32_BOUND = 1e-5 if DEVICE == "cpu" else 5e-3
 BF16_BOUND = 2e-2
@@ -32,7 +45,7 @@ GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
 def make_inputs(b, l, h, p, g, n, *, dtype=torch.float32, device=DEVICE, D="head", z=True, dt_bias=True,
-                initial_states=True, docs=0, seed=0):
+                initial_states=True, docs=0, first_doc=0, seed=0):
     """Random inputs in the ranges a Mamba-2 layer sees; `docs` extra document starts per row."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -52,7 +65,7 @@ def make_inputs(b, l, h, p, g, n, *, dtype=torch.float32, device=DEVICE, D="head
         seq_idx=None,
     )
     if docs:
-        seq_idx = torch.zeros(b, l, dtype=torch.int32)
+        seq_idx = torch.full((b, l), first_doc, dtype=torch.int32)
         for row in range(b):
             for start in torch.randint(1, l, (docs,), generator=gen).tolist():
                 seq_idx[row, start:] += 1
@@ -107,7 +120,9 @@ CASES = {
     "last_chunk_one_token": (2, 33, 2, 16, 1, 16, 16, dict(D=None, z=True, dt_limit=(0.0, 0.3))),
     "no_softplus": (1, 40, 2, 16, 2, 16, 16, dict(D="head", dt_softplus=False)),
     "odd_dims_heads_per_group_3": (1, 50, 6, 24, 2, 20, 32, dict(D="channel", docs=2)),
-    "many_docs": (2, 70, 2, 16, 1, 16, 16, dict(D="head", docs=9)),
+    "many_docs_first_id_7": (2, 70, 2, 16, 1, 16, 16, dict(D="head", docs=9, first_doc=7)),
+    "chunk24_not_power_of_two": (1, 50, 2, 16, 1, 16, 24, dict(D="channel", docs=1)),
+    "one_token": (2, 1, 2, 16, 1, 16, 16, dict(D="head")),
 }
 
 
@@ -159,6 +174,17 @@ def test_gradient_from_final_state_alone():
     assert rel_err(final, final_ref) < FP32_BOUND
     for k in ("x", "B", "dt", "initial_states"):
         assert rel_err(leaves[k].grad, ref_leaves[k].grad) < FP32_BOUND, k
+
+
+def test_non_contiguous_inputs():
+    # transposed views of every tensor argument: the op must not assume the caller's layout
+    inputs = make_inputs(1, 40, 4, 16, 2, 16, D="channel", docs=2)
+    views = {k: (v.transpose(0, -1).contiguous().transpose(0, -1) if v is not None and v.dim() > 1
+                 and v.is_floating_point() else v) for k, v in inputs.items()}
+    assert not views["x"].is_contiguous() and not views["D"].is_contiguous()
+    ours = run(ssd_triton, views, chunk_size=16)
+    ref = run(ssd_chunked, upcast(inputs), chunk_size=16)
+    check_all(ours, ref, FP32_BOUND, "non-contiguous")
 
 
 def test_output_dtypes_follow_inputs():

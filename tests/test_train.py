@@ -40,13 +40,17 @@ def markov_data(tmp_path_factory):
 
 
 def tiny_config(data_root, run_dir, *extra):
-    return load_config(None, [
+    return load_config(None, tiny_overrides(data_root, run_dir, *extra))
+
+
+def tiny_overrides(data_root, run_dir, *extra) -> list[str]:
+    return [
         "model.d_model=32", "model.n_layer=2", "model.d_state=8", "model.headdim=8", "model.chunk_size=16",
         f"model.vocab_size={VOCAB}", f"data.train_prefix={data_root / 'train'}",
         f"data.valid_prefix={data_root / 'valid'}", "data.seq_len=64", "train.micro_batch=4", "train.steps=120",
         "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=10", f"logging.run_dir={run_dir}",
         f"checkpoint.dir={run_dir / 'ckpt'}", "checkpoint.every=0", "logging.tensorboard=false",
-        "logging.log_every=1000", *extra])
+        "logging.log_every=1000", *extra]
 
 
 def unigram_cross_entropy(train_prefix, valid_prefix) -> float:
@@ -116,3 +120,77 @@ def test_resume_with_another_model_shape_is_refused(markov_data, tmp_path):
     train(tiny_config(markov_data, tmp_path, "train.steps=2"))
     with pytest.raises(TrainingError, match=r"model.n_layer: checkpoint 2 vs config 3"):
         train(tiny_config(markov_data, tmp_path, "train.steps=4", "model.n_layer=3"), resume="auto")
+
+
+def test_sigusr1_checkpoints_at_the_step_boundary_and_resume_matches(markov_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from mamba_train.train import loop
+
+    steps = ["train.steps=10"]
+    straight = train(tiny_config(markov_data, tmp_path / "straight", *steps))
+    real_lr_at = loop.lr_at
+
+    def lr_at_with_preemption(step, optim, total):
+        if step == 3:  # the signal lands in the middle of the 4th step
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_lr_at(step, optim, total)
+
+    monkeypatch.setattr(loop, "lr_at", lr_at_with_preemption)
+    first = train(tiny_config(markov_data, tmp_path / "preempted", *steps))
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
+    assert first.stopped_by == "SIGUSR1" and first.step == 4 and first.checkpoint.name == "step_00000004"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGUSR1))
+    second = train(tiny_config(markov_data, tmp_path / "preempted", *steps), resume="auto")
+    assert {**first.losses, **second.losses} == straight.losses
+
+
+def test_sigterm_to_the_cli_saves_and_exits_0(markov_data, tmp_path, repo_root):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = [str(o) for o in tiny_overrides(markov_data, tmp_path, "train.steps=100000")]
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_train.cli", "train", "configs/tiny-cpu.yaml", *overrides],
+                            cwd=repo_root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (
+            not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: checkpoint saved at step" in out
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert int(latest.removeprefix("step_")) >= 3
+
+
+def test_non_finite_losses_are_skipped_then_the_run_stops_with_the_checkpoint_intact(markov_data, tmp_path,
+                                                                                       monkeypatch):
+    from mamba_train.model import Mamba2LM
+
+    real_loss = Mamba2LM.loss
+    calls = {"n": 0}
+
+    def loss_with_nans(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] in (3, 5) or calls["n"] >= 9 else loss
+
+    monkeypatch.setattr(Mamba2LM, "loss", loss_with_nans)
+    cfg = tiny_config(markov_data, tmp_path, "train.steps=20", "checkpoint.every=2", "train.max_skipped_steps=3")
+    with pytest.raises(TrainingError, match=r"4 steps with a non-finite loss .*stopping at step 6.*intact"):
+        train(cfg)
+    # micro-batches 1, 2, 4, 6, 7, 8 made steps 1-6 (3 and 5 skipped), then 9-10 were skipped too:
+    # step 6's checkpoint is the last, it verifies, and its weights are finite.
+    from mamba_train.checkpoint import load_checkpoint
+
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000006"
+    state = load_checkpoint(tmp_path / "ckpt" / "step_00000006")
+    assert state["step"] == 6 and state["skipped_steps"] == 2
+    weights = load_file(tmp_path / "ckpt" / "step_00000006" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -39,8 +39,9 @@ class SSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus,
                 dt_limit, return_final_states):
-        x, dt, B, C, z, initial_states, seq_idx = (
-            _contiguous(t) for t in (x, dt, B, C, z, initial_states, seq_idx))
+        # the kernels read A, D, dt_bias with unit stride along heads (and D along channels)
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = (
+            _contiguous(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
         dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
             x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
         y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx)

@@ -7,6 +7,7 @@ plugs in at `build_model` / `build_optimizer` without changing the loop's shape.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from mamba_train.data import IndexedDataset, PackedSamples, TrainLoader, load_to
 from mamba_train.eval import evaluate, format_table
 from mamba_train.model import Mamba2LM, param_groups, training_flops_per_token
 from mamba_train.train.metrics import MetricsLogger, peak_flops
+from mamba_train.train.preemption import StopRequest
 from mamba_train.train.schedule import lr_at
 
 
@@ -35,6 +37,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     eval: dict | None = None
     checkpoint: Path | None = None
+    stopped_by: str | None = None  # the signal that ended the run early, if any
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -79,12 +82,12 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
 
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    step, consumed_samples = 0, 0
+    step, consumed_samples, skipped = 0, 0, 0
     checkpoint = resolve_resume(cfg.checkpoint.dir, resume)
     if checkpoint is not None:
         _check_same_model(cfg, json.loads((checkpoint / "trainer_state.json").read_text())["config"], checkpoint)
         state = load_checkpoint(checkpoint, model, optimizer, map_location=device)
-        step, consumed_samples = state["step"], state["consumed_samples"]
+        step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
         _set_rng_state(state["rng"])
         print(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)", flush=True)
     elif resume is None and resolve_resume(cfg.checkpoint.dir, "auto", log=lambda _: None) is not None:
@@ -103,34 +106,30 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
     def save() -> Path:
-        trainer_state = {"step": step, "consumed_samples": loader.consumed_samples, "config": cfg.to_dict(),
-                         "rng": _rng_state()}
+        trainer_state = {"step": step, "consumed_samples": loader.consumed_samples, "skipped_steps": skipped,
+                         "config": cfg.to_dict(), "rng": _rng_state()}
         return save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, trainer_state,
                                cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
 
+    stop = StopRequest()
     try:
         model.train()
         last_step = cfg.train.steps if stop_after_steps is None else min(cfg.train.steps, step + stop_after_steps)
         while step < last_step:
             started = time.perf_counter()
             lr = lr_at(step, cfg.optim, cfg.train.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for _ in range(cfg.train.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-                with amp():
-                    loss = model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
-                (loss / cfg.train.grad_accum).backward()
-                loss_sum += loss.item()
-            loss_value = loss_sum / cfg.train.grad_accum
-            if not torch.isfinite(torch.tensor(loss_value)):
-                raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint "
-                                    f"in {cfg.checkpoint.dir} is intact: lower optim.lr or check the data.")
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_value, grad_norm = _train_step(cfg, model, optimizer, loader, lr, device, amp)
+            if grad_norm is None:
+                # A non-finite loss or gradient: drop this step's update (its batches are consumed
+                # and not retried) and go on, a bounded number of times.
+                skipped += 1
+                metrics.info(f"step {step + 1}: non-finite loss or gradient ({loss_value}); update skipped "
+                             f"({skipped} of at most {cfg.train.max_skipped_steps})")
+                if skipped > cfg.train.max_skipped_steps:
+                    raise TrainingError(f"{skipped} steps with a non-finite loss or gradient (train.max_skipped_steps "
+                                        f"= {cfg.train.max_skipped_steps}); stopping at step {step}. The last good "
+                                        f"checkpoint in {cfg.checkpoint.dir} is intact: lower optim.lr or check the data.")
+                continue
             step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -142,6 +141,10 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             result.losses[step] = loss_value
             metrics.log_step(step, row)
+            if stop.requested():
+                result.checkpoint, result.step, result.stopped_by = save(), step, stop.name
+                metrics.info(f"{stop.name}: checkpoint saved at step {step}; exiting (continue with --resume auto)")
+                return result
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < last_step:
                 result.checkpoint = save()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
@@ -156,9 +159,33 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
         (run_dir / "eval.json").write_text(json.dumps(result.eval, indent=1))
         metrics.info(format_table(result.eval))
     finally:
+        stop.close()
         metrics.close()
     result.step = step
     return result
+
+
+def _train_step(cfg: RunConfig, model, optimizer, loader, lr: float, device, amp) -> tuple[float, float | None]:
+    """Forward/backward over `grad_accum` micro-batches, clip, update. Returns the mean
+    loss and the gradient norm, or None for the norm when the step was not applied
+    because the loss or the gradient is not finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for _ in range(cfg.train.grad_accum):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+        with amp():
+            loss = model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
+        (loss / cfg.train.grad_accum).backward()
+        loss_sum += loss.item()
+    loss_value = loss_sum / cfg.train.grad_accum
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm if applied else None
 
 
 def _evaluate(cfg: RunConfig, model, device, amp_dtype, max_batches: int | None) -> dict:
