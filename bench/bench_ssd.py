@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.ssd import ssd_triton  # noqa: E402
+from kernels.triton_ssd import ssd_triton  # noqa: E402
 
 # name: (batch, seqlen, nheads, headdim, ngroups, dstate)
 SHAPES = {

@@ -1,4 +1,4 @@
-"""The Triton SSD (`kernels.ssd.ssd_triton`) against the float64 torch reference.
+"""The Triton SSD (`kernels.triton_ssd.ssd_triton`) against the float64 torch reference.
 
 On a machine without CUDA the kernels run under Triton's CPU interpreter
 (TRITON_INTERPRET=1, set here before the kernels are imported) at small shapes; with CUDA
@@ -20,22 +20,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
 from kernels.reference import ssd_chunked, ssd_sequential  # noqa: E402
-
-# The first import of the subpackage kernels/ssd/ sets the attribute `kernels.ssd` to it,
-# hiding the public op of that name; put the op back (a no-op once kernels/__init__.py
-# imports the subpackage itself before binding `ssd`).
-_public_ssd = kernels.ssd
-from kernels.ssd import ssd_triton  # noqa: E402
-kernels.ssd = _public_ssd
-
-from kernels.ssd import chunk_cumsum as _stage  # noqa: E402
+from kernels.triton_ssd import chunk_cumsum as _stage  # noqa: E402
+from kernels.triton_ssd import ssd_triton  # noqa: E402
 
 # triton.jit picks interpreter or compiler when the kernels are defined, i.e. at first import
 INTERPRETED = type(_stage._chunk_cumsum_fwd_kernel).__name__ == "InterpretedFunction"
 if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("kernels.ssd was imported before TRITON_INTERPRET=1 was set (set it in the environment "
+    pytest.skip("kernels.triton_ssd was imported before TRITON_INTERPRET=1 was set (set it in the environment "
                 "or run this file first); without CUDA the kernels need the interpreter", allow_module_level=True)
 DEVICE = "cpu" if INTERPRETED else "cuda"
 # fp32 inputs: the interpreter computes tl.dot in fp32; a GPU uses tf32 for fp32 dots
