@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
     prep.add_arguments(commands.add_parser("prep", help="build a corpus, train a tokenizer, write indexed data"))
 
+    from mamba_train import launch
+
+    launch.add_arguments(commands.add_parser("launch", help="start training through torchrun or SLURM"))
+
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML run config, e.g. configs/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides: optim.lr=1e-3")
@@ -47,13 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prep":
             return prep.run(args)
+        if args.command == "launch":
+            return launch.run(args)
         if args.command == "train":
             return _train(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "export":
             return _export(args)
-    except (ConfigError, CheckpointError, TrainingError, DataError) as err:
+    except (ConfigError, CheckpointError, TrainingError, DataError, launch.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
@@ -65,7 +71,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
-    print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+    # A stop on SIGUSR1/SIGTERM exits 0 too: the checkpoint is saved and SLURM requeues the job.
+    ended = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
+    print(f"{ended}: step {result.step}, checkpoint {result.checkpoint}")
     return 0
 
 

@@ -11,6 +11,17 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture(scope="module")
+def markov_data(tmp_path_factory) -> Path:
+    """train/valid indexed datasets from a small Markov chain (tests/synthetic.py)."""
+    from synthetic import write_markov_dataset
+
+    root = tmp_path_factory.mktemp("markov")
+    write_markov_dataset(root / "train", n_docs=400, seed=1)
+    write_markov_dataset(root / "valid", n_docs=40, seed=2)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine: see bench/README.md)")
