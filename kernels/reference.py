@@ -257,7 +257,8 @@ def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None,
     """Depthwise causal conv over channels-last x, as mamba_ssm's causal_conv1d.
 
     out[b, t, c] = act(bias[c] + sum_k weight[c, k] · x[b, t - (w-1) + k, c]); rows before t=0
-    come from initial_state. final_state is the last w-1 raw input rows (before activation).
+    come from initial_state. final_state is the last w-1 raw input rows (before activation),
+    zeroed where they belong to an earlier document than the last (with seq_idx).
     """
     # x, out: (b, l, d)  weight: (d, w)  bias: (d,)  initial_state, final_state: (b, w-1, d)
     # seq_idx: (b, l)
@@ -292,7 +293,14 @@ def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None,
     if activation == "silu":
         out = F.silu(out)
     out = out.to(x.dtype)
-    return (out, rows[:, l:]) if return_final_state else out
+    if not return_final_state:
+        return out
+    final_state = rows[:, l:]
+    if seq_idx is not None:
+        # the state continues the last document only: rows of an earlier document read as
+        # zero (empty history), as the SSD's final state holds the last document alone
+        final_state = final_state * (row_docs[:, l:] == seq_idx[:, -1:])[..., None].to(final_state.dtype)
+    return out, final_state
 
 
 def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):

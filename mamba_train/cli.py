@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("eval", help="perplexity and bits-per-byte, overall and per subset")
     evaluate.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
-    evaluate.add_argument("--data", help="indexed dataset prefix (default: the run's data.valid_prefix)")
+    evaluate.add_argument("--data", metavar="NAME", help="indexed dataset prefix, or train/valid/test of the run's "
+                          "data directory (default: the run's data.valid_prefix)")
     evaluate.add_argument("--window", type=int, help="tokens per window; state is carried between windows")
-    evaluate.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    evaluate.add_argument("--rows", type=int, help="runs of documents scored side by side as one batch (default 1)")
+    evaluate.add_argument("--max-tokens", type=int, help="evaluate only the leading whole documents within N tokens")
     evaluate.add_argument("--out", help="write the results as JSON here")
 
     export = commands.add_parser("export", help="write a Hugging Face Mamba2ForCausalLM directory")
@@ -100,22 +102,9 @@ def _load_for_inference(ckpt: str):
 
 
 def _eval(args) -> int:
-    import torch
+    from mamba_train.eval.command import run
 
-    from mamba_train.data import IndexedDataset
-    from mamba_train.eval import evaluate, format_table
-
-    model, cfg, path, device = _load_for_inference(args.ckpt)
-    prefix = args.data or cfg.data.valid_prefix
-    results = evaluate(model, IndexedDataset(prefix), window=args.window or cfg.data.seq_len,
-                       max_tokens=args.max_tokens, device=device,
-                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    results["checkpoint"], results["data"] = str(path), prefix
-    print(f"{path} on {prefix}")
-    print(format_table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    return 0
+    return run(args, _load_for_inference)
 
 
 def _export(args) -> int:

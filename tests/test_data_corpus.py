@@ -5,7 +5,8 @@ import pytest
 import zstandard
 
 from mamba_train.data import CorpusError, build_local_corpus, read_documents, read_jsonl
-from mamba_train.data.corpus import LOCAL_SUBSETS, expand_sources, man_page_text
+from mamba_train.data.corpus import expand_sources
+from mamba_train.data.local_corpus import LOCAL_SUBSETS, man_page_text
 
 RECORDS = [
     {"text": "def f(x):\n    return x\n", "meta": {"pile_set_name": "Github"}},

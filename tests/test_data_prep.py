@@ -126,7 +126,8 @@ def test_failure_midway_leaves_previous_output_untouched(corpus, tmp_path):
     with pytest.raises(CorpusError, match=r"notes/999\.txt:2: invalid UTF-8 .* byte 14"):
         prepare(recipe, workers=1, force=True)
     assert file_bytes(tmp_path / "out") == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml", "src"]  # temp dir cleaned
+    # the final temp dir is cleaned; the partial work is kept for a resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "out", "recipe.yaml", "src"]
 
 
 def test_empty_input_is_an_error(tmp_path):
@@ -181,3 +182,20 @@ def test_existing_tokenizer_is_copied_and_bad_records_fail_in_the_worker_pass(co
     with pytest.raises(CorpusError, match=r"zz\.jsonl\.zst:2: invalid JSON"):
         prepare(recipe, tmp_path / "reused", workers=2, force=True)
     assert (tmp_path / "reused" / "train.bin").read_bytes() == (tmp_path / "out" / "train.bin").read_bytes()
+
+
+def test_pile_recipe_loads(repo_root):
+    recipe = load_recipe(repo_root / "data_prep" / "pile.yaml")
+    assert recipe.sources.files == ["/data/pile/train/*.jsonl.zst"] and recipe.tokenizer.path.endswith("tokenizer.json")
+    assert recipe.valid_fraction > 0 and recipe.test_fraction > 0
+
+
+def test_output_recorded_before_newer_recipe_keys_is_still_up_to_date(corpus, tmp_path):
+    recipe_path, _ = corpus
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, workers=1)
+    summary = json.loads((tmp_path / "out" / "prep.json").read_text())
+    for key in ("test_fraction", "shard_bytes", "skip_bad_records"):  # as an older prep wrote it
+        del summary["recipe"][key]
+    (tmp_path / "out" / "prep.json").write_text(json.dumps(summary))
+    assert prepare(recipe, workers=1)["splits"] == summary["splits"]

@@ -63,3 +63,24 @@ def test_load_errors_name_the_file(tmp_path):
         load_tokenizer(tmp_path / "junk.model")
     with pytest.raises(TokenizerError, match="vocab.txt: unknown tokenizer file"):
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_model_types_and_byte_fallback_option(tmp_path, model_type):
+    text = "naïve café ☃ snowman\n"
+    words = "state space model chunk scan token window carry reset document loss byte".split()
+    texts = TEXTS + [" ".join(words[(i * k) % len(words)] + str(k % 7) for k in range(30)) for i in range(200)]
+    with_bytes = train_sentencepiece(texts, tmp_path / f"{model_type}-bytes", vocab_size=320, model_type=model_type)
+    assert with_bytes.decode(with_bytes.encode(text)) == text  # ☃ is not in TEXTS: byte pieces carry it
+    # without the 256 byte pieces this tiny text supports only a small vocabulary
+    without = train_sentencepiece(texts, tmp_path / f"{model_type}-plain", vocab_size=60, model_type=model_type,
+                                  byte_fallback=False)
+    assert 0 in without.encode("☃")  # <unk>: what byte_fallback=False means
+
+
+def test_trains_on_a_sample_of_n_documents(tmp_path):
+    from mamba_train.data.tokenizer import _reservoir_sample
+
+    sample = _reservoir_sample(iter(TEXTS), 10, seed=0, max_chars=1000)
+    assert len(sample) == 10 and len(set(sample)) == 10 and set(sample) <= set(TEXTS)
+    assert sample != TEXTS[:10]  # drawn from the whole stream, not its head

@@ -170,3 +170,19 @@ def test_rmsnorm_gated_rejects_bad_shapes(kwargs, match):
     args = dict(z=z, weight=weight) | kwargs
     with pytest.raises(ValueError, match=match):
         rmsnorm_gated(x, **args)
+
+
+def test_conv_final_state_holds_only_the_last_document():
+    # a document starting inside the last w-1 rows: the state must not carry the earlier
+    # document into the next window (which continues the last one)
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 10, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 8 + [1] * 2])
+    _, state = causal_conv1d(x, weight, seq_idx=seq_idx, return_final_state=True)
+    assert torch.equal(state[0, 0], torch.zeros(3, dtype=torch.float64))  # row 7: document 0
+    assert torch.equal(state[0, 1:], x[0, 8:])
+    # carrying it on equals running the last document's continuation in one piece
+    more = torch.randn(1, 5, 3, dtype=torch.float64)
+    whole = causal_conv1d(torch.cat([x, more], 1), weight, seq_idx=torch.tensor([[0] * 8 + [1] * 7]))
+    carried = causal_conv1d(more, weight, initial_state=state, seq_idx=torch.ones(1, 5, dtype=torch.long))
+    torch.testing.assert_close(carried, whole[:, 10:], rtol=0, atol=1e-12)

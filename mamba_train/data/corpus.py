@@ -1,83 +1,122 @@
 """Text corpora in the Pile's format: jsonl.zst shards of
 `{"text": ..., "meta": {"pile_set_name": ...}}`.
 
-`build_local_corpus` writes a real-text corpus from what every Linux machine with Python
-already has (the standard library's sources and docstrings, /usr/share/doc, man pages),
-so the quickstart needs no download. `read_documents` streams (text, subset) pairs from
-.jsonl, .jsonl.zst and .txt files and names file:line for every bad record.
+`read_documents` streams (text, subset) pairs from .jsonl, .jsonl.zst, .txt and .parquet
+files, never holding a file whole, and names file:line for every bad record (or counts
+and skips it, given a SkippedRecords). The local corpus is built by local_corpus.py.
 """
 
 from __future__ import annotations
 
-import ast
 import glob
-import gzip
-import hashlib
-import io
 import json
 import os
-import re
-import sysconfig
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
 from mamba_train.data.indexed import DataError
 
-DOC_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
-_STDLIB = Path(sysconfig.get_paths()["stdlib"])
-_DEBIAN_DOC = Path("/usr/share/doc")
-_MAN = Path("/usr/share/man")
+DOC_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt", ".parquet")
 
 
 class CorpusError(DataError):
     """A source file that cannot be read as documents; the message names file and line."""
 
 
+class SkippedRecords:
+    """Opt-in tolerance for bad records: pass one to the readers and a bad line (invalid
+    JSON or UTF-8, no string `text`) is counted here instead of stopping the run. Damage
+    that loses an unknown amount of data (a truncated .zst) is still an error."""
+
+    def __init__(self, keep_examples: int = 5):
+        self.count = 0
+        self.examples: list[str] = []  # the first few messages, file:line first
+        self._keep = keep_examples
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.examples) < self._keep:
+            self.examples.append(message)
+
+    def merge(self, count: int, examples: list[str]) -> None:
+        self.count += count
+        self.examples.extend(examples[: self._keep - len(self.examples)])
+
+
 # ---------------------------------------------------------------------------------------
 # Reading
 
 
-def read_documents(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
-    """(text, subset) for every document of a .jsonl, .jsonl.zst or .txt file.
+def read_documents(path: str | os.PathLike, skipped: SkippedRecords | None = None,
+                   on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, str]]:
+    """(text, subset) for every document of a .jsonl, .jsonl.zst, .txt or .parquet file.
 
     A .txt file is one document whose subset is its directory's name; a jsonl record
     without `meta.pile_set_name` gets the file's name (without suffixes) as subset.
+    `skipped`: count bad records there instead of raising; `on_read(n)`: called with the
+    bytes read from disk as reading goes (progress bars and ETAs).
     """
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.zst")):
-        yield from read_jsonl(path)
+        yield from read_jsonl(path, skipped, on_read)
+    elif path.name.endswith(".parquet"):
+        from mamba_train.data.sources import read_parquet  # pyarrow only when needed
+
+        yield from read_parquet(path, skipped, on_read)
     elif path.name.endswith(".txt"):
         data = path.read_bytes()
-        yield _decode(data, path, line=None, file_offset=0), path.parent.name or "text"
+        if on_read:
+            on_read(len(data))
+        try:
+            text = _decode(data, path, line=None, file_offset=0)
+        except CorpusError as error:
+            if skipped is None:
+                raise
+            skipped.add(str(error))
+            return
+        yield text, path.parent.name or "text"
     else:
         raise CorpusError(f"{path}: unsupported document file (expected one of {', '.join(DOC_SUFFIXES)})")
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+def read_jsonl(path: str | os.PathLike, skipped: SkippedRecords | None = None,
+               on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, str]]:
     """(text, subset) per line of a .jsonl or .jsonl.zst file; blank lines are skipped."""
     path = Path(path)
     default_subset = path.name.removesuffix(".zst").removesuffix(".jsonl")
-    lines = _zst_lines(path) if path.name.endswith(".zst") else _plain_lines(path)
+    lines = _zst_lines(path, on_read) if path.name.endswith(".zst") else _plain_lines(path, on_read)
     for line_no, file_offset, raw in lines:
-        line = _decode(raw, path, line_no, file_offset)
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CorpusError(f"{path}:{line_no}: invalid JSON: {error.msg} at column {error.colno}") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise CorpusError(f"{path}:{line_no}: expected an object with a \"text\" field, "
-                              f"found {_shorten(line)}")
-        text = record["text"]
-        if not isinstance(text, str):
-            raise CorpusError(f"{path}:{line_no}: \"text\" must be a string, found {type(text).__name__}")
-        meta = record.get("meta")
-        subset = meta.get("pile_set_name") if isinstance(meta, dict) else None
-        yield text, str(subset) if subset else default_subset
+            document = _parse_record(raw, path, line_no, file_offset, default_subset)
+        except CorpusError as error:
+            if skipped is None:
+                raise
+            skipped.add(str(error))
+            continue
+        if document is not None:
+            yield document
+
+
+def _parse_record(raw: bytes, path: Path, line_no: int, file_offset: int, default_subset: str
+                  ) -> tuple[str, str] | None:
+    line = _decode(raw, path, line_no, file_offset)
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"{path}:{line_no}: invalid JSON: {error.msg} at column {error.colno}") from None
+    if not isinstance(record, dict) or "text" not in record:
+        raise CorpusError(f"{path}:{line_no}: expected an object with a \"text\" field, "
+                          f"found {_shorten(line.rstrip())}")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise CorpusError(f"{path}:{line_no}: \"text\" must be a string, found {type(text).__name__}")
+    meta = record.get("meta")
+    subset = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    return text, str(subset) if subset else default_subset
 
 
 def expand_sources(patterns: list[str], base: Path | None = None) -> list[Path]:
@@ -94,15 +133,17 @@ def expand_sources(patterns: list[str], base: Path | None = None) -> list[Path]:
     return files
 
 
-def _plain_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+def _plain_lines(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, bytes]]:
     offset = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if on_read:
+                on_read(len(raw))
             yield line_no, offset, raw
             offset += len(raw)
 
 
-def _zst_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+def _zst_lines(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, bytes]]:
     """Lines of a zstd file, frame after frame. zstandard's stream_reader returns a
     truncated file's data without complaint, so frames are decoded by hand to notice."""
     dctx = zstandard.ZstdDecompressor()
@@ -110,6 +151,8 @@ def _zst_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
     pending, line_no, offset = b"", 0, 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            if on_read:
+                on_read(len(chunk))
             out = []
             while chunk:
                 try:
@@ -146,230 +189,3 @@ def _decode(raw: bytes, path: Path, line: int | None, file_offset: int) -> str:
 
 def _shorten(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-# ---------------------------------------------------------------------------------------
-# Building the local corpus
-
-
-def python_stdlib_files() -> list[Path]:
-    """The installation's own standard-library sources, minus test suites, vendored
-    packages and generated codec tables (which teach nothing but hex literals)."""
-    root = _STDLIB
-    skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
-    return _walk(root, lambda rel: rel.suffix == ".py" and not rel.name.startswith("test_"),
-                 skip_dir=lambda name: name in skip_dirs)
-
-
-def debian_doc_files() -> list[Path]:
-    # Markup and images are skipped by name; binaries that slip through fail the
-    # UTF-8/NUL check in _read_text.
-    skip = {".html", ".htm", ".css", ".js", ".svg", ".xml", ".png", ".gif", ".jpg", ".pdf", ".ps", ".ico"}
-    return _walk(_DEBIAN_DOC, lambda rel: Path(rel.name.removesuffix(".gz")).suffix.lower() not in skip)
-
-
-def man_page_files() -> list[Path]:
-    # English pages only: /usr/share/man/man1..man8 (translations live in <lang>/manN).
-    return _walk(_MAN, lambda rel: len(rel.parts) == 2 and re.fullmatch(r"man[1-8]", rel.parts[0]) is not None)
-
-
-def docstring_document(path: Path) -> str | None:
-    """One document per module: the module, class and function docstrings with their
-    names and signatures, in source order (a text about code, unlike the code itself)."""
-    source = _read_text(path)
-    if source is None:
-        return None
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
-    module = _module_name(path)
-    parts = []
-    if doc := ast.get_docstring(tree):
-        parts.append(f"Module {module}\n\n{doc}")
-
-    def visit(node, prefix: str) -> None:
-        for child in node.body:
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                name = prefix + child.name
-                if doc := ast.get_docstring(child):
-                    if isinstance(child, ast.ClassDef):
-                        parts.append(f"class {name}\n\n{doc}")
-                    else:
-                        parts.append(f"def {name}({ast.unparse(child.args)})\n\n{doc}")
-                if isinstance(child, ast.ClassDef):
-                    visit(child, name + ".")
-
-    visit(tree, f"{module}.")
-    return "\n\n\n".join(parts) if parts else None
-
-
-def _module_name(path: Path) -> str:
-    try:
-        parts = path.relative_to(_STDLIB).with_suffix("").parts
-    except ValueError:
-        parts = path.with_suffix("").parts[-1:]
-    if parts[-1] == "__init__" and len(parts) > 1:
-        parts = parts[:-1]
-    return ".".join(parts)
-
-
-def man_page_text(path: Path) -> str | None:
-    """A cheap de-roff: keep the text of the common man/mdoc macros, drop requests,
-    macro definitions, comments and font escapes (no groff needed)."""
-    source = _read_text(path)
-    if source is None:
-        return None
-    lines, in_definition = [], False
-    for line in source.splitlines():
-        if in_definition:
-            in_definition = not line.startswith("..")
-            continue
-        if line.startswith((".de ", ".de1 ", ".am ")):
-            in_definition = True
-            continue
-        if re.fullmatch(r"\\[{}]\\?\s*", line):  # the braces of a multi-line conditional
-            continue
-        if line.startswith((".", "'")):
-            macro, _, args = line[1:].strip().partition(" ")
-            if macro in _TEXT_MACROS and args:
-                lines.append(args.replace('"', "") if macro in ("SH", "SS", "TH") else args)
-            elif macro in ("PP", "P", "LP", "TP", "Sh", "Pp", "sp", "br"):
-                lines.append("")
-            continue
-        lines.append(line)
-    text = "\n".join(lines)
-    for pattern, replacement in _ROFF_ESCAPES:
-        text = pattern.sub(replacement, text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
-
-
-_TEXT_MACROS = {"SH", "SS", "TH", "B", "I", "BR", "IR", "RB", "RI", "BI", "IB", "IP", "SM", "Nm", "Nd", "Sh",
-                "Ss", "Fl", "Ar", "Op", "Xr", "It", "Pa", "Em", "Dq", "Ql", "Sy", "Li", "Cm", "Ev", "Va"}
-_ROFF_ESCAPES = [
-    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
-    (re.compile(r"\\s[-+]?\d+"), ""),  # size changes
-    (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), '"'),  # strings (mostly quotes)
-    (re.compile(r"\\\((em|en|hy)"), "-"),
-    (re.compile(r"\\\((aq|cq|oq)"), "'"),
-    (re.compile(r"\\\((dq|lq|rq)"), '"'),
-    (re.compile(r"\\\(bu"), "*"),
-    (re.compile(r"\\[-]"), "-"),
-    (re.compile(r"\\e"), r"\\"),
-    (re.compile(r"\\[&|^%c:]"), ""),
-    (re.compile(r"\\ "), " "),
-]
-
-
-@dataclass(frozen=True)
-class LocalSubset:
-    list_files: Callable[[], list[Path]]
-    make_document: Callable[[Path], str | None]  # None: skip this file
-    # Files of one family (a package, a command suite) share a cap, so that e.g. the
-    # sixteen thousand `gcloud` man pages cannot crowd out every other command.
-    family: Callable[[Path], str]
-
-
-# Order matters: a subset that cannot fill its share hands the rest on to the ones
-# after it, so the scarcest (docstrings) goes first.
-LOCAL_SUBSETS: dict[str, LocalSubset] = {
-    "python-docstrings": LocalSubset(python_stdlib_files, lambda path: docstring_document(path),
-                                     lambda path: path.relative_to(_STDLIB).parts[0].removesuffix(".py")),
-    "python-stdlib-code": LocalSubset(python_stdlib_files, lambda path: _read_text(path),
-                                      lambda path: path.relative_to(_STDLIB).parts[0].removesuffix(".py")),
-    "debian-docs": LocalSubset(debian_doc_files, lambda path: _read_text(path),
-                               lambda path: path.relative_to(_DEBIAN_DOC).parts[0]),
-    "man-pages": LocalSubset(man_page_files, lambda path: man_page_text(path),
-                             lambda path: re.split(r"[-_.]", path.name, maxsplit=1)[0]),
-}
-
-
-def build_local_corpus(out_dir: str | os.PathLike, max_mb: float, subsets: list[str] | None = None,
-                       min_doc_bytes: int = 500, max_doc_bytes: int = 256 * 1024,
-                       family_fraction: float = 0.1) -> dict:
-    """Write `<out_dir>/<subset>.jsonl.zst` for each subset, about `max_mb` MB of text in all.
-
-    Each subset gets an equal share of what is left, and one family at most
-    `family_fraction` of that share. Files are taken in a fixed pseudo-random order (a
-    hash of their path) so a share samples the whole source, not its alphabetical start.
-    Exact duplicates (e.g. the many copies of the GPL) are kept once.
-    Returns {"subsets": {name: {"docs", "bytes", "file"}}, "bytes": total}.
-    """
-    names = list(LOCAL_SUBSETS) if subsets is None else subsets
-    unknown = [name for name in names if name not in LOCAL_SUBSETS]
-    if unknown:
-        raise ValueError(f"unknown local subset {unknown[0]!r} (known: {', '.join(LOCAL_SUBSETS)})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    budget = int(max_mb * 1e6)
-    seen: set[bytes] = set()
-    summary = {"subsets": {}, "bytes": 0}
-    for position, name in enumerate(names):
-        subset = LOCAL_SUBSETS[name]
-        share = (budget - summary["bytes"]) // (len(names) - position)
-        family_cap = max(family_fraction * share, max_doc_bytes)
-        family_bytes: dict[str, int] = {}
-        shard = out_dir / f"{name}.jsonl.zst"
-        docs = written = 0
-        with open(shard, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as writer:
-            misses = 0  # documents in a row that did not fit what is left of the share
-            for path in sorted(subset.list_files(), key=_path_order):
-                if share - written < min_doc_bytes or misses >= 50:
-                    break
-                family = subset.family(path)
-                if family_bytes.get(family, 0) >= family_cap:
-                    continue
-                text = subset.make_document(path)
-                if text is None:
-                    continue
-                data = text.encode("utf-8")
-                digest = hashlib.blake2b(data, digest_size=16).digest()
-                if not min_doc_bytes <= len(data) <= max_doc_bytes or digest in seen:
-                    continue
-                if written + len(data) > share:
-                    misses += 1  # a smaller document may still fit
-                    continue
-                misses = 0
-                seen.add(digest)
-                record = {"text": text, "meta": {"pile_set_name": name}}
-                writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-                docs += 1
-                written += len(data)
-                family_bytes[family] = family_bytes.get(family, 0) + len(data)
-        summary["subsets"][name] = {"docs": docs, "bytes": written, "file": shard.name}
-        summary["bytes"] += written
-    return summary
-
-
-def _walk(root: Path, keep: Callable[[Path], bool], skip_dir: Callable[[str], bool] = lambda name: False
-          ) -> list[Path]:
-    """Regular files under root (relative-path filter `keep`), in sorted order, no symlinks;
-    directories named so that `skip_dir` is true are not entered at all."""
-    if not root.is_dir():
-        return []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(name for name in dirnames if not skip_dir(name))
-        for filename in sorted(filenames):
-            path = Path(dirpath, filename)
-            if not path.is_symlink() and keep(path.relative_to(root)):
-                found.append(path)
-    return found
-
-
-def _path_order(path: Path) -> bytes:
-    return hashlib.blake2b(str(path).encode("utf-8", "surrogateescape"), digest_size=8).digest()
-
-
-def _read_text(path: Path) -> str | None:
-    """A file's text (gunzipped if .gz), or None for binaries and non-UTF-8 files:
-    the local corpus is curated, so such files are skipped, never guessed at."""
-    try:
-        data = path.read_bytes()
-        if path.suffix == ".gz":
-            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(4 * 1024 * 1024)
-        if b"\x00" in data:
-            return None
-        return data.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile):
-        return None

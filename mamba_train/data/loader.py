@@ -9,9 +9,12 @@ variable-length training: no state flows from one document into the next).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from mamba_train.data.cache import cached_array
 from mamba_train.data.indexed import DataError, IndexedDataset
 
 
@@ -32,6 +35,13 @@ class PackedSamples:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def identity(self) -> dict:
+        """What a cached index over these samples depends on (blend.cached_array keys on it)."""
+        idx = self.dataset.idx_path.stat()
+        return {"prefix": str(Path(self.dataset.prefix).resolve()), "tokens": self.dataset.num_tokens,
+                "documents": len(self.dataset), "idx_bytes": idx.st_size, "idx_mtime_ns": idx.st_mtime_ns,
+                "seq_len": self.seq_len}
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens (seq_len+1,) int64, seq_idx (seq_len,) int32).
@@ -69,11 +79,17 @@ class TrainLoader:
     resumed with the checkpoint's consumed_samples sees exactly the batches it would have
     seen. With data parallelism each of `world` ranks takes its `micro_batch` slice of
     every global batch of micro_batch * world samples, and consumed_samples counts global
-    samples (megatron's convention), so it is the same number on every rank.
+    samples (megatron's convention), so it is the same number on every rank. Hence a run
+    may resume under another data-parallel size: with the same global batch
+    (micro_batch · world) it sees exactly the same global batches.
+
+    `samples` is a PackedSamples or a blend.BlendedSamples. With `cache_dir`, each epoch's
+    permutation is built once, saved there and memory-mapped (at Pile scale it is ~1 GB
+    per epoch, which every rank would otherwise hold and recompute).
     """
 
-    def __init__(self, samples: PackedSamples, micro_batch: int, seed: int, consumed_samples: int = 0,
-                 rank: int = 0, world: int = 1):
+    def __init__(self, samples, micro_batch: int, seed: int, consumed_samples: int = 0,
+                 rank: int = 0, world: int = 1, cache_dir=None):
         if micro_batch <= 0:
             raise ValueError(f"micro_batch must be positive, found {micro_batch}")
         if not 0 <= rank < world:
@@ -85,6 +101,7 @@ class TrainLoader:
         self.seed = seed
         self.rank, self.world = rank, world
         self.consumed_samples = consumed_samples
+        self.cache_dir = cache_dir
         self._epoch, self._order = -1, None
 
     @property
@@ -109,7 +126,10 @@ class TrainLoader:
     def _sample_at(self, position: int) -> int:
         """Sample index at a global position of the endless, epoch-by-epoch order."""
         epoch, offset = divmod(position, self.samples.num_samples)
-        if epoch != self._epoch:  # one epoch's permutation cached: batches rarely straddle two
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.samples.num_samples)
+        if epoch != self._epoch:  # one epoch's permutation held: batches rarely straddle two
+            n = self.samples.num_samples
+            key = {"samples": self.samples.identity(), "seed": self.seed, "epoch": epoch}
+            self._order = cached_array(self.cache_dir, "shuffle", key,
+                                       lambda: np.random.default_rng([self.seed, epoch]).permutation(n))
             self._epoch = epoch
         return int(self._order[offset])

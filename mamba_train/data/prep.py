@@ -1,39 +1,38 @@
-"""`mamba-train prep RECIPE.yaml`: corpus → tokenizer → indexed train/valid datasets.
+"""`mamba-train prep RECIPE.yaml`: corpus → tokenizer → indexed train/valid/test datasets.
 
 Steps: build the local corpus (if the recipe asks for one) → train a sentencepiece
-tokenizer (or copy an existing one) → tokenize in worker processes → write `train` and
-`valid` indexed datasets (EOD after every document, .docs.npz sidecar) and `prep.json`.
+tokenizer (or copy an existing one) → tokenize the sources into shards in worker
+processes (shards.py) → merge the shards into `train`, `valid` (and `test`) indexed
+datasets (EOD after every document, .docs.npz sidecar) and `prep.json`.
 
-Everything is written into a temporary directory beside the output and renamed into
-place at the end, so a failure leaves an existing output untouched. The train/valid
-split is a hash of (seed, document index): the same documents land in the same split
-whatever the worker count or run.
+The final files are written into a temporary directory beside the output and renamed
+into place at the end, so a failure leaves an existing output untouched; finished
+shards are kept in `.<out>.partial/` so a rerun resumes. The split is a hash of (seed,
+document index): the same documents land in the same split whatever the worker count,
+shard grouping or run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from mamba_train.config import ConfigError, from_mapping
-from mamba_train.data.corpus import LOCAL_SUBSETS, build_local_corpus, expand_sources, read_documents
-from mamba_train.data.indexed import DataError, IndexedDatasetWriter, token_dtype_for_vocab
+from mamba_train.data.corpus import SkippedRecords
+from mamba_train.data.local_corpus import LOCAL_SUBSETS, build_local_corpus
+from mamba_train.data.indexed import DataError, IndexedDataset, token_dtype_for_vocab
+from mamba_train.data.shards import merge, split_of_documents, tokenize_sources
+from mamba_train.data.sources import expand, read_source
 from mamba_train.data.tokenizer import load_tokenizer, train_sentencepiece
 
 
@@ -50,7 +49,9 @@ class LocalCorpusRecipe:
 @dataclass
 class SourcesRecipe:
     local_corpus: LocalCorpusRecipe | None = None
-    files: list[str] = field(default_factory=list)  # .jsonl / .jsonl.zst / .txt paths or globs
+    # .jsonl / .jsonl.zst / .txt / .parquet paths or globs, `save_to_disk` dataset
+    # directories, or `hf:NAME[@split]` (datasets.load_dataset, streamed)
+    files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class TokenizerRecipe:
     vocab_size: int = 4096
     model_type: str = "bpe"
     sample_docs: int = 20000
+    byte_fallback: bool = True  # unknown characters become byte pieces, never <unk>
+    character_coverage: float = 0.9995
 
 
 @dataclass
@@ -67,8 +70,11 @@ class Recipe:
     sources: SourcesRecipe = field(default_factory=SourcesRecipe)
     tokenizer: TokenizerRecipe = field(default_factory=TokenizerRecipe)
     valid_fraction: float = 0.02
+    test_fraction: float = 0.0
     seed: int = 1234
-    chunk_bytes: int = 1 << 20  # text per worker task: bounds memory and keeps workers busy
+    chunk_bytes: int = 1 << 20  # text a worker tokenizes at a time: bounds its memory
+    shard_bytes: int = 256 << 20  # small sources are grouped into shards of about this size on disk
+    skip_bad_records: bool = False  # count and skip bad lines/rows instead of stopping at the first
 
     def validate(self) -> None:
         if self.sources.local_corpus is None and not self.sources.files:
@@ -89,10 +95,16 @@ class Recipe:
                                 f"found {self.tokenizer.vocab_size}")
             if self.tokenizer.sample_docs <= 0:
                 raise PrepError(f"tokenizer.sample_docs: expected a positive integer, found {self.tokenizer.sample_docs}")
+            if not 0 < self.tokenizer.character_coverage <= 1:
+                raise PrepError(f"tokenizer.character_coverage: expected a number in (0, 1], "
+                                f"found {self.tokenizer.character_coverage}")
         if not 0 <= self.valid_fraction < 1:
             raise PrepError(f"valid_fraction: expected a number in [0, 1), found {self.valid_fraction}")
-        if self.chunk_bytes <= 0:
-            raise PrepError(f"chunk_bytes: expected a positive integer, found {self.chunk_bytes}")
+        if not 0 <= self.test_fraction < 1 - self.valid_fraction:
+            raise PrepError(f"test_fraction: expected a number in [0, 1 - valid_fraction), found {self.test_fraction}")
+        for name in ("chunk_bytes", "shard_bytes"):
+            if getattr(self, name) <= 0:
+                raise PrepError(f"{name}: expected a positive integer, found {getattr(self, name)}")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -113,190 +125,167 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 # Preparing ------------------------------------------------------------------------------
 
 def prepare(recipe: Recipe, out: str | os.PathLike | None = None, force: bool = False,
-            workers: int | None = None) -> dict:
-    """Run the recipe into `out` (default recipe.output); returns the prep.json summary."""
+            workers: int | None = None, progress: bool | None = None) -> dict:
+    """Run the recipe into `out` (default recipe.output); returns the prep.json summary.
+
+    Work in progress lives in `.<out>.partial/` beside the output (local corpus,
+    tokenizer, one finished shard per source group) and survives a failure or an
+    interrupt, so rerunning the same recipe resumes where it stopped; a different recipe
+    starts it afresh. It is removed once the output is in place."""
     recipe.validate()
     out = Path(out or recipe.output)
+    recipe_json = json.loads(json.dumps(dataclasses.asdict(recipe)))
     if out.exists() and not force:
-        built = _read_summary(out)
-        if built is not None and built.get("recipe") == json.loads(json.dumps(dataclasses.asdict(recipe))):
+        built = _read_json(out / "prep.json")
+        if built is not None and _same_recipe(built.get("recipe"), recipe_json):
             _log(f"{out} is up to date (built from this recipe); --force rebuilds it")
             return built
         raise PrepError(f"{out} already exists and was not built from this recipe; pass --force to replace it")
     workers = max(1, workers or os.cpu_count() or 1)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial"
+    if work.exists() and _read_json(work / "recipe.json") != recipe_json:
+        _log(f"{work} holds work for another recipe: starting afresh")
+        shutil.rmtree(work)
+    elif work.exists():
+        _log(f"resuming from {work}")
+    work.mkdir(exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(recipe_json, indent=1))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        summary = _prepare_into(recipe, tmp, workers)
+        summary = _prepare_into(recipe, work, tmp, workers, progress)
         summary["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "prep.json").write_text(json.dumps(summary, indent=1) + "\n")
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
-def _read_summary(out: Path) -> dict | None:
+def _same_recipe(built: dict | None, recipe_json: dict) -> bool:
+    """Whether an output's recorded recipe is this one, reading keys added since it was
+    written as their defaults (an older quickstart output stays up to date)."""
+    if not isinstance(built, dict):
+        return False
     try:
-        return json.loads((out / "prep.json").read_text())
+        filled = from_mapping(Recipe, built)
+    except ConfigError:
+        return False
+    return json.loads(json.dumps(dataclasses.asdict(filled))) == recipe_json
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def _prepare_into(recipe: Recipe, tmp: Path, workers: int) -> dict:
-    files, corpus = [], None
+def _prepare_into(recipe: Recipe, work: Path, tmp: Path, workers: int, progress: bool | None) -> dict:
+    sources, corpus = [], None
     if recipe.sources.local_corpus is not None:
-        local = recipe.sources.local_corpus
-        _log(f"building the local corpus ({local.max_mb} MB) ...")
-        corpus = build_local_corpus(tmp / "corpus", local.max_mb, local.subsets)
-        files += [tmp / "corpus" / entry["file"] for entry in corpus["subsets"].values()]
+        corpus = _local_corpus(recipe.sources.local_corpus, work)
+        sources += [work / "corpus" / entry["file"] for entry in corpus["subsets"].values()]
     try:
-        files += expand_sources(recipe.sources.files)
+        sources += expand(recipe.sources.files)
     except DataError as error:
         raise PrepError(f"sources.files: {error}") from None
 
-    def documents() -> Iterator[tuple[str, str]]:
-        for path in files:
-            for text, subset in read_documents(path):
-                if text:  # an empty document would be a lone EOD: nothing to learn from
-                    yield text, subset
-
-    n_docs = None
-    if recipe.tokenizer.path is None:
+    if recipe.tokenizer.path is not None:
+        tokenizer = _copy_tokenizer(Path(recipe.tokenizer.path), work)
+    elif (work / "tokenizer.model").is_file():  # trained before an interruption
+        tokenizer = load_tokenizer(work / "tokenizer.model")
+    else:
         _log(f"training a sentencepiece {recipe.tokenizer.model_type} tokenizer "
              f"(vocab {recipe.tokenizer.vocab_size}) ...")
-        counter = _Counter(documents())
-        tokenizer = _train(recipe, counter, tmp, files)
-        n_docs = counter.count
-    else:
-        tokenizer = _copy_tokenizer(Path(recipe.tokenizer.path), tmp)
+        tokenizer = _train(recipe, sources, work)
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
-    _log(f"tokenizing with {workers} worker process{'es' if workers > 1 else ''} ...")
-
-    splits = {"train": _new_split_summary()}
-    if recipe.valid_fraction > 0:
-        splits["valid"] = _new_split_summary()
-    with IndexedDatasetWriter(tmp / "train", dtype) as train_writer, \
-            IndexedDatasetWriter(tmp / "valid", dtype) as valid_writer, \
-            tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=None) as progress:
-        for index, (subset, utf8_bytes, tokens) in enumerate(
-                _tokenize(documents(), tokenizer.path, workers, recipe.chunk_bytes)):
-            split = "valid" if _in_valid(recipe.seed, index, recipe.valid_fraction) else "train"
-            (valid_writer if split == "valid" else train_writer).add_document(tokens, utf8_bytes, subset)
-            _count(splits[split], subset, utf8_bytes, tokens.size)
-            progress.update(1)
-            if index % 256 == 0:
-                progress.set_postfix(tokens=f"{splits['train']['tokens'] + splits.get('valid', {}).get('tokens', 0):,}")
-        if not sum(split["documents"] for split in splits.values()):
-            raise PrepError(f"no documents in the sources ({_describe(files)})")
-        for name, split in splits.items():
-            if not split["documents"]:
-                raise PrepError(f"no documents for the {name} split: valid_fraction={recipe.valid_fraction} of "
-                                f"{index + 1} documents; change it or add data")
-    if "valid" not in splits:
-        for suffix in (".bin", ".idx", ".docs.npz"):
-            (tmp / f"valid{suffix}").unlink(missing_ok=True)
+    _log(f"tokenizing {len(sources)} source{'s' if len(sources) != 1 else ''} with up to {workers} "
+         f"worker process{'es' if workers > 1 else ''} ...")
+    shards = tokenize_sources(sources, tokenizer.path, work, dtype, workers, recipe.chunk_bytes,
+                              recipe.shard_bytes, recipe.skip_bad_records, progress)
+    total = sum(shard["documents"] for shard in shards)
+    if not total:
+        raise PrepError(f"no documents in the sources ({_describe(sources)})")
+    _log(f"merging {len(shards)} shard{'s' if len(shards) != 1 else ''} into the splits ...")
+    chosen = merge(shards, tmp, dtype, recipe.seed, recipe.valid_fraction, recipe.test_fraction)
+    for name, indices in chosen.items():
+        if not indices.size:
+            raise PrepError(f"no documents for the {name} split among {total} (valid_fraction="
+                            f"{recipe.valid_fraction}, test_fraction={recipe.test_fraction}); change them or add data")
+    for name in tokenizer_files(tokenizer.path):
+        shutil.copyfile(tokenizer.path.parent / name, tmp / name)
+    if corpus is not None:
+        os.replace(work / "corpus", tmp / "corpus")
+    skipped = {"count": sum(s["skipped"] for s in shards),
+               "examples": [e for s in shards for e in s["skipped_examples"]][:10]}
+    if skipped["count"]:
+        _log(f"skipped {skipped['count']} bad record(s) (skip_bad_records: true), e.g. {skipped['examples'][0]}")
     return {
         "tokenizer": {"file": tokenizer.path.name, "kind": type(tokenizer).__name__,
                       "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id},
         "token_dtype": str(dtype),
-        "splits": splits,
-        "subsets": sorted({name for split in splits.values() for name in split["subsets"]}),
-        "sources": [str(path.relative_to(tmp)) if path.is_relative_to(tmp) else str(path) for path in files],
+        "splits": {name: split_summary(IndexedDataset(tmp / name)) for name in chosen},
+        "subsets": sorted({name for shard in shards for name in shard["subsets"]}),
+        "sources": [str(s.relative_to(work)) if isinstance(s, Path) and s.is_relative_to(work) else str(s)
+                    for s in sources],
+        "shards": len(shards),
+        "skipped_records": skipped,
+        "empty_documents": sum(s["empty"] for s in shards),
         "local_corpus": corpus,
         "recipe": dataclasses.asdict(recipe),
     }
 
 
-def _train(recipe: Recipe, documents: _Counter, tmp: Path, files: list[Path]):
+def _local_corpus(local: LocalCorpusRecipe, work: Path) -> dict:
+    built = _read_json(work / "corpus.json")
+    if built is not None and (work / "corpus").is_dir():
+        return built
+    _log(f"building the local corpus ({local.max_mb} MB) ...")
+    corpus = build_local_corpus(work / "corpus", local.max_mb, local.subsets)
+    (work / "corpus.json").write_text(json.dumps(corpus))
+    return corpus
+
+
+def _train(recipe: Recipe, sources: list, work: Path):
     config = recipe.tokenizer
+    skipped = SkippedRecords() if recipe.skip_bad_records else None  # counted in the tokenizing pass
+    documents = _Counter(text for source in sources for text, _ in read_source(source, skipped) if text)
     try:
-        return train_sentencepiece((text for text, _ in documents), tmp / "tokenizer", config.vocab_size,
-                                   model_type=config.model_type, sample_docs=config.sample_docs, seed=recipe.seed)
+        return train_sentencepiece(documents, work / "tokenizer", config.vocab_size,
+                                   model_type=config.model_type, sample_docs=config.sample_docs, seed=recipe.seed,
+                                   byte_fallback=config.byte_fallback,
+                                   character_coverage=config.character_coverage)
     except DataError:
         if documents.count == 0:
-            raise PrepError(f"no documents in the sources ({_describe(files)})") from None
+            raise PrepError(f"no documents in the sources ({_describe(sources)})") from None
         raise
 
 
-def _copy_tokenizer(path: Path, tmp: Path):
+def tokenizer_files(path: Path) -> list[str]:
+    """The tokenizer's file and, for a tokenizer.json, the config that names its EOS."""
+    names = [path.name]
+    if path.suffix == ".json" and (path.parent / "tokenizer_config.json").is_file():
+        names.append("tokenizer_config.json")
+    return names
+
+
+def _copy_tokenizer(path: Path, work: Path):
     source = load_tokenizer(path).path  # resolves a directory to its tokenizer file
     name = "tokenizer.model" if source.suffix == ".model" else "tokenizer.json"
-    shutil.copyfile(source, tmp / name)
-    if (source.parent / "tokenizer_config.json").is_file() and name == "tokenizer.json":
-        shutil.copyfile(source.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")
-    return load_tokenizer(tmp / name)
+    shutil.copyfile(source, work / name)
+    if "tokenizer_config.json" in tokenizer_files(source):
+        shutil.copyfile(source.parent / "tokenizer_config.json", work / "tokenizer_config.json")
+    return load_tokenizer(work / name)
 
 
 def _in_valid(seed: int, index: int, fraction: float) -> bool:
-    """A per-document coin that depends on nothing but (seed, index)."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2**64
-
-
-# Tokenizing in worker processes -------------------------------------------------------------
-
-_worker_tokenizer = None
-
-
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
-
-
-def _tokenize_chunk(texts: list[str]) -> list[np.ndarray]:
-    """Token arrays (int64) of a chunk of documents, each with EOD appended."""
-    eod = _worker_tokenizer.eod_id
-    return [np.array(ids + [eod], dtype=np.int64) for ids in _worker_tokenizer.encode_batch(texts)]
-
-
-def _tokenize(documents: Iterator[tuple[str, str]], tokenizer_path: Path, workers: int,
-              chunk_bytes: int) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(subset, utf8_bytes, tokens) per document, in input order.
-
-    Reading stays in this process (so its errors name file:line); chunks of about
-    `chunk_bytes` of text go to the workers, at most 2 per worker in flight, so memory
-    stays bounded however large the input.
-    """
-    chunks = _chunks(documents, chunk_bytes)
-    if workers == 1:
-        _init_worker(str(tokenizer_path))
-        for texts, subsets, sizes in chunks:
-            yield from zip(subsets, sizes, _tokenize_chunk(texts))
-        return
-    # forkserver/spawn, not fork: the parent may hold threads (torch, tqdm) and locks
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":  # import this module (and its dependencies) once, in the server
-        context.set_forkserver_preload([__name__])
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(tokenizer_path),)) as pool:
-        in_flight = deque()
-        for texts, subsets, sizes in chunks:
-            in_flight.append((pool.submit(_tokenize_chunk, texts), subsets, sizes))
-            if len(in_flight) >= 2 * workers:
-                future, subsets, sizes = in_flight.popleft()
-                yield from zip(subsets, sizes, future.result())
-        while in_flight:
-            future, subsets, sizes = in_flight.popleft()
-            yield from zip(subsets, sizes, future.result())
-
-
-def _chunks(documents: Iterator[tuple[str, str]], chunk_bytes: int) -> Iterator[tuple[list, list, list]]:
-    texts, subsets, sizes, total = [], [], [], 0
-    for text, subset in documents:
-        texts.append(text)
-        subsets.append(subset)
-        sizes.append(len(text.encode("utf-8")))
-        total += sizes[-1]
-        if total >= chunk_bytes or len(texts) >= 4096:
-            yield texts, subsets, sizes
-            texts, subsets, sizes, total = [], [], [], 0
-    if texts:
-        yield texts, subsets, sizes
+    """The per-document coin of the split (see shards.split_of_documents), for one document."""
+    return bool(split_of_documents(seed, index, 1, fraction, 0.0)[0] == 1)
 
 
 # Bookkeeping ------------------------------------------------------------------------------
@@ -313,15 +302,16 @@ class _Counter:
             yield item
 
 
-def _new_split_summary() -> dict:
-    return {"documents": 0, "tokens": 0, "utf8_bytes": 0, "subsets": {}}
-
-
-def _count(split: dict, subset: str, utf8_bytes: int, tokens: int) -> None:
-    for entry in (split, split["subsets"].setdefault(subset, {"documents": 0, "tokens": 0, "utf8_bytes": 0})):
-        entry["documents"] += 1
-        entry["tokens"] += tokens
-        entry["utf8_bytes"] += utf8_bytes
+def split_summary(dataset: IndexedDataset) -> dict:
+    """Documents, tokens and UTF-8 bytes of a split, overall and per subset (from its sidecar)."""
+    lengths = dataset.doc_lengths.astype(np.int64)
+    summary = {"documents": len(dataset), "tokens": int(lengths.sum()), "utf8_bytes": int(dataset.utf8_bytes.sum()),
+               "subsets": {}}
+    for i, name in enumerate(dataset.subset_names):
+        mask = dataset.subset_ids == i
+        summary["subsets"][name] = {"documents": int(mask.sum()), "tokens": int(lengths[mask].sum()),
+                                    "utf8_bytes": int(dataset.utf8_bytes[mask].sum())}
+    return summary
 
 
 def _describe(files: list[Path]) -> str:
@@ -353,11 +343,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (default: the recipe's `output`)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--workers", type=int, default=None,
-                        help="tokenizer processes (default: one per CPU core)")
+                        help="tokenizer processes, one shard each at a time (default: one per CPU core)")
+    parser.add_argument("--skip-bad-records", action="store_true",
+                        help="count and skip invalid lines/rows (reported in prep.json) instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
+    if getattr(args, "skip_bad_records", False):
+        recipe.skip_bad_records = True
     out = Path(args.out or recipe.output)
     summary = prepare(recipe, out, force=args.force, workers=args.workers)
     for name, split in summary["splits"].items():
@@ -365,4 +359,6 @@ def run(args: argparse.Namespace) -> int:
               f"{split['utf8_bytes'] / 1e6:.1f} MB of text")
     print(f"{out}/{summary['tokenizer']['file']}: vocab {summary['tokenizer']['vocab_size']}, "
           f"eod {summary['tokenizer']['eod_id']} | {summary['seconds']} s")
+    if summary["skipped_records"]["count"]:
+        print(f"skipped {summary['skipped_records']['count']} bad records (see prep.json)")
     return 0

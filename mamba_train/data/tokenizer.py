@@ -101,7 +101,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use:
+        # the same ids, about a third faster
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -133,14 +136,16 @@ _MAX_PIECE_BYTES = 4096
 
 def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike, vocab_size: int,
                         model_type: str = "bpe", sample_docs: int = 20000, seed: int = 0,
-                        max_doc_chars: int = 100_000, num_threads: int | None = None) -> SentencePieceTokenizer:
+                        max_doc_chars: int = 100_000, num_threads: int | None = None, byte_fallback: bool = True,
+                        character_coverage: float = 0.9995) -> SentencePieceTokenizer:
     """Train on a uniform sample of `sample_docs` documents of `texts` (reservoir sampling
     with `seed`, so the stream is read once and never held whole); write
     `<out_prefix>.model` and return it loaded.
 
     Settings that make decode(encode(text)) == text for ordinary text: identity
     normalization, whitespace kept as is, no dummy prefix, byte fallback for characters
-    outside the vocabulary. EOS (id 1) is the end-of-document token; there is no BOS.
+    outside the vocabulary (without it they become <unk>, id 0, and do not round-trip).
+    EOS (id 1) is the end-of-document token; there is no BOS.
     """
     import sentencepiece
 
@@ -155,7 +160,7 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike, voc
             sentence_iterator=_training_pieces(sample), model_writer=model,
             vocab_size=vocab_size, model_type=model_type,
             unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, eos_piece="<|endoftext|>",
-            byte_fallback=True, character_coverage=0.9995,
+            byte_fallback=byte_fallback, character_coverage=character_coverage,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, split_digits=True,
             max_sentence_length=2 * _MAX_PIECE_BYTES, input_sentence_size=0, shuffle_input_sentence=False,
@@ -167,7 +172,9 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike, voc
                          f"model_type={model_type}): {error}") from None
     path = Path(f"{out_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.getvalue())
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)  # atomic: a resumed prep may find and reuse it
     return SentencePieceTokenizer(path)
 
 
