@@ -41,6 +41,9 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # Sizes this module owns. Tensor parallelism (mamba_train.parallel) shrinks them to
+        # one rank's whole heads and groups; forward reads only these, never cfg's totals.
+        self.nheads, self.ngroups, self.d_inner = cfg.nheads, cfg.ngroups, cfg.d_inner
         d_inner, nheads, bc_dim = cfg.d_inner, cfg.nheads, cfg.ngroups * cfg.d_state
         # One fused projection, laid out [z | x | B | C | dt] as in mamba_ssm.
         self.split_sizes = (d_inner, d_inner + 2 * bc_dim, nheads)
@@ -52,6 +55,10 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(d_inner if cfg.D_has_hdim else nheads))
         self.norm = RMSNorm(d_inner, cfg.norm_eps)
         self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=False)
+        # Context-parallel hook, set by mamba_train.parallel: it supplies the conv rows
+        # before this rank's piece of the sequence and adds the state entering it. None
+        # on one process. The hook holds the process groups; this module holds none.
+        self.context_parallel = None
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -67,24 +74,34 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None, state: MixerState | None = None,
                 return_state: bool = False):
-        # u: (batch, seqlen, d_model); seq_idx: (batch, seqlen) document ids
-        cfg = self.cfg
-        batch, seqlen, _ = u.shape
+        # u: (batch, seqlen, d_model); seq_idx: (batch, seqlen) document ids. With sequence
+        # parallelism u holds a slice of the sequence and in_proj gathers it: seqlen is
+        # read after the projection.
+        cfg, nheads, ngroups, d_inner = self.cfg, self.nheads, self.ngroups, self.d_inner
         z, xBC, dt = self.in_proj(u).split(self.split_sizes, dim=-1)
+        batch, seqlen, _ = xBC.shape
+        conv_initial = None if state is None else state.conv
+        if self.context_parallel is not None:
+            conv_initial = self.context_parallel.conv_halo(xBC, state)
         xBC, conv_state = causal_conv1d(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-            initial_state=None if state is None else state.conv, return_final_state=True, seq_idx=seq_idx)
-        bc_dim = cfg.ngroups * cfg.d_state
-        x, B, C = xBC.split((cfg.d_inner, bc_dim, bc_dim), dim=-1)
-        D = self.D.view(cfg.nheads, cfg.headdim) if cfg.D_has_hdim else self.D
+            initial_state=conv_initial, return_final_state=True, seq_idx=seq_idx)
+        bc_dim = ngroups * cfg.d_state
+        x, B, C = xBC.split((d_inner, bc_dim, bc_dim), dim=-1)
+        D = self.D.view(nheads, cfg.headdim) if cfg.D_has_hdim else self.D
+        A = -torch.exp(self.A_log.float())
+        C = C.reshape(batch, seqlen, ngroups, cfg.d_state)
         y, ssm_state = ssd(
-            x.reshape(batch, seqlen, cfg.nheads, cfg.headdim), dt, -torch.exp(self.A_log.float()),
-            B.reshape(batch, seqlen, cfg.ngroups, cfg.d_state), C.reshape(batch, seqlen, cfg.ngroups, cfg.d_state),
+            x.reshape(batch, seqlen, nheads, cfg.headdim), dt, A,
+            B.reshape(batch, seqlen, ngroups, cfg.d_state), C,
             cfg.chunk_size, D=D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=cfg.dt_limit,
             initial_states=None if state is None else state.ssm, seq_idx=seq_idx, return_final_states=True)
+        if self.context_parallel is not None:
+            y, ssm_state = self.context_parallel.add_incoming_state(y, ssm_state, dt, self.dt_bias, A, C, seq_idx,
+                                                                    dt_limit=cfg.dt_limit)
         # Gate before the norm, per group: mamba_ssm's norm_before_gate=False.
-        y = rmsnorm_gated(y.reshape(batch, seqlen, cfg.d_inner), z, self.norm.weight, eps=cfg.norm_eps,
-                                  group_size=cfg.d_inner // cfg.ngroups)
+        y = rmsnorm_gated(y.reshape(batch, seqlen, d_inner), z, self.norm.weight, eps=cfg.norm_eps,
+                          group_size=d_inner // ngroups)
         out = self.out_proj(y)
         return (out, MixerState(conv_state, ssm_state)) if return_state else out
 

@@ -1,0 +1,126 @@
+"""`parallelize_model`: the single-process Mamba2LM → this rank's TP/CP/SP shard.
+
+torchtitan's split: the model file knows nothing of process groups; this function slices
+its weights, swaps in megatron-core's parallel linears and embedding, and hangs the
+context-parallel hook on each mixer. The blocks run unchanged. What changes at the ends
+of the network lives in ParallelMamba2LM: the vocab-parallel embedding and tied head, and
+vocab-parallel cross-entropy (megatron's: logits never gathered over the vocabulary).
+
+Inputs are this rank's piece: (batch, seq_len / cp) of input_ids, labels and seq_idx
+(`context_parallel_piece` cuts it). `loss` is the mean over that piece; averaging the
+gradients over the DP×CP group (DeepSpeed, or `allreduce_gradients`) then gives the
+gradient of the mean over the global batch, as all pieces hold the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mamba_train.model import Mamba2LM
+from mamba_train.parallel.context_parallel import ContextParallel
+from mamba_train.parallel.groups import ParallelDims, model_parallel_config
+from mamba_train.parallel.tensor_parallel import _no_init, mark_tensor_parallel, shard_mixer, shard_state_dict
+
+
+class ParallelMamba2LM(nn.Module):
+    """Mamba2LM's forward and loss on one rank of a TP × CP layout. Its state dict has
+    the TP=1 model's keys holding this TP rank's shards (`merge_state_dicts` joins them)."""
+
+    def __init__(self, model: Mamba2LM, dims: ParallelDims):
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        layout = dims.layout
+        self.cfg, self.dims, self.vocab_size = model.cfg, dims, model.vocab_size
+        self.sequence_parallel = layout.sequence_parallel
+        full = shard_state_dict({"embedding.weight": model.embedding.weight.detach()}, model.cfg, layout.tp,
+                                dims.tp_rank)
+        mp_config = model_parallel_config(layout, model.embedding.weight.dtype)
+        self.embedding = VocabParallelEmbedding(model.vocab_size, model.cfg.d_model, init_method=_no_init,
+                                                reduce_scatter_embeddings=self.sequence_parallel, config=mp_config,
+                                                tp_group=dims.tp_group)
+        with torch.no_grad():
+            self.embedding.weight.copy_(full["embedding.weight"])
+        mark_tensor_parallel(self.embedding.weight, dim=0)
+        self.layers = model.layers
+        self.norm_f = model.norm_f
+        self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv) if layout.cp > 1 else None
+        for layer in self.layers:
+            shard_mixer(layer.mixer, dims, mp_config)
+            layer.mixer.context_parallel = self.context_parallel
+        if self.sequence_parallel:
+            # Norm weights see only this rank's slice of the sequence: their gradient is a
+            # partial sum over the TP group (megatron's `sequence_parallel` parameters).
+            for param in [layer.norm.weight for layer in self.layers] + [self.norm_f.weight]:
+                param.sequence_parallel = True
+                param.register_hook(self._sum_over_tp)
+
+    def _sum_over_tp(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=self.dims.tp_group)
+        return grad
+
+    def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, seq_idx: (batch, local_len) → (local_len, batch, d_model) after norm_f, the
+        # whole local piece on every TP rank (seq-first: megatron's layout for the head)
+        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                                   gather_from_sequence_parallel_region)
+
+        if self.context_parallel is not None:
+            self.context_parallel.begin(seq_idx, input_ids.shape[0], input_ids.device)
+        hidden = self.embedding(input_ids)  # SP: (local_len / tp, batch, d) seq-first; else (batch, local_len, d)
+        if self.sequence_parallel:
+            hidden = hidden.transpose(0, 1)
+        hidden = hidden.float()
+        for layer in self.layers:
+            hidden = layer(hidden, seq_idx=seq_idx)
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype)).transpose(0, 1)
+        if self.sequence_parallel:  # all-gather the sequence for the head; backward reduce-scatters
+            return gather_from_sequence_parallel_region(hidden, group=self.dims.tp_group)
+        # the head's input is replicated: backward sums its gradient over the vocab shards
+        return copy_to_tensor_model_parallel_region(hidden, group=self.dims.tp_group)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        # → logits (batch, local_len, padded_vocab / tp): this rank's vocabulary slice; with
+        # labels, the mean loss instead (so a DeepSpeed engine can be called like the model)
+        if labels is not None:
+            return self.loss(input_ids, labels, seq_idx)
+        return F.linear(self.hidden_states(input_ids, seq_idx), self.embedding.weight).transpose(0, 1)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        # labels: (batch, local_len) → mean (or sum / per-token) cross-entropy over this piece
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = F.linear(self.hidden_states(input_ids, seq_idx), self.embedding.weight).float()   # (l, b, v / tp)
+        targets = labels.transpose(0, 1)
+        if self.dims.layout.tp == 1:  # the whole vocabulary is here: no collectives needed
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        else:
+            losses = vocab_parallel_cross_entropy(logits, targets.contiguous())
+        losses = losses.transpose(0, 1)
+        if reduction == "none":
+            return losses
+        return losses.mean() if reduction == "mean" else losses.sum()
+
+
+def parallelize_model(model: Mamba2LM, dims: ParallelDims) -> ParallelMamba2LM:
+    """Shard `model` (built identically on every rank, e.g. from one seed or the TP=1
+    checkpoint) for this rank. The mixers are sharded in place; use the returned module."""
+    if model.vocab_size % dims.layout.tp:
+        raise ValueError(f"padded vocabulary {model.vocab_size} is not a multiple of tp={dims.layout.tp}: build the "
+                         f"model with Mamba2LM(cfg, tp_size={dims.layout.tp})")
+    return ParallelMamba2LM(model, dims)
+
+
+def context_parallel_piece(tensor: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """This CP rank's contiguous piece of a (batch, seq_len, ...) tensor."""
+    cp, rank = dims.layout.cp, dims.cp_rank
+    if tensor.shape[1] % cp:
+        raise ValueError(f"sequence length {tensor.shape[1]} is not a multiple of cp={cp}")
+    size = tensor.shape[1] // cp
+    return tensor[:, rank * size:(rank + 1) * size]

@@ -1,0 +1,58 @@
+"""One call from a run config to a parallel training setup, for the training loop:
+layout check → megatron groups → model (same seed on every rank) → shard → DeepSpeed.
+
+    run = setup_parallel(cfg.model, seq_len, tp=..., cp=..., sequence_parallel=..., ...)
+    loader = TrainLoader(samples, micro_batch, seed, consumed, rank=run.dims.dp_rank, world=run.dims.layout.dp)
+    batch = run.piece(next(loader))                 # this CP rank's piece of this DP rank's rows
+    loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
+    run.engine.backward(loss); run.engine.step()   # steps at the accumulation boundary
+    logged = run.average(loss)                      # the global batch's mean loss, on every rank
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mamba_train.config import ModelConfig, OptimConfig
+from mamba_train.model import Mamba2LM, param_groups
+from mamba_train.parallel.data_parallel import build_engine, deepspeed_config
+from mamba_train.parallel.groups import ParallelDims, init_parallel, validate_layout
+from mamba_train.parallel.lm import ParallelMamba2LM, context_parallel_piece, parallelize_model
+
+
+@dataclass
+class ParallelRun:
+    dims: ParallelDims
+    model: ParallelMamba2LM
+    engine: object  # deepspeed.DeepSpeedEngine
+
+    def piece(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"input_ids", "labels", "seq_idx"}: (micro, seq_len) → (micro, seq_len / cp)."""
+        return {key: context_parallel_piece(value, self.dims) for key, value in batch.items()}
+
+    def average(self, loss: torch.Tensor) -> float:
+        """Mean of the per-piece losses over DP × CP: the global batch's loss, for logging."""
+        total = loss.detach().float().clone()
+        dist.all_reduce(total, group=self.dims.dp_cp_group)
+        return total.item() / dist.get_world_size(self.dims.dp_cp_group)
+
+
+def setup_parallel(model_cfg: ModelConfig, seq_len: int, optim: OptimConfig, micro_batch: int, grad_accum: int,
+                   tp: int = 1, cp: int = 1, sequence_parallel: bool = False, zero_stage: int = 1,
+                   bf16: bool = False, seed: int = 1234, device: torch.device | None = None) -> ParallelRun:
+    layout = validate_layout(model_cfg, seq_len, dist.get_world_size(), tp=tp, cp=cp,
+                             sequence_parallel=sequence_parallel)
+    dims = init_parallel(layout)
+    # The same full model on every rank (one seed), then sliced: a TP run starts from exactly
+    # the weights a TP=1 run would, and a TP=1 checkpoint shards with shard_state_dict.
+    torch.manual_seed(seed)
+    model = parallelize_model(Mamba2LM(model_cfg, tp_size=tp), dims)
+    if device is not None:
+        model = model.to(device)
+    config = deepspeed_config(micro_batch, grad_accum, zero_stage, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                              eps=optim.eps, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip, bf16=bf16)
+    engine = build_engine(model, dims, config, param_groups(model, optim.weight_decay))
+    return ParallelRun(dims=dims, model=model, engine=engine)

@@ -1,0 +1,95 @@
+"""Context parallelism by state passing equals the single-process model, across documents."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
+
+from distributed import assert_close, assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
+from mamba_train.model import Mamba2LM
+from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model, shard_state_dict,
+                                  validate_layout)
+from mamba_train.parallel.data_parallel import allreduce_gradients
+
+
+def _doc_starts(seq_len: int, cp: int) -> list[list[int]]:
+    piece = seq_len // cp
+    return [
+        [3, piece, piece + 2],     # a start inside rank 0, one exactly on the first border, one inside rank 1
+        [piece - 2, 2 * piece - 1 if cp > 2 else seq_len - 1],   # starts inside the halo rows of a border
+        [],                        # one document across every border: the state must pass through
+    ]
+
+
+def _run(rank, cp, seq_len):
+    """Forward + backward of one CP model; returns bytes communicated per layer."""
+    cfg = tiny_config(ngroups=2)
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg)
+    dims = init_parallel(validate_layout(cfg, seq_len, cp, cp=cp))
+    model = parallelize_model(copy.deepcopy(reference), dims)
+    input_ids, labels, seq_idx = tiny_batch(cfg, 3, seq_len, _doc_starts(seq_len, cp))
+    piece = [context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]
+
+    with torch.no_grad():
+        assert_close(model(piece[0], piece[2]), context_parallel_piece(reference(input_ids, seq_idx), dims),
+                     what=f"logits of rank {rank}")
+    with count_collectives() as log:
+        loss = model.loss(*piece)
+        loss.backward()
+    expected_loss = reference.loss(input_ids, labels, seq_idx)
+    expected_loss.backward()
+    allreduce_gradients(model, dims)  # the mean over the pieces = the mean over the sequence
+    assert_grads_close({name: p.grad for name, p in model.named_parameters()},
+                       {name: p.grad for name, p in reference.named_parameters()})
+    whole_loss = loss.detach().clone()
+    torch.distributed.all_reduce(whole_loss, group=dims.cp_group)
+    assert_close(whole_loss / cp, expected_loss.detach(), what="loss")
+    return log
+
+
+def _cp_worker(rank, world):
+    logs = {seq_len: _run(rank, world, seq_len) for seq_len in (8 * world, 16 * world)}
+    short, long = logs.values()
+    # communication per layer does not grow with the sequence: same calls, same bytes
+    assert short.calls == long.calls, (short.calls, long.calls)
+    cfg, batch = tiny_config(ngroups=2), 3
+    halo = batch * (cfg.d_conv - 1) * cfg.conv_dim * 4                             # fp32 rows to the next rank
+    states = batch * (cfg.nheads * cfg.headdim * cfg.d_state + cfg.nheads) * 4     # (h_r, log a_r)
+    per_layer = {"all_gather_into_tensor": states, "reduce_scatter_tensor": world * states}
+    for name, size in per_layer.items():
+        assert [s for n, s in short.calls if n == name][-cfg.n_layer:] == [size] * cfg.n_layer, name
+    sends = [s for n, s in short.calls if n == "isend"]
+    # forward: to the next rank (all but the last); backward: to the previous (all but the first)
+    assert sends == [halo] * cfg.n_layer * ((rank < world - 1) + (rank > 0)), sends
+
+
+@pytest.mark.distributed
+def test_cp2_equals_one_process_across_document_borders():
+    run_workers(_cp_worker, 2)
+
+
+@pytest.mark.distributed
+def test_cp4_equals_one_process_across_document_borders():
+    run_workers(_cp_worker, 4)
+
+
+def _tp_cp_worker(rank, world):
+    cfg = tiny_config(ngroups=2)
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg, tp_size=2)
+    dims = init_parallel(validate_layout(cfg, 32, world, tp=2, cp=2, sequence_parallel=True))
+    model = parallelize_model(copy.deepcopy(reference), dims)
+    input_ids, labels, seq_idx = tiny_batch(cfg, 3, 32, _doc_starts(32, 2))
+    model.loss(*[context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]).backward()
+    allreduce_gradients(model, dims)
+    reference.loss(input_ids, labels, seq_idx).backward()
+    expected = shard_state_dict({name: p.grad for name, p in reference.named_parameters()}, cfg, 2, dims.tp_rank)
+    assert_grads_close({name: p.grad for name, p in model.named_parameters()}, expected)
+
+
+@pytest.mark.distributed
+def test_tp2_cp2_with_sequence_parallel_gradients_equal_one_process():
+    run_workers(_tp_cp_worker, 4)

@@ -1,0 +1,93 @@
+"""Tensor parallelism (megatron-core layers on gloo) equals the single-process model."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
+import torch.distributed as dist
+
+from distributed import assert_close, assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
+from mamba_train.model import Mamba2LM
+from mamba_train.parallel import init_parallel, merge_state_dicts, parallelize_model, shard_state_dict, validate_layout
+
+SEQ_LEN = 32
+
+
+def _check_tp(rank, world, ngroups, sequence_parallel):
+    tp = world
+    cfg = tiny_config(ngroups=ngroups)
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg, tp_size=tp)
+    dims = init_parallel(validate_layout(cfg, SEQ_LEN, world, tp=tp, sequence_parallel=sequence_parallel))
+    model = parallelize_model(copy.deepcopy(reference), dims)
+    # documents starting inside the sequence, and one row that is a single document
+    input_ids, labels, seq_idx = tiny_batch(cfg, 2, SEQ_LEN, [[5, 20], []])
+
+    vocab = reference.vocab_size // tp
+    with torch.no_grad():
+        assert_close(model(input_ids, seq_idx), reference(input_ids, seq_idx)[..., rank * vocab:(rank + 1) * vocab],
+                     what="logits")
+
+    with count_collectives() as log:
+        loss = model.loss(input_ids, labels, seq_idx)
+    expected_loss = reference.loss(input_ids, labels, seq_idx)
+    assert_close(loss.detach(), expected_loss.detach(), what="loss")
+    # forward collectives: one per block (the row-parallel out_proj), plus the embedding's
+    # and the vocab-parallel cross-entropy's three all-reduces (max, target logit, sum of exp)
+    n = cfg.n_layer
+    if sequence_parallel:
+        # blocks: in_proj all-gathers, out_proj reduce-scatters; embedding reduce-scatters, head all-gathers
+        assert log.counts() == {"all_gather_into_tensor": n + 1, "reduce_scatter_tensor": n + 1, "all_reduce": 3}, \
+            log.calls
+    else:
+        assert log.counts() == {"all_reduce": n + 1 + 3}, log.calls
+    with count_collectives() as block_log:
+        hidden = torch.randn(2, SEQ_LEN // tp if sequence_parallel else SEQ_LEN, cfg.d_model)
+        model.layers[0](hidden, seq_idx=seq_idx)
+    assert block_log.counts() == ({"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1} if sequence_parallel
+                                  else {"all_reduce": 1})
+
+    with count_collectives() as backward_log:
+        loss.backward()
+    if not sequence_parallel:
+        # backward: one all-reduce per block (in_proj's input gradient, column-parallel) and one
+        # for the head's input; out_proj and the embedding need none
+        assert backward_log.counts() == {"all_reduce": n + 1}, backward_log.calls
+    else:
+        # per block: out_proj all-gathers its output gradient, in_proj re-gathers its input (for
+        # the weight gradient) and reduce-scatters the input gradient, the block norm's weight
+        # gradient is summed; the head reduce-scatters, the embedding all-gathers, norm_f sums
+        assert backward_log.counts() == {"all_gather_into_tensor": 2 * n + 1, "reduce_scatter_tensor": n + 1,
+                                         "all_reduce": n + 1}, backward_log.calls
+    expected_loss.backward()
+    full_grads = {name: p.grad for name, p in reference.named_parameters()}
+    grads = shard_state_dict(full_grads, cfg, tp, rank)
+    assert_grads_close({name: param.grad for name, param in model.named_parameters()}, grads)
+
+    # checkpoint conversion: every rank's state dict merges back into the TP=1 one, and
+    # the TP=1 one shards into exactly this rank's
+    shards = [None] * tp
+    dist.all_gather_object(shards, {k: v.detach() for k, v in model.state_dict().items()}, group=dims.tp_group)
+    merged = merge_state_dicts(shards, cfg)
+    assert merged.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(merged[key], value), key
+    for key, value in shard_state_dict(reference.state_dict(), cfg, tp, rank).items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def _tp_worker(rank, world, ngroups):
+    for sequence_parallel in (False, True):
+        _check_tp(rank, world, ngroups, sequence_parallel)
+
+
+@pytest.mark.distributed
+def test_tp2_equals_one_process_with_and_without_sequence_parallel():
+    run_workers(_tp_worker, 2, 2)
+
+
+@pytest.mark.distributed
+def test_tp4_with_four_groups_equals_one_process_with_and_without_sequence_parallel():
+    run_workers(_tp_worker, 4, 4)
