@@ -1,4 +1,4 @@
-"""`mamba-train {prep,train,eval,export}`: one entry point for the whole stack.
+"""`mamba-train {prep,train,eval,export,launch,scale}`: one entry point for the whole stack.
 
 Expected failures (bad config, bad data, bad checkpoint) print one `error:` line naming
 what is wrong and exit with status 2; anything else is a bug and keeps its traceback.
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     from mamba_train.data import prep
 
     prep.add_arguments(commands.add_parser("prep", help="build a corpus, train a tokenizer, write indexed data"))
+    from mamba_train.scaling import cli as scale
+
+    scale.add_arguments(commands.add_parser("scale", help="IsoFLOP scaling sweeps: plan, run, fit"))
 
     from mamba_train import launch
 
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prep":
             return prep.run(args)
+        if args.command == "scale":
+            return scale.run(args)
         if args.command == "launch":
             return launch.run(args)
         if args.command == "train":
