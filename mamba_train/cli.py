@@ -19,22 +19,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mamba-train", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from mamba_train import launch
     from mamba_train.data import prep
-
-    prep.add_arguments(commands.add_parser("prep", help="build a corpus, train a tokenizer, write indexed data"))
     from mamba_train.scaling import cli as scale
 
-    scale.add_arguments(commands.add_parser("scale", help="IsoFLOP scaling sweeps: plan, run, fit"))
-
-    from mamba_train import launch
-
-    launch.add_arguments(commands.add_parser("launch", help="start training through torchrun or SLURM"))
+    for name, module, help_text in (
+            ("prep", prep, "build a corpus, train a tokenizer, write indexed data"),
+            ("launch", launch, "start training through torchrun or SLURM"),
+            ("scale", scale, "IsoFLOP scaling sweeps: plan, run, fit")):
+        command = commands.add_parser(name, help=help_text)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
 
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML run config, e.g. configs/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides: optim.lr=1e-3")
     train.add_argument("--resume", metavar="auto|PATH",
                        help="'auto': continue from the newest complete checkpoint, if any; or a checkpoint directory")
+    train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="perplexity and bits-per-byte, overall and per subset")
     evaluate.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
@@ -44,32 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--rows", type=int, help="runs of documents scored side by side as one batch (default 1)")
     evaluate.add_argument("--max-tokens", type=int, help="evaluate only the leading whole documents within N tokens")
     evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.set_defaults(run=_eval)
 
     export = commands.add_parser("export", help="write a Hugging Face Mamba2ForCausalLM directory")
     export.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
     export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(run=_export)
 
     args = parser.parse_args(argv)
     from mamba_train.data import DataError
     from mamba_train.train.loop import TrainingError
 
     try:
-        if args.command == "prep":
-            return prep.run(args)
-        if args.command == "scale":
-            return scale.run(args)
-        if args.command == "launch":
-            return launch.run(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "export":
-            return _export(args)
+        return args.run(args)
     except (ConfigError, CheckpointError, TrainingError, DataError, launch.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    raise AssertionError(args.command)
 
 
 def _train(args) -> int:

@@ -1,7 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under its CPU interpreter here. Set before anything imports triton
+    # (megatron-core and DeepSpeed do, at collection): triton reads it when a kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
