@@ -87,6 +87,9 @@ def test_preempted_slurm_job_requeues_and_finishes_like_an_uninterrupted_run(slu
         state = slurm.job_field(job_id, "JobState")
         second_run_seen = log.exists() and "(restart 1)" in log.read_text()
         if state == "PENDING":
+            # slurmd refuses a job started in the same second as its revoked credential
+            # ("Job credential revoked"): SLURM's own requeue delay avoids that, so must we.
+            time.sleep(3)
             slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
         elif second_run_seen and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             break
