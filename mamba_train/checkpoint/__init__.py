@@ -1,4 +1,5 @@
-from mamba_train.checkpoint.store import (CheckpointError, load_checkpoint, resolve_resume, save_checkpoint,
-                                          verify_checkpoint)
+from mamba_train.checkpoint.store import (CheckpointError, has_checkpoints, load_checkpoint, resolve_resume,
+                                          save_checkpoint, verify_checkpoint)
 
-__all__ = ["CheckpointError", "load_checkpoint", "resolve_resume", "save_checkpoint", "verify_checkpoint"]
+__all__ = ["CheckpointError", "has_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
+           "verify_checkpoint"]

@@ -58,6 +58,11 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     return final
 
 
+def has_checkpoints(root: str | Path) -> bool:
+    """Whether `root` holds any step directory, complete or not (cheap: nothing is read)."""
+    return any(Path(root).glob(f"{PREFIX}*"))
+
+
 def verify_checkpoint(path: str | Path) -> dict:
     """Check the manifest against the files; return the manifest or raise CheckpointError."""
     path = Path(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mamba_train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mamba_train.checkpoint import has_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, PackedSamples, TrainLoader, load_tokenizer
 from mamba_train.eval import evaluate, format_table
@@ -90,7 +90,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
         step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
         _set_rng_state(state["rng"])
         print(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)", flush=True)
-    elif resume is None and resolve_resume(cfg.checkpoint.dir, "auto", log=lambda _: None) is not None:
+    elif resume is None and has_checkpoints(cfg.checkpoint.dir):
         raise TrainingError(f"{cfg.checkpoint.dir} already holds checkpoints of another run: pass --resume auto to "
                             f"continue it, or set checkpoint.dir (and logging.run_dir) to a new directory")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
