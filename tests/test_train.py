@@ -154,3 +154,14 @@ def test_non_finite_losses_are_skipped_then_the_run_stops_with_the_checkpoint_in
     assert state["step"] == 6 and state["skipped_steps"] == 2
     weights = load_file(tmp_path / "ckpt" / "step_00000006" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_more_than_one_process_is_refused_until_the_loop_drives_the_parallel_layers(markov_data, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainingError, match=r"runs one process \(WORLD_SIZE=2"):
+        train(tiny_config(markov_data, tmp_path))
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(TrainingError, match=r"parallel.tp=2"):
+        train(tiny_config(markov_data, tmp_path, "parallel.tp=2"))
+    assert not (tmp_path / "ckpt").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -64,6 +65,12 @@ def resolve_vocab(cfg: RunConfig) -> None:
 def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """Train until `train.steps` (or `stop_after_steps` more steps, as a preempted job
     would: checkpoint and return). `resume`: None, "auto" or a checkpoint directory."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.cp > 1:
+        # mamba_train.parallel has the layers; until the loop drives them, N independent
+        # processes would train N copies into one checkpoint directory.
+        raise TrainingError(f"this trainer runs one process (WORLD_SIZE={world}, parallel.tp={cfg.parallel.tp}, "
+                            f"parallel.cp={cfg.parallel.cp}); launch with one process per job for now")
     resolve_vocab(cfg)
     device = pick_device(cfg)
     amp_dtype = autocast_dtype(cfg, device)
