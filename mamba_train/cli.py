@@ -7,7 +7,6 @@ what is wrong and exit with status 2; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -76,39 +75,18 @@ def _train(args) -> int:
     return 0
 
 
-def _load_for_inference(ckpt: str):
-    """Model (fp32, CPU or GPU) and resolved config from a checkpoint directory or root."""
-    import torch
-
-    from mamba_train.checkpoint import load_checkpoint, resolve_resume
-    from mamba_train.config import config_from_dict
-    from mamba_train.model import Mamba2LM
-
-    path = Path(ckpt)
-    if not (path / "manifest.json").exists():
-        resolved = resolve_resume(path, "auto")
-        if resolved is None:
-            raise CheckpointError(f"{path} holds no complete checkpoint")
-        path = resolved
-    state = json.loads((path / "trainer_state.json").read_text())
-    cfg = config_from_dict(state["config"])
-    model = Mamba2LM(cfg.model)
-    load_checkpoint(path, model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), cfg, path, device
-
-
 def _eval(args) -> int:
     from mamba_train.eval.command import run
 
-    return run(args, _load_for_inference)
+    return run(args)
 
 
 def _export(args) -> int:
+    from mamba_train.checkpoint import load_trained_model
     from mamba_train.data import load_tokenizer
     from mamba_train.export import export_hf
 
-    model, cfg, path, _ = _load_for_inference(args.ckpt)
+    model, cfg, path, _ = load_trained_model(args.ckpt)
     eod_id = load_tokenizer(cfg.data.tokenizer).eod_id if Path(cfg.data.tokenizer).exists() else None
     out = export_hf(model.cpu(), cfg.model, args.out, tokenizer_path=cfg.data.tokenizer if eod_id is not None else None,
                     eod_id=eod_id)

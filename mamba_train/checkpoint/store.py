@@ -115,15 +115,22 @@ def resolve_resume(root: str | Path, resume: str | None, log=print) -> Path | No
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, map_location="cpu") -> dict:
-    """Verify, then load weights (and optimizer state) in place; return the trainer state."""
+                    optimizer: torch.optim.Optimizer | None = None, map_location="cpu", verify: bool = True) -> dict:
+    """Verify (unless `resolve_resume` just did), then load weights (and optimizer state)
+    in place; return the trainer state."""
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     if model is not None:
         model.load_state_dict(load_file(path / "model.safetensors", device=str(map_location)))
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """Step, consumed samples, RNG states and the resolved config of a checkpoint."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
 def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mamba_train.checkpoint import load_trained_model
 from mamba_train.data import DataError, IndexedDataset
 from mamba_train.data.indexed import dataset_files
 from mamba_train.eval.perplexity import evaluate, format_table
@@ -38,7 +39,7 @@ def resolve_data(name: str | None, data_cfg) -> str:
                     f"{', '.join(SPLIT_NAMES)}")
 
 
-def run(args, load_for_inference) -> int:
+def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -46,7 +47,7 @@ def run(args, load_for_inference) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     try:
-        model, cfg, path, device = load_for_inference(args.ckpt)
+        model, cfg, path, device = load_trained_model(args.ckpt)
         if cfg.train.torch_threads:  # the run's own setting: oversubscribed CPU threads crawl
             torch.set_num_threads(cfg.train.torch_threads)
         prefix = resolve_data(args.data, cfg.data)

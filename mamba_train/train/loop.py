@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from mamba_train.checkpoint import has_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from mamba_train.checkpoint import (has_checkpoints, load_checkpoint, read_trainer_state, resolve_resume,
+                                    save_checkpoint)
 from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, PackedSamples, TrainLoader, load_tokenizer
 from mamba_train.eval import evaluate, format_table
@@ -92,8 +93,8 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
     step, consumed_samples, skipped = 0, 0, 0
     checkpoint = resolve_resume(cfg.checkpoint.dir, resume)
     if checkpoint is not None:
-        _check_same_model(cfg, json.loads((checkpoint / "trainer_state.json").read_text())["config"], checkpoint)
-        state = load_checkpoint(checkpoint, model, optimizer, map_location=device)
+        _check_same_model(cfg, read_trainer_state(checkpoint)["config"], checkpoint)
+        state = load_checkpoint(checkpoint, model, optimizer, map_location=device, verify=False)  # resolved: verified
         step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
         _set_rng_state(state["rng"])
         print(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)", flush=True)
