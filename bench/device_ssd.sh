@@ -2,7 +2,9 @@
 # Run on the GPU machine (device tool), from the repo root, with .anchor carried:
 #   .anchor holds mamba_ssm 2.3.2.post1's Python sources (its __init__ replaced by a version
 #   line), einops and pytest as unpacked pure-Python wheels (see GPU.md "The speed anchor").
-# Usage: bash bench/device_ssd.sh [tests|bench|profile]...   (default: tests bench)
+# Usage: bash bench/device_ssd.sh [tests|gputests|bench|profile|stages]...   (default: tests bench)
+#   gputests: only the real-shape (gpu-marked) tests; profile: per-kernel CUDA time, ours and
+#   mamba_ssm; stages: bench/profile_ssd.py (each stage alone, chunk 256/128 × tiles 64/128)
 set -o pipefail
 export PYTHONPATH="$PWD/.anchor:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/ssd_out}"
@@ -17,7 +19,9 @@ for step in "${steps[@]}"; do
     tests)   python3 -m pytest tests/test_ssd_triton.py -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     bench)   python3 bench/bench_ssd.py 2>&1 | tee "$OUT/bench.log" || status=1
              cp bench/results/ssd-*.json "$OUT/" 2>/dev/null ;;
+    gputests) python3 -m pytest tests/test_ssd_triton.py -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" || status=1 ;;
     profile) python3 bench/bench_ssd.py --profile 2>&1 | tee "$OUT/profile.log" || status=1 ;;
+    stages)  python3 bench/profile_ssd.py 2>&1 | tee "$OUT/stages.log" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

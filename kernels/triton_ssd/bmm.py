@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 
 @triton.jit
 def _bmm_fwd_kernel(
@@ -52,15 +54,19 @@ def _bmm_fwd_kernel(
 @triton.jit
 def _bmm_bwd_dcb_kernel(
     dy_ptr, x_ptr, cb_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, dcb_ptr, ddA_cumsum_ptr,
-    seqlen, nchunks, chunk_size, hdim, heads_per_group,
+    seqlen, nchunks, chunk_size, hdim, heads_per_group, nsplits,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_seq_b, stride_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # dy and x share strides: (b, l, h, p); cb, dcb: (b, c, g, t, s) fp32
-    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # dy and x share strides: (b, l, h, p); cb, dcb: (b, c, g, t, s) fp32. One program per
+    # (t block × s block, batch × chunk, group × head split); with nsplits > 1 each adds its
+    # heads' part of dcb atomically into a zeroed buffer.
+    pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_g, split = pid_gs // nsplits, pid_gs % nsplits
+    heads_per_split = heads_per_group // nsplits
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(chunk_size, BLOCK_N)
     pid_m, pid_n = pid_mn // num_n, pid_mn % num_n
@@ -82,8 +88,8 @@ def _bmm_bwd_dcb_kernel(
                + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s)
     cb = tl.load(cb_ptr + cb_offs, mask=keep, other=0.0)
     dcb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for hh in range(heads_per_group):
-        head = pid_g * heads_per_group + hh
+    for hh in range(heads_per_split):
+        head = pid_g * heads_per_group + split * heads_per_split + hh
         head_offs = pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         dy_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for p0 in range(0, hdim, BLOCK_K):
@@ -105,12 +111,11 @@ def _bmm_bwd_dcb_kernel(
         tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, tl.sum(P, axis=1), mask=m_ok)
         tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, -tl.sum(P, axis=0), mask=n_ok)
     dcb_ptr += (pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g)
-    tl.store(dcb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, dcb,
-             mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
-
-
-def _block(dim, cap=64):
-    return max(16, min(cap, triton.next_power_of_2(dim)))
+    out_mask = (offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size)
+    if nsplits > 1:
+        tl.atomic_add(dcb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, dcb, mask=out_mask)
+    else:
+        tl.store(dcb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, dcb, mask=out_mask)
 
 
 def bmm_fwd(C, B, chunk_size):
@@ -119,8 +124,8 @@ def bmm_fwd(C, B, chunk_size):
     assert B.stride() == C.stride(), "B and C must share strides"
     nchunks = triton.cdiv(l, chunk_size)
     cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
-    block_m = block_n = _block(chunk_size)
-    block_k = _block(n)
+    block_m = block_n = launch.block(chunk_size)
+    block_k = launch.block(n)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
     _bmm_fwd_kernel[grid](
         C, B, cb, l, nchunks, chunk_size, n, *B.stride(), *cb.stride(),
@@ -136,15 +141,16 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     g = cb.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     assert dy.stride() == x.stride(), "dy and x must share strides"
-    dcb = torch.empty_like(cb)
-    block_m = block_n = _block(chunk_size)
-    block_k = _block(p)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
+    nsplits = launch.head_splits(h // g)
+    dcb = torch.zeros_like(cb) if nsplits > 1 else torch.empty_like(cb)
+    block_m = block_n = launch.block(chunk_size)
+    block_k = launch.block(p)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g * nsplits)
     _bmm_bwd_dcb_kernel[grid](
         dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
-        l, nchunks, chunk_size, p, h // g,
+        l, nchunks, chunk_size, p, h // g, nsplits,
         *x.stride(), *cb.stride(), *dt.stride(),
-        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return dcb

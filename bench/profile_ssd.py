@@ -1,0 +1,96 @@
+"""Where the SSD time goes: each Triton stage timed alone (do_bench median), forward and backward.
+
+    python bench/profile_ssd.py [--shape b8_L2048_h32] [--chunk-sizes 256 128] [--tiles 64 128]
+
+`--tiles` caps the tile edge every launcher picks (64 is the default in the kernels); the
+table shows, per stage, the milliseconds of one call and its share of the total, and the
+end-to-end forward and forward+backward of `ssd_triton` for comparison (launch gaps and the
+small torch ops between stages are the difference).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_ssd import SHAPES, bench_ms, make_ssd_inputs  # noqa: E402
+from kernels.triton_ssd import bmm, chunk_cumsum, chunk_scan, chunk_state, combined, launch  # noqa: E402
+from kernels.triton_ssd import state_passing  # noqa: E402
+
+_DEFAULT_BLOCK = launch.block
+
+
+def cap_tiles(cap):
+    launch.block = lambda dim, cap_=cap: _DEFAULT_BLOCK(dim, cap_)
+
+
+def stage_times(shape, chunk_size):
+    inputs, _ = make_ssd_inputs(*shape)
+    x, dt, A, B, C, D, dt_bias = (inputs[k].detach() for k in ("x", "dt", "A", "B", "C", "D", "dt_bias"))
+    l = x.shape[1]
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True)
+    states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum)
+    states_in, final = state_passing.state_passing_fwd(states, dA_cumsum, l)
+    cb = bmm.bmm_fwd(C, B, chunk_size)
+    dy = torch.randn_like(x)
+    ddA = torch.zeros_like(dA_cumsum)
+    ddt_out = torch.zeros_like(dt_out)
+    dstates_in = chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum)
+    dstates, _ = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l)
+    dcb = bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA)
+    stages = {
+        "fwd chunk_cumsum": lambda: chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True),
+        "fwd chunk_state": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),
+        "fwd state_passing": lambda: state_passing.state_passing_fwd(states, dA_cumsum, l),
+        "fwd bmm": lambda: bmm.bmm_fwd(C, B, chunk_size),
+        "fwd chunk_scan": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D),
+        "bwd chunk_scan_dstates": lambda: chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum),
+        "bwd state_passing": lambda: state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l),
+        "bwd chunk_scan_dx": lambda: chunk_scan.chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum,
+                                                                  ddt_out, D),
+        "bwd bmm_dcb": lambda: bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA),
+        "bwd chunk_scan_dc": lambda: chunk_scan.chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA),
+        "bwd chunk_state_db": lambda: chunk_state.chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA),
+        "bwd chunk_cumsum": lambda: chunk_cumsum.chunk_cumsum_bwd(ddA, ddt_out, dt, A, dt_bias, True),
+    }
+    times = {name: bench_ms(fn) for name, fn in stages.items()}
+    full_inputs, leaves = make_ssd_inputs(*shape)
+
+    def forward():
+        return combined.ssd_triton(**full_inputs, chunk_size=chunk_size, dt_softplus=True)
+
+    with torch.no_grad():
+        fwd = bench_ms(forward)
+    fwdbwd = bench_ms(lambda: forward().backward(dy), grad_to_none=leaves)
+    return times, fwd, fwdbwd
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="b8_L2048_h32", choices=list(SHAPES))
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[256, 128])
+    parser.add_argument("--tiles", type=int, nargs="*", default=[64, 128])
+    args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
+          f"triton {triton.__version__}")
+    columns, results = [], []
+    for chunk_size in args.chunk_sizes:
+        for tile in args.tiles:
+            cap_tiles(tile)
+            columns.append(f"Q{chunk_size}/t{tile}")
+            results.append(stage_times(shape, chunk_size))
+    print(f"{'stage (ms)':24s} " + " ".join(f"{c:>11s}" for c in columns))
+    for name in results[0][0]:
+        print(f"{name:24s} " + " ".join(f"{r[0][name]:11.3f}" for r in results))
+    for label, pick in (("sum of fwd stages", lambda r: sum(v for k, v in r[0].items() if k.startswith("fwd"))),
+                        ("sum of bwd stages", lambda r: sum(v for k, v in r[0].items() if k.startswith("bwd"))),
+                        ("ssd_triton fwd", lambda r: r[1]), ("ssd_triton fwd+bwd", lambda r: r[2])):
+        print(f"{label:24s} " + " ".join(f"{pick(r):11.3f}" for r in results))
+
+
+if __name__ == "__main__":
+    main()
