@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.config import ModelConfig
+from mamba_train.model.loss import linear_cross_entropy
 from mamba_train.model.mamba2 import Mamba2Block, MixerState, RMSNorm
 
 
@@ -53,8 +54,16 @@ class Mamba2LM(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
-        logits = self(input_ids, seq_idx=seq_idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)
+        # the head and the cross-entropy together, a slice of tokens at a time (model/loss.py):
+        # the full logits never exist in fp32
+        hidden = self.norm_f(self._residual_stream(input_ids, seq_idx).to(self.norm_f.weight.dtype))
+        return linear_cross_entropy(hidden.flatten(0, 1), self.embedding.weight, labels.flatten(), reduction)
+
+    def _residual_stream(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.embedding(input_ids).float()
+        for layer in self.layers:
+            hidden = layer(hidden, seq_idx=seq_idx)
+        return hidden
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
