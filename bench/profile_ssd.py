@@ -1,11 +1,13 @@
 """Where the SSD time goes: each Triton stage timed alone (do_bench median), forward and backward.
 
     python bench/profile_ssd.py [--shape b8_L2048_h32] [--chunk-sizes 256 128] [--tiles 64 128]
+    python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256]
 
 `--tiles` caps the tile edge every launcher picks (64 is the default in the kernels); the
 table shows, per stage, the milliseconds of one call and its share of the total, and the
 end-to-end forward and forward+backward of `ssd_triton` for comparison (launch gaps and the
-small torch ops between stages are the difference).
+small torch ops between stages are the difference). `--sweep` times each launcher over tile
+caps, num_warps and num_stages and prints the `kernels.triton_ssd.launch.SETTINGS` to keep.
 """
 
 import argparse
@@ -24,10 +26,11 @@ _DEFAULT_BLOCK = launch.block
 
 
 def cap_tiles(cap):
-    launch.block = lambda dim, cap_=cap: _DEFAULT_BLOCK(dim, cap_)
+    launch.block = lambda dim, cap_=None: _DEFAULT_BLOCK(dim, cap)
 
 
-def stage_times(shape, chunk_size):
+def stage_calls(shape, chunk_size):
+    """{launcher name: a call of it on real intermediates}, and the end-to-end forward and backward."""
     inputs, _ = make_ssd_inputs(*shape)
     x, dt, A, B, C, D, dt_bias = (inputs[k].detach() for k in ("x", "dt", "A", "B", "C", "D", "dt_bias"))
     l = x.shape[1]
@@ -42,30 +45,59 @@ def stage_times(shape, chunk_size):
     dstates, _ = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l)
     dcb = bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA)
     stages = {
-        "fwd chunk_cumsum": lambda: chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True),
-        "fwd chunk_state": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),
-        "fwd state_passing": lambda: state_passing.state_passing_fwd(states, dA_cumsum, l),
-        "fwd bmm": lambda: bmm.bmm_fwd(C, B, chunk_size),
-        "fwd chunk_scan": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D),
-        "bwd chunk_scan_dstates": lambda: chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum),
-        "bwd state_passing": lambda: state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l),
-        "bwd chunk_scan_dx": lambda: chunk_scan.chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum,
+        "chunk_cumsum_fwd": lambda: chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True),
+        "chunk_state_fwd": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),
+        "state_passing_fwd": lambda: state_passing.state_passing_fwd(states, dA_cumsum, l),
+        "bmm_fwd": lambda: bmm.bmm_fwd(C, B, chunk_size),
+        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D),
+        "chunk_scan_bwd_dstates": lambda: chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum),
+        "state_passing_bwd": lambda: state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l),
+        "chunk_scan_bwd_dx": lambda: chunk_scan.chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum,
                                                                   ddt_out, D),
-        "bwd bmm_dcb": lambda: bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA),
-        "bwd chunk_scan_dc": lambda: chunk_scan.chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA),
-        "bwd chunk_state_db": lambda: chunk_state.chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA),
-        "bwd chunk_cumsum": lambda: chunk_cumsum.chunk_cumsum_bwd(ddA, ddt_out, dt, A, dt_bias, True),
+        "bmm_bwd_dcb": lambda: bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA),
+        "chunk_scan_bwd_dc": lambda: chunk_scan.chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA),
+        "chunk_state_bwd_db": lambda: chunk_state.chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA),
+        "chunk_cumsum_bwd": lambda: chunk_cumsum.chunk_cumsum_bwd(ddA, ddt_out, dt, A, dt_bias, True),
     }
-    times = {name: bench_ms(fn) for name, fn in stages.items()}
     full_inputs, leaves = make_ssd_inputs(*shape)
 
     def forward():
         return combined.ssd_triton(**full_inputs, chunk_size=chunk_size, dt_softplus=True)
 
+    return stages, forward, lambda: forward().backward(dy), leaves
+
+
+def stage_times(shape, chunk_size):
+    stages, forward, forward_backward, leaves = stage_calls(shape, chunk_size)
+    times = {name: bench_ms(fn) for name, fn in stages.items()}
     with torch.no_grad():
         fwd = bench_ms(forward)
-    fwdbwd = bench_ms(lambda: forward().backward(dy), grad_to_none=leaves)
-    return times, fwd, fwdbwd
+    return times, fwd, bench_ms(forward_backward, grad_to_none=leaves)
+
+
+def sweep(shape, chunk_size):
+    """Each launcher alone over tile caps × num_warps × num_stages; prints launch.SETTINGS to keep."""
+    stages, *_ = stage_calls(shape, chunk_size)
+    chosen = {}
+    print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
+    for name, fn in stages.items():
+        tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else (64, 128)
+        grid = [dict(tile=t, num_warps=w, num_stages=s) for t in tiles for w in (4, 8) for s in (1, 2, 3)]
+        launch.SETTINGS.pop(name, None)
+        default = bench_ms(fn)
+        timings = []
+        for settings in grid:
+            launch.SETTINGS[name] = settings
+            try:
+                timings.append((bench_ms(fn), settings))
+            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: not a candidate
+                print(f"  {name} {settings}: {type(err).__name__}")
+        best_ms, best = min(timings, key=lambda t: t[0])
+        launch.SETTINGS[name] = best if best_ms < default else {}
+        if best_ms < default:
+            chosen[name] = best
+        print(f"{name:24s} {default:8.3f} {best_ms:8.3f}  {best}", flush=True)
+    print("SETTINGS =", chosen)
 
 
 def main():
@@ -73,8 +105,13 @@ def main():
     parser.add_argument("--shape", default="b8_L2048_h32", choices=list(SHAPES))
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[256, 128])
     parser.add_argument("--tiles", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--sweep", action="store_true", help="search launch settings per launcher (first chunk size)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
+    if args.sweep:
+        print(f"# launch-settings sweep, {args.shape} {shape}, chunk {args.chunk_sizes[0]}, "
+              f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
+        return sweep(shape, args.chunk_sizes[0])
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     columns, results = [], []
@@ -86,8 +123,8 @@ def main():
     print(f"{'stage (ms)':24s} " + " ".join(f"{c:>11s}" for c in columns))
     for name in results[0][0]:
         print(f"{name:24s} " + " ".join(f"{r[0][name]:11.3f}" for r in results))
-    for label, pick in (("sum of fwd stages", lambda r: sum(v for k, v in r[0].items() if k.startswith("fwd"))),
-                        ("sum of bwd stages", lambda r: sum(v for k, v in r[0].items() if k.startswith("bwd"))),
+    for label, pick in (("sum of fwd stages", lambda r: sum(v for k, v in r[0].items() if "_bwd" not in k)),
+                        ("sum of bwd stages", lambda r: sum(v for k, v in r[0].items() if "_bwd" in k)),
                         ("ssd_triton fwd", lambda r: r[1]), ("ssd_triton fwd+bwd", lambda r: r[2])):
         print(f"{label:24s} " + " ".join(f"{pick(r):11.3f}" for r in results))
 

@@ -120,16 +120,18 @@ def _bmm_bwd_dcb_kernel(
 
 def bmm_fwd(C, B, chunk_size):
     # C, B: (b, l, g, n)  ->  CB: (b, c, g, q, q) fp32, valid on and below the diagonal only
+    tile, opts = launch.settings("bmm_fwd")
     b, l, g, n = B.shape
     assert B.stride() == C.stride(), "B and C must share strides"
     nchunks = triton.cdiv(l, chunk_size)
     cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
-    block_m = block_n = launch.block(chunk_size)
-    block_k = launch.block(n)
+    block_m = block_n = launch.block(chunk_size, tile)
+    block_k = launch.block(n, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
     _bmm_fwd_kernel[grid](
         C, B, cb, l, nchunks, chunk_size, n, *B.stride(), *cb.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **opts,
     )
     return cb
 
@@ -137,14 +139,15 @@ def bmm_fwd(C, B, chunk_size):
 def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     # dy, x: (b, l, h, p)  cb: (b, c, g, q, q)  dt, dA_cumsum, ddA_cumsum: (b, h, c, q)
     # -> dcb: (b, c, g, q, q) fp32 (valid on and below the diagonal); ddA_cumsum accumulated
+    tile, opts = launch.settings("bmm_bwd_dcb")
     b, l, h, p = x.shape
     g = cb.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     assert dy.stride() == x.stride(), "dy and x must share strides"
     nsplits = launch.head_splits(h // g)
     dcb = torch.zeros_like(cb) if nsplits > 1 else torch.empty_like(cb)
-    block_m = block_n = launch.block(chunk_size)
-    block_k = launch.block(p)
+    block_m = block_n = launch.block(chunk_size, tile)
+    block_k = launch.block(p, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g * nsplits)
     _bmm_bwd_dcb_kernel[grid](
         dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
@@ -152,5 +155,6 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
         *x.stride(), *cb.stride(), *dt.stride(),
         *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **opts,
     )
     return dcb

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 
 @triton.jit
 def _softplus(v):
@@ -107,6 +109,7 @@ def _blocks(nheads, chunk_size):
 
 def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf)):
     # dt: (b, l, h)  A, dt_bias: (h,)  ->  dt_out, dA_cumsum: (b, h, c, q) fp32
+    _, opts = launch.settings("chunk_cumsum_fwd")
     b, l, h = dt.shape
     nchunks = triton.cdiv(l, chunk_size)
     dt_out = torch.empty(b, h, nchunks, chunk_size, device=dt.device, dtype=torch.float32)
@@ -118,6 +121,7 @@ def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=True, dt_limit
         l, h, chunk_size, float(dt_limit[0]), float(dt_limit[1]),
         *dt.stride(), *dt_out.stride(),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, BLOCK_H=block_h, BLOCK_Q=block_q,
+        **opts,
     )
     return dt_out, dA_cumsum
 
@@ -125,6 +129,7 @@ def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=True, dt_limit
 def chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias=None, dt_softplus=True,
                      dt_limit=(0.0, math.inf)):
     # ddA_cumsum, ddt_out: (b, h, c, q) fp32  dt: (b, l, h)  ->  ddt (like dt), dA (h,), ddt_bias (h,)
+    _, opts = launch.settings("chunk_cumsum_bwd")
     b, l, h = dt.shape
     nchunks, chunk_size = ddA_cumsum.shape[2:]
     ddt = torch.empty_like(dt)
@@ -137,6 +142,7 @@ def chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias=None, dt_softplus=True,
         l, h, chunk_size, float(dt_limit[0]), float(dt_limit[1]),
         *dt.stride(), *ddA_cumsum.stride(), dA_part.stride(0), dA_part.stride(1),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, BLOCK_H=block_h, BLOCK_Q=block_q,
+        **opts,
     )
     dA = dA_part.sum(dim=(0, 1))
     ddt_bias = ddt_bias_part.sum(dim=(0, 1)) if dt_bias is not None else None

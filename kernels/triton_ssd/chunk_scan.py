@@ -342,6 +342,7 @@ def _D_args(D):
 def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=None):
     # cb: (b, c, g, q, q)  x, z: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  C: (b, l, g, n)
     # states_in: (b, c, h, p, n)  ->  y (b, l, h, p) in x's dtype, and y before the gate (or None)
+    tile, opts = launch.settings("chunk_scan_fwd")
     b, l, h, p = x.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
@@ -349,7 +350,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     y = torch.empty_like(x)
     y_pregate = torch.empty_like(x) if z is not None else None
     D_ptr, stride_D, per_channel = _D_args(D)
-    block_m, block_n, block_k = launch.block(chunk_size), launch.block(p), launch.block(chunk_size)
+    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(p, tile), launch.block(chunk_size, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(p, block_n), b * nchunks, h)
     _chunk_scan_fwd_kernel[grid](
         cb, x, z, dt, dA_cumsum, C, states_in, D_ptr, seq_idx, y, y_pregate,
@@ -357,7 +358,8 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
         *x.stride(), *C.stride(), *cb.stride(), *dt.stride(), *states_in.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.block(n),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.block(n, tile),
+        **opts,
     )
     return y, y_pregate
 
@@ -372,17 +374,19 @@ def gate_bwd(dout, z, y_pregate):
 
 def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     # dy: (b, l, h, p)  C: (b, l, g, n)  dA_cumsum: (b, h, c, q)  ->  d states_in: (b, c, h, p, n) fp32
+    tile, opts = launch.settings("chunk_scan_bwd_dstates")
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     dstates_in = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=torch.float32)
-    block_p, block_n, block_k = launch.block(p), launch.block(n), launch.block(chunk_size)
+    block_p, block_n, block_k = launch.block(p, tile), launch.block(n, tile), launch.block(chunk_size, tile)
     grid = (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), b * nchunks, h)
     _chunk_scan_bwd_dstates_kernel[grid](
         dy, C, dA_cumsum, seq_idx, dstates_in,
         l, nchunks, chunk_size, p, n, h // g,
         *dy.stride(), *C.stride(), *dA_cumsum.stride(), *dstates_in.stride(), *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
+        **opts,
     )
     return dstates_in
 
@@ -390,6 +394,7 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
 def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx=None):
     # cb: (b, c, g, q, q)  dy, x: (b, l, h, p)  B: (b, l, g, n)  dstates: (b, c, h, p, n)
     # dt, dA_cumsum, ddt: (b, h, c, q), ddt accumulated in place  ->  dx like x, dD (h, p) fp32 or None
+    tile, opts = launch.settings("chunk_scan_bwd_dx")
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
@@ -397,7 +402,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     dx = torch.empty_like(x)
     dD = torch.zeros(h, p, device=x.device, dtype=torch.float32) if D is not None else None
     D_ptr, stride_D, per_channel = _D_args(D)
-    block_m, block_n, block_k = launch.block(chunk_size), launch.block(p), launch.block(chunk_size)
+    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(p, tile), launch.block(chunk_size, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(p, block_n), b * nchunks, h)
     _chunk_scan_bwd_dx_kernel[grid](
         cb, dy, x, B, dstates, dt, dA_cumsum, D_ptr, seq_idx, dx, ddt, dD,
@@ -405,7 +410,8 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
         *x.stride(), *B.stride(), *cb.stride(), *dt.stride(), *dstates.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.block(n),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.block(n, tile),
+        **opts,
     )
     return dx, dD
 
@@ -413,6 +419,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
 def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=None):
     # dcb: (b, c, g, q, q)  B, C: (b, l, g, n)  dy: (b, l, h, p)  states_in: (b, c, h, p, n)
     # dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dC like C
+    tile, opts = launch.settings("chunk_scan_bwd_dc")
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
@@ -420,7 +427,7 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     assert C.is_contiguous(), "C must be contiguous (dC shares its strides)"
     nsplits = launch.head_splits(h // g)
     dC = torch.zeros_like(C, dtype=torch.float32) if nsplits > 1 else torch.empty_like(C)
-    block_m, block_n, block_k = launch.block(chunk_size), launch.block(n), launch.block(chunk_size)
+    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * nsplits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,
@@ -428,5 +435,6 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
         *dy.stride(), *C.stride(), *dcb.stride(), *dA_cumsum.stride(), *states_in.stride(),
         *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **opts,
     )
     return dC.to(C.dtype)

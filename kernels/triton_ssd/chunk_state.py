@@ -160,11 +160,12 @@ def _chunk_state_bwd_db_kernel(
 
 def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     # B: (b, l, g, n)  x: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  ->  states: (b, c, h, p, n) fp32
+    tile, opts = launch.settings("chunk_state_fwd")
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=torch.float32)
-    block_p, block_n, block_k = launch.block(p), launch.block(n), launch.block(chunk_size)
+    block_p, block_n, block_k = launch.block(p, tile), launch.block(n, tile), launch.block(chunk_size, tile)
     grid = (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), b * nchunks, h)
     _chunk_state_fwd_kernel[grid](
         x, B, dt, dA_cumsum, seq_idx, states,
@@ -172,6 +173,7 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
         *x.stride(), *B.stride(), *dt.stride(),
         *launch.seq_strides(seq_idx), *states.stride(),
         HAS_SEQ=seq_idx is not None, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
+        **opts,
     )
     return states
 
@@ -179,6 +181,7 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
 def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     # x: (b, l, h, p)  B, C: (b, l, g, n)  dcb: (b, c, g, q, q)  dstates: (b, c, h, p, n)
     # dt, dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dB like B
+    tile, opts = launch.settings("chunk_state_bwd_db")
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
@@ -186,7 +189,7 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     assert B.is_contiguous(), "B must be contiguous (dB shares its strides)"
     nsplits = launch.head_splits(h // g)
     dB = torch.zeros_like(B, dtype=torch.float32) if nsplits > 1 else torch.empty_like(B)
-    block_m, block_n, block_k = launch.block(chunk_size), launch.block(n), launch.block(chunk_size)
+    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * nsplits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,
@@ -194,5 +197,6 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
         *x.stride(), *B.stride(), *dcb.stride(), *dstates.stride(), *dt.stride(),
         *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **opts,
     )
     return dB.to(B.dtype)

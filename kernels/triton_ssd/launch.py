@@ -1,6 +1,19 @@
-"""Launch-side helpers shared by the stage launchers: tile sizes and head splits."""
+"""Launch-side helpers shared by the stage launchers: tile sizes, launch settings, head splits."""
 
 import triton
+
+# Per launcher: the cap on its tile edges ("tile", default 64) and Triton launch options
+# (num_warps, num_stages). Chosen from `bench/profile_ssd.py --sweep` on an H100 (numbers in
+# bench/results/ssd-notes.md); a launcher not listed runs 64-wide tiles at Triton's defaults.
+# Fixed settings rather than triton.autotune: the autotuner's per-call bookkeeping cost more
+# launch time than it won at training shapes (measured, same notes).
+SETTINGS: dict[str, dict] = {}
+
+
+def settings(launcher):
+    """(tile cap, launch options) of a launcher."""
+    options = dict(SETTINGS.get(launcher, {}))
+    return options.pop("tile", 64), options
 
 
 def block(dim, cap=64):

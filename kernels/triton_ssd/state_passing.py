@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 
 @triton.jit
 def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c, stride_dA_q,
@@ -114,6 +116,7 @@ _BLOCK = 1024
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None):
     # states: (b, c, h, p, n) fp32  dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
     # ->  states_in: (b, c, h, p, n) fp32, final_states: (b, h, p, n) fp32
+    _, opts = launch.settings("state_passing_fwd")
     b, nchunks, h, p, n = states.shape
     chunk_size = dA_cumsum.shape[-1]
     states_in = torch.empty_like(states)
@@ -129,6 +132,7 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
         final.stride(0), final.stride(1),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=block,
+        **opts,
     )
     return states_in, final
 
@@ -137,6 +141,7 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
                       seq_idx=None, need_dinit=False):
     # dstates_in, states_in: (b, c, h, p, n) fp32  dfinal: (b, h, p, n)
     # ->  dstates (gradient of each chunk's own state): (b, c, h, p, n) fp32, dinit (b, h, p, n) or None
+    _, opts = launch.settings("state_passing_bwd")
     b, nchunks, h, p, n = states_in.shape
     chunk_size = dA_cumsum.shape[-1]
     dstates = torch.empty_like(states_in)
@@ -152,5 +157,6 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
         h * p * n, p * n,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_DFINAL=dfinal is not None, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None, BLOCK=block,
+        **opts,
     )
     return dstates, dinit
