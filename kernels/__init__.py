@@ -3,7 +3,8 @@
 The public ops take the same arguments wherever they run:
 - `ssd`: on CUDA tensors the Triton kernels (`kernels.triton_ssd`), elsewhere the torch
   reference (`kernels.reference`). No silent fallback: on a GPU without Triton it raises.
-- `causal_conv1d`, `rmsnorm_gated`: the torch reference for now, on every device.
+- `causal_conv1d`, `rmsnorm_gated`: likewise, on CUDA tensors the Triton kernels
+  (`kernels.triton_conv`, `kernels.triton_norm`), elsewhere the torch reference.
 `ssd_sequential` is the token-by-token oracle the tests compare against.
 
 Submodules are named for their implementation (`reference`, `triton_ssd`), never like an
@@ -13,7 +14,8 @@ This package shares its import name with Hugging Face's `kernels` hub package. I
 define `__version__`: transformers probes it to decide whether the hub package is installed.
 """
 
-from .reference import causal_conv1d, rmsnorm_gated, ssd_chunked, ssd_sequential
+from . import reference as _reference
+from .reference import ssd_chunked, ssd_sequential
 
 
 def ssd(x, dt, A, B, C, chunk_size, **kwargs):
@@ -26,6 +28,33 @@ def ssd(x, dt, A, B, C, chunk_size, **kwargs):
             raise RuntimeError(f"kernels.ssd on a CUDA tensor needs Triton ({err}); install mamba-train[gpu]") from err
         return ssd_triton(x, dt, A, B, C, chunk_size, **kwargs)
     return ssd_chunked(x, dt, A, B, C, chunk_size, **kwargs)
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None, return_final_state=False,
+                  seq_idx=None):
+    """Causal depthwise conv1d over channels-last x; see `kernels.reference.causal_conv1d`."""
+    kwargs = dict(activation=activation, initial_state=initial_state, return_final_state=return_final_state,
+                  seq_idx=seq_idx)
+    if x.is_cuda:
+        try:
+            from .triton_conv import causal_conv1d_triton
+        except ImportError as err:
+            raise RuntimeError(f"kernels.causal_conv1d on a CUDA tensor needs Triton ({err}); "
+                               "install mamba-train[gpu]") from err
+        return causal_conv1d_triton(x, weight, bias, **kwargs)
+    return _reference.causal_conv1d(x, weight, bias, **kwargs)
+
+
+def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
+    """RMSNorm of x·silu(z) per group, times weight; see `kernels.reference.rmsnorm_gated`."""
+    if x.is_cuda:
+        try:
+            from .triton_norm import rmsnorm_gated_triton
+        except ImportError as err:
+            raise RuntimeError(f"kernels.rmsnorm_gated on a CUDA tensor needs Triton ({err}); "
+                               "install mamba-train[gpu]") from err
+        return rmsnorm_gated_triton(x, z, weight, eps=eps, group_size=group_size)
+    return _reference.rmsnorm_gated(x, z, weight, eps=eps, group_size=group_size)
 
 
 __all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated"]

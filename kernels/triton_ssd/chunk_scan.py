@@ -257,7 +257,7 @@ def _chunk_scan_bwd_dx_kernel(
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     dcb_ptr, B_ptr, C_ptr, dy_ptr, states_in_ptr, dA_cumsum_ptr, seq_idx_ptr, dC_ptr, ddA_cumsum_ptr,
-    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group, nsplits,
+    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
@@ -266,12 +266,8 @@ def _chunk_scan_bwd_dc_kernel(
     stride_seq_b, stride_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # one program per (t block × n block, batch × chunk, group × head split); B, C, dC share
-    # strides. With nsplits > 1, dC is fp32 and zeroed, each split adds its heads' part
-    # atomically, and split 0 also adds the group's diagonal-block part.
-    pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pid_g, split = pid_gs // nsplits, pid_gs % nsplits
-    heads_per_split = heads_per_group // nsplits
+    # one program per (t block × n block, batch × chunk, group); B, C, dC share strides
+    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(dstate, BLOCK_N)
     pid_m = pid_mn // num_n
@@ -286,7 +282,7 @@ def _chunk_scan_bwd_dc_kernel(
 
     # diagonal block: dC[t] += sum_{s<=t} dCB[t, s] · B[s]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    hi = tl.where(split == 0, (pid_m + 1) * BLOCK_M, 0)   # scalar bounds: masks handle the short last chunk
+    hi = (pid_m + 1) * BLOCK_M   # loop bounds stay scalar: masks handle the short last chunk
     for k in range(0, hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
@@ -305,8 +301,8 @@ def _chunk_scan_bwd_dc_kernel(
         seq_before = tl.load(seq_idx_ptr + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
         seq_m = tl.load(seq_idx_ptr + (chunk_start + offs_m) * stride_seq_l, mask=m_ok, other=-1)
         keep = keep & (seq_m == seq_before)
-    for hh in range(heads_per_split):
-        head = pid_g * heads_per_group + split * heads_per_split + hh
+    for hh in range(heads_per_group):
+        head = pid_g * heads_per_group + hh
         dy_h = dy_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         st_h = states_in_ptr + pid_b * stride_st_b + pid_c * stride_st_c + head * stride_st_h
         acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -323,13 +319,8 @@ def _chunk_scan_bwd_dc_kernel(
         acc += acc_h
         # d y_offdiag[t] / d dA_cumsum[t] = y_offdiag[t], so the gradient is dy[t]·y_offdiag[t]
         tl.atomic_add(ddA_cumsum_ptr + dA_h + offs_m * stride_dt_q, tl.sum(acc_h * C_t, axis=1), mask=m_ok)
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if nsplits > 1:
-        tl.atomic_add(dC_ptr + group_offs + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, acc,
-                      mask=out_mask)
-    else:
-        tl.store(dC_ptr + group_offs + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                 acc.to(dC_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dC_ptr + group_offs + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+             acc.to(dC_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _D_args(D):
@@ -424,17 +415,15 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     assert B.stride() == C.stride(), "B and C must share strides"
-    assert C.is_contiguous(), "C must be contiguous (dC shares its strides)"
-    nsplits = launch.head_splits(h // g)
-    dC = torch.zeros_like(C, dtype=torch.float32) if nsplits > 1 else torch.empty_like(C)
+    dC = torch.empty_like(C)
     block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * nsplits)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,
-        l, nchunks, chunk_size, p, n, h // g, nsplits,
+        l, nchunks, chunk_size, p, n, h // g,
         *dy.stride(), *C.stride(), *dcb.stride(), *dA_cumsum.stride(), *states_in.stride(),
         *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         **opts,
     )
-    return dC.to(C.dtype)
+    return dC

@@ -71,7 +71,7 @@ def _chunk_state_fwd_kernel(
 def _chunk_state_bwd_db_kernel(
     x_ptr, B_ptr, C_ptr, dcb_ptr, dstates_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr,
     dB_ptr, ddA_cumsum_ptr,
-    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group, nsplits,
+    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
@@ -80,14 +80,10 @@ def _chunk_state_bwd_db_kernel(
     stride_seq_b, stride_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # one program per (s block × n block, batch × chunk, group × head split): dB[b, s-block,
-    # g, n-block]. B, C and dB share strides; dcb: (b, c, g, t, s) fp32 is zero where t < s
-    # only inside tiles that bmm.py wrote, so the causal mask is applied again on load. With
-    # nsplits > 1, dB is fp32 and zeroed, and each split adds its part atomically; split 0
-    # also adds the group's intra-chunk part.
-    pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pid_g, split = pid_gs // nsplits, pid_gs % nsplits
-    heads_per_split = heads_per_group // nsplits
+    # one program per (s block × n block, batch × chunk, group): dB[b, s-block, g, n-block].
+    # B, C and dB share strides; dcb: (b, c, g, t, s) fp32 is zero where t < s only inside
+    # tiles that bmm.py wrote, so the causal mask is applied again on load.
+    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(dstate, BLOCK_N)
     pid_m = pid_mn // num_n
@@ -105,8 +101,7 @@ def _chunk_state_bwd_db_kernel(
 
     # intra-chunk part: dB[s] += sum_{t>=s} dCB[t, s] · C[t]  (dCBᵀ loaded as (s, t))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    intra_end = tl.where(split == 0, chunk_size, 0)
-    for k in range(pid_m * BLOCK_M, intra_end, BLOCK_K):
+    for k in range(pid_m * BLOCK_M, chunk_size, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
         dcbT = tl.load(dcb_ptr + offs_m[:, None] * stride_cb_s + offs_k[None, :] * stride_cb_t,
@@ -122,8 +117,8 @@ def _chunk_state_bwd_db_kernel(
         seq_idx_ptr += pid_b * stride_seq_b + chunk_start * stride_seq_l
         seq_last = tl.load(seq_idx_ptr + (chunk_len - 1) * stride_seq_l)
         seq_m = tl.load(seq_idx_ptr + offs_m * stride_seq_l, mask=m_ok, other=-1)
-    for hh in range(heads_per_split):
-        head = pid_g * heads_per_group + split * heads_per_split + hh
+    for hh in range(heads_per_group):
+        head = pid_g * heads_per_group + hh
         x_h = x_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         st_h = dstates_ptr + pid_b * stride_st_b + pid_c * stride_st_c + head * stride_st_h
         acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -150,12 +145,8 @@ def _chunk_state_bwd_db_kernel(
         ddA_h = ddA_cumsum_ptr + pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
         tl.atomic_add(ddA_h + offs_m * stride_dt_q, -term, mask=m_ok)
         tl.atomic_add(ddA_h + (chunk_len - 1) * stride_dt_q, tl.sum(term, axis=0))
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if nsplits > 1:
-        tl.atomic_add(dB_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, acc, mask=out_mask)
-    else:
-        tl.store(dB_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                 acc.to(dB_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dB_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+             acc.to(dB_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
@@ -186,17 +177,15 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     assert B.stride() == C.stride(), "B and C must share strides"
-    assert B.is_contiguous(), "B must be contiguous (dB shares its strides)"
-    nsplits = launch.head_splits(h // g)
-    dB = torch.zeros_like(B, dtype=torch.float32) if nsplits > 1 else torch.empty_like(B)
+    dB = torch.empty_like(B)
     block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * nsplits)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,
-        l, nchunks, chunk_size, p, n, h // g, nsplits,
+        l, nchunks, chunk_size, p, n, h // g,
         *x.stride(), *B.stride(), *dcb.stride(), *dstates.stride(), *dt.stride(),
         *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         **opts,
     )
-    return dB.to(B.dtype)
+    return dB

@@ -1,0 +1,184 @@
+"""conv1d and gated RMSNorm speed: ours beside the anchors and the torch reference, as % of copy bandwidth.
+
+bf16, `triton.testing.do_bench` medians, forward and forward+backward, at the model's shapes
+(b8 L2048): the conv over xBC, dim 2·d_inner + 2·ngroups·d_state for d_model 768 and 2048
+(3328 and 8448 channels), width 4, SiLU, bias; the gated norm over d_inner (1536 and 4096),
+one group, z gate. Anchors: causal_conv1d's `causal_conv1d_fn` (channels-last) and mamba_ssm's
+`rmsnorm_fn(norm_before_gate=False)`, each "n/a" when not importable.
+
+Both ops are bandwidth-bound, so the yardstick is a device copy moving the same bytes:
+conv forward reads x and writes y, backward reads dy and x and writes dx; the norm forward
+reads x, z and writes y, backward reads dy, x, z and writes dx, dz (weights counted, tiny).
+"% bw" is (bytes / our time) / (bytes / copy time). Issue 4's goal: ≥ 70%.
+
+    PYTHONPATH=.anchor python bench/bench_kernels.py [--ops conv norm] [--sweep]
+
+Writes bench/results/kernels-<gpu>.json. `--sweep` instead times our conv kernels at a few
+tile configurations (kernels/triton_conv/conv1d.py's FWD_* and BWD_* constants).
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import reference  # noqa: E402
+from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
+from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
+from kernels.triton_norm import rmsnorm_gated_triton  # noqa: E402
+
+# name: (batch, seqlen, dim, width) — dim = 2·d_inner + 2·128 for d_model 768 and 2048
+CONV_SHAPES = {"b8_L2048_d3328_w4": (8, 2048, 3328, 4), "b8_L2048_d8448_w4": (8, 2048, 8448, 4)}
+# name: (batch, seqlen, dim, group_size) — dim = d_inner, ngroups = 1
+NORM_SHAPES = {"b8_L2048_d1536_g1536": (8, 2048, 1536, 1536), "b8_L2048_d4096_g4096": (8, 2048, 4096, 4096)}
+BF16 = torch.bfloat16
+
+
+def bench_ms(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth(nbytes):
+    """Bytes read + written per second by a device copy moving `nbytes` in all."""
+    src = torch.randn(nbytes // 4, device="cuda", dtype=BF16)   # 2 bytes read + 2 written each
+    dst = torch.empty_like(src)
+    return 4 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def time_fwd_fwdbwd(fn, leaves, dout):
+    """(forward ms, forward+backward ms) of fn() -> tensor, or (None, None) without fn."""
+    if fn is None:
+        return None, None
+    with torch.no_grad():
+        fwd = bench_ms(fn)
+    return fwd, bench_ms(lambda: fn().backward(dout), grad_to_none=leaves)
+
+
+def leaf(t):
+    return t.detach().requires_grad_(True)
+
+
+def conv_anchor():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception as err:  # noqa: BLE001 - any import failure means the anchor is not installed here
+        print(f"causal_conv1d not importable ({err!r}): its columns read n/a", file=sys.stderr)
+        return None
+    return causal_conv1d_fn
+
+
+def norm_anchor():
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception as err:  # noqa: BLE001 - any import failure means the anchor is not installed here
+        print(f"mamba_ssm not importable ({err!r}): its columns read n/a", file=sys.stderr)
+        return None
+    return rmsnorm_fn
+
+
+def bench_conv(shape, anchor):
+    b, l, d, w = shape
+    x, weight, bias = leaf(torch.randn(b, l, d, device="cuda", dtype=BF16)), \
+        leaf(torch.randn(d, w, device="cuda", dtype=BF16) * 0.5), leaf(torch.randn(d, device="cuda", dtype=BF16))
+    dout, leaves = torch.randn_like(x), [x, weight, bias]
+    act = b * l * d * 2
+    nbytes = (2 * act + d * (w + 1) * 2, 5 * act + 3 * d * (w + 1) * 2)   # weight and bias: read, + grads
+    times = {
+        "ours": time_fwd_fwdbwd(lambda: causal_conv1d_triton(x, weight, bias, activation="silu"), leaves, dout),
+        # causal_conv1d takes (batch, dim, seqlen); a transposed channels-last tensor selects its
+        # channels-last kernel
+        "anchor": time_fwd_fwdbwd(anchor and (lambda: anchor(x.transpose(1, 2), weight, bias, activation="silu")
+                                              .transpose(1, 2)), leaves, dout),
+        "torch": time_fwd_fwdbwd(lambda: reference.causal_conv1d(x, weight, bias, activation="silu"), leaves, dout),
+    }
+    return times, nbytes
+
+
+def bench_norm(shape, anchor):
+    b, l, d, group = shape
+    x, z = leaf(torch.randn(b, l, d, device="cuda", dtype=BF16)), leaf(torch.randn(b, l, d, device="cuda", dtype=BF16))
+    weight = leaf(1 + 0.1 * torch.randn(d, device="cuda", dtype=BF16))
+    dout, leaves = torch.randn_like(x), [x, z, weight]
+    act = b * l * d * 2
+    nbytes = (3 * act + d * 2, 8 * act + 3 * d * 2)
+    times = {
+        "ours": time_fwd_fwdbwd(lambda: rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=group), leaves, dout),
+        "anchor": time_fwd_fwdbwd(anchor and (lambda: anchor(x, weight, None, z=z, eps=1e-5, group_size=group,
+                                                             norm_before_gate=False)), leaves, dout),
+        "torch": time_fwd_fwdbwd(lambda: reference.rmsnorm_gated(x, z, weight, eps=1e-5, group_size=group),
+                                 leaves, dout),
+    }
+    return times, nbytes
+
+
+def sweep(shape):
+    """Our conv kernels alone (forward; backward without the forward) at a few tile configurations."""
+    b, l, d, w = shape
+    x, weight, bias = (torch.randn(b, l, d, device="cuda", dtype=BF16), torch.randn(d, w, device="cuda", dtype=BF16),
+                       torch.randn(d, device="cuda", dtype=BF16))
+    dout, act = torch.randn_like(x), b * l * d * 2
+    bw = copy_bandwidth(3 * act)
+    print(f"# conv tiles at {shape}, bf16; copy {bw / 1e9:.0f} GB/s; config: ms, % of copy bw")
+    for cfg in [(64, 64, 8), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 16)]:   # the default first
+        ms = bench_ms(lambda: conv_stage.conv1d_fwd(x, weight, bias, block_l=cfg[0], block_d=cfg[1], num_warps=cfg[2]))
+        print(f"fwd {cfg}: {ms:.3f} ms, {100 * 2 * act / (ms * 1e-3) / bw:.0f}%")
+    # (block_l, block_d, warps, tiles per program); the default first
+    for cfg in [(128, 16, 8, 1), (64, 32, 8, 1), (128, 32, 16, 1), (64, 32, 8, 8), (128, 16, 8, 4), (128, 32, 8, 1)]:
+        ms = bench_ms(lambda: conv_stage.conv1d_bwd(dout, None, x, weight, bias, block_l=cfg[0], block_d=cfg[1],
+                                                    num_warps=cfg[2], tiles_per_program=cfg[3]))
+        print(f"bwd {cfg}: {ms:.3f} ms, {100 * 3 * act / (ms * 1e-3) / bw:.0f}%")
+
+
+def fmt(ms):
+    return "    n/a" if ms is None else f"{ms:7.3f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="*", default=["conv", "norm"], choices=["conv", "norm"])
+    parser.add_argument("--sweep", action="store_true", help="only time our conv at a few tile configurations")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<gpu>.json)")
+    args = parser.parse_args()
+    if args.sweep:
+        return sweep(CONV_SHAPES["b8_L2048_d8448_w4"])
+
+    gpu = torch.cuda.get_device_name()
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
+                                            / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"# conv1d (width 4, SiLU, bias) and gated RMSNorm (one group), bf16, {gpu}, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    print("# anchors: conv causal_conv1d_fn (channels-last), norm mamba_ssm rmsnorm_fn(norm_before_gate=False)")
+    print(f"{'':27s} | {'forward (ms)':^36s} | {'forward+backward (ms)':^36s}")
+    print(f"{'op  shape':27s} | {'ours':>7s} {'anchor':>7s} {'torch':>7s} {'MB':>6s} {'% bw':>5s} | "
+          f"{'ours':>7s} {'anchor':>7s} {'torch':>7s} {'MB':>6s} {'% bw':>5s}")
+    rows = []
+    for op in args.ops:
+        shapes, run, anchor = ((CONV_SHAPES, bench_conv, conv_anchor()) if op == "conv"
+                               else (NORM_SHAPES, bench_norm, norm_anchor()))
+        for name, shape in shapes.items():
+            times, (bytes_fwd, bytes_fwdbwd) = run(shape, anchor)
+            bw_fwd, bw_fwdbwd = copy_bandwidth(bytes_fwd), copy_bandwidth(bytes_fwdbwd)
+            (ours_f, ours_fb), (anc_f, anc_fb), (ref_f, ref_fb) = times["ours"], times["anchor"], times["torch"]
+            pct_f = 100 * bytes_fwd / (ours_f * 1e-3) / bw_fwd
+            pct_fb = 100 * bytes_fwdbwd / (ours_fb * 1e-3) / bw_fwdbwd
+            print(f"{op:5s}{name:22s} | {ours_f:7.3f} {fmt(anc_f)} {ref_f:7.3f} {bytes_fwd / 1e6:6.0f} {pct_f:4.0f}% | "
+                  f"{ours_fb:7.3f} {fmt(anc_fb)} {ref_fb:7.3f} {bytes_fwdbwd / 1e6:6.0f} {pct_fb:4.0f}%")
+            rows.append(dict(op=op, shape=name, gpu=gpu, ours_fwd_ms=ours_f, ours_fwdbwd_ms=ours_fb,
+                             anchor_fwd_ms=anc_f, anchor_fwdbwd_ms=anc_fb, torch_fwd_ms=ref_f, torch_fwdbwd_ms=ref_fb,
+                             bytes_fwd=bytes_fwd, bytes_fwdbwd=bytes_fwdbwd, copy_bw_gbs=bw_fwd / 1e9,
+                             copy_bw_fwdbwd_gbs=bw_fwdbwd / 1e9, ours_fwd_pct_bw=pct_f, ours_fwdbwd_pct_bw=pct_fb))
+            out.write_text(json.dumps(rows, indent=1) + "\n")   # after each row: a cut-off run keeps what it has
+            torch.cuda.empty_cache()
+    print("# MB: bytes the op must move; % bw: our bytes/s over a device copy's moving as many bytes "
+          "(copy_bw_gbs: forward's, copy_bw_fwdbwd_gbs: forward+backward's)")
+    print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

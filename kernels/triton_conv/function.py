@@ -1,0 +1,56 @@
+"""The public causal conv1d on Triton: the forward and backward kernels as one autograd Function."""
+
+import torch
+
+from ..reference import _expect_integer, _expect_shape
+from .conv1d import conv1d_bwd, conv1d_fwd
+
+
+def _check_conv_inputs(x, weight, bias, activation, initial_state, seq_idx):
+    # the reference's checks and messages (kernels.reference.causal_conv1d)
+    if activation not in ("silu", None):
+        raise ValueError(f"activation: expected 'silu' or None, found {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x: expected shape (batch, seqlen, dim), found {tuple(x.shape)}")
+    b, l, d = x.shape
+    if weight.dim() != 2 or weight.shape[0] != d or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight: expected shape ({d}, width) (dim, width) with width in 2..4, "
+                         f"found {tuple(weight.shape)}")
+    _expect_shape("bias", bias, (d,), "(dim,)")
+    _expect_shape("initial_state", initial_state, (b, weight.shape[1] - 1, d), "(batch, width - 1, dim)")
+    _expect_shape("seq_idx", seq_idx, (b, l), "(batch, seqlen)")
+    _expect_integer("seq_idx", seq_idx)
+
+
+class CausalConv1dFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, seq_idx, activation, return_final_state):
+        out, final_state = conv1d_fwd(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
+        # nothing but the inputs is saved: backward recomputes the pre-activation from x
+        ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
+        ctx.activation = activation
+        # an unused output's gradient arrives as None, not as a tensor of zeros
+        ctx.set_materialize_grads(False)
+        return out, final_state
+
+    @staticmethod
+    def backward(ctx, dout, dfinal_state):
+        x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(x)
+        dx, dweight, dbias, dinit = conv1d_bwd(dout, dfinal_state, x, weight, bias, initial_state, seq_idx,
+                                               ctx.activation)
+        return dx, dweight, dbias, dinit, None, None, None
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation="silu", initial_state=None,
+                         return_final_state=False, seq_idx=None):
+    """Depthwise causal conv1d over channels-last x (Triton); same signature and result as
+    `kernels.reference.causal_conv1d`: out (b, l, d) in x's dtype, and with
+    `return_final_state` the last w-1 input rows of the last document (b, w-1, d)."""
+    # x: (b, l, d)  weight: (d, w)  bias: (d,)  initial_state: (b, w-1, d)  seq_idx: (b, l)
+    _check_conv_inputs(x, weight, bias, activation, initial_state, seq_idx)
+    out, final_state = CausalConv1dFunction.apply(x, weight, bias, initial_state, seq_idx, activation,
+                                                  return_final_state)
+    return (out, final_state) if return_final_state else out

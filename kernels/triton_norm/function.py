@@ -1,0 +1,41 @@
+"""The public gated grouped RMSNorm on Triton: the forward and backward kernels as one autograd Function."""
+
+import torch
+
+from ..reference import _expect_shape
+from .rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
+
+
+class RMSNormGatedFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, group_size):
+        # x, z: (..., d) flattened to rows (a view where the layout allows: no copy of the
+        # model's z, a column slice of in_proj's output)
+        dim = x.shape[-1]
+        x2, z2 = x.reshape(-1, dim), (z.reshape(-1, dim) if z is not None else None)
+        out = rmsnorm_gated_fwd(x2, z2, weight, eps, group_size)
+        ctx.save_for_backward(x2, z2, weight)
+        ctx.eps, ctx.group_size, ctx.shape = eps, group_size, x.shape
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, z2, weight = ctx.saved_tensors
+        dx, dz, dweight = rmsnorm_gated_bwd(dout.reshape(x2.shape), x2, z2, weight, ctx.eps, ctx.group_size)
+        dz = dz.reshape(ctx.shape) if dz is not None else None
+        return dx.reshape(ctx.shape), dz, dweight, None, None
+
+
+def rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=None):
+    """RMSNorm per group of `group_size` channels of x·silu(z), times weight (Triton); same
+    signature and result as `kernels.reference.rmsnorm_gated`, output in x's dtype."""
+    # x, z, out: (..., d)  weight: (d,)
+    d = x.shape[-1]
+    group_size = d if group_size is None else group_size
+    if group_size < 1 or d % group_size:
+        raise ValueError(f"group_size: expected a positive divisor of x's last dim {d} "
+                         f"(x has shape {tuple(x.shape)}), found {group_size}")
+    _expect_shape("z", z, x.shape, "(like x)")
+    _expect_shape("weight", weight, (d,), "(dim,)")
+    return RMSNormGatedFunction.apply(x, z, weight, float(eps), int(group_size))

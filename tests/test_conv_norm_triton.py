@@ -1,0 +1,298 @@
+"""The Triton causal conv1d (`kernels.triton_conv`) and gated RMSNorm (`kernels.triton_norm`)
+against the float64 torch references.
+
+On a machine without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1)
+at small shapes; with CUDA the same tests run compiled, and the `gpu` tests add real shapes
+in bf16 against the fp32 reference. Every check is ‖ours − ref‖ / ‖ref‖ on the output, the
+final state and each gradient, with the bound written beside it.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.reference import causal_conv1d, rmsnorm_gated  # noqa: E402
+from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
+from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
+from kernels.triton_norm import rmsnorm_gated_triton  # noqa: E402
+
+# triton.jit picks interpreter or compiler when the kernels are defined, i.e. at first import
+INTERPRETED = type(conv_stage._conv1d_fwd_kernel).__name__ == "InterpretedFunction"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("kernels.triton_conv was imported before TRITON_INTERPRET=1 was set; without CUDA the "
+                "kernels need the interpreter", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+# fp32 inputs, fp32 accumulation over a few hundred terms at most: measured about 2e-7
+FP32_BOUND = 1e-5
+# bf16/fp16 outputs and gradients are rounded once to 8 (11) mantissa bits: about 2e-3 (3e-4)
+HALF_BOUND = 1e-2
+CONV_GRADS = ("x", "weight", "bias", "initial_state")
+NORM_GRADS = ("x", "z", "weight")
+
+
+def rel_err(ours, ref):
+    ref = ref.double()
+    return ((ours.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_all(ours, ref, bound, what=""):
+    """Compare dicts name -> tensor (outputs and gradients); assert each error is under `bound`."""
+    assert set(ours) == set(ref), f"{what}: {sorted(ours)} != {sorted(ref)}"
+    errors = {name: rel_err(ours[name], ref[name]) for name in ours}
+    for name, err in errors.items():
+        assert math.isfinite(err) and err < bound, (f"{what}: {name} relative error {err:.2e} >= {bound:.0e}; "
+                                                    f"all: {errors}")
+    return errors
+
+
+def run(fn, inputs, grad_names, grad_dtype=torch.float32, **kwargs):
+    """Outputs of fn and the gradients of <out, g_out> (+ <final, g_final>) for random g_*,
+    drawn in `grad_dtype` so that ours and the reference see the same values."""
+    leaves = {k: (v.detach().clone().requires_grad_(True) if k in grad_names and v is not None else v)
+              for k, v in inputs.items()}
+    out = fn(**leaves, **kwargs)
+    outs = dict(zip(("out", "final_state"), out)) if isinstance(out, tuple) else {"out": out}
+    gen = torch.Generator().manual_seed(1)
+    loss = 0
+    for value in outs.values():
+        loss = loss + (value.double() * torch.randn(value.shape, generator=gen).to(grad_dtype).to(value)).sum()
+    loss.backward()
+    return outs | {"d" + k: leaves[k].grad for k in grad_names if leaves.get(k) is not None}
+
+
+def upcast(inputs, dtype=torch.float64):
+    return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+# ----------------------------------------------------------------------------- causal conv1d
+
+def conv_inputs(b, l, d, width, *, dtype=torch.float32, device=DEVICE, bias=True, initial_state=True,
+                doc_starts=None, first_doc=0, seed=0):
+    """Random inputs; `doc_starts[row]` lists the tokens where a new document begins."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    inputs = dict(x=randn(b, l, d), weight=randn(d, width, scale=0.5), bias=randn(d) if bias else None,
+                  initial_state=randn(b, width - 1, d) if initial_state else None, seq_idx=None)
+    if doc_starts is not None:
+        seq_idx = torch.full((b, l), first_doc, dtype=torch.int32)
+        for row, starts in enumerate(doc_starts):
+            for start in starts:
+                seq_idx[row, start:] += 1
+        inputs["seq_idx"] = seq_idx.to(device)
+    return inputs
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    # 16 x 16 tiles, 2 per backward program: the short test sequences then span several forward
+    # tiles and several backward programs (the last with a tile past the end), and dim 24 one
+    # full and one partial channel block
+    for name in ("FWD_BLOCK_L", "BWD_BLOCK_L", "FWD_BLOCK_D", "BWD_BLOCK_D"):
+        monkeypatch.setattr(conv_stage, name, 16)
+    monkeypatch.setattr(conv_stage, "BWD_TILES", 2)
+
+
+def docs_across_tiles(width, tile=16):
+    # forward tiles start every 16 rows, backward tiles every 16 - (w-1) (they overlap by w-1):
+    # documents starting on both kinds of border, inside a tile, within the first w-1 rows (the
+    # initial state's reach) and within the last w-1 rows (the final state's)
+    bwd = tile - (width - 1)
+    return [[2, bwd, tile, 22, 35], [2 * bwd, 2 * tile, 36]]
+
+
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_conv_forward_and_every_gradient_match_float64_reference(width, activation):
+    # bias, initial and final state, documents; seqlen 37: not a multiple of either tile
+    inputs = conv_inputs(2, 37, 24, width, doc_starts=docs_across_tiles(width), first_doc=5)
+    kwargs = dict(activation=activation, return_final_state=True)
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, **kwargs)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, **kwargs)
+    check_all(ours, ref, FP32_BOUND, f"width {width} {activation}")
+
+
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("width, activation", [(2, "silu"), (3, None), (4, "silu")])
+def test_conv_without_bias_state_or_documents(width, activation):
+    inputs = conv_inputs(2, 40, 24, width, bias=False, initial_state=False)
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, activation=activation)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, activation=activation)
+    check_all(ours, ref, FP32_BOUND, f"width {width} {activation}")
+
+
+@pytest.mark.parametrize("seqlen", [1, 2])
+def test_conv_sequence_shorter_than_the_window(seqlen):
+    # the final state then still holds initial_state rows, and their gradient flows back to it
+    # (in row 1 at seqlen 2 not: the last token starts a new document)
+    inputs = conv_inputs(2, seqlen, 24, 4, doc_starts=[[], [seqlen - 1]])
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
+    check_all(ours, ref, FP32_BOUND, f"seqlen {seqlen}")
+
+
+@pytest.mark.usefixtures("small_tiles")
+def test_conv_gradient_from_final_state_alone():
+    # out unused: its gradient reaches backward as None; a document starts in the last w-1 rows
+    inputs = conv_inputs(1, 20, 24, 4, doc_starts=[[18]])
+
+    def final_only(**kw):
+        return causal_conv1d_triton(**kw, return_final_state=True)[1]
+
+    def final_only_ref(**kw):
+        return causal_conv1d(**kw, return_final_state=True)[1]
+
+    # weight and bias do not reach the final state: the reference has no gradient for them
+    grads = ("x", "initial_state")
+    check_all(run(final_only, inputs, grads), run(final_only_ref, upcast(inputs), grads), FP32_BOUND)
+
+
+@pytest.mark.usefixtures("small_tiles")
+def test_conv_non_contiguous_inputs():
+    # x a column slice of a wider tensor (the model's xBC is one of in_proj's outputs), the state
+    # a transposed view of mamba_ssm's (batch, dim, width-1) layout
+    inputs = conv_inputs(2, 30, 24, 4, doc_starts=[[7], [20]])
+    wide = torch.randn(2, 30, 40, device=DEVICE)
+    wide[..., 8:32] = inputs["x"]
+    views = dict(inputs, x=wide[..., 8:32], initial_state=inputs["initial_state"].transpose(1, 2).contiguous()
+                 .transpose(1, 2))
+    assert not views["x"].is_contiguous() and not views["initial_state"].is_contiguous()
+    ours = run(causal_conv1d_triton, views, CONV_GRADS, return_final_state=True)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
+    check_all(ours, ref, FP32_BOUND, "non-contiguous")
+
+
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_half_precision_inputs(dtype):
+    inputs = conv_inputs(1, 30, 24, 4, dtype=dtype, doc_starts=[[11]])
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, grad_dtype=dtype, return_final_state=True)
+    for name in ("out", "final_state", "dx", "dweight", "dbias", "dinitial_state"):
+        assert ours[name].dtype == dtype, name
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, grad_dtype=dtype, return_final_state=True)
+    check_all(ours, ref, HALF_BOUND, str(dtype))
+
+
+def test_conv_default_tiles():
+    # the tile sizes the GPU runs: 64 x 64 forward tiles, 128 x 16 backward tiles (125 rows owned
+    # at width 4); documents start on tile borders of both
+    inputs = conv_inputs(1, 260, 40, 4, doc_starts=[[64, 100, 125, 128, 250]])
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
+    check_all(ours, ref, FP32_BOUND, "default tiles")
+
+
+def test_conv_rejects_what_the_reference_rejects():
+    inputs = conv_inputs(1, 8, 6, 4)
+    with pytest.raises(ValueError, match=r"activation: expected 'silu' or None, found 'relu'"):
+        causal_conv1d_triton(**inputs, activation="relu")
+    with pytest.raises(ValueError, match=r"weight: expected shape \(6, width\).*found \(6, 5\)"):
+        causal_conv1d_triton(**dict(inputs, weight=torch.zeros(6, 5, device=DEVICE)))
+
+
+# ----------------------------------------------------------------------------- gated RMSNorm
+
+def norm_inputs(shape, *, dtype=torch.float32, device=DEVICE, z=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    gate = torch.randn(shape, generator=gen).to(device=device, dtype=dtype) if z else None
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(device=device, dtype=dtype)
+    return dict(x=x, z=gate, weight=weight)
+
+
+# (shape, group_size): rows not a multiple of the row tile; on CPU, (3, 100, 16) spreads the
+# backward over several programs, the last with rows past the end
+NORM_CASES = {
+    "groups_of_4": ((3, 7, 24), 4),
+    "groups_of_12_not_power_of_two": ((3, 7, 24), 12),
+    "one_group": ((3, 7, 24), None),
+    "many_rows_two_groups": ((3, 100, 16), 8),
+}
+
+
+@pytest.mark.parametrize("with_z", [True, False], ids=["z", "no_z"])
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_norm_forward_and_every_gradient_match_float64_reference(case, with_z):
+    shape, group_size = NORM_CASES[case]
+    inputs = norm_inputs(shape, z=with_z)
+    ours = run(rmsnorm_gated_triton, inputs, NORM_GRADS, eps=1e-5, group_size=group_size)
+    ref = run(rmsnorm_gated, upcast(inputs), NORM_GRADS, eps=1e-5, group_size=group_size)
+    check_all(ours, ref, FP32_BOUND, case)
+
+
+def test_norm_non_contiguous_gate():
+    # z a column slice of a wider tensor, as the model's z is of in_proj's output
+    inputs = norm_inputs((2, 9, 24))
+    wide = torch.randn(2, 9, 64, device=DEVICE)
+    wide[..., 16:40] = inputs["z"]
+    ours = run(rmsnorm_gated_triton, dict(inputs, z=wide[..., 16:40]), NORM_GRADS, group_size=8)
+    ref = run(rmsnorm_gated, upcast(inputs), NORM_GRADS, group_size=8)
+    check_all(ours, ref, FP32_BOUND, "non-contiguous z")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_half_precision_inputs(dtype):
+    inputs = norm_inputs((4, 9, 32), dtype=dtype)
+    ours = run(rmsnorm_gated_triton, inputs, NORM_GRADS, grad_dtype=dtype, group_size=16)
+    for name in ("out", "dx", "dz", "dweight"):
+        assert ours[name].dtype == dtype, name
+    ref = run(rmsnorm_gated, upcast(inputs), NORM_GRADS, grad_dtype=dtype, group_size=16)
+    check_all(ours, ref, HALF_BOUND, str(dtype))
+
+
+def test_norm_rejects_what_the_reference_rejects():
+    inputs = norm_inputs((2, 8))
+    with pytest.raises(ValueError, match=r"group_size: expected a positive divisor of x's last dim 8.*found 3"):
+        rmsnorm_gated_triton(**inputs, group_size=3)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8,\).*found \(4,\)"):
+        rmsnorm_gated_triton(**dict(inputs, weight=inputs["weight"][:4]))
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+
+@pytest.mark.gpu
+def test_gpu_dispatch_runs_triton_on_cuda_tensors():
+    inputs = conv_inputs(1, 64, 32, 4, device="cuda")
+    assert torch.equal(kernels.causal_conv1d(**inputs), causal_conv1d_triton(**inputs))
+    norm = norm_inputs((64, 32), device="cuda")
+    assert torch.equal(kernels.rmsnorm_gated(**norm), rmsnorm_gated_triton(**norm))
+
+
+@pytest.mark.gpu
+def test_gpu_conv_bf16_real_shape_matches_fp32_reference(capsys):
+    # the conv of a d_model 2048 layer (d_inner 4096 + 2 · 128 for B, C), packed documents,
+    # carried state in and out
+    b, l, d = 8, 2048, 4096 + 2 * 128
+    starts = [sorted(torch.randint(1, l, (4,), generator=torch.Generator().manual_seed(r)).tolist())
+              for r in range(b)]
+    inputs = conv_inputs(b, l, d, 4, dtype=torch.bfloat16, device="cuda", doc_starts=starts)
+    kwargs = dict(grad_dtype=torch.bfloat16, return_final_state=True)
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, **kwargs)
+    ref = run(causal_conv1d, upcast(inputs, torch.float32), CONV_GRADS, **kwargs)
+    errors = check_all(ours, ref, HALF_BOUND, "conv")
+    with capsys.disabled():
+        print(f"\nconv b{b} L{l} d{d} bf16 vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [4096, 512])
+def test_gpu_norm_bf16_real_shape_matches_fp32_reference(group_size, capsys):
+    inputs = norm_inputs((8, 2048, 4096), dtype=torch.bfloat16, device="cuda")
+    ours = run(rmsnorm_gated_triton, inputs, NORM_GRADS, grad_dtype=torch.bfloat16, group_size=group_size)
+    ref = run(rmsnorm_gated, upcast(inputs, torch.float32), NORM_GRADS, grad_dtype=torch.bfloat16,
+              group_size=group_size)
+    errors = check_all(ours, ref, HALF_BOUND, f"norm group {group_size}")
+    with capsys.disabled():
+        print(f"\nnorm 8x2048x4096 group {group_size} bf16 vs fp32: "
+              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
