@@ -85,9 +85,51 @@ class DataConfig:
     tokenizer: str = "data/quickstart/tokenizer.model"
     seq_len: int = 2048
     seed: int = 1234
+    # Train on a weighted mixture instead of train_prefix alone: [[weight, prefix], ...], or
+    # megatron's --data-path string "w1 prefix1 w2 prefix2 ..." (handy on the command line).
+    # Weights are relative (normalized to sum to 1). Empty: train_prefix alone.
+    blend: list[list[str | float]] | str = field(default_factory=list)
+    # Where the blend's sample index and the loader's epoch shuffles are cached (built once,
+    # memory-mapped by every rank and restart); "": `index-cache/` beside the first training
+    # dataset. Set it when the data directory is read-only.
+    cache_dir: str = ""
+
+    def blend_weights(self) -> list[tuple[float, str]]:
+        """[(weight, prefix)] to train on, weights summing to 1: the blend, or train_prefix alone."""
+        if not self.blend:
+            return [(1.0, self.train_prefix)]
+        form = 'a list of [weight, prefix] pairs or a string "w1 prefix1 w2 prefix2 ..."'
+        if isinstance(self.blend, str):
+            words = self.blend.split()
+            if len(words) % 2:
+                raise ConfigError(f"data.blend: expected {form}, found {len(words)} words in {self.blend!r} "
+                                  "(an odd count: a weight without a prefix, or a prefix without a weight)")
+            pairs = [(f"data.blend word {i + 1}", words[i], words[i + 1]) for i in range(0, len(words), 2)]
+        else:
+            for i, pair in enumerate(self.blend):
+                if len(pair) != 2:
+                    raise ConfigError(f"data.blend[{i}]: expected [weight, prefix], found {pair!r} ({form})")
+            pairs = [(f"data.blend[{i}]", weight, prefix) for i, (weight, prefix) in enumerate(self.blend)]
+        out = []
+        for where, weight, prefix in pairs:
+            try:
+                weight = float(weight)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a weight (a number) before the prefix, found {weight!r}; "
+                                  f"data.blend is {form}") from None
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"{where}: expected a finite weight >= 0, found {weight}")
+            if not isinstance(prefix, str) or not prefix:
+                raise ConfigError(f"{where}: expected a dataset prefix (a path without .bin/.idx), found {prefix!r}")
+            out.append((weight, prefix))
+        total = sum(weight for weight, _ in out)
+        if total <= 0:
+            raise ConfigError(f"data.blend: expected at least one positive weight, found weights {[w for w, _ in out]}")
+        return [(weight / total, prefix) for weight, prefix in out]
 
     def validate(self) -> None:
         _require(self.seq_len > 0, "data.seq_len", "a positive integer", self.seq_len)
+        self.blend_weights()  # raises on a malformed blend
 
 
 @dataclass
@@ -166,12 +208,22 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
+    # data parallel size = WORLD_SIZE / (tp · cp); a run with WORLD_SIZE > 1 (torchrun) or
+    # tp/cp > 1 trains through DeepSpeed ZeRO over megatron-core's groups (DESIGN §4)
     tp: int = 1
     cp: int = 1
+    sequence_parallel: bool = False  # Megatron sequence parallelism inside the TP group
+    zero_stage: int = 1  # DeepSpeed ZeRO: 1 partitions the optimizer state, 2 the gradients too
+    # A collective that has not completed after this long raises instead of hanging (a dead
+    # or stuck rank); keep it above the slowest checkpoint save.
+    timeout_minutes: float = 30.0
 
     def validate(self) -> None:
         _require(self.tp >= 1, "parallel.tp", "an integer >= 1", self.tp)
         _require(self.cp >= 1, "parallel.cp", "an integer >= 1", self.cp)
+        _require(self.zero_stage in (1, 2), "parallel.zero_stage", "1 or 2", self.zero_stage)
+        _require(self.timeout_minutes > 0, "parallel.timeout_minutes", "a positive number of minutes",
+                 self.timeout_minutes)
 
 
 @dataclass

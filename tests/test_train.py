@@ -156,12 +156,10 @@ def test_non_finite_losses_are_skipped_then_the_run_stops_with_the_checkpoint_in
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_more_than_one_process_is_refused_until_the_loop_drives_the_parallel_layers(markov_data, tmp_path,
-                                                                                     monkeypatch):
+def test_several_processes_without_torchrun_fail_clearly(markov_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TrainingError, match=r"runs one process \(WORLD_SIZE=2"):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(TrainingError, match=r"WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT, RANK not set: .*torchrun"):
         train(tiny_config(markov_data, tmp_path))
-    monkeypatch.delenv("WORLD_SIZE")
-    with pytest.raises(TrainingError, match=r"parallel.tp=2"):
-        train(tiny_config(markov_data, tmp_path, "parallel.tp=2"))
     assert not (tmp_path / "ckpt").exists()

@@ -3,6 +3,9 @@
     <root>/step_00000100/  model.safetensors  optimizer.pt  trainer_state.json  manifest.json
     <root>/latest          the name of the newest complete checkpoint
 
+(one process; a parallel run writes its shards instead: checkpoint/sharded.py, same
+manifest, `latest` and retention).
+
 A checkpoint is written into a hidden temporary directory, renamed into place, and only
 then named in `latest` (itself replaced atomically), so a crash at any moment leaves the
 previous checkpoint intact. `manifest.json` is written last and lists every file with its
@@ -39,15 +42,22 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
                     trainer_state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _write_json(tmp / "trainer_state.json", trainer_state)
-    files = sorted(p.name for p in tmp.iterdir())
-    _write_json(tmp / MANIFEST, {"step": step, "files": {name: _describe(tmp / name) for name in files}})
+    write_json(tmp / "trainer_state.json", trainer_state)
+    files = {p.name: describe_file(p) for p in sorted(tmp.iterdir())}
+    return publish_checkpoint(tmp, root, step, files, keep_last, keep_every)
+
+
+def publish_checkpoint(tmp: Path, root: Path, step: int, files: dict[str, dict], keep_last: int,
+                       keep_every: int) -> Path:
+    """The end of every save: the manifest of `files` (name → size and SHA-256) written
+    last, `tmp` renamed into place, then `latest` pointed at it, then retention."""
+    final = root / checkpoint_name(step)
+    write_json(tmp / MANIFEST, {"step": step, "files": files})
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
@@ -63,8 +73,9 @@ def has_checkpoints(root: str | Path) -> bool:
     return any(Path(root).glob(f"{PREFIX}*"))
 
 
-def verify_checkpoint(path: str | Path) -> dict:
-    """Check the manifest against the files; return the manifest or raise CheckpointError."""
+def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict:
+    """Check the manifest against the files; return the manifest or raise CheckpointError.
+    `share=(i, n)`: only every n-th file from the i-th (ranks verify a checkpoint together)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -76,25 +87,28 @@ def verify_checkpoint(path: str | Path) -> dict:
         expected = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
-    for name, want in expected.items():
+    first, every = share
+    for name in sorted(expected)[first::every]:
+        want = expected[name]
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {file} is missing")
-        got = _describe(file)
+        got = describe_file(file)
         if got != want:
             raise CheckpointError(f"{file} is corrupt: expected {want['bytes']} bytes with sha256 "
                                   f"{want['sha256'][:12]}…, found {got['bytes']} bytes with sha256 {got['sha256'][:12]}…")
     return manifest
 
 
-def resolve_resume(root: str | Path, resume: str | None, log=print) -> Path | None:
+def resolve_resume(root: str | Path, resume: str | None, log=print, verify=verify_checkpoint) -> Path | None:
     """`auto`: the checkpoint named in `latest`, else the newest that verifies (saying so),
-    else None (a fresh start). A path: that checkpoint, which must verify."""
+    else None (a fresh start). A path: that checkpoint, which must verify. `verify(path)`
+    raises CheckpointError (a parallel run passes one that splits the work over ranks)."""
     if resume is None:
         return None
     if resume != "auto":
         path = Path(resume)
-        verify_checkpoint(path)
+        verify(path)
         return path
     root = Path(root)
     latest = root / LATEST
@@ -104,7 +118,7 @@ def resolve_resume(root: str | Path, resume: str | None, log=print) -> Path | No
         candidates = [named] + [c for c in candidates if c != named]
     for candidate in candidates:
         try:
-            verify_checkpoint(candidate)
+            verify(candidate)
         except CheckpointError as err:
             log(f"resume auto: skipping {candidate}: {err}")
             continue
@@ -117,15 +131,27 @@ def resolve_resume(root: str | Path, resume: str | None, log=print) -> Path | No
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, map_location="cpu", verify: bool = True) -> dict:
     """Verify (unless `resolve_resume` just did), then load weights (and optimizer state)
-    in place; return the trainer state."""
+    in place; return the trainer state. A parallel run's sharded checkpoint is merged into
+    the one-process model and AdamW (checkpoint/sharded.py)."""
     path = Path(path)
     if verify:
         verify_checkpoint(path)
+    state = read_trainer_state(path)
+    if is_sharded(state):
+        from mamba_train.checkpoint.sharded import load_sharded_into_single
+
+        load_sharded_into_single(path, model, optimizer, map_location)
+        return state
     if model is not None:
         model.load_state_dict(load_file(path / "model.safetensors", device=str(map_location)))
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-    return read_trainer_state(path)
+    return state
+
+
+def is_sharded(trainer_state: dict) -> bool:
+    """Whether the checkpoint was written by a parallel run (its trainer state has a layout)."""
+    return "layout" in trainer_state
 
 
 def read_trainer_state(path: str | Path) -> dict:
@@ -142,7 +168,7 @@ def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
         shutil.rmtree(old)
 
 
-def _describe(file: Path) -> dict:
+def describe_file(file: Path) -> dict:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -150,7 +176,7 @@ def _describe(file: Path) -> dict:
     return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()

@@ -6,21 +6,30 @@ from pathlib import Path
 
 import torch
 
-from mamba_train.checkpoint.store import MANIFEST, CheckpointError, load_checkpoint, read_trainer_state, resolve_resume
+from mamba_train.checkpoint.store import (MANIFEST, CheckpointError, is_sharded, load_checkpoint, read_trainer_state,
+                                          resolve_resume)
 from mamba_train.config import RunConfig, config_from_dict
 
 
 def load_trained_model(ckpt: str | Path) -> tuple[torch.nn.Module, RunConfig, Path, torch.device]:
     """(model in fp32 on the GPU if there is one, its resolved config, the checkpoint
-    directory, the device) from a checkpoint directory or a checkpoint root with `latest`."""
+    directory, the device) from a checkpoint directory or a checkpoint root with `latest`.
+    A parallel run's sharded checkpoint is merged into the one-process model."""
     from mamba_train.model import Mamba2LM
 
     ckpt = Path(ckpt)
     path = resolve_resume(ckpt.parent, str(ckpt)) if (ckpt / MANIFEST).exists() else resolve_resume(ckpt, "auto")
     if path is None:
         raise CheckpointError(f"{ckpt} holds no complete checkpoint")
-    cfg = config_from_dict(read_trainer_state(path)["config"])
-    model = Mamba2LM(cfg.model)
-    load_checkpoint(path, model, verify=False)  # resolve_resume verified it
+    state = read_trainer_state(path)
+    cfg = config_from_dict(state["config"])
+    # the vocabulary keeps the padding of the run that started it (a multiple of 128·tp)
+    model = Mamba2LM(cfg.model, tp_size=state.get("vocab_tp", 1))
+    if is_sharded(state):
+        from mamba_train.checkpoint.sharded import read_weights
+
+        model.load_state_dict(read_weights(path, cfg.model))
+    else:
+        load_checkpoint(path, model, verify=False)  # resolve_resume verified it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), cfg, path, device

@@ -100,7 +100,8 @@ def deepspeed_config(micro_batch: int, grad_accum: int, zero_stage: int = 1, lr:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": bf16},
+        # a step whose gradient norm is NaN/inf is skipped (DeepSpeed does so in fp32 always)
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "gradient_clipping": grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": eps,
                                                   "weight_decay": weight_decay, "torch_adam": True,

@@ -77,9 +77,10 @@ class ParallelDims:
     dp_rank: int
 
 
-def init_parallel(layout: ParallelLayout) -> ParallelDims:
+def init_parallel(layout: ParallelLayout, timeout_minutes: float | None = None) -> ParallelDims:
     """Build megatron's groups for `layout` on the default process group (already
-    initialised by torchrun or the test helper)."""
+    initialised by torchrun or the test helper). `timeout_minutes`: a collective in these
+    groups that has not completed by then raises (megatron's default: 30)."""
     if not dist.is_initialized():
         raise RuntimeError("init_parallel: torch.distributed is not initialised (start with torchrun)")
     if dist.get_world_size() != layout.world_size:
@@ -90,8 +91,9 @@ def init_parallel(layout: ParallelLayout) -> ParallelDims:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    timeout = {} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                             context_parallel_size=layout.cp)
+                                             context_parallel_size=layout.cp, **timeout)
     return ParallelDims(
         layout=layout,
         tp_group=parallel_state.get_tensor_model_parallel_group(),

@@ -42,14 +42,18 @@ class ParallelRun:
 
 def setup_parallel(model_cfg: ModelConfig, seq_len: int, optim: OptimConfig, micro_batch: int, grad_accum: int,
                    tp: int = 1, cp: int = 1, sequence_parallel: bool = False, zero_stage: int = 1,
-                   bf16: bool = False, seed: int = 1234, device: torch.device | None = None) -> ParallelRun:
+                   bf16: bool = False, seed: int = 1234, device: torch.device | None = None,
+                   vocab_tp: int | None = None, timeout_minutes: float | None = None) -> ParallelRun:
+    """`vocab_tp`: pad the vocabulary as for this TP size (default: tp); a run resumed on
+    another TP size keeps the padding its checkpoint was trained with. `timeout_minutes`:
+    how long a collective of the TP/CP/DP groups may wait before it raises."""
     layout = validate_layout(model_cfg, seq_len, dist.get_world_size(), tp=tp, cp=cp,
                              sequence_parallel=sequence_parallel)
-    dims = init_parallel(layout)
+    dims = init_parallel(layout, timeout_minutes)
     # The same full model on every rank (one seed), then sliced: a TP run starts from exactly
     # the weights a TP=1 run would, and a TP=1 checkpoint shards with shard_state_dict.
     torch.manual_seed(seed)
-    model = parallelize_model(Mamba2LM(model_cfg, tp_size=tp), dims)
+    model = parallelize_model(Mamba2LM(model_cfg, tp_size=vocab_tp or tp), dims)
     if device is not None:
         model = model.to(device)
     config = deepspeed_config(micro_batch, grad_accum, zero_stage, lr=optim.lr, betas=(optim.beta1, optim.beta2),

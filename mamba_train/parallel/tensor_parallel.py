@@ -69,37 +69,40 @@ def _index(cfg: ModelConfig, key: str, tp: int, rank: int, vocab_rows: int) -> t
     return None  # block norms and norm_f are replicated
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """TP=1 state dict → rank's TP state dict (same keys)."""
-    vocab_rows = full["embedding.weight"].shape[0]
+def shard_tensor(key: str, full: torch.Tensor, cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
+    """One TP=1 tensor (a weight, or anything shaped like it: an Adam moment) → rank's shard."""
+    vocab_rows = full.shape[0] if key == "embedding.weight" else 0
     if vocab_rows % tp:
         raise ValueError(f"embedding has {vocab_rows} rows, not a multiple of tp={tp}: build the TP=1 model with "
                          f"Mamba2LM(cfg, tp_size={tp}) so the vocabulary is padded for this layout")
-    shard = {}
-    for key, tensor in full.items():
-        where = _index(cfg, key, tp, rank, vocab_rows)
-        shard[key] = tensor.clone() if where is None else tensor.index_select(where[0], where[1]).clone()
-    return shard
+    where = _index(cfg, key, tp, rank, vocab_rows)
+    return full.clone() if where is None else full.index_select(where[0], where[1]).clone()
+
+
+def merge_tensor(key: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """One tensor's shards, in TP rank order → the TP=1 tensor (replicas: rank 0's copy)."""
+    tp = len(shards)
+    vocab_rows = shards[0].shape[0] * tp if key == "embedding.weight" else 0
+    where = _index(cfg, key, tp, 0, vocab_rows)
+    if where is None:
+        return shards[0].clone()
+    dim = where[0]
+    shape = list(shards[0].shape)
+    shape[dim] *= tp
+    merged = shards[0].new_empty(shape)
+    for rank, shard in enumerate(shards):
+        merged.index_copy_(dim, _index(cfg, key, tp, rank, vocab_rows)[1], shard)
+    return merged
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """TP=1 state dict → rank's TP state dict (same keys)."""
+    return {key: shard_tensor(key, tensor, cfg, tp, rank) for key, tensor in full.items()}
 
 
 def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """One state dict per TP rank (rank order) → the TP=1 state dict."""
-    tp = len(shards)
-    vocab_rows = shards[0]["embedding.weight"].shape[0] * tp
-    full = {}
-    for key, tensor in shards[0].items():
-        where = _index(cfg, key, tp, 0, vocab_rows)
-        if where is None:
-            full[key] = tensor.clone()
-            continue
-        dim = where[0]
-        shape = list(tensor.shape)
-        shape[dim] *= tp
-        merged = tensor.new_empty(shape)
-        for rank, shard in enumerate(shards):
-            merged.index_copy_(dim, _index(cfg, key, tp, rank, vocab_rows)[1], shard[key])
-        full[key] = merged
-    return full
+    return {key: merge_tensor(key, [shard[key] for shard in shards], cfg) for key in shards[0]}
 
 
 # ----------------------------------------------------------------------------- modules

@@ -1,7 +1,11 @@
-"""The training run, top to bottom: config → model → optimizer → data → resume → loop.
+"""The training run, top to bottom: config → trainer → resume → data → loop.
 
-One process on CPU or one GPU; the parallel engine (DeepSpeed, megatron-core groups)
-plugs in at `build_model` / `build_optimizer` without changing the loop's shape.
+A trainer owns the model and the optimizer: it builds them, takes one optimizer step
+over `grad_accum` micro-batches, saves and loads checkpoints and scores the validation
+data. `SingleProcessTrainer` (below) runs one process on CPU or one GPU;
+`ParallelTrainer` (parallel_trainer.py) runs one rank of a torchrun job of any
+TP × CP × DP layout through megatron-core's groups and DeepSpeed ZeRO. The loop is the
+same for both.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, PackedSamples, TrainLoader, load_tokenizer
 from mamba_train.eval import evaluate, format_table
 from mamba_train.model import Mamba2LM, param_groups, training_flops_per_token
-from mamba_train.train.metrics import MetricsLogger, peak_flops
+from mamba_train.train.metrics import MetricsLogger, SilentMetrics, peak_flops
 from mamba_train.train.preemption import StopRequest
+from mamba_train.train.rng import rng_state, set_rng_state
 from mamba_train.train.schedule import lr_at
 
 
@@ -63,70 +68,79 @@ def resolve_vocab(cfg: RunConfig) -> None:
         cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
 
 
+def is_parallel(cfg: RunConfig) -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.tp > 1 or cfg.parallel.cp > 1
+
+
 def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """Train until `train.steps` (or `stop_after_steps` more steps, as a preempted job
     would: checkpoint and return). `resume`: None, "auto" or a checkpoint directory."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.cp > 1:
-        # mamba_train.parallel has the layers; until the loop drives them, N independent
-        # processes would train N copies into one checkpoint directory.
-        raise TrainingError(f"this trainer runs one process (WORLD_SIZE={world}, parallel.tp={cfg.parallel.tp}, "
-                            f"parallel.cp={cfg.parallel.cp}); launch with one process per job for now")
     resolve_vocab(cfg)
     device = pick_device(cfg)
-    amp_dtype = autocast_dtype(cfg, device)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
+    if is_parallel(cfg):
+        from mamba_train.train.parallel_trainer import ParallelTrainer
 
-    model = Mamba2LM(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                  fused=device.type == "cuda")
+        trainer = ParallelTrainer(cfg, device)  # checks the layout, then joins the process group
+    else:
+        trainer = SingleProcessTrainer(cfg, device)
+    try:
+        return _train(cfg, trainer, resume, stop_after_steps)
+    finally:
+        trainer.close()
 
-    samples = PackedSamples(IndexedDataset(cfg.data.train_prefix), cfg.data.seq_len)
-    samples.check_vocab(model.vocab_size)
 
-    run_dir = Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    step, consumed_samples, skipped = 0, 0, 0
-    checkpoint = resolve_resume(cfg.checkpoint.dir, resume)
-    if checkpoint is not None:
-        _check_same_model(cfg, read_trainer_state(checkpoint)["config"], checkpoint)
-        state = load_checkpoint(checkpoint, model, optimizer, map_location=device, verify=False)  # resolved: verified
-        step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
-        _set_rng_state(state["rng"])
-        print(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)", flush=True)
+def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | None) -> TrainResult:
+    checkpoint = trainer.resolve_resume(resume)
+    saved = read_trainer_state(checkpoint) if checkpoint is not None else None
+    if saved is not None:
+        _check_same_model(cfg, saved["config"], checkpoint)
     elif resume is None and has_checkpoints(cfg.checkpoint.dir):
         raise TrainingError(f"{cfg.checkpoint.dir} already holds checkpoints of another run: pass --resume auto to "
                             f"continue it, or set checkpoint.dir (and logging.run_dir) to a new directory")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # a resumed run keeps the vocabulary padding (a multiple of 128·tp) it started with
+    trainer.build(vocab_tp=saved.get("vocab_tp", 1) if saved is not None else None)
 
-    loader = TrainLoader(samples, cfg.train.micro_batch, seed=cfg.data.seed, consumed_samples=consumed_samples)
-    tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
-    flops_per_step = training_flops_per_token(cfg.model, model.vocab_size) * tokens_per_step
-    peak = peak_flops(device, cfg.logging.peak_flops)
-    metrics = MetricsLogger(cfg.logging, total_steps=cfg.train.steps, start_step=step)
-    metrics.info(f"model: {sum(p.numel() for p in model.parameters()):,} parameters | device {device} | "
+    samples = PackedSamples(IndexedDataset(cfg.data.train_prefix), cfg.data.seq_len)
+    samples.check_vocab(trainer.vocab_size)
+
+    run_dir = Path(cfg.logging.run_dir)
+    step, consumed_samples, skipped = 0, 0, 0
+    if checkpoint is not None:
+        state = trainer.load(checkpoint)
+        step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
+        trainer.log(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)")
+    if trainer.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # every DP rank reads its micro_batch rows of each global micro-batch of micro_batch · dp
+    loader = TrainLoader(samples, cfg.train.micro_batch, seed=cfg.data.seed, consumed_samples=consumed_samples,
+                         rank=trainer.dp_rank, world=trainer.dp_size)
+    tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size * cfg.data.seq_len
+    flops_per_step = training_flops_per_token(cfg.model, trainer.vocab_size) * tokens_per_step
+    peak = peak_flops(trainer.device, cfg.logging.peak_flops)
+    metrics = MetricsLogger(cfg.logging, total_steps=cfg.train.steps, start_step=step) if trainer.is_main \
+        else SilentMetrics()
+    metrics.info(f"model: {trainer.num_parameters:,} parameters | {trainer.describe()} | "
                  f"{tokens_per_step:,} tokens/step | {samples.num_samples:,} training samples of {cfg.data.seq_len}")
     result = TrainResult(step=step)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
     def save() -> Path:
         trainer_state = {"step": step, "consumed_samples": loader.consumed_samples, "skipped_steps": skipped,
-                         "config": cfg.to_dict(), "rng": _rng_state()}
-        return save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, trainer_state,
-                               cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+                         "config": cfg.to_dict()}
+        return trainer.save(trainer_state)
 
     stop = StopRequest()
     try:
-        model.train()
         last_step = cfg.train.steps if stop_after_steps is None else min(cfg.train.steps, step + stop_after_steps)
         while step < last_step:
             started = time.perf_counter()
             lr = lr_at(step, cfg.optim, cfg.train.steps)
-            loss_value, grad_norm = _train_step(cfg, model, optimizer, loader, lr, device, amp)
+            loss_value, grad_norm = trainer.train_step(loader, lr)
             if grad_norm is None:
                 # A non-finite loss or gradient: drop this step's update (its batches are consumed
                 # and not retried) and go on, a bounded number of times.
@@ -139,14 +153,14 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
                                         f"checkpoint in {cfg.checkpoint.dir} is intact: lower optim.lr or check the data.")
                 continue
             step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
             elapsed = time.perf_counter() - started
             row = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed}
-            if peak:
-                row["mfu"] = flops_per_step / elapsed / peak
-            if device.type == "cuda":
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if peak:  # per accelerator: the step's FLOPs are spread over every rank
+                row["mfu"] = flops_per_step / elapsed / (peak * trainer.world_size)
+            if trainer.device.type == "cuda":
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
             result.losses[step] = loss_value
             metrics.log_step(step, row)
             if stop.requested():
@@ -156,16 +170,18 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < last_step:
                 result.checkpoint = save()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                metrics.log_eval(step, _evaluate(cfg, model, device, amp_dtype, cfg.train.eval_batches))
+                metrics.log_eval(step, trainer.evaluate(cfg.train.eval_batches))
         result.checkpoint = save()
         if step < cfg.train.steps:
             metrics.info(f"stopped at step {step} of {cfg.train.steps}; continue with --resume auto")
             result.step = step
             return result
-        result.eval = _evaluate(cfg, model, device, amp_dtype, max_batches=None)
+        result.eval = trainer.evaluate(max_batches=None)
         metrics.log_eval(step, result.eval)
-        (run_dir / "eval.json").write_text(json.dumps(result.eval, indent=1))
-        metrics.info(format_table(result.eval))
+        if trainer.is_main:
+            (run_dir / "eval.json").write_text(json.dumps(result.eval, indent=1))
+        if "subsets" in result.eval:  # the per-document evaluation (one process)
+            metrics.info(format_table(result.eval))
     finally:
         stop.close()
         metrics.close()
@@ -173,34 +189,82 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
     return result
 
 
-def _train_step(cfg: RunConfig, model, optimizer, loader, lr: float, device, amp) -> tuple[float, float | None]:
-    """Forward/backward over `grad_accum` micro-batches, clip, update. Returns the mean
-    loss and the gradient norm, or None for the norm when the step was not applied
-    because the loss or the gradient is not finite."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = 0.0
-    for _ in range(cfg.train.grad_accum):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-        with amp():
-            loss = model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
-        (loss / cfg.train.grad_accum).backward()
-        loss_sum += loss.item()
-    loss_value = loss_sum / cfg.train.grad_accum
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm if applied else None
+class SingleProcessTrainer:
+    """One process on CPU or one GPU: Mamba2LM, torch AdamW, bf16 autocast on GPU, and
+    one-process checkpoints (model.safetensors + optimizer.pt; checkpoint/store.py)."""
 
+    is_main, dp_rank, dp_size, world_size = True, 0, 1, 1
 
-def _evaluate(cfg: RunConfig, model, device, amp_dtype, max_batches: int | None) -> dict:
-    valid = IndexedDataset(cfg.data.valid_prefix)
-    max_tokens = None if max_batches is None else max_batches * cfg.train.micro_batch * cfg.data.seq_len
-    return evaluate(model, valid, window=cfg.data.seq_len, max_tokens=max_tokens, device=device,
-                    autocast_dtype=amp_dtype)
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.amp_dtype = autocast_dtype(cfg, device)
+        self.amp = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def describe(self) -> str:
+        return f"device {self.device}"
+
+    def resolve_resume(self, resume: str | None) -> Path | None:
+        return resolve_resume(self.cfg.checkpoint.dir, resume)
+
+    def build(self, vocab_tp: int | None) -> None:
+        cfg = self.cfg
+        self.vocab_tp = vocab_tp or 1
+        self.model = Mamba2LM(cfg.model, tp_size=self.vocab_tp).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                           fused=self.device.type == "cuda")
+        self.vocab_size = self.model.vocab_size
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.model.train()
+
+    def load(self, checkpoint: Path) -> dict:
+        # resolve_resume verified it; a parallel run's sharded checkpoint is merged here
+        state = load_checkpoint(checkpoint, self.model, self.optimizer, map_location=self.device, verify=False)
+        rng = state["rng"]
+        set_rng_state(rng[0] if isinstance(rng, list) else rng)  # a parallel run's: one per rank
+        return state
+
+    def save(self, trainer_state: dict) -> Path:
+        ckpt = self.cfg.checkpoint
+        state = dict(trainer_state, rng=rng_state(), vocab_tp=self.vocab_tp)
+        return save_checkpoint(ckpt.dir, trainer_state["step"], self.model, self.optimizer, state, ckpt.keep_last,
+                               ckpt.keep_every)
+
+    def train_step(self, loader, lr: float) -> tuple[float, float | None]:
+        """Forward/backward over `grad_accum` micro-batches, clip, update. Returns the mean
+        loss and the gradient norm, or None for the norm when the step was not applied
+        because the loss or the gradient is not finite."""
+        model, optimizer, accum = self.model, self.optimizer, self.cfg.train.grad_accum
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}
+            with self.amp():
+                loss = model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
+            (loss / accum).backward()
+            loss_sum += loss.item()
+        loss_value = loss_sum / accum
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if applied:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm if applied else None
+
+    def evaluate(self, max_batches: int | None) -> dict:
+        cfg = self.cfg
+        valid = IndexedDataset(cfg.data.valid_prefix)
+        max_tokens = None if max_batches is None else max_batches * cfg.train.micro_batch * cfg.data.seq_len
+        return evaluate(self.model, valid, window=cfg.data.seq_len, max_tokens=max_tokens, device=self.device,
+                        autocast_dtype=self.amp_dtype)
+
+    def close(self) -> None:
+        pass
 
 
 def _check_same_model(cfg: RunConfig, saved: dict, checkpoint: Path) -> None:
@@ -209,22 +273,3 @@ def _check_same_model(cfg: RunConfig, saved: dict, checkpoint: Path) -> None:
     if different:
         details = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in different.items())
         raise TrainingError(f"{checkpoint} was written by another model: {details}")
-
-
-def _rng_state() -> dict:
-    state = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value

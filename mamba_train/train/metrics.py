@@ -60,9 +60,10 @@ class MetricsLogger:
         overall = results["overall"]
         if self.tb is not None:
             for key in ("loss", "bpb"):
-                self.tb.add_scalar(f"valid/{key}", overall[key], step)
-        self.info(f"step {step:>6} | valid loss {overall['loss']:.4f} | ppl {overall['ppl']:.2f} | "
-                  f"bpb {overall['bpb']:.4f}")
+                if key in overall:  # a parallel run's windowed valid loss has no bits-per-byte
+                    self.tb.add_scalar(f"valid/{key}", overall[key], step)
+        line = f"step {step:>6} | valid loss {overall['loss']:.4f} | ppl {overall['ppl']:.2f}"
+        self.info(line + (f" | bpb {overall['bpb']:.4f}" if "bpb" in overall else ""))
 
     def info(self, message: str) -> None:
         if self.bar is not None:
@@ -86,3 +87,19 @@ def format_metrics(step: int, m: dict) -> str:
     if "peak_mem_gib" in m:
         parts.append(f"mem {m['peak_mem_gib']:.1f} GiB")
     return " | ".join(parts)
+
+
+class SilentMetrics:
+    """What ranks other than 0 log: nothing (one line per step, from rank 0 only)."""
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def log_eval(self, step: int, results: dict) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
