@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mamba_train.config import ModelConfig  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups  # noqa: E402
 from mamba_train.model.flops import training_flops_per_token  # noqa: E402
+from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 
 VOCAB = 50277   # GPT-NeoX's tokenizer, as the Mamba papers; padded to 50304 for both models
 # name: (d_model, n_layer, micro_batch) — issue 9's table
@@ -120,14 +121,6 @@ def run_one(build, batch, warmup, steps):
         torch.cuda.empty_cache()
 
 
-def matmul_peak():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    import triton
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
-    return 2 * 8192 ** 3 / (ms * 1e-3)
-
-
 def profile(name, warmup=3):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d_model, n_layer, micro = MODELS[name]
@@ -185,7 +178,7 @@ def main():
     if args.profile:
         return profile(args.models[0])
     gpu = torch.cuda.get_device_name()
-    peak = matmul_peak()
+    peak = measured_matmul_peak(torch.device("cuda"))
     anchor_paths = []
     if not args.no_anchor:
         try:

@@ -7,6 +7,7 @@ what is wrong and exit with status 2; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def _train(args) -> int:
     result = train(cfg, resume=args.resume)
     # A stop on SIGUSR1/SIGTERM exits 0 too: the checkpoint is saved and SLURM requeues the job.
     ended = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
-    print(f"{ended}: step {result.step}, checkpoint {result.checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:   # one line per run, not per rank
+        print(f"{ended}: step {result.step}, checkpoint {result.checkpoint}")
     return 0
 
 

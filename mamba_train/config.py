@@ -197,7 +197,7 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: str = "auto"  # auto: only on a terminal | on | off
-    # Peak dense bf16 FLOP/s of the accelerator, for MFU; 0 looks the GPU up.
+    # FLOP/s that MFU divides by; 0 measures the GPU's bf16 matmul rate at start (issue 9).
     peak_flops: float = 0.0
 
     def validate(self) -> None:

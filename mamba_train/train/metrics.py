@@ -12,18 +12,31 @@ import torch
 
 from mamba_train.config import LoggingConfig
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets, for MFU when the config
-# gives none. The benches measure the achievable peak instead (bench/).
-_PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
 def peak_flops(device: torch.device, configured: float) -> float | None:
+    """The FLOP/s that MFU divides by: logging.peak_flops when set, else the bf16 matmul rate
+    measured on this GPU (issue 9's definition, shared with bench/bench_train.py); None on CPU."""
     if configured > 0:
         return configured
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in _PEAK_BF16_FLOPS.items() if key in name), None)
+    return measured_matmul_peak(device)
+
+
+def measured_matmul_peak(device: torch.device, size: int = 8192, repeats: int = 20) -> float:
+    """Median bf16 rate of a (size × size)·(size × size) matmul, in FLOP/s (about a second)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size ** 3 / sorted(times)[len(times) // 2]
 
 
 class MetricsLogger:
