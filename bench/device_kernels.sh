@@ -19,9 +19,9 @@ steps=("$@")
 status=0
 for step in "${steps[@]}"; do
   case "$step" in
-    gputests) python3 -m pytest -q -m gpu tests/test_conv_norm_triton.py -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+    gputests) python3 -m pytest -q -m gpu tests/test_conv_norm_triton.py tests/test_xent_triton.py -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
                 | tee "$OUT/kernels-gputests.log" || status=1 ;;
-    tests)    python3 -m pytest -q -m "not gpu" tests/test_conv_norm_triton.py -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+    tests)    python3 -m pytest -q -m "not gpu" tests/test_conv_norm_triton.py tests/test_xent_triton.py -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
                 | tee "$OUT/kernels-tests.log" || status=1 ;;
     bench)    python3 bench/bench_kernels.py 2>&1 | tee "$OUT/kernels-bench.log" || status=1
               cp bench/results/kernels-*.json "$OUT/" 2>/dev/null ;;

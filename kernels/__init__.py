@@ -1,10 +1,12 @@
-"""mamba-train's kernels: chunked SSD, causal depthwise conv1d, gated grouped RMSNorm.
+"""mamba-train's kernels: chunked SSD, causal depthwise conv1d, gated grouped RMSNorm, and the
+cross-entropy of logit rows.
 
 The public ops take the same arguments wherever they run:
 - `ssd`: on CUDA tensors the Triton kernels (`kernels.triton_ssd`), elsewhere the torch
   reference (`kernels.reference`). No silent fallback: on a GPU without Triton it raises.
-- `causal_conv1d`, `rmsnorm_gated`: likewise, on CUDA tensors the Triton kernels
-  (`kernels.triton_conv`, `kernels.triton_norm`), elsewhere the torch reference.
+- `causal_conv1d`, `rmsnorm_gated`, `cross_entropy_rows`: likewise, on CUDA tensors the
+  Triton kernels (`kernels.triton_conv`, `kernels.triton_norm`, `kernels.triton_xent`),
+  elsewhere the torch reference.
 `ssd_sequential` is the token-by-token oracle the tests compare against.
 
 Submodules are named for their implementation (`reference`, `triton_ssd`), never like an
@@ -57,4 +59,17 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
     return _reference.rmsnorm_gated(x, z, weight, eps=eps, group_size=group_size)
 
 
-__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated"]
+def cross_entropy_rows(logits, labels, grad_scale=None):
+    """Loss per row of (rows, vocab) logits and, with grad_scale, the gradient written over
+    them; see `kernels.reference.cross_entropy_rows`."""
+    if logits.is_cuda:
+        try:
+            from .triton_xent import cross_entropy_rows_triton
+        except ImportError as err:
+            raise RuntimeError(f"kernels.cross_entropy_rows on a CUDA tensor needs Triton ({err}); "
+                               "install mamba-train[gpu]") from err
+        return cross_entropy_rows_triton(logits, labels, grad_scale)
+    return _reference.cross_entropy_rows(logits, labels, grad_scale)
+
+
+__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "cross_entropy_rows"]

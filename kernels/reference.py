@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ssd_chunked", "ssd_sequential", "causal_conv1d", "rmsnorm_gated",
+    "ssd_chunked", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "cross_entropy_rows",
     "chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_scan",
 ]
 
@@ -325,3 +325,24 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
     groups = hidden.reshape(*x.shape[:-1], d // group_size, group_size)
     groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
     return (groups.reshape(x.shape) * weight.to(cdt)).to(x.dtype)
+
+
+def cross_entropy_rows(logits, labels, grad_scale=None):
+    """Cross-entropy of each row (fp32 or wider), and with grad_scale its gradient in place.
+
+    logits: (rows, vocab); labels: (rows,), negative for ignored rows (loss meaningless,
+    gradient zero). With grad_scale (rows,), logits are overwritten by
+    d(sum_r grad_scale[r] · loss[r]) / d logits = (softmax − one-hot) · grad_scale.
+    """
+    # logits: (r, v)  labels, grad_scale, loss: (r,)
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    values = logits.to(cdt)
+    lse = torch.logsumexp(values, dim=-1)
+    safe = labels.clamp_min(0).long()
+    loss = lse - values.gather(1, safe[:, None]).squeeze(1)
+    if grad_scale is not None:
+        grad = torch.exp(values - lse[:, None])
+        grad.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
+        grad *= grad_scale.to(cdt)[:, None] * (labels >= 0).to(cdt)[:, None]
+        logits.copy_(grad)
+    return loss

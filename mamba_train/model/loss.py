@@ -6,12 +6,16 @@ again for their gradient. Here each slice's logits live only while that slice is
 the forward computes the slice's loss and, when a gradient is wanted, its gradients for the
 hidden states and the head at once (softmax − one-hot is all the backward needs), so
 backward only scales the stored gradients by the incoming one. The matmuls run in the
-autocast dtype when autocast is on (as `F.linear` would), the softmax in fp32.
+autocast dtype when autocast is on (as `F.linear` would); `kernels.cross_entropy_rows`
+(one Triton kernel on a GPU) does the softmax in fp32 and writes the gradient over the
+logits, in their dtype.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels import cross_entropy_rows
 
 IGNORE_INDEX = -100
 _SLICE_BYTES = 1 << 30   # fp32 logits of one slice
@@ -42,26 +46,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum()
         scale = 1.0 / count.clamp_min(1).item() if reduction == "mean" else 1.0
         w = weight.to(compute_dtype)
-        softmax_dtype = torch.promote_types(compute_dtype, torch.float32)   # fp32, or fp64 in tests
-        total = torch.zeros((), device=hidden.device, dtype=softmax_dtype)
+        total = torch.zeros((), device=hidden.device, dtype=torch.promote_types(compute_dtype, torch.float32))
         dhidden = torch.empty_like(hidden) if want_grad else None
         dweight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if want_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 h = hidden[start:start + rows].to(compute_dtype)
                 y, keep = labels[start:start + rows], valid[start:start + rows]
-                logits = (h @ w.T).to(softmax_dtype)
-                lse = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
-                total += torch.where(keep, lse - target, 0.0).sum()
+                logits = h @ w.T
+                # one pass over the slice's logits: the loss per row and, when wanted, the
+                # gradient (softmax − one-hot) · scale written over the logits
+                grad_scale = keep.to(total.dtype) * scale if want_grad else None
+                losses = cross_entropy_rows(logits, y, grad_scale)
+                total += torch.where(keep, losses.to(total.dtype), 0.0).sum()
                 if want_grad:
-                    # d loss / d logits = (softmax − one-hot) · scale, on kept rows only
-                    grad = logits.sub_(lse[:, None]).exp_()
-                    grad.scatter_add_(1, y.clamp_min(0)[:, None], torch.full_like(lse, -1.0)[:, None])
-                    grad.mul_(keep.to(grad.dtype)[:, None] * scale)
-                    grad = grad.to(compute_dtype)
-                    dhidden[start:start + rows] = grad @ w
-                    dweight += grad.T @ h
+                    dhidden[start:start + rows] = logits @ w
+                    dweight += logits.T @ h
         ctx.save_for_backward(dhidden, dweight)
         return total * scale
 

@@ -1,0 +1,69 @@
+"""Cross-entropy of each row of a logits slice, and its gradient written over the logits.
+
+Per row, with m the max, s = sum_v exp(logit_v - m) and lse = m + log s:
+    loss = lse - logit[label]
+    grad_v = (exp(logit_v - lse) - [v == label]) · scale      (softmax minus one-hot)
+Two passes over the row (an online max/sum, then the gradient) read its logits twice and
+write them once, in the logits' dtype; nothing of (rows × vocab) size exists in fp32. The
+row of a 50k vocabulary (100 KB in bf16) is still in L2 for the second pass. A row whose
+scale is 0 (an ignored label) gets a zero gradient; its loss is still computed (the
+caller masks it).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr, labels_ptr, scale_ptr, loss_ptr, stride_row,
+    VOCAB: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # VOCAB is a compile-time constant: one compile per model vocabulary
+    row = tl.program_id(0)
+    logits_ptr += row.to(tl.int64) * stride_row
+    label = tl.load(labels_ptr + row)
+    # pass 1: running max and sum of exp, one block of the vocabulary at a time
+    row_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, VOCAB, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        block = tl.load(logits_ptr + cols, mask=cols < VOCAB, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, block)
+        # a lane that has seen only -inf (past the vocabulary) subtracts 0, not -inf: its
+        # exps are then exp(-inf) = 0 instead of exp(-inf - -inf) = nan
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.exp(block - shift)
+        row_max = new_max
+    m = tl.max(row_max, axis=0)
+    # log-sum-exp relative to the max: kept apart from m so that large logits lose no digits
+    log_sum = tl.log(tl.sum(row_sum * tl.exp(row_max - m), axis=0))
+    target = tl.load(logits_ptr + tl.maximum(label, 0)).to(tl.float32)
+    tl.store(loss_ptr + row, (m - target) + log_sum)
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr + row)
+        for start in range(0, VOCAB, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ok = cols < VOCAB
+            block = tl.load(logits_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            grad = (tl.exp((block - m) - log_sum) - tl.where(cols == label, 1.0, 0.0)) * scale
+            tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=ok)
+
+
+def cross_entropy_rows_triton(logits, labels, grad_scale=None):
+    """logits: (rows, vocab), unit stride along vocab; labels: (rows,) ints (negative: ignored,
+    its loss meaningless). Returns the fp32 loss per row. With grad_scale (rows,), the
+    logits are overwritten by d(sum_r grad_scale[r] · loss[r]) / d logits."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1, "logits must have unit stride along the vocabulary"
+    loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows == 0:
+        return loss
+    scale = grad_scale.to(torch.float32).contiguous() if grad_scale is not None else None
+    block_v = min(4096, triton.next_power_of_2(vocab))
+    _cross_entropy_rows_kernel[(rows,)](
+        logits, labels.contiguous(), scale, loss, logits.stride(0),
+        VOCAB=vocab, WRITE_GRAD=grad_scale is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )
+    return loss
