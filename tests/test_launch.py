@@ -11,8 +11,9 @@ import time
 import pytest
 
 from mamba_train.cli import main
-from synthetic import tiny_config, tiny_overrides
 from mamba_train.train.loop import train
+from slurm_cluster import started_cluster
+from synthetic import tiny_config, tiny_overrides
 
 
 def test_sbatch_dry_run_has_rendezvous_signal_requeue_and_resume(repo_root, tmp_path, capsys):
@@ -44,17 +45,10 @@ def test_torchrun_dry_run_resumes_automatically(repo_root, capsys):
     assert command.strip().endswith("train.steps=5 --resume auto")
 
 
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    from slurm_cluster import SlurmCluster, why_unavailable
-
-    reason = why_unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    yield from started_cluster(tmp_path_factory)
 
 
 @pytest.mark.slurm
@@ -80,20 +74,10 @@ def test_preempted_slurm_job_requeues_and_finishes_like_an_uninterrupted_run(slu
     assert metrics.exists(), f"the job never started training; log:\n{log.read_text() if log.exists() else ''}"
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
 
-    # The job checkpoints, exits 0 and requeues itself; skip SLURM's requeue delay. Only a
-    # terminal state of the second run counts (the first run's end passes through some).
-    deadline, state = time.time() + 300, ""
-    while time.time() < deadline:
-        state = slurm.job_field(job_id, "JobState")
-        second_run_seen = log.exists() and "(restart 1)" in log.read_text()
-        if state == "PENDING":
-            # slurmd refuses a job started in the same second as its revoked credential
-            # ("Job credential revoked"): SLURM's own requeue delay avoids that, so must we.
-            time.sleep(3)
-            slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
-        elif second_run_seen and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        time.sleep(0.5)
+    # The job checkpoints, exits 0 and requeues itself; only a terminal state of the second
+    # run counts (the first run's end passes through some).
+    state = slurm.finish_requeued_job(job_id, restarted=lambda: log.exists() and "(restart 1)" in log.read_text(),
+                                      timeout=300)
     text = log.read_text()
     assert state == "COMPLETED", text
     assert "USR1: checkpoint saved at step" in text and "requeueing job" in text

@@ -92,22 +92,47 @@ def test_tiny_plan_writes_a_loadable_config_per_point_and_a_validation_sample(ti
     assert sample.num_tokens <= 2000 and set(sample.subset_names) == {"code", "prose", "man"}
 
 
+def fake_slurm_tools(bin_dir, trainer_body):
+    """Stand-ins for srun (runs `trainer_body` with CONFIG set to the config after `train`) and
+    scontrol (prints its arguments; `show hostnames` prints n1), so the array script can run
+    outside SLURM."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nfor a; do [ "$prev" = train ] && CONFIG=$a; prev=$a; done\n'
+                                  + trainer_body)
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1" = show ] && { echo n1; exit 0; }\necho "scontrol $@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1",
+            "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": "80"}
+
+
 def test_array_script_trains_the_config_of_its_task_id(tiny_base, tmp_path):
     plan, base = make_plan(BUDGETS, 5, tiny_base, tiny=True)
     out = write_plan(plan, base, tmp_path / "sweep")
     script = (out / "sweep.sbatch").read_text()
     assert f"#SBATCH --array=0-{len(plan.points) - 1}\n" in script
-    assert 'mamba-train train "${configs[$SLURM_ARRAY_TASK_ID]}" --resume auto &' in script
-    assert "#SBATCH --signal=B:USR1@120" in script and "scontrol requeue" in script
-    # run it with a stand-in `mamba-train` that prints its arguments
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "mamba-train"
-    fake.write_text('#!/bin/sh\necho "$@"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "7"}
-    done = subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["train", plan.points[7].config, "--resume", "auto"]
+    assert f"#SBATCH --output={out}/logs/%x-%A_%a.out\n" in script
+    assert '-m mamba_train.cli train "$config" --resume auto &' in script
+    env = fake_slurm_tools(tmp_path / "bin", 'echo "train $CONFIG"\n')
+    done = subprocess.run(["bash", str(out / "sweep.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "7"},
+                          capture_output=True, text=True, check=True)
+    assert f"train {Path(plan.points[7].config).resolve()}\n" in done.stdout
+    beyond = subprocess.run(["bash", str(out / "sweep.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "15"},
+                            capture_output=True, text=True)
+    assert beyond.returncode == 2 and "no run config for array task 15; this script holds 15" in beyond.stderr
+
+
+def test_array_and_single_job_scripts_come_from_one_template(tiny_base, tmp_path):
+    from mamba_train.launch.slurm import SlurmJob, render_array_sbatch, render_sbatch
+
+    job = SlurmJob(job_name="j", log_dir=tmp_path / "logs", cpus_per_task=2)
+    single = render_sbatch(job, tmp_path / "run.yaml").splitlines()
+    array = render_array_sbatch(job, [tmp_path / "run.yaml"]).splitlines()
+    # everything but the log name and the config the trainers get is the same text
+    assert set(single) - set(array) == {f"#SBATCH --output={tmp_path}/logs/%x-%j.out",
+                                        f"  -m mamba_train.cli train {tmp_path}/run.yaml --resume auto &"}
+    assert set(array) - set(single) >= {"#SBATCH --array=0-0", 'config=${configs[$SLURM_ARRAY_TASK_ID]}'}
+    assert '  scontrol requeue "$SLURM_JOB_ID"' in array and "trap forward_stop USR1" in array
 
 
 def test_replanning_into_a_directory_with_another_plan_is_refused(tiny_base, tmp_path):
@@ -146,20 +171,16 @@ def test_array_task_told_to_stop_checkpoints_and_requeues_itself(tiny_base, tmp_
 
     plan, base = make_plan(BUDGETS, 5, tiny_base, tiny=True)
     out = write_plan(plan, base, tmp_path / "sweep")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # a trainer that stops cleanly on USR1 (as train() does at a step boundary), and a scontrol that logs
-    (bin_dir / "mamba-train").write_text('#!/bin/bash\ntrap \'echo "checkpointed $2"; exit 0\' USR1\n'
-                                         'echo started; for i in $(seq 100); do sleep 0.1; done\n')
-    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "scontrol $@"\n')
-    for tool in bin_dir.iterdir():
-        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "2",
-           "SLURM_ARRAY_JOB_ID": "77"}
-    task = subprocess.Popen(["bash", str(out / "sweep.sbatch")], env=env, stdout=subprocess.PIPE, text=True)
-    assert task.stdout.readline().strip() == "started"
+    # a trainer that stops cleanly on USR1 (as train() does at a step boundary)
+    env = fake_slurm_tools(tmp_path / "bin", 'trap \'echo "checkpointed $CONFIG"; exit 0\' USR1\n'
+                                             'echo started; for i in $(seq 100); do sleep 0.1; done\n')
+    task = subprocess.Popen(["bash", str(out / "sweep.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "2"},
+                            stdout=subprocess.PIPE, text=True)
+    while (line := task.stdout.readline()) and line.strip() != "started":
+        pass
     time.sleep(0.3)
     task.send_signal(signal.SIGUSR1)
     output, _ = task.communicate(timeout=20)
     assert task.returncode == 0
-    assert output.split("\n")[:2] == [f"checkpointed {plan.points[2].config}", "scontrol requeue 77_2"]
+    lines = [line for line in output.splitlines() if not line.startswith("[")]  # the script's own timestamped log
+    assert lines == [f"checkpointed {Path(plan.points[2].config).resolve()}", "scontrol requeue 80"]

@@ -3,6 +3,7 @@ with the tokens and FLOPs they actually spent, finished points are skipped on re
 and the fit writes its report and plots, or refuses incomplete results by name."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(sweep):
     assert len(read_results(sweep)) == 3
     plan = load_plan(sweep)
     assert submit_command(plan, sweep, ["--partition=gpu"]) == [
-        "sbatch", "--array=" + ",".join(str(i) for i in range(3, len(plan.points))), "--partition=gpu",
+        "sbatch", "--parsable", "--array=" + ",".join(str(i) for i in range(3, len(plan.points))), "--partition=gpu",
         str(sweep / "sweep.sbatch")]
     run_plan(sweep, train_fn=trainer, log=lambda _: None)
     assert len(read_results(sweep)) == len(plan.points) and len(calls) == len(plan.points)  # each trained once
@@ -162,3 +163,29 @@ def test_fit_without_bracketed_minima_reports_approach2_as_not_determined(sweep,
     report = (tmp_path / "report/report.md").read_text()
     assert "not determined: fewer than 2 budgets" in report and "the smallest model trained has the lowest loss" in report
     assert json.loads((tmp_path / "report/fit.json").read_text())["approach2"]["a"] is None
+
+
+def fake_sbatch(tmp_path, monkeypatch, body):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/sbatch-args\n{body}\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_submit_sends_the_unfinished_points_and_prints_the_array_id(sweep, tmp_path, monkeypatch, capsys):
+    run_plan(sweep, train_fn=law_trainer([]), log=lambda _: None)
+    lines = (sweep / "results.jsonl").read_text().splitlines()
+    (sweep / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n")  # the last two points have no result
+    fake_sbatch(tmp_path, monkeypatch, "echo 4242")
+    assert main(["scale", "run", str(sweep), "--submit", "--sbatch=--time=1:00:00"]) == 0
+    assert "submitted job array 4242 (--array=13,14)" in capsys.readouterr().out
+    assert (tmp_path / "sbatch-args").read_text().split() == ["--parsable", "--array=13,14", "--time=1:00:00",
+                                                              str(sweep / "sweep.sbatch")]
+    assert (sweep / "logs").is_dir()  # SLURM would not create the directory of its --output
+
+
+def test_a_refused_submission_says_what_sbatch_said(sweep, tmp_path, monkeypatch, capsys):
+    fake_sbatch(tmp_path, monkeypatch, "echo 'sbatch: error: invalid partition specified: gpu' >&2; exit 1")
+    assert main(["scale", "run", str(sweep), "--submit", "--sbatch=--partition=gpu"]) == 2
+    assert "failed: sbatch: error: invalid partition specified: gpu" in capsys.readouterr().err

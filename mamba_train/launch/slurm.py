@@ -3,6 +3,8 @@
 The script (see the template's header) runs one torchrun per node with c10d rendezvous
 on the first node, resumes from `latest` on every start, checkpoints on USR1 120 s before
 the time limit and requeues itself. `--dry-run` prints it without submitting.
+`render_array_sbatch` fills the same template for a job array (`mamba-train scale`'s
+sweeps): task i trains config i, with the same trap, requeue and resume.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mamba_train.config import load_config
@@ -22,27 +25,86 @@ class LaunchError(RuntimeError):
     """A launch that cannot be written or submitted; the message says why."""
 
 
-def render_sbatch(config_path: str, overrides: list[str], nodes: int, gpus_per_node: int, procs_per_node: int,
-                  time: str, job_name: str, log_dir: Path, cpus_per_task: int, extra_sbatch: list[str],
-                  workdir: Path, python: str = sys.executable) -> str:
+@dataclass
+class SlurmJob:
+    """What a job asks SLURM for, and where it runs: the fields of launch/slurm.sbatch that
+    one run and a job array share."""
+
+    job_name: str
+    log_dir: Path
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: no --gpus-per-node line (CPU nodes)
+    procs_per_node: int = 1  # trainer processes torchrun starts on each node
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    extra_sbatch: list[str] = field(default_factory=list)  # further #SBATCH lines, e.g. "--partition=gpu"
+    workdir: Path = field(default_factory=Path.cwd)
+    python: str = sys.executable
+
+
+def render_sbatch(job: SlurmJob, config_path: str | Path, overrides: list[str] = ()) -> str:
+    """The script of one run: `train CONFIG OVERRIDES --resume auto` on every start."""
+    train_args = " ".join(shlex.quote(a) for a in [str(Path(config_path).resolve()), *overrides])
+    return _fill_template(job, train_args, log_name="%x-%j")
+
+
+# A job array's part of the template (its {task_lines}): task i trains configs[i]; the
+# trainers get "$config", and everything else, the USR1 trap and the requeue included, is
+# the single run's script. Braces are doubled as in the template.
+ARRAY_TASK_LINES = """
+{header}# array task i trains configs[i]; `sbatch --array=...` on the command line picks the tasks
+configs=(
+{configs})
+if [ -z "${{SLURM_ARRAY_TASK_ID:-}}" ] || [ "$SLURM_ARRAY_TASK_ID" -ge "${{#configs[@]}}" ]; then
+  echo "no run config for array task ${{SLURM_ARRAY_TASK_ID:-(none: not an array job)}}; this script holds ${{#configs[@]}}" >&2
+  exit 2
+fi
+config=${{configs[$SLURM_ARRAY_TASK_ID]}}
+echo "[$(date -Is)] array task $SLURM_ARRAY_TASK_ID of job ${{SLURM_ARRAY_JOB_ID:-?}}: $config"
+"""
+
+
+def render_array_sbatch(job: SlurmJob, configs: list[str | Path], header: str = "") -> str:
+    """A job array from the same template: task i trains configs[i], and traps USR1,
+    checkpoints and requeues itself (by its own job id) exactly as one run does. `header`
+    (comment lines) goes above the task's choice of config."""
+    if not configs:
+        raise LaunchError("a job array needs at least one run config")
+    quoted = "".join(f"  {shlex.quote(str(Path(c).resolve()))}\n" for c in configs)
+    task_lines = ARRAY_TASK_LINES.format(header=header, configs=quoted)
+    return _fill_template(job, '"$config"', log_name="%x-%A_%a", array=f"0-{len(configs) - 1}",
+                          task_lines=task_lines)
+
+
+def _fill_template(job: SlurmJob, train_args: str, log_name: str, array: str = "", task_lines: str = "") -> str:
     if not TEMPLATE.is_file():
         raise LaunchError(f"sbatch template {TEMPLATE} not found: run mamba-train from a clone of the repository "
                           f"(pip install -e .)")
-    train_args = " ".join(shlex.quote(a) for a in [str(Path(config_path).resolve()), *overrides])
+    if job.nodes < 1 or job.procs_per_node < 1:
+        raise LaunchError(f"--nodes and --procs-per-node must be >= 1, found {job.nodes} and {job.procs_per_node}")
     return TEMPLATE.read_text().format(
-        job_name=job_name, nodes=nodes, cpus_per_task=cpus_per_task, time=time, log_dir=log_dir,
-        gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "",
-        extra_lines="".join(f"#SBATCH {line}\n" for line in extra_sbatch), workdir=shlex.quote(str(workdir)),
-        python=shlex.quote(python), procs_per_node=procs_per_node, train_args=train_args)
+        job_name=job.job_name, array_line=f"#SBATCH --array={array}\n" if array else "", nodes=job.nodes,
+        cpus_per_task=job.cpus_per_task, time=job.time, log_dir=job.log_dir, log_name=log_name,
+        gpu_line=f"#SBATCH --gpus-per-node={job.gpus_per_node}\n" if job.gpus_per_node else "",
+        extra_lines="".join(f"#SBATCH {line}\n" for line in job.extra_sbatch), workdir=shlex.quote(str(job.workdir)),
+        task_lines=task_lines, python=shlex.quote(job.python), procs_per_node=job.procs_per_node,
+        train_args=train_args)
 
 
-def submit(script_path: Path) -> str:
+def sbatch_command(script_path: str | Path, options: list[str] = ()) -> list[str]:
+    """Options on sbatch's command line override the script's #SBATCH lines."""
+    return ["sbatch", "--parsable", *options, str(script_path)]
+
+
+def submit(script_path: str | Path, options: list[str] = ()) -> str:
+    """Submits the script and returns the job id (an array's id for a job array)."""
+    command = sbatch_command(script_path, options)
     try:
-        done = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError as err:
         raise LaunchError("sbatch not found: is this a SLURM login node? (--dry-run prints the script)") from err
     if done.returncode != 0:
-        raise LaunchError(f"sbatch {script_path} failed: {done.stderr.strip() or done.stdout.strip()}")
+        raise LaunchError(f"{shlex.join(command)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip().split(";")[0]
 
 
@@ -63,19 +125,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fail here, not in the queue, on a bad config
-    procs = args.procs_per_node or args.gpus_per_node or 1
-    if args.nodes < 1 or procs < 1:
-        raise LaunchError(f"--nodes and --procs-per-node must be >= 1, found {args.nodes} and {procs}")
     run_dir = Path(cfg.logging.run_dir).resolve()
-    job_name = args.job_name or Path(args.config).stem
-    script = render_sbatch(args.config, args.overrides, args.nodes, args.gpus_per_node, procs, args.time, job_name,
-                           run_dir / "slurm", args.cpus_per_task, args.sbatch, workdir=Path.cwd())
+    job = SlurmJob(job_name=args.job_name or Path(args.config).stem, log_dir=run_dir / "slurm", nodes=args.nodes,
+                   gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node or args.gpus_per_node or 1,
+                   cpus_per_task=args.cpus_per_task, time=args.time, extra_sbatch=args.sbatch)
+    script = render_sbatch(job, args.config, args.overrides)
     if args.dry_run:
         print(script)
         return 0
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    script_path = run_dir / "slurm" / f"{job_name}.sbatch"
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    script_path = job.log_dir / f"{job.job_name}.sbatch"
     script_path.write_text(script)
     job_id = submit(script_path)
-    print(f"submitted job {job_id}: {script_path}\nlogs: {run_dir / 'slurm'}/{job_name}-{job_id}.out")
+    print(f"submitted job {job_id}: {script_path}\nlogs: {job.log_dir}/{job.job_name}-{job_id}.out")
     return 0

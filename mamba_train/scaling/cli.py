@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = steps.add_parser("run", help="train the plan's unfinished points here, one by one (or --submit them)")
     run.add_argument("dir", help="sweep directory made by `scale plan`")
-    run.add_argument("--submit", action="store_true", help="sbatch the job array for the unfinished points")
+    run.add_argument("--submit", action="store_true", help="sbatch DIR/sweep.sbatch (a job array from "
+                     "launch/slurm.sbatch) for the unfinished points; run again without it to collect")
     run.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                      help="extra sbatch option with --submit, e.g. --sbatch=--partition=gpu --sbatch=--time=4:00:00")
 

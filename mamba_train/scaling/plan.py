@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shlex
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import yaml
 
 from mamba_train.config import RunConfig, load_config
+from mamba_train.launch.slurm import SlurmJob, render_array_sbatch
 from mamba_train.scaling.shapes import TINY_RULE, Shape, ShapeRule, peak_lr
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -234,35 +233,20 @@ def write_valid_sample(source_prefix: str, out_prefix: str, max_tokens: int) -> 
 
 
 def array_script(plan: Plan, out: Path) -> str:
-    """A SLURM job array: task i trains point i. As in launch/slurm.sbatch, USR1 (120 s
-    before the time limit) makes the trainer checkpoint and exit 0, and the task requeues
-    itself to resume from `latest`."""
-    configs = "\n".join(f"  {shlex.quote(p.config)}" for p in plan.points)
-    gpus = "" if plan.tiny else "#SBATCH --gpus-per-node=1\n"
-    return (f"#!/bin/bash\n"
-            f"# IsoFLOP sweep: {len(plan.points)} runs over budgets "
-            f"{', '.join(f'{b:.3g}' for b in plan.budgets)} FLOPs. Submit with `mamba-train scale run "
-            f"{out} --submit`\n# (which passes --array for the points not finished yet); when the array is done, "
-            f"collect and fit:\n#   mamba-train scale run {out} && mamba-train scale fit {out}\n"
-            f"#SBATCH --job-name=scale-{Path(out).name}\n"
-            f"#SBATCH --array=0-{len(plan.points) - 1}\n"
-            f"#SBATCH --nodes=1\n#SBATCH --ntasks=1\n{gpus}"
-            f"#SBATCH --signal=B:USR1@120\n#SBATCH --requeue\n#SBATCH --open-mode=append\n"
-            f"#SBATCH --output={out}/logs/%A_%a.out\n"
-            f"set -uo pipefail\n"
-            f"cd {shlex.quote(os.getcwd())}\n"
-            f"configs=(\n{configs}\n)\n"
-            f"mamba-train train \"${{configs[$SLURM_ARRAY_TASK_ID]}}\" --resume auto &\n"
-            f"trainer=$!\n"
-            f"stop_requested=0\n"
-            f"trap 'stop_requested=1; kill -USR1 \"$trainer\" 2>/dev/null' USR1\n"
-            f"# `wait` returns > 128 when the trap interrupts it: wait again until the trainer exits\n"
-            f"while :; do wait \"$trainer\"; status=$?; [ \"$status\" -le 128 ] && break; "
-            f"kill -0 \"$trainer\" 2>/dev/null || {{ wait \"$trainer\"; status=$?; break; }}; done\n"
-            f"if [ \"$stop_requested\" = 1 ] && [ \"$status\" = 0 ]; then\n"
-            f"  scontrol requeue \"${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}\"\n"
-            f"fi\n"
-            f"exit \"$status\"\n")
+    """The sweep's SLURM job array, rendered from launch/slurm.sbatch like a single run:
+    task i trains point i through torchrun (tp processes on one node), and USR1 (120 s
+    before the time limit) makes it checkpoint, exit 0 and requeue itself to resume from
+    `latest`. sbatch options given at submission (`scale run --submit --sbatch=...`)
+    override the resources chosen here."""
+    out = Path(out).resolve()
+    job = SlurmJob(job_name=f"scale-{out.name}", log_dir=out / "logs", nodes=1, procs_per_node=plan.tp,
+                   gpus_per_node=0 if plan.tiny else plan.tp, cpus_per_task=2 if plan.tiny else 8)
+    budgets = ", ".join(f"{b:.3g}" for b in plan.budgets)
+    header = (f"# IsoFLOP sweep: {len(plan.points)} runs over budgets {budgets} FLOPs. Submit with\n"
+              f"#   mamba-train scale run {out} --submit\n"
+              f"# (it passes --array for the points without a result); when the array is done, collect and fit:\n"
+              f"#   mamba-train scale run {out} && mamba-train scale fit {out}\n")
+    return render_array_sbatch(job, [p.config for p in plan.points], header=header)
 
 
 def load_plan(out: str | Path) -> Plan:

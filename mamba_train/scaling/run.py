@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 from mamba_train.config import RunConfig, config_from_dict, load_config
+from mamba_train.launch import slurm
 from mamba_train.model import training_flops_per_token
 from mamba_train.scaling.plan import ARRAY_SCRIPT, Plan, Point, ScalingError, load_plan
 
@@ -101,7 +102,7 @@ def result_row(point: Point, cfg: RunConfig, step: int, results: dict | None, wa
            "n_layer": cfg.model.n_layer, "params": point.params, "flops_per_token": flops_per_token,
            "steps": step, "tokens": tokens, "flops": flops_per_token * tokens, "loss": loss}
     if results is not None:
-        row["bpb"] = results["overall"]["bpb"]
+        row["bpb"] = results["overall"].get("bpb")  # a parallel run's evaluation has no bpb
     if wall is not None:
         row["wall_s"] = round(wall, 1)
     return row
@@ -127,21 +128,31 @@ def _finished_elsewhere(cfg: RunConfig) -> tuple[int, dict] | None:
 def submit_command(plan: Plan, out: str | Path, sbatch_options: list[str] = ()) -> list[str]:
     """sbatch restricted to the points not finished yet (--array on the command line
     overrides the script's #SBATCH --array)."""
+    return slurm.sbatch_command(Path(out) / ARRAY_SCRIPT, [_array_option(plan, out), *sbatch_options])
+
+
+def _array_option(plan: Plan, out: str | Path) -> str:
     pending = pending_points(plan, out)
     if not pending:
         raise ScalingError(f"{out}: every point of the plan has a result; nothing to submit")
-    return ["sbatch", f"--array={','.join(str(p.index) for p in pending)}", *sbatch_options,
-            str(Path(out) / ARRAY_SCRIPT)]
+    return f"--array={','.join(str(p.index) for p in pending)}"
 
 
-def submit(out: str | Path, sbatch_options: list[str] = (), log: Callable[[str], None] = print) -> None:
+def submit(out: str | Path, sbatch_options: list[str] = (), log: Callable[[str], None] = print) -> str:
+    """Submits the job array of the unfinished points; returns its job id."""
     plan = load_plan(out)
-    command = submit_command(plan, out, sbatch_options)
+    options = [_array_option(plan, out), *sbatch_options]
     if shutil.which("sbatch") is None:
         raise ScalingError("sbatch is not on PATH: submit from a SLURM login node, or train the points here with "
                            f"`mamba-train scale run {out}` (sequential)")
-    (Path(out) / "logs").mkdir(exist_ok=True)
-    log(" ".join(command))
-    subprocess.run(command, check=True)
-    log(f"when the array is done: `mamba-train scale run {out}` collects the results, then `scale fit {out}`")
-
+    log_dir = Path(out).resolve() / "logs"
+    log_dir.mkdir(exist_ok=True)  # SLURM does not create the directory of --output
+    script = Path(out) / ARRAY_SCRIPT
+    log(shlex.join(slurm.sbatch_command(script, options)))
+    try:
+        job_id = slurm.submit(script, options)
+    except slurm.LaunchError as err:
+        raise ScalingError(str(err)) from None
+    log(f"submitted job array {job_id} ({options[0]}); logs in {log_dir}/\n"
+        f"when the array is done: `mamba-train scale run {out}` collects the results, then `scale fit {out}`")
+    return job_id
