@@ -6,6 +6,13 @@ what is wrong and exit with status 2; anything else is a bug and keeps its trace
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Run as a trainer (torchrun and SLURM start `python -m mamba_train.cli`): record a stop
+    # signal from the first instant, before the imports below take their seconds.
+    from mamba_train.train.preemption import catch_early
+
+    catch_early()
+
 import argparse
 import os
 import sys

@@ -129,6 +129,26 @@ def test_sigterm_to_the_cli_saves_and_exits_0(markov_data, tmp_path, repo_root):
     assert int(latest.removeprefix("step_")) >= 3
 
 
+def test_usr1_during_startup_with_usr1_ignored_still_stops_the_run(markov_data, tmp_path, repo_root):
+    """SLURM's batch shell ignores USR1 and its trainers inherit that; a USR1 sent before the
+    loop installs its handler (during the imports) must still end the run at its first step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # a short run: without the early handler the signal is lost and the run ends on its own
+    overrides = [str(o) for o in tiny_overrides(markov_data, tmp_path, "train.steps=60")]
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_train.cli", "train", "configs/tiny-cpu.yaml", *overrides],
+                            cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    time.sleep(0.5)   # python is up, torch is still importing
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGUSR1: checkpoint saved at step 1" in out, out
+
+
 def test_non_finite_losses_are_skipped_then_the_run_stops_with_the_checkpoint_intact(markov_data, tmp_path,
                                                                                        monkeypatch):
     from mamba_train.model import Mamba2LM
