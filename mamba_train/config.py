@@ -184,6 +184,9 @@ class CheckpointConfig:
     every: int = 500  # 0: only at the end
     keep_last: int = 3
     keep_every: int = 0  # additionally keep every M-th step forever; 0: none
+    # Copy the state to CPU at a save (the only part that blocks training) and write the
+    # files from a background thread; the next save and the end of training wait for it.
+    async_save: bool = False
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "an integer >= 0", self.every)

@@ -21,6 +21,11 @@ moments are elementwise, so they move exactly like their parameter, and resume i
 on any layout up to the rounding of the forward/backward itself. A one-process checkpoint
 reads as a TP=1 one, so runs move freely between one process and many.
 
+With `checkpoint.async_save` the ranks copy their state to CPU and write it from a
+background thread each; they meet through marker files in the temporary directory, not
+collectives (those belong to the training thread), and rank 0's thread publishes once all
+markers are there. The next save, or the end of training, makes every rank agree.
+
 Loading never runs code from a file: safetensors, JSON, and for one-process optimizer
 state `torch.load(weights_only=True)`; DeepSpeed's own loader (`torch.load` of pickles)
 is not used.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +46,7 @@ from safetensors.torch import save_file
 
 from mamba_train.checkpoint.store import (CheckpointError, checkpoint_name, describe_file, is_sharded,
                                           publish_checkpoint, read_trainer_state, verify_checkpoint, write_json)
+from mamba_train.checkpoint.writer import mark_rank_done, wait_for_ranks
 from mamba_train.config import ModelConfig
 
 MODEL_FILE = "model-tp{:02d}.safetensors"
@@ -51,44 +58,100 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's elementwise state
 
 
 def save_sharded(root: str | Path, step: int, engine, dims, trainer_state: dict, rng_state: dict,
-                 keep_last: int = 3, keep_every: int = 0) -> Path:
+                 keep_last: int = 3, keep_every: int = 0, writer=None, timeout_s: float = 1800.0) -> Path:
     """Every rank of the default group calls this at the same step. `trainer_state` is rank
-    0's (the same on all ranks); `rng_state` is this rank's. Returns the checkpoint path."""
+    0's (the same on all ranks); `rng_state` is this rank's. Returns the checkpoint path.
+
+    With a background `CheckpointWriter` (writer.py) only the copy of this rank's state to
+    CPU blocks: each rank's thread writes its files and then a marker with their hashes,
+    and rank 0's thread, once every rank's marker is there, writes the trainer state and
+    the manifest and renames (no collective runs outside the training thread). Rank 0 waits
+    at most `timeout_s` for the markers; the next save, or `wait_together` at the end,
+    makes every rank agree on the outcome."""
     group = dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     root = Path(root)
-    tmp = root / f".tmp-{checkpoint_name(step)}"  # one name for all ranks: rank 0 makes it
+    name = checkpoint_name(step)
+    tmp = root / f".tmp-{name}"  # one name for all ranks: rank 0 makes it
+    background = writer is not None and writer.background
 
-    def make_tmp():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a save that died
-        tmp.mkdir()
+    def prepare():
+        if writer is not None:
+            writer.wait()  # the previous save first: its error surfaces here, on every rank
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a save that died
+            tmp.mkdir()
 
-    _on_every_rank(group, make_tmp if rank == 0 else None)
+    _on_every_rank(group, prepare)
+    snapshot = _snapshot_shard(engine, dims, copy=background)
+    layout = {"tp": dims.layout.tp, "cp": dims.layout.cp, "dp": dims.layout.dp,
+              "sequence_parallel": dims.layout.sequence_parallel, "world_size": world}
 
-    def write_shards():
-        written = [_write_optimizer_shard(engine, tmp / OPTIM_FILE.format(rank), dims.tp_rank)]
-        if dims.dp_rank == 0 and dims.cp_rank == 0:
-            state = {k: v.detach().contiguous().cpu() for k, v in engine.module.state_dict().items()}
-            save_file(state, tmp / MODEL_FILE.format(dims.tp_rank), metadata={"tp_rank": str(dims.tp_rank)})
-            written.append(tmp / MODEL_FILE.format(dims.tp_rank))
-        return {file.name: describe_file(file) for file in written}  # each rank hashes its own files
-
-    every_rank = _on_every_rank(group, write_shards, share=rng_state)  # [(files, rng state)] by rank
-
-    def publish():
-        layout = {"tp": dims.layout.tp, "cp": dims.layout.cp, "dp": dims.layout.dp,
-                  "sequence_parallel": dims.layout.sequence_parallel, "world_size": world}
+    def publish(every_rank: list) -> None:  # [(files, rng state)] by rank
         write_json(tmp / "trainer_state.json", dict(trainer_state, rng=[rng for _, rng in every_rank], layout=layout))
-        files = {name: description for described, _ in every_rank for name, description in described.items()}
+        files = {file: description for described, _ in every_rank for file, description in described.items()}
         files["trainer_state.json"] = describe_file(tmp / "trainer_state.json")
         publish_checkpoint(tmp, root, step, files, keep_last, keep_every)
 
-    _on_every_rank(group, publish if rank == 0 else None)
-    return root / checkpoint_name(step)
+    def write_together():  # in the training thread: the ranks agree after each phase
+        every_rank = _on_every_rank(group, lambda: _write_shard(snapshot, tmp, rank), share=rng_state)
+        _on_every_rank(group, (lambda: publish(every_rank)) if rank == 0 else None)
+
+    def write_in_background():  # in this rank's writer thread: markers instead of collectives
+        try:
+            files = _write_shard(snapshot, tmp, rank)
+        except Exception as err:
+            mark_rank_done(tmp, rank, {"error": f"{type(err).__name__}: {err}"})  # rank 0 stops waiting
+            raise
+        mark_rank_done(tmp, rank, {"files": files, "rng": rng_state})
+        if rank == 0:
+            every_rank = wait_for_ranks(tmp, world, timeout_s, what=f"saving {name}")
+            publish([(marker["files"], marker["rng"]) for marker in every_rank])
+
+    if writer is None:
+        write_together()
+    else:
+        writer.submit(name, write_in_background if background else write_together)
+    return root / name
 
 
-def _write_optimizer_shard(engine, file: Path, tp_rank: int) -> Path:
+def wait_together(writer, group=None) -> None:
+    """Every rank waits for its background save; all raise if it failed on any rank."""
+    _on_every_rank(group or dist.group.WORLD, writer.wait)
+
+
+@dataclass
+class _ShardSnapshot:
+    """What one rank writes, on CPU: its ZeRO partition and, on the first DP×CP rank of a
+    TP rank, that TP rank's weights."""
+    tp_rank: int
+    optimizer: dict[str, torch.Tensor]
+    optimizer_metadata: dict[str, str]
+    weights: dict[str, torch.Tensor] | None
+
+
+def _snapshot_shard(engine, dims, copy: bool) -> _ShardSnapshot:
+    tensors, metadata = _optimizer_shard(engine, dims.tp_rank)  # copies already
+    weights = None
+    if dims.dp_rank == 0 and dims.cp_rank == 0:
+        # `copy`: a background write must not see the updates of the steps that train meanwhile
+        weights = {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in engine.module.state_dict().items()}
+    return _ShardSnapshot(dims.tp_rank, tensors, metadata, weights)
+
+
+def _write_shard(snapshot: _ShardSnapshot, tmp: Path, rank: int) -> dict[str, dict]:
+    """This rank's files in `tmp`; returns their names, sizes and SHA-256 (each rank hashes its own)."""
+    written = [tmp / OPTIM_FILE.format(rank)]
+    save_file(snapshot.optimizer, written[0], metadata=snapshot.optimizer_metadata)
+    if snapshot.weights is not None:
+        written.append(tmp / MODEL_FILE.format(snapshot.tp_rank))
+        save_file(snapshot.weights, written[-1], metadata={"tp_rank": str(snapshot.tp_rank)})
+    return {file.name: describe_file(file) for file in written}
+
+
+def _optimizer_shard(engine, tp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This rank's ZeRO partition as tensors (copies, on CPU) and the safetensors metadata."""
     tensors, fragments, adam_steps = {}, {}, set()
     for name, param, fragment, state in _zero_fragments(engine):
         lp = fragment.lp_fragment_address
@@ -99,11 +162,11 @@ def _write_optimizer_shard(engine, file: Path, tp_rank: int) -> Path:
             tensors[f"{name}/{key}"] = moment.cpu().clone() if moment is not None else torch.zeros(lp.numel)
         adam_steps.add(int(state["step"]) if "step" in state else 0)
     if len(adam_steps) > 1:
-        raise CheckpointError(f"{file.name}: parameter groups disagree on Adam's step count {sorted(adam_steps)}")
+        raise CheckpointError(f"rank {dist.get_rank()}: parameter groups disagree on Adam's step count "
+                              f"{sorted(adam_steps)}")
     metadata = {"tp_rank": str(tp_rank), "adam_step": str(adam_steps.pop() if adam_steps else 0),
                 "fragments": json.dumps(fragments)}
-    save_file(tensors, file, metadata=metadata)
-    return file
+    return tensors, metadata
 
 
 def _on_every_rank(group, work, share=None) -> list:

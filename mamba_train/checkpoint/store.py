@@ -10,6 +10,9 @@ A checkpoint is written into a hidden temporary directory, renamed into place, a
 then named in `latest` (itself replaced atomically), so a crash at any moment leaves the
 previous checkpoint intact. `manifest.json` is written last and lists every file with its
 size and SHA-256; a directory without a manifest that verifies is not a checkpoint.
+Directories are deleted (retention, a step saved again) by renaming them out of sight
+first, so a crash never leaves a half-deleted `step_*`; what a crash leaves (`.tmp-*`,
+`.trash-*`) is never read and is removed by the next save that completes.
 Loading never runs code from a file: safetensors for weights, `torch.load(weights_only=True)`
 for optimizer state, JSON for the rest.
 """
@@ -39,17 +42,43 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
+                    trainer_state: dict, keep_last: int = 3, keep_every: int = 0, writer=None) -> Path:
+    """Write the checkpoint of `step` and return its path. With a `CheckpointWriter`
+    (writer.py) in the background, only the copy of the state to CPU happens here: the
+    path is complete once `writer.wait()` returns."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    write_json(tmp / "trainer_state.json", trainer_state)
-    files = {p.name: describe_file(p) for p in sorted(tmp.iterdir())}
-    return publish_checkpoint(tmp, root, step, files, keep_last, keep_every)
+    background = writer is not None and writer.background
+    # a background write must not see the updates of the steps that train meanwhile
+    weights = {k: v.detach().to("cpu", copy=background).contiguous() for k, v in model.state_dict().items()}
+    optimizer_state = _to_cpu(optimizer.state_dict()) if background else optimizer.state_dict()
+
+    def write() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, tmp / "model.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        write_json(tmp / "trainer_state.json", trainer_state)
+        files = {p.name: describe_file(p) for p in sorted(tmp.iterdir())}
+        publish_checkpoint(tmp, root, step, files, keep_last, keep_every)
+
+    if writer is None:
+        write()
+    else:
+        writer.submit(checkpoint_name(step), write)
+    return root / checkpoint_name(step)
+
+
+def _to_cpu(state):
+    """A copy of (nested) optimizer state with every tensor copied to CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: _to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(value) for value in state)
+    return state
 
 
 def publish_checkpoint(tmp: Path, root: Path, step: int, files: dict[str, dict], keep_last: int,
@@ -60,11 +89,14 @@ def publish_checkpoint(tmp: Path, root: Path, step: int, files: dict[str, dict],
     write_json(tmp / MANIFEST, {"step": step, "files": files})
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+        _remove_dir(final)
     os.replace(tmp, final)
     _write_text_atomic(root / LATEST, final.name)
     _fsync_dir(root)
     _apply_retention(root, keep_last, keep_every)
+    # No other save of this run is in flight now (one at a time, and every rank's files are
+    # in `final`): what is left is from saves that died.
+    _remove_leftovers(root)
     return final
 
 
@@ -165,7 +197,27 @@ def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
         step = int(old.name[len(PREFIX):])
         if keep_every and step % keep_every == 0:
             continue
-        shutil.rmtree(old)
+        _remove_dir(old)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory without ever leaving a half-deleted one under its name:
+    renamed out of sight (atomic) first, then deleted."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """What saves that died left behind: their temporary directories, directories renamed
+    for deletion, and temporary `latest` files. None of them is ever read."""
+    for entry in root.iterdir():
+        if entry.name.startswith((".tmp-", ".trash-", f".{LATEST}.tmp-")):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def describe_file(file: Path) -> dict:

@@ -1,8 +1,8 @@
 """The training run, top to bottom: config → trainer → resume → data → loop.
 
 A trainer owns the model and the optimizer: it builds them, takes one optimizer step
-over `grad_accum` micro-batches, saves and loads checkpoints and scores the validation
-data. `SingleProcessTrainer` (below) runs one process on CPU or one GPU;
+over `grad_accum` micro-batches, saves (through a `CheckpointWriter`: here or in the
+background) and loads checkpoints and scores the validation data. `SingleProcessTrainer` (below) runs one process on CPU or one GPU;
 `ParallelTrainer` (parallel_trainer.py) runs one rank of a torchrun job of any
 TP × CP × DP layout through megatron-core's groups and DeepSpeed ZeRO. The loop is the
 same for both.
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from mamba_train.checkpoint import (has_checkpoints, load_checkpoint, read_trainer_state, resolve_resume,
-                                    save_checkpoint)
+from mamba_train.checkpoint import (CheckpointWriter, has_checkpoints, load_checkpoint, read_trainer_state,
+                                    resolve_resume, save_checkpoint)
 from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, PackedSamples, TrainLoader, load_tokenizer
 from mamba_train.eval import evaluate, format_table
@@ -45,6 +45,8 @@ class TrainResult:
     eval: dict | None = None
     checkpoint: Path | None = None
     stopped_by: str | None = None  # the signal that ended the run early, if any
+    # one row per save: {"checkpoint", "blocking_s" (training stalled), "write_s" (files written)}
+    saves: list[dict] = field(default_factory=list)
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -128,11 +130,22 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
     metrics.info(f"model: {trainer.num_parameters:,} parameters | {trainer.describe()} | "
                  f"{tokens_per_step:,} tokens/step | {samples.num_samples:,} training samples of {cfg.data.seq_len}")
     result = TrainResult(step=step)
+    writer = CheckpointWriter(background=cfg.checkpoint.async_save, log=metrics.info)
+    result.saves = writer.records
 
     def save() -> Path:
         trainer_state = {"step": step, "consumed_samples": loader.consumed_samples, "skipped_steps": skipped,
                          "config": cfg.to_dict()}
-        return trainer.save(trainer_state)
+        started = time.perf_counter()
+        path = trainer.save(trainer_state, writer)
+        record = writer.records[-1]
+        record["blocking_s"] = time.perf_counter() - started
+        if writer.background:  # the write's own line comes from the writer when it is done
+            metrics.info(f"checkpoint {path.name}: training stalled {record['blocking_s']:.2f} s (the previous "
+                         f"save's end, the copy to CPU); writing in the background")
+        else:
+            metrics.info(f"checkpoint {path.name}: saved in {record['blocking_s']:.2f} s")
+        return path
 
     stop = StopRequest()
     try:
@@ -165,6 +178,7 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
             metrics.log_step(step, row)
             if stop.requested():
                 result.checkpoint, result.step, result.stopped_by = save(), step, stop.name
+                trainer.wait_for_saves(writer)
                 metrics.info(f"{stop.name}: checkpoint saved at step {step}; exiting (continue with --resume auto)")
                 return result
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < last_step:
@@ -172,6 +186,7 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 metrics.log_eval(step, trainer.evaluate(cfg.train.eval_batches))
         result.checkpoint = save()
+        trainer.wait_for_saves(writer)  # the checkpoint is complete (and its error raised) before going on
         if step < cfg.train.steps:
             metrics.info(f"stopped at step {step} of {cfg.train.steps}; continue with --resume auto")
             result.step = step
@@ -184,7 +199,12 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
             metrics.info(format_table(result.eval))
     finally:
         stop.close()
-        metrics.close()
+        try:
+            # A background save still in flight (the run failed): let it finish, so the last
+            # checkpoint is complete; its own error, if any, is raised here (with the run's as context).
+            writer.wait()
+        finally:
+            metrics.close()
     result.step = step
     return result
 
@@ -227,11 +247,14 @@ class SingleProcessTrainer:
         set_rng_state(rng[0] if isinstance(rng, list) else rng)  # a parallel run's: one per rank
         return state
 
-    def save(self, trainer_state: dict) -> Path:
+    def save(self, trainer_state: dict, writer: CheckpointWriter) -> Path:
         ckpt = self.cfg.checkpoint
         state = dict(trainer_state, rng=rng_state(), vocab_tp=self.vocab_tp)
         return save_checkpoint(ckpt.dir, trainer_state["step"], self.model, self.optimizer, state, ckpt.keep_last,
-                               ckpt.keep_every)
+                               ckpt.keep_every, writer=writer)
+
+    def wait_for_saves(self, writer: CheckpointWriter) -> None:
+        writer.wait()
 
     def train_step(self, loader, lr: float) -> tuple[float, float | None]:
         """Forward/backward over `grad_accum` micro-batches, clip, update. Returns the mean

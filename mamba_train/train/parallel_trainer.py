@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from mamba_train.checkpoint import read_trainer_state, resolve_resume
-from mamba_train.checkpoint.sharded import load_sharded_into_engine, save_sharded, verify_together
+from mamba_train.checkpoint import CheckpointWriter
+from mamba_train.checkpoint.sharded import load_sharded_into_engine, save_sharded, verify_together, wait_together
 from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, PackedSamples
 from mamba_train.model import Mamba2LM
@@ -130,10 +131,15 @@ class ParallelTrainer:
         return state
 
     @_explain_collective_errors
-    def save(self, trainer_state: dict) -> Path:
+    def save(self, trainer_state: dict, writer: CheckpointWriter) -> Path:
         ckpt = self.cfg.checkpoint
         return save_sharded(ckpt.dir, trainer_state["step"], self.engine, self.dims,
-                            dict(trainer_state, vocab_tp=self.vocab_tp), rng_state(), ckpt.keep_last, ckpt.keep_every)
+                            dict(trainer_state, vocab_tp=self.vocab_tp), rng_state(), ckpt.keep_last, ckpt.keep_every,
+                            writer=writer, timeout_s=60 * self.cfg.parallel.timeout_minutes)
+
+    @_explain_collective_errors
+    def wait_for_saves(self, writer: CheckpointWriter) -> None:
+        wait_together(writer)  # every rank raises if a background write failed on any
 
     @_explain_collective_errors
     def train_step(self, loader, lr: float) -> tuple[float, float | None]:

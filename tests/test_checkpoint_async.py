@@ -1,0 +1,212 @@
+"""`checkpoint.async_save`: training goes on while a CPU copy of the state is written by a
+background thread. Its checkpoints hold exactly what a blocking save writes at the same
+step, resume bit-exactly, and a failed background write is raised, never lost.
+
+The background writes are slowed down (`slow_writes`) so that several training steps run
+while a checkpoint is being written: a copy taken too late, or not at all, would show.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mamba_train.checkpoint import CheckpointError, CheckpointWriter
+from mamba_train.train.loop import train
+from synthetic import tiny_config
+
+STEPS = ("train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=5")
+ASYNC = "checkpoint.async_save=true"
+
+
+def slow_writes(monkeypatch, module, seconds=0.3, fail_on_call=None):
+    """Make `module.save_file` (safetensors) slow; or fail with OSError on its n-th call."""
+    real_save_file, calls = module.save_file, {"n": 0}
+
+    def save_file(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_on_call:
+            raise OSError("No space left on device (simulated)")
+        time.sleep(seconds)
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(module, "save_file", save_file)
+
+
+def checkpoint_contents(path):
+    """Every tensor of a checkpoint (by file and name) and its trainer state without the config
+    (whose directories and async_save differ between the runs compared)."""
+    tensors = {}
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            tensors.update({(file.name, name): tensor for name, tensor in load_file(file).items()})
+        elif file.suffix == ".pt":
+            optimizer = torch.load(file, weights_only=True)
+            for index, state in optimizer["state"].items():
+                tensors.update({(file.name, index, key): torch.as_tensor(value) for key, value in state.items()})
+            tensors[(file.name, "param_groups")] = torch.tensor(
+                [float(value) for group in optimizer["param_groups"] for value in group.values()
+                 if isinstance(value, (int, float))])
+    state = json.loads((path / "trainer_state.json").read_text())
+    state.pop("config")
+    return tensors, state, sorted(file.name for file in path.iterdir())
+
+
+def assert_same_checkpoint(actual, expected):
+    tensors, state, files = checkpoint_contents(actual)
+    expected_tensors, expected_state, expected_files = checkpoint_contents(expected)
+    assert files == expected_files
+    assert state == expected_state
+    assert tensors.keys() == expected_tensors.keys()
+    different = [key for key in tensors if not torch.equal(tensors[key], expected_tensors[key])]
+    assert not different, f"{actual.name}: tensors differ from the blocking save's: {different[:5]}"
+
+
+def leftovers(root):
+    return [entry.name for entry in root.iterdir() if entry.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+def test_writer_reraises_a_failed_background_write_once():
+    writer = CheckpointWriter(background=True, log=lambda message: None)
+
+    def fail():
+        raise OSError("No space left on device (simulated)")
+
+    writer.submit("step_00000003", fail)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step_00000003 in the background failed: "
+                                              r"OSError: No space left"):
+        writer.wait()
+    writer.wait()  # raised once, then the writer is usable again
+
+
+def test_writer_runs_one_save_at_a_time_in_order():
+    writer, order = CheckpointWriter(background=True, log=lambda message: None), []
+    writer.submit("step_00000001", lambda: (time.sleep(0.2), order.append(1)))
+    writer.submit("step_00000002", lambda: order.append(2))  # waits for the first
+    writer.wait()
+    assert order == [1, 2] and all(record["write_s"] is not None for record in writer.records)
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(markov_data, tmp_path_factory):
+    from mamba_train.checkpoint import store
+
+    root = tmp_path_factory.mktemp("async-one")
+    blocking = train(tiny_config(markov_data, root / "blocking", *STEPS))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        slow_writes(monkeypatch, store)
+        background = train(tiny_config(markov_data, root / "async", *STEPS, ASYNC))
+        first = train(tiny_config(markov_data, root / "resumed", *STEPS, ASYNC), stop_after_steps=3)
+        second = train(tiny_config(markov_data, root / "resumed", *STEPS, ASYNC), resume="auto")
+    return {"root": root, "blocking": blocking, "async": background, "resumed": {**first.losses, **second.losses}}
+
+
+def test_async_save_writes_the_same_tensors_as_a_blocking_save(one_process_runs):
+    root = one_process_runs["root"]
+    for step in ("step_00000003", "step_00000006"):
+        assert_same_checkpoint(root / "async" / "ckpt" / step, root / "blocking" / "ckpt" / step)
+    assert not leftovers(root / "async" / "ckpt")
+
+
+def test_resume_from_an_async_checkpoint_is_bit_exact(one_process_runs):
+    assert one_process_runs["resumed"] == one_process_runs["blocking"].losses  # float equality at every step
+
+
+def test_async_save_records_the_stall_and_the_write_time(one_process_runs):
+    saves = one_process_runs["async"].saves
+    assert [record["checkpoint"] for record in saves] == ["step_00000003", "step_00000006"]
+    for record in saves:  # two slowed safetensors writes per save: 0.3 s each, in the background
+        assert record["write_s"] >= 0.3 and record["blocking_s"] < record["write_s"], record
+
+
+def test_a_failed_background_write_surfaces_at_the_next_save(markov_data, tmp_path, monkeypatch):
+    from mamba_train.checkpoint import store
+
+    slow_writes(monkeypatch, store, seconds=0.0, fail_on_call=1)  # the save of step 2
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step_00000002 in the background failed: "
+                                              r"OSError: No space left on device"):
+        train(tiny_config(markov_data, tmp_path, "train.steps=8", "checkpoint.every=2", ASYNC))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # training went on to the next save, which raised
+    assert not (tmp_path / "ckpt" / "step_00000002").exists()
+
+
+def test_a_failed_last_background_write_surfaces_before_the_run_returns(markov_data, tmp_path, monkeypatch):
+    from mamba_train.checkpoint import store
+
+    slow_writes(monkeypatch, store, seconds=0.0, fail_on_call=2)  # the final save (step 4)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step_00000004 in the background failed"):
+        train(tiny_config(markov_data, tmp_path, "train.steps=4", "checkpoint.every=2", ASYNC))
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000002"
+
+
+# ----------------------------------------------------------------------------- sharded (DP=2)
+
+DP2 = ("train.micro_batch=2", *STEPS)
+
+
+def _dp2_worker(rank, world, data, root):
+    from mamba_train.checkpoint import sharded
+
+    results = {}
+    results["blocking"] = train(tiny_config(data, root / "blocking", *DP2)).losses
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        slow_writes(monkeypatch, sharded)
+        results["async"] = train(tiny_config(data, root / "async", *DP2, ASYNC)).losses
+        first = train(tiny_config(data, root / "resumed", *DP2, ASYNC), stop_after_steps=3)
+        second = train(tiny_config(data, root / "resumed", *DP2, ASYNC), resume="auto")
+        results["resumed"] = {**first.losses, **second.losses}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if rank == 1:  # only rank 1's shard of step 3 fails
+            slow_writes(monkeypatch, sharded, seconds=0.0, fail_on_call=1)
+        try:
+            train(tiny_config(data, root / "failing", *DP2, ASYNC))
+            results["failing"] = "finished"
+        except CheckpointError as err:
+            results["failing"] = str(err)
+    (root / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(markov_data, tmp_path_factory):
+    pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
+    pytest.importorskip("deepspeed", reason="deepspeed is in the [dev] extra")
+    from distributed import run_workers
+
+    root = tmp_path_factory.mktemp("async-dp2")
+    run_workers(_dp2_worker, 2, markov_data, root)
+    return {"root": root, "ranks": [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_async_sharded_save_writes_the_same_tensors_as_a_blocking_save(dp2_runs):
+    root = dp2_runs["root"]
+    for step in ("step_00000003", "step_00000006"):
+        assert_same_checkpoint(root / "async" / "ckpt" / step, root / "blocking" / "ckpt" / step)
+    assert not leftovers(root / "async" / "ckpt")  # markers and temporary directories are gone
+    assert dp2_runs["ranks"][0]["async"] == dp2_runs["ranks"][0]["blocking"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_from_an_async_sharded_checkpoint_is_bit_exact(dp2_runs):
+    for results in dp2_runs["ranks"]:
+        assert results["resumed"] == results["blocking"]  # float equality at every step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_failed_shard_write_surfaces_on_every_rank(dp2_runs):
+    for rank, results in enumerate(dp2_runs["ranks"]):
+        message = results["failing"]
+        assert "step_00000003" in message and "No space left on device" in message, (rank, message)
+    assert not (dp2_runs["root"] / "failing" / "ckpt" / "step_00000003").exists()
