@@ -1,12 +1,15 @@
-"""Weighted blends, the cached memory-mapped sample index, and exact continuation from
-consumed_samples under any data-parallel size."""
+"""Weighted blends, the cached memory-mapped sample index, exact continuation from
+consumed_samples under any data-parallel size, and the blend of a run's config."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mamba_train.config import ConfigError, DataConfig, load_config
 from mamba_train.data import (BlendedSamples, DataError, IndexedDataset, IndexedDatasetWriter, PackedSamples,
-                              TrainLoader, parse_blend)
+                              TrainLoader, build_train_samples, index_cache_dir, parse_blend)
 from mamba_train.data.blend import blend_counts, build_blend_index
 
 SEQ = 8
@@ -115,3 +118,110 @@ def test_bad_blends_are_errors(spec, message):
 
 def test_megatron_style_flat_blend_list():
     assert parse_blend([0.3, "a", 0.1, "b"]) == [("a", pytest.approx(0.75)), ("b", pytest.approx(0.25))]
+
+
+# The run's training samples from its config: data.blend, data.cache_dir and
+# mamba_train.data.build_train_samples, which the training loop calls.
+
+def data_config(**fields):
+    cfg = DataConfig(seq_len=SEQ, **fields)
+    cfg.validate()
+    return cfg
+
+
+def test_blend_config_as_pairs_or_megatron_string_gives_the_same_weights(prefixes):
+    pairs = data_config(blend=[[2, prefixes[0]], [1, prefixes[1]], [1.0, prefixes[2]]])
+    string = data_config(blend=f"2 {prefixes[0]} 1 {prefixes[1]} 1 {prefixes[2]}")
+    assert pairs.blend_weights() == string.blend_weights() == [(0.5, prefixes[0]), (0.25, prefixes[1]),
+                                                               (0.25, prefixes[2])]
+    assert data_config(train_prefix=prefixes[0]).blend_weights() == [(1.0, prefixes[0])]  # no blend
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[[a, 0.5]]", r"data.blend\[0\]: expected a weight \(a number\) before the prefix, found 'a'"),
+    ("0.5 a 0.5", "data.blend: expected .* found 3 words"),
+    ("[[0.5, a, b]]", r"data.blend\[0\]: expected \[weight, prefix\]"),
+    ("[[-1, a]]", r"data.blend\[0\]: expected a finite weight >= 0, found -1.0"),
+    ("[[0, a], [0, b]]", "data.blend: expected at least one positive weight"),
+    ("[[1, '']]", r"data.blend\[0\]: expected a dataset prefix"),
+    ("{a: 1}", "data.blend: .* matches none of"),
+])
+def test_bad_blend_configs_are_errors_naming_the_field(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"data.blend={value}"])
+
+
+def test_without_a_blend_the_run_trains_on_train_prefix_as_before(prefixes):
+    samples = build_train_samples(data_config(train_prefix=prefixes[0]), num_samples=10**6)
+    plain = PackedSamples(IndexedDataset(prefixes[0]), SEQ)
+    assert isinstance(samples, PackedSamples) and samples.num_samples == plain.num_samples
+    assert all(np.array_equal(samples[i][0], plain[i][0]) for i in range(plain.num_samples))
+
+
+def test_built_blend_draws_each_dataset_by_its_weight(prefixes, tmp_path):
+    cfg = data_config(blend=[[0.5, prefixes[0]], [0.3, prefixes[1]], [0.2, prefixes[2]]], cache_dir=str(tmp_path))
+    samples = build_train_samples(cfg, num_samples=1000)
+    sources = np.array([samples.source_of(i) for i in range(len(samples))])
+    assert len(samples) == 1000 and np.bincount(sources).tolist() == [500, 300, 200]
+    for start in range(0, 1000, 100):  # mixed evenly: every window holds about its share
+        assert np.all(np.abs(np.bincount(sources[start:start + 100], minlength=3) - [50, 30, 20]) <= 1)
+    for i in range(0, 1000, 7):  # dataset d's tokens are all d + 1 (or EOD 0)
+        assert set(samples[i][0].tolist()) <= {0, sources[i] + 1}
+
+
+def test_built_blend_index_is_cached_beside_the_data_and_reused(prefixes, monkeypatch):
+    cfg = data_config(blend=[[0.7, prefixes[0]], [0.3, prefixes[1]]])  # no cache_dir: beside the first dataset
+    first = build_train_samples(cfg, num_samples=64)
+    cache = index_cache_dir(cfg)
+    assert cache == Path(prefixes[0]).parent / "index-cache" and len(list(cache.glob("blend-*.npy"))) == 1
+    import mamba_train.data.blend as blend_module
+
+    monkeypatch.setattr(blend_module, "build_blend_index", lambda *a: pytest.fail("rebuilt a cached index"))
+    again = build_train_samples(cfg, num_samples=64)
+    assert isinstance(again._index, np.memmap) and np.array_equal(again._index, first._index)
+
+
+def test_built_blend_is_deterministic_and_follows_the_seed(prefixes, tmp_path):
+    blend = [[0.5, prefixes[0]], [0.5, prefixes[2]]]
+    a = build_train_samples(data_config(blend=blend, cache_dir=str(tmp_path / "a")), num_samples=300)
+    b = build_train_samples(data_config(blend=blend, cache_dir=str(tmp_path / "b")), num_samples=300)
+    assert [f.read_bytes() for f in sorted((tmp_path / "a").glob("*.npy"))] == \
+        [f.read_bytes() for f in sorted((tmp_path / "b").glob("*.npy"))]
+    other = build_train_samples(data_config(blend=blend, seed=7, cache_dir=str(tmp_path / "c")), num_samples=300)
+    assert np.array_equal(a._index[:, 0], other._index[:, 0])  # the same mix ...
+    assert not np.array_equal(a._index[:, 1], other._index[:, 1])  # ... of other samples
+    assert np.array_equal(a._index, b._index)
+
+
+def test_a_dataset_drawn_less_than_once_is_sampled_all_over_and_repeats_in_whole_passes():
+    index = build_blend_index([0.5, 0.5], [1000, 10], 200, seed=0)
+    big, small = index[index[:, 0] == 0, 1], index[index[:, 0] == 1, 1]
+    assert len(set(big.tolist())) == 100 and big.max() > 500  # not just the first 100 samples
+    for start in range(0, 100, 10):  # 10 shuffled passes over the small dataset
+        assert sorted(small[start:start + 10].tolist()) == list(range(10))
+    assert small[:10].tolist() != small[10:20].tolist()
+
+
+@pytest.mark.parametrize("world_before, world_after", [(1, 4), (4, 2)])
+def test_training_on_a_built_blend_resumes_exactly_under_another_data_parallel_size(prefixes, tmp_path,
+                                                                                      world_before, world_after):
+    cfg = data_config(blend=f"0.5 {prefixes[0]} 0.2 {prefixes[1]} 0.3 {prefixes[2]}", cache_dir=str(tmp_path))
+    global_batch, steps = 8, 12
+
+    def run(world, consumed, n):  # every rank builds (or finds) the blend, as the training loop does
+        loaders = [TrainLoader(build_train_samples(cfg, num_samples=steps * global_batch), global_batch // world,
+                               seed=cfg.seed, consumed_samples=consumed, rank=r, world=world,
+                               cache_dir=index_cache_dir(cfg)) for r in range(world)]
+        return [torch.cat([next(loader)["input_ids"] for loader in loaders]) for _ in range(n)]
+
+    straight = run(1, 0, steps + 2)  # two steps past the blend's samples: a new epoch
+    run(world_before, 0, 5)
+    for want, got in zip(straight[5:], run(world_after, 5 * global_batch, steps + 2 - 5)):
+        assert torch.equal(want, got)
+
+
+def test_an_unwritable_cache_dir_is_an_error_naming_the_field(prefixes, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    cfg = data_config(blend=[[1, prefixes[0]]], cache_dir=str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(DataError, match="data.cache_dir: cannot create"):
+        build_train_samples(cfg, num_samples=10)

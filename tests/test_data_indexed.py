@@ -138,3 +138,20 @@ def test_verify_catches_inconsistent_pointers(tmp_path):
     (tmp_path / "ds.idx").write_bytes(bytes(idx))
     with pytest.raises(IndexedDatasetError, match="sequence pointer 1"):
         IndexedDataset(prefix).verify()
+
+
+def test_adding_a_chunk_of_documents_writes_the_same_files_as_one_by_one(tmp_path):
+    write(tmp_path / "one")
+    names = ["prose" if i % 2 == 0 else "code" for i in range(len(DOCS))]
+    with IndexedDatasetWriter(tmp_path / "chunk", np.uint16) as writer:
+        writer.add_documents(np.array(sum(DOCS[:1], [])), [len(DOCS[0])], [10], names[:1])
+        writer.add_documents(np.array(sum(DOCS[1:], [])), [len(d) for d in DOCS[1:]], [20, 30, 40], names[1:])
+    for suffix in (".bin", ".idx", ".docs.npz"):
+        assert (tmp_path / f"chunk{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes()
+
+
+def test_a_chunk_with_a_token_that_does_not_fit_names_its_document(tmp_path):
+    with pytest.raises(IndexedDatasetError, match=r"token id 70000 does not fit uint16 \(document 2\)"):
+        with IndexedDatasetWriter(tmp_path / "ds", np.uint16) as writer:
+            writer.add_document([1, 0])
+            writer.add_documents(np.array([3, 0, 4, 70000, 0]), [2, 3])

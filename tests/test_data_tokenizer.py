@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from mamba_train.data import HFTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer, train_sentencepiece
@@ -84,3 +85,81 @@ def test_trains_on_a_sample_of_n_documents(tmp_path):
     sample = _reservoir_sample(iter(TEXTS), 10, seed=0, max_chars=1000)
     assert len(sample) == 10 and len(set(sample)) == 10 and set(sample) <= set(TEXTS)
     assert sample != TEXTS[:10]  # drawn from the whole stream, not its head
+
+
+# The pipeline's encode_documents: for sentencepiece BPE it encodes each distinct segment
+# of a chunk once (segments.py); the ids must be exactly those of whole documents.
+
+HARD_TEXTS = [
+    "",
+    "  leading and trailing spaces   ",
+    "tabs\tand\n\nnewlines\r\n  indented\n\t\tdeeper\n",
+    "digits 1234567890 3.14159e-10 0x1F",
+    "unseen: café 日本語 ☃ 🙂 and a NUL \x00 here",
+    "the meta symbol written out: ▁ ▁▁x a▁b ▁ ",
+    "a" * 3000 + " " + "ab " * 1000,
+    " ",
+] + TEXTS[:40]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return train_sentencepiece(iter(TEXTS), tmp_path_factory.mktemp("bpe") / "sp", vocab_size=360, sample_docs=200)
+
+
+def random_texts(tok, n, seed):
+    """Texts drawn from the vocabulary's own characters, spaces and a few unseen ones."""
+    chars = sorted({c for i in range(tok.vocab_size) for c in tok._sp.id_to_piece(i).replace("▁", " ")
+                    if not tok._sp.is_byte(i) and not tok._sp.is_control(i)} | set(" \n\t▁é☃"))
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(chars, rng.integers(0, 400))) for _ in range(n)]
+
+
+def assert_same_as_whole_documents(tok, texts):
+    ids, ends = tok.encode_documents(texts)
+    whole = tok.encode_batch(texts)
+    assert ends.tolist() == np.cumsum([len(w) for w in whole]).tolist()
+    assert ids.tolist() == [i for w in whole for i in w]
+
+
+def test_segment_encoder_gives_the_ids_of_whole_documents(bpe):
+    assert bpe.cuts is not None  # the models the recipes train take the fast path
+    assert_same_as_whole_documents(bpe, HARD_TEXTS)
+    assert_same_as_whole_documents(bpe, random_texts(bpe, 300, seed=0))
+    assert_same_as_whole_documents(bpe, [])
+
+
+def with_spec(tok, tmp_path, name, change):
+    from sentencepiece import sentencepiece_model_pb2 as spec
+
+    model = spec.ModelProto.FromString(tok._sp.serialized_model_proto())
+    change(model)
+    (tmp_path / name).write_bytes(model.SerializeToString())
+    return load_tokenizer(tmp_path / name)
+
+
+def test_models_whose_ids_a_cut_could_change_are_encoded_whole(bpe, tmp_path):
+    def dummy_prefix(model):
+        model.normalizer_spec.add_dummy_prefix = True
+
+    def unused_piece(model):
+        model.pieces[-1].type = model.pieces[-1].UNUSED
+
+    def unigram(model):
+        model.trainer_spec.model_type = model.trainer_spec.UNIGRAM
+
+    def no_byte_fallback(model):  # a run of unknown characters becomes one <unk>
+        model.trainer_spec.byte_fallback = False
+        kept = [piece for piece in model.pieces if piece.type != piece.BYTE]
+        del model.pieces[:]
+        model.pieces.extend(kept)
+
+    for change in (dummy_prefix, unused_piece, unigram, no_byte_fallback):
+        tok = with_spec(bpe, tmp_path, f"{change.__name__}.model", change)
+        assert tok.cuts is None, change.__name__
+        assert_same_as_whole_documents(tok, HARD_TEXTS)
+
+
+def test_hf_tokenizer_documents_are_its_batch(tmp_path):
+    make_hf_tokenizer(tmp_path, with_config=False)
+    assert_same_as_whole_documents(load_tokenizer(tmp_path), HARD_TEXTS)

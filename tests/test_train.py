@@ -44,6 +44,19 @@ def test_resume_is_bit_exact(markov_data, tmp_path):
     assert all(torch.equal(weights_straight[k], weights_resumed[k]) for k in weights_straight)
 
 
+def test_a_blend_of_two_datasets_trains_and_resumes_bit_exact(markov_data, tmp_path):
+    from synthetic import write_markov_dataset
+
+    write_markov_dataset(tmp_path / "other", n_docs=200, seed=7)
+    blend = f"data.blend=3 {markov_data / 'train'} 1 {tmp_path / 'other'}"
+    steps = ["train.steps=8", "checkpoint.every=4", blend, f"data.cache_dir={tmp_path / 'cache'}"]
+    straight = train(tiny_config(markov_data, tmp_path / "straight", *steps))
+    first = train(tiny_config(markov_data, tmp_path / "resumed", *steps), stop_after_steps=4)
+    second = train(tiny_config(markov_data, tmp_path / "resumed", *steps), resume="auto")
+    assert {**first.losses, **second.losses} == straight.losses
+    assert any((tmp_path / "cache").iterdir())   # the blend's sample index, built once and reused
+
+
 def test_resume_refuses_an_incomplete_checkpoint_and_auto_falls_back(markov_data, tmp_path, capsys):
     cfg = tiny_config(markov_data, tmp_path, "train.steps=4", "checkpoint.every=2")
     train(cfg)

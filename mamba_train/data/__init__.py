@@ -12,7 +12,8 @@ from mamba_train.data.local_corpus import build_local_corpus
 from mamba_train.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, Tokenizer, TokenizerError,
                                         load_tokenizer, train_sentencepiece)
 
-_LAZY = {"PackedSamples": "loader", "TrainLoader": "loader", "BlendedSamples": "blend", "parse_blend": "blend"}
+_LAZY = {"PackedSamples": "loader", "TrainLoader": "loader", "BlendedSamples": "blend", "parse_blend": "blend",
+         "build_train_samples": "build", "index_cache_dir": "build"}
 
 
 def __getattr__(name: str):
@@ -26,6 +27,6 @@ def __getattr__(name: str):
 __all__ = [
     "BlendedSamples", "CorpusError", "DataError", "HFTokenizer", "IndexedDataset", "IndexedDatasetError",
     "IndexedDatasetWriter", "PackedSamples", "SentencePieceTokenizer", "SkippedRecords", "Tokenizer",
-    "TokenizerError", "TrainLoader", "build_local_corpus", "load_tokenizer", "parse_blend", "read_documents",
-    "read_jsonl", "token_dtype_for_vocab", "train_sentencepiece",
+    "TokenizerError", "TrainLoader", "build_local_corpus", "build_train_samples", "index_cache_dir", "load_tokenizer",
+    "parse_blend", "read_documents", "read_jsonl", "token_dtype_for_vocab", "train_sentencepiece",
 ]

@@ -3,8 +3,10 @@
 A blend of datasets d with weights w_d draws round(w_d · N) of its N samples from d,
 spread evenly over the blend (dataset d's k-th sample sits at "time" (k + ½) / n_d; all
 samples are ordered by time), so every window of the blend has about the right mix and
-the loader's shuffle (loader.TrainLoader) only reorders it. A dataset asked for more
-samples than it has is repeated (upsampled) whole before any sample repeats twice.
+the loader's shuffle (loader.TrainLoader) only reorders it. Which samples of d are drawn
+is a shuffle of d seeded by (seed, d), so a dataset drawn less than once is sampled all
+over, not only at its start; a dataset asked for more samples than it has is repeated
+(upsampled) in whole passes, each in its own order, before any sample repeats twice.
 
 Index arrays are built by numpy in O(N log N), written once under `cache_dir` as .npy
 files named by a hash of everything they depend on, and memory-mapped on every later
@@ -61,18 +63,30 @@ def blend_counts(weights: list[float], num_samples: int) -> np.ndarray:
     return counts
 
 
-def build_blend_index(weights: list[float], sizes: list[int], num_samples: int) -> np.ndarray:
-    """(N, 2) int64 rows (dataset, sample in that dataset) in blend order."""
+def build_blend_index(weights: list[float], sizes: list[int], num_samples: int, seed: int | None = None
+                      ) -> np.ndarray:
+    """(N, 2) int64 rows (dataset, sample in that dataset) in blend order. With `seed`,
+    dataset d's draws are shuffled passes over it; without, its samples in order 0, 1, ...
+    (both repeat a sample only after a whole pass)."""
     counts = blend_counts(weights, num_samples)
     times = np.concatenate([(np.arange(n) + 0.5) / n for n in counts if n])
     datasets = np.concatenate([np.full(n, d, dtype=np.int64) for d, n in enumerate(counts) if n])
     order = np.argsort(times, kind="stable")  # ties: the earlier dataset first, deterministically
     index = np.empty((num_samples, 2), dtype=np.int64)
     index[:, 0] = datasets[order]
-    # k-th sample drawn from dataset d is its sample k mod size: whole passes before repeats
-    within = np.concatenate([np.arange(n, dtype=np.int64) % sizes[d] for d, n in enumerate(counts) if n])
+    within = np.concatenate([_draws(sizes[d], n, seed, d) for d, n in enumerate(counts) if n])
     index[:, 1] = within[order]
     return index
+
+
+def _draws(size: int, count: int, seed: int | None, dataset: int) -> np.ndarray:
+    """(count,) samples of a dataset of `size`: whole passes over it, each pass in its own
+    order drawn from (seed, dataset); in a single call, as a small dataset upsampled into
+    a Pile-scale blend makes millions of passes."""
+    passes = np.tile(np.arange(size, dtype=np.int64), (-(-count // size), 1))  # (passes, size)
+    if seed is not None:
+        passes = np.random.default_rng([seed, dataset]).permuted(passes, axis=1)
+    return passes.ravel()[:count]
 
 
 class BlendedSamples:
@@ -80,7 +94,7 @@ class BlendedSamples:
     so TrainLoader (shuffle, resume, data parallelism) works on it unchanged."""
 
     def __init__(self, parts: list[PackedSamples], weights: list[float], num_samples: int | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, seed: int | None = 0):
         if not parts or len(parts) != len(weights):
             raise DataError(f"blend: {len(parts)} datasets and {len(weights)} weights; give one weight per dataset")
         seq_lens = {p.seq_len for p in parts}
@@ -92,20 +106,21 @@ class BlendedSamples:
         self.num_samples = num_samples or sum(p.num_samples for p in parts)  # default: one pass's worth
         if self.num_samples <= 0:
             raise DataError(f"blend: num_samples must be positive, found {self.num_samples}")
+        self.seed = seed
         self._index = cached_array(cache_dir, "blend", self.identity(),
                                    lambda: build_blend_index(self.weights, [p.num_samples for p in parts],
-                                                             self.num_samples))
+                                                             self.num_samples, seed))
 
     @classmethod
     def from_prefixes(cls, blend, seq_len: int, num_samples: int | None = None,
-                      cache_dir: str | os.PathLike | None = None) -> "BlendedSamples":
+                      cache_dir: str | os.PathLike | None = None, seed: int | None = 0) -> "BlendedSamples":
         pairs = parse_blend(blend)
         return cls([PackedSamples(IndexedDataset(prefix), seq_len) for prefix, _ in pairs],
-                   [w for _, w in pairs], num_samples, cache_dir)
+                   [w for _, w in pairs], num_samples, cache_dir, seed)
 
     def identity(self) -> dict:
         return {"parts": [p.identity() for p in self.parts], "weights": self.weights,
-                "num_samples": self.num_samples}
+                "num_samples": self.num_samples, "seed": self.seed}
 
     def __len__(self) -> int:
         return self.num_samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def cached_array(cache_dir: str | os.PathLike | None, kind: str, key: dict, buil
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         array = build()
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        # a unique temp name: ranks on several nodes may share the directory (and a pid)
+        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             np.save(f, array)
         path.with_suffix(".json").write_text(text + "\n")  # what the index was built from, for people

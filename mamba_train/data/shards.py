@@ -197,18 +197,15 @@ def _tokenize_shard(task: ShardTask, report: Callable[[int, int, int, int], None
     documents = (document for source in task.sources for document in read_source(source, skipped, on_read))
     with IndexedDatasetWriter(task.prefix, task.token_dtype) as writer:
         for texts, names, sizes in _chunks(documents, task.chunk_bytes, totals):
-            n_tokens = 0
-            for ids, name, size in zip(tokenizer.encode_batch(texts), names, sizes):
-                tokens = np.empty(len(ids) + 1, dtype=np.int64)  # the document, then EOD
-                tokens[:-1] = ids
-                tokens[-1] = eod
-                writer.add_document(tokens, size, name)
-                n_tokens += tokens.size
+            ids, ends = tokenizer.encode_documents(texts)
+            tokens = np.insert(ids, ends, eod)  # every document followed by EOD
+            writer.add_documents(tokens, np.diff(ends, prepend=0) + 1, sizes, names)
+            for name in names:
                 subsets[name] = subsets.get(name, 0) + 1
             totals["documents"] += len(texts)
-            totals["tokens"] += n_tokens
+            totals["tokens"] += tokens.size
             totals["utf8_bytes"] += sum(sizes)
-            report(len(texts), sum(sizes), n_tokens, disk_bytes[0])
+            report(len(texts), sum(sizes), tokens.size, disk_bytes[0])
             disk_bytes[0] = 0
     summary = {"prefix": task.prefix, "sources": list(task.sources), **totals, "subsets": subsets,
                "skipped": skipped.count if skipped else 0, "skipped_examples": skipped.examples if skipped else [],

@@ -25,7 +25,7 @@ import yaml
 from mamba_train.checkpoint import (CheckpointWriter, has_checkpoints, load_checkpoint, read_trainer_state,
                                     resolve_resume, save_checkpoint)
 from mamba_train.config import RunConfig
-from mamba_train.data import IndexedDataset, PackedSamples, TrainLoader, load_tokenizer
+from mamba_train.data import IndexedDataset, TrainLoader, build_train_samples, index_cache_dir, load_tokenizer
 from mamba_train.eval import evaluate, format_table
 from mamba_train.model import Mamba2LM, param_groups, training_flops_per_token
 from mamba_train.train.metrics import MetricsLogger, SilentMetrics, peak_flops
@@ -106,7 +106,9 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
     # a resumed run keeps the vocabulary padding (a multiple of 128·tp) it started with
     trainer.build(vocab_tp=saved.get("vocab_tp", 1) if saved is not None else None)
 
-    samples = PackedSamples(IndexedDataset(cfg.data.train_prefix), cfg.data.seq_len)
+    # the training set, or a weighted blend of several (data.blend): the samples this run reads
+    run_samples = cfg.train.steps * cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size
+    samples = build_train_samples(cfg.data, run_samples)
     samples.check_vocab(trainer.vocab_size)
 
     run_dir = Path(cfg.logging.run_dir)
@@ -121,7 +123,7 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
 
     # every DP rank reads its micro_batch rows of each global micro-batch of micro_batch · dp
     loader = TrainLoader(samples, cfg.train.micro_batch, seed=cfg.data.seed, consumed_samples=consumed_samples,
-                         rank=trainer.dp_rank, world=trainer.dp_size)
+                         rank=trainer.dp_rank, world=trainer.dp_size, cache_dir=index_cache_dir(cfg.data))
     tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size * cfg.data.seq_len
     flops_per_step = training_flops_per_token(cfg.model, trainer.vocab_size) * tokens_per_step
     peak = peak_flops(trainer.device, cfg.logging.peak_flops)
