@@ -134,17 +134,14 @@ def run_datasets(files, tokenizer, out: Path, workers: int, our_encoder: bool = 
     ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train", cache_dir=str(out / "hf"))
     loaded = time.perf_counter()
 
-    def encode(batch):  # the anchor: the tokenizer library's batch call
+    def library_encode(batch):  # the anchor: the tokenizer library's batch call
         return {"input_ids": [ids + [tok.eod_id] for ids in tok.encode_batch(batch["text"])]}
 
     def encode_like_ours(batch):  # informational: our segment encoder inside datasets.map
         ids, ends = tok.encode_documents(batch["text"])
         return {"input_ids": [doc.tolist() + [tok.eod_id] for doc in np.split(ids, ends[:-1])]}
 
-    if our_encoder:
-        encode = encode_like_ours
-
-    tokenized = ds.map(encode, batched=True, num_proc=workers, remove_columns=ds.column_names)
+    tokenized = ds.map(encode_like_ours if our_encoder else library_encode, batched=True, num_proc=workers, remove_columns=ds.column_names)
     seconds = time.perf_counter() - started
     # counted in Arrow: Python lists of every token would add a GiB to this side's peak RSS
     tokens = tokenized.data.column("input_ids").combine_chunks().flatten().to_numpy()
