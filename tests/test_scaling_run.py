@@ -134,7 +134,7 @@ def test_a_point_trained_by_an_array_task_is_collected_not_retrained(sweep_dir_w
 
 @pytest.fixture
 def sweep_dir_with_real_point(tmp_path):
-    """A small plan whose point 0 really trains (10 steps of the 8-wide model), as the
+    """A small plan whose point 0 really trains (10 steps of the 4-wide model), as the
     job array's task 0 would: `mamba-train train <its config>`."""
     from mamba_train.config import load_config
     from mamba_train.scaling import make_plan, write_plan
@@ -143,8 +143,9 @@ def sweep_dir_with_real_point(tmp_path):
     base = yaml.safe_load((REPO_ROOT / "configs/scaling/tiny.yaml").read_text())
     base["data"].update(train_prefix=str(tmp_path / "valid"), valid_prefix=str(tmp_path / "valid"))
     base["model"]["vocab_size"] = 256
+    base["train"]["micro_batch"] = 4  # 256 tokens per step: 10 steps of the 4-wide model at 4.5e7 FLOPs
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    plan, base_cfg = make_plan([1.1e8, 2.2e8], 3, tmp_path / "base.yaml", tiny=True, min_steps=2)
+    plan, base_cfg = make_plan([4.5e7, 9e7], 3, tmp_path / "base.yaml", tiny=True, min_steps=2)
     out = write_plan(plan, base_cfg, tmp_path / "sweep", valid_tokens=600)
     assert plan.points[0].steps == 10
     assert main(["train", plan.points[0].config]) == 0

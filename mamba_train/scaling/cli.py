@@ -13,8 +13,9 @@ import sys
 
 from mamba_train.scaling.plan import DEFAULT_BASE, TINY_BASE, ScalingError
 
-TINY_VALID_TOKENS = 8192
-TINY_BUDGETS = "1e10,2e10,4e10"
+TINY_VALID_TOKENS = 32768
+TINY_BUDGETS = "4e10,8e10,1.6e11,3.2e11"
+TINY_SPAN = 8.0  # 5 sizes from ~110-220 down to ~3 tokens per parameter around 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,12 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--out", required=True, help="sweep directory: configs/, plan.json, sweep.sbatch, runs/")
     plan.add_argument("--base", help=f"base run config: data, batch, optimizer (default {DEFAULT_BASE}; "
                                       f"{TINY_BASE} with --tiny)")
-    plan.add_argument("--tiny", action="store_true", help="CPU mode: tiny shapes, quickstart data, a small "
+    plan.add_argument("--tiny", action="store_true", help="CPU mode: tiny shapes, the scaling-tiny data, a small "
                                                           "validation sample; the whole sweep takes minutes")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree every shape must divide (default 1)")
     plan.add_argument("--vocab-size", type=int, default=0, help="tokenizer vocabulary, when the base config's "
                                                                 "tokenizer is not on this machine")
-    plan.add_argument("--span", type=float, default=16.0, help="largest / smallest N per budget (default 16)")
+    plan.add_argument("--span", type=float, default=None,
+                      help=f"largest / smallest N per budget (default 16; {TINY_SPAN:g} with --tiny)")
     plan.add_argument("--min-steps", type=int, default=10, help="fewest optimizer steps a point may get (default 10)")
     plan.add_argument("--valid-tokens", type=int, default=None,
                       help=f"evaluate on a fixed sample of this many validation tokens (default: all; "
@@ -80,12 +82,13 @@ def _plan(args) -> int:
         raise ScalingError("--budgets: give the FLOP budgets, e.g. --budgets 1e17,3e17,1e18 (or --tiny for a CPU sweep)")
     budgets = parse_budgets(args.budgets or TINY_BUDGETS)
     sizes = args.sizes or (5 if args.tiny else 7)
+    span = args.span if args.span is not None else (TINY_SPAN if args.tiny else 16.0)
     plan, base = make_plan(budgets, sizes, args.base or (TINY_BASE if args.tiny else DEFAULT_BASE), tiny=args.tiny,
-                           tp=args.tp, vocab_size=args.vocab_size, span=args.span, min_steps=args.min_steps)
+                           tp=args.tp, vocab_size=args.vocab_size, span=span, min_steps=args.min_steps)
     valid_tokens = args.valid_tokens if args.valid_tokens is not None else (TINY_VALID_TOKENS if args.tiny else 0)
     plan.command = _command_line("plan", budgets=args.budgets, sizes=args.sizes, out=args.out, base=args.base,
                                  tiny=args.tiny, tp=args.tp if args.tp != 1 else None, vocab_size=args.vocab_size or None,
-                                 span=args.span if args.span != 16.0 else None,
+                                 span=args.span,
                                  min_steps=args.min_steps if args.min_steps != 10 else None,
                                  valid_tokens=args.valid_tokens)
     out = write_plan(plan, base, args.out, valid_tokens=valid_tokens)

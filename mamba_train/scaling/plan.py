@@ -26,6 +26,7 @@ from mamba_train.scaling.shapes import TINY_RULE, Shape, ShapeRule, peak_lr
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = "configs/130m.yaml"
 TINY_BASE = "configs/scaling/tiny.yaml"
+TINY_RECIPE = "data_prep/scaling-tiny.yaml"  # `mamba-train prep` it for the data TINY_BASE reads
 TOKENS_PER_PARAM_GUESS = 20.0  # Chinchilla's compute-optimal ratio: only centres the grid
 PLAN_FILE, ARRAY_SCRIPT = "plan.json", "sweep.sbatch"
 
@@ -150,9 +151,10 @@ def _sizes_for_budget(budget: float, sizes: int, ladder: list[Shape], span: floa
         raise ScalingError(f"budget {budget:.3g} FLOPs: only {len(feasible)} model size(s) get {min_steps} steps "
                            f"or more; an IsoFLOP parabola needs at least 3 (raise the budget or lower --min-steps)")
     log_n = np.log([s.params for s in feasible])
-    # centre: the shape whose tokens per parameter are nearest 20
-    tokens_per_param = [budget / s.flops_per_token / s.params for s in feasible]
-    centre = log_n[int(np.argmin(np.abs(np.log(np.array(tokens_per_param) / TOKENS_PER_PARAM_GUESS))))]
+    # centre: the N (between ladder shapes, log-log interpolated) whose tokens per parameter are 20;
+    # snapping the centre to a shape first would shift the whole grid by up to half a ladder step
+    log_tpp = np.log([budget / s.flops_per_token / s.params for s in feasible])  # decreasing in N
+    centre = float(np.interp(math.log(TOKENS_PER_PARAM_GUESS), log_tpp[::-1], log_n[::-1]))
     targets = centre + math.log(span) * np.linspace(-0.5, 0.5, sizes)
     targets += max(0.0, log_n[0] - targets[0]) - max(0.0, targets[-1] - log_n[-1])  # slide inside the ladder
     chosen = sorted({int(np.argmin(np.abs(log_n - t))) for t in targets})

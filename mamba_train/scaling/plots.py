@@ -41,6 +41,15 @@ def _size_ticks(ax, params) -> None:
     ax.set_xticks(sizes, [_si(n) for n in sizes])
 
 
+def _compute_ticks(ax, budgets) -> None:
+    """Ticks at the budgets, labelled 4e+10, ... (log minor labels collide over one decade)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(list(budgets), [f"{c:.2g}" for c in budgets])
+
+
 def _colors(n: int):
     plt = _pyplot()
     return plt.get_cmap("viridis")(np.linspace(0.0, 0.85, n))
@@ -55,7 +64,7 @@ def _si(value: float) -> str:
 
 def plot_isoflops(obs: Observations, fit: Approach2, path: Path) -> Path:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
     for minimum, color in zip(fit.minima, _colors(len(fit.minima))):
         at = obs.budget == minimum.budget
         for ax, values, coeffs, best in ((axes[0], obs.params[at], minimum.coeffs_n, minimum.n_opt),
@@ -81,12 +90,16 @@ def plot_isoflops(obs: Observations, fit: Approach2, path: Path) -> Path:
     _log_axes(*axes)
     _size_ticks(axes[0], obs.params)
     handles, labels = axes[1].get_legend_handles_labels()
-    handles += [plt.Line2D([], [], ls="none", marker="*", ms=12, color="grey", mec="black"),
-                plt.Line2D([], [], ls="none", marker="o", ms=11, mfc="none", mec="grey", mew=2)]
-    labels += ["parabola minimum (inside the grid)", "lowest run: minimum not bracketed"]
-    axes[1].legend(handles, labels, loc="upper right", fontsize=8)
+    if any(m.inside for m in fit.minima):
+        handles.append(plt.Line2D([], [], ls="none", marker="*", ms=12, color="grey", mec="black"))
+        labels.append("parabola minimum (inside the grid)")
+    if not all(m.inside for m in fit.minima):
+        handles.append(plt.Line2D([], [], ls="none", marker="o", ms=11, mfc="none", mec="grey", mew=2))
+        labels.append("lowest run: minimum not bracketed")
+    # below the panels: inside either one it covers curves or minima
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle("IsoFLOP curves (Chinchilla approach 2): a parabola in log N / log D per budget")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -127,6 +140,7 @@ def plot_optimal(obs: Observations, fit2: Approach2, fit3: Approach3 | None, flo
                                 f"{_si(n_range[1])}]", fontsize=8, transform=ax.transAxes, color="C3")
         _log_axes(ax, y=True)
         ax.set_xlim(span.min(), span.max())
+        _compute_ticks(ax, compute)
         ax.margins(y=0.08)
         ax.set_xlabel("training compute C (FLOPs)")
         ax.set_ylabel(what)

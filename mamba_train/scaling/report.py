@@ -9,7 +9,7 @@ import numpy as np
 
 from mamba_train.scaling.fit import (Approach2, Approach3, Observations, fit_approach2, fit_law,
                                      flops_per_token_model)
-from mamba_train.scaling.plan import Plan, ScalingError, load_plan
+from mamba_train.scaling.plan import TINY_BASE, TINY_RECIPE, Plan, ScalingError, load_plan
 from mamba_train.scaling.run import read_results
 
 # Hoffmann et al. 2022: Table 2 (exponents with their 10th–90th percentile intervals where
@@ -122,7 +122,8 @@ def render(plan: Plan, rows: list[dict], fit2: Approach2, fit3: Approach3, figur
         f"(6·N plus the SSD term).", ""]
     steps = [plan.command, f"mamba-train scale run {out}", command]
     if all(steps):
-        lines += ["Reproduce (from the repository root):", "", "```", *steps, "```", ""]
+        prep = [f"mamba-train prep {TINY_RECIPE}   # the data of {TINY_BASE}"] if plan.base == TINY_BASE else []
+        lines += ["Reproduce (from the repository root):", "", "```", *prep, *steps, "```", ""]
     lines += ["## Fitted values beside Chinchilla's", "",
               "| quantity | this sweep | 95% interval | Chinchilla (Hoffmann et al. 2022) |",
               "|---|---|---|---|",
@@ -179,14 +180,24 @@ def caveats(plan: Plan, rows: list[dict], fit2: Approach2, fit3: Approach3) -> l
                      f"pretraining.")
     if plan.tiny:
         embedding = [plan.vocab_size * r["d_model"] / r["params"] for r in rows]
-        notes.append(f"Tiny CPU mode: budgets sized to run in minutes on 2 CPU cores. The {plan.vocab_size}-entry "
-                     f"embedding is {min(embedding):.0%}–{max(embedding):.0%} of N, and FLOPs are dominated by the "
-                     f"output head, so N barely measures depth or width. The sweep tests the pipeline end to end; "
-                     f"its fitted values are not a Mamba-2 scaling law.")
+        params = [r["params"] for r in rows]
+        head = (", and the output head most of the FLOPs, so N barely measures depth or width"
+                if min(embedding) > 0.5 else "")
+        notes.append(f"Tiny CPU mode: budgets sized to run in minutes on 2 CPU cores, models of {min(params):,}–"
+                     f"{max(params):,} parameters. The {plan.vocab_size}-entry embedding is {min(embedding):.0%}–"
+                     f"{max(embedding):.0%} of N{head}. The sweep tests the pipeline end to end and shows the "
+                     f"IsoFLOP method at toy scale; its fitted values are not a Mamba-2 scaling law.")
     if fit3.law.E < 1e-3 * min(r["loss"] for r in rows):
         notes.append(f"Approach 3's E went to zero ({fit3.law.E:.2g}): these runs do not determine the irreducible "
                      f"loss, and the other four parameters absorb it; read its values and intervals as a fit to "
                      f"this range, not as a law.")
+    if fit2.n_opt is not None and fit2.d_opt is not None:
+        wa, wb = fit2.n_opt.half_width_95(), fit2.d_opt.half_width_95()
+        if max(wa, wb) > 0.2:  # nan (2 budgets) compares False: the caveat below covers it
+            notes.append(f"Approach 2's exponents are loose (a ± {wa:.2f}, b ± {wb:.2f}, {fit2.n_opt.dof} dof): "
+                         f"noise in the runs moves each parabola's vertex, and N and D parabolas are fitted "
+                         f"separately (a + b = {fit2.n_opt.exponent + fit2.d_opt.exponent:.2f}, not forced to 1). "
+                         f"More budgets, a wider range of C or several seeds per point would tighten them.")
     if len(plan.budgets) < 4 and fit2.n_opt is not None:
         notes.append(f"{len(plan.budgets)} budgets: each approach 2 exponent is a line through "
                      f"{len(plan.budgets)} points, so its interval is wide"
