@@ -252,6 +252,22 @@ def ssd_sequential(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Tru
 
 # ----------------------------------------------------------------------------- conv1d, norm
 
+def _check_conv_inputs(x, weight, bias, activation, initial_state, seq_idx):
+    """The conv's argument checks, shared with the Triton path (kernels.triton_conv)."""
+    if activation not in ("silu", None):
+        raise ValueError(f"activation: expected 'silu' or None, found {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x: expected shape (batch, seqlen, dim), found {tuple(x.shape)}")
+    b, l, d = x.shape
+    if weight.dim() != 2 or weight.shape[0] != d or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight: expected shape ({d}, width) (dim, width) with width in 2..4, "
+                         f"found {tuple(weight.shape)}")
+    _expect_shape("bias", bias, (d,), "(dim,)")
+    _expect_shape("initial_state", initial_state, (b, weight.shape[1] - 1, d), "(batch, width - 1, dim)")
+    _expect_shape("seq_idx", seq_idx, (b, l), "(batch, seqlen)")
+    _expect_integer("seq_idx", seq_idx)
+
+
 def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None,
                   return_final_state=False, seq_idx=None):
     """Depthwise causal conv over channels-last x, as mamba_ssm's causal_conv1d.
@@ -262,19 +278,9 @@ def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None,
     """
     # x, out: (b, l, d)  weight: (d, w)  bias: (d,)  initial_state, final_state: (b, w-1, d)
     # seq_idx: (b, l)
-    if activation not in ("silu", None):
-        raise ValueError(f"activation: expected 'silu' or None, found {activation!r}")
-    if x.dim() != 3:
-        raise ValueError(f"x: expected shape (batch, seqlen, dim), found {tuple(x.shape)}")
+    _check_conv_inputs(x, weight, bias, activation, initial_state, seq_idx)
     b, l, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d or not 2 <= weight.shape[1] <= 4:
-        raise ValueError(f"weight: expected shape ({d}, width) (dim, width) with width in 2..4, "
-                         f"found {tuple(weight.shape)}")
     w = weight.shape[1]
-    _expect_shape("bias", bias, (d,), "(dim,)")
-    _expect_shape("initial_state", initial_state, (b, w - 1, d), "(batch, width - 1, dim)")
-    _expect_shape("seq_idx", seq_idx, (b, l), "(batch, seqlen)")
-    _expect_integer("seq_idx", seq_idx)
 
     history = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(b, w - 1, d)
     rows = torch.cat([history, x], dim=1)   # (b, w-1+l, d): output t reads rows t..t+w-1
@@ -303,6 +309,18 @@ def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None,
     return out, final_state
 
 
+def _check_norm_inputs(x, z, weight, group_size):
+    """The gated norm's argument checks, shared with the Triton path; returns the group size."""
+    d = x.shape[-1]
+    group_size = d if group_size is None else group_size
+    if group_size < 1 or d % group_size:
+        raise ValueError(f"group_size: expected a positive divisor of x's last dim {d} "
+                         f"(x has shape {tuple(x.shape)}), found {group_size}")
+    _expect_shape("z", z, x.shape, "(like x)")
+    _expect_shape("weight", weight, (d,), "(dim,)")
+    return group_size
+
+
 def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
     """RMSNorm per group of `group_size` channels of x·silu(z), times weight.
 
@@ -312,12 +330,7 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
     """
     # x, z, out: (..., d)  weight: (d,)
     d = x.shape[-1]
-    group_size = d if group_size is None else group_size
-    if group_size < 1 or d % group_size:
-        raise ValueError(f"group_size: expected a positive divisor of x's last dim {d} "
-                         f"(x has shape {tuple(x.shape)}), found {group_size}")
-    _expect_shape("z", z, x.shape, "(like x)")
-    _expect_shape("weight", weight, (d,), "(dim,)")
+    group_size = _check_norm_inputs(x, z, weight, group_size)
     cdt = _compute_dtype(x)
     hidden = x.to(cdt)
     if z is not None:

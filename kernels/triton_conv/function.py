@@ -2,24 +2,8 @@
 
 import torch
 
-from ..reference import _expect_integer, _expect_shape
+from ..reference import _check_conv_inputs
 from .conv1d import conv1d_bwd, conv1d_fwd
-
-
-def _check_conv_inputs(x, weight, bias, activation, initial_state, seq_idx):
-    # the reference's checks and messages (kernels.reference.causal_conv1d)
-    if activation not in ("silu", None):
-        raise ValueError(f"activation: expected 'silu' or None, found {activation!r}")
-    if x.dim() != 3:
-        raise ValueError(f"x: expected shape (batch, seqlen, dim), found {tuple(x.shape)}")
-    b, l, d = x.shape
-    if weight.dim() != 2 or weight.shape[0] != d or not 2 <= weight.shape[1] <= 4:
-        raise ValueError(f"weight: expected shape ({d}, width) (dim, width) with width in 2..4, "
-                         f"found {tuple(weight.shape)}")
-    _expect_shape("bias", bias, (d,), "(dim,)")
-    _expect_shape("initial_state", initial_state, (b, weight.shape[1] - 1, d), "(batch, width - 1, dim)")
-    _expect_shape("seq_idx", seq_idx, (b, l), "(batch, seqlen)")
-    _expect_integer("seq_idx", seq_idx)
 
 
 class CausalConv1dFunction(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..reference import _expect_shape
+from ..reference import _check_norm_inputs
 from .rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 
 
@@ -31,11 +31,5 @@ def rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=None):
     """RMSNorm per group of `group_size` channels of x·silu(z), times weight (Triton); same
     signature and result as `kernels.reference.rmsnorm_gated`, output in x's dtype."""
     # x, z, out: (..., d)  weight: (d,)
-    d = x.shape[-1]
-    group_size = d if group_size is None else group_size
-    if group_size < 1 or d % group_size:
-        raise ValueError(f"group_size: expected a positive divisor of x's last dim {d} "
-                         f"(x has shape {tuple(x.shape)}), found {group_size}")
-    _expect_shape("z", z, x.shape, "(like x)")
-    _expect_shape("weight", weight, (d,), "(dim,)")
+    group_size = _check_norm_inputs(x, z, weight, group_size)
     return RMSNormGatedFunction.apply(x, z, weight, float(eps), int(group_size))
