@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,15 @@ def run_workers(fn, world: int, *args) -> None:
 
 _COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
                 "_reduce_scatter_base", "reduce_scatter", "broadcast", "send", "recv", "isend", "irecv")
+
+
+def save_rank_results(root, rank: int, results: dict) -> None:
+    """A worker's findings, as JSON for the test process to read (load_rank_results)."""
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def load_rank_results(root, world: int) -> list[dict]:
+    return [json.loads((Path(root) / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
 def _nbytes(value) -> int:

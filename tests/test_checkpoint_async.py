@@ -154,6 +154,7 @@ DP2 = ("train.micro_batch=2", *STEPS)
 
 
 def _dp2_worker(rank, world, data, root):
+    from distributed import save_rank_results
     from mamba_train.checkpoint import sharded
 
     results = {}
@@ -172,18 +173,18 @@ def _dp2_worker(rank, world, data, root):
             results["failing"] = "finished"
         except CheckpointError as err:
             results["failing"] = str(err)
-    (root / f"rank{rank}.json").write_text(json.dumps(results))
+    save_rank_results(root, rank, results)
 
 
 @pytest.fixture(scope="module")
 def dp2_runs(markov_data, tmp_path_factory):
     pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
     pytest.importorskip("deepspeed", reason="deepspeed is in the [dev] extra")
-    from distributed import run_workers
+    from distributed import load_rank_results, run_workers
 
     root = tmp_path_factory.mktemp("async-dp2")
     run_workers(_dp2_worker, 2, markov_data, root)
-    return {"root": root, "ranks": [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]}
+    return {"root": root, "ranks": load_rank_results(root, 2)}
 
 
 @pytest.mark.distributed

@@ -6,7 +6,6 @@ One module fixture runs every parallel job in one pair of workers (starting work
 seconds); each test then checks one behaviour on what they wrote.
 """
 
-import json
 import shutil
 import time
 
@@ -19,7 +18,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is in the [dev] e
 
 import torch.distributed as dist  # noqa: E402
 
-from distributed import run_workers  # noqa: E402
+from distributed import load_rank_results, run_workers, save_rank_results  # noqa: E402
 from mamba_train.checkpoint import CheckpointError, load_checkpoint, load_trained_model  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import merge_state_dicts  # noqa: E402
@@ -79,7 +78,7 @@ def _worker(rank, world, data, root):
         results["corrupt"] = "resumed from a corrupt checkpoint"
     except CheckpointError as err:
         results["corrupt"] = str(err)
-    (root / f"rank{rank}.json").write_text(json.dumps(results))
+    save_rank_results(root, rank, results)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def runs(markov_data, tmp_path_factory):
     started = time.perf_counter()
     run_workers(_worker, 2, markov_data, root)
     print(f"parallel runs: {time.perf_counter() - started:.1f} s")
-    ranks = [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]
+    ranks = load_rank_results(root, 2)
     return {"root": root, "data": markov_data, "one": one, "ranks": ranks}
 
 

@@ -24,6 +24,22 @@ def _softplus(v):
 
 
 @triton.jit
+def _biased_dt_tile(dt_ptr, dt_bias_ptr, seqlen, nheads, chunk_size, stride_dt_b, stride_dt_l, stride_dt_h,
+                    HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # this program's (head block × chunk) tile of dt + dt_bias in fp32, with its offsets and mask
+    pid_b, pid_c, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_q = tl.arange(0, BLOCK_Q)
+    t = pid_c * chunk_size + offs_q
+    mask = (offs_h[:, None] < nheads) & (offs_q[None, :] < chunk_size) & (t[None, :] < seqlen)
+    dt_offs = pid_b * stride_dt_b + t[None, :] * stride_dt_l + offs_h[:, None] * stride_dt_h
+    dt = tl.load(dt_ptr + dt_offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(dt_bias_ptr + offs_h, mask=offs_h < nheads, other=0.0).to(tl.float32)[:, None]
+    return offs_h, offs_q, mask, dt_offs, dt
+
+
+@triton.jit
 def _chunk_cumsum_fwd_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, dA_cumsum_ptr,
     seqlen, nheads, chunk_size, dt_min, dt_max,
@@ -33,15 +49,9 @@ def _chunk_cumsum_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     # dt: (b, l, h)  ->  dt_out, dA_cumsum: (b, h, c, q); one program per (batch, chunk, head block)
-    pid_b, pid_c, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_q = tl.arange(0, BLOCK_Q)
-    t = pid_c * chunk_size + offs_q
-    mask = (offs_h[:, None] < nheads) & (offs_q[None, :] < chunk_size) & (t[None, :] < seqlen)
-    dt = tl.load(dt_ptr + pid_b * stride_dt_b + t[None, :] * stride_dt_l + offs_h[:, None] * stride_dt_h,
-                 mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt += tl.load(dt_bias_ptr + offs_h, mask=offs_h < nheads, other=0.0).to(tl.float32)[:, None]
+    pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+    offs_h, offs_q, mask, _, dt = _biased_dt_tile(dt_ptr, dt_bias_ptr, seqlen, nheads, chunk_size, stride_dt_b,
+                                                  stride_dt_l, stride_dt_h, HAS_BIAS, BLOCK_H, BLOCK_Q)
     if SOFTPLUS:
         dt = _softplus(dt)
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
@@ -67,15 +77,10 @@ def _chunk_cumsum_bwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     # ddA_cumsum, ddt_out: (b, h, c, q) fp32  ->  ddt: (b, l, h); dA, ddt_bias partials: (b, c, h)
-    pid_b, pid_c, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_q = tl.arange(0, BLOCK_Q)
-    t = pid_c * chunk_size + offs_q
-    mask = (offs_h[:, None] < nheads) & (offs_q[None, :] < chunk_size) & (t[None, :] < seqlen)
-    dt_offs = pid_b * stride_dt_b + t[None, :] * stride_dt_l + offs_h[:, None] * stride_dt_h
-    dt_raw = tl.load(dt_ptr + dt_offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt_raw += tl.load(dt_bias_ptr + offs_h, mask=offs_h < nheads, other=0.0).to(tl.float32)[:, None]
+    pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+    offs_h, offs_q, mask, dt_offs, dt_raw = _biased_dt_tile(dt_ptr, dt_bias_ptr, seqlen, nheads, chunk_size,
+                                                            stride_dt_b, stride_dt_l, stride_dt_h, HAS_BIAS,
+                                                            BLOCK_H, BLOCK_Q)
     dt = dt_raw
     if SOFTPLUS:
         dt = _softplus(dt_raw)

@@ -43,10 +43,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         valid = labels != IGNORE_INDEX
-        count = valid.sum()
-        scale = 1.0 / count.clamp_min(1).item() if reduction == "mean" else 1.0
-        w = weight.to(compute_dtype)
         total = torch.zeros((), device=hidden.device, dtype=torch.promote_types(compute_dtype, torch.float32))
+        # a tensor, not a Python number: no wait for the GPU on every micro-batch
+        scale = 1.0 / valid.sum().clamp_min(1).to(total.dtype) if reduction == "mean" else total.new_ones(())
+        w = weight.to(compute_dtype)
         dhidden = torch.empty_like(hidden) if want_grad else None
         dweight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if want_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
