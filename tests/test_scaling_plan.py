@@ -66,14 +66,24 @@ def synthetic_valid(prefix, n_docs=30):
             writer.add_document(tokens, utf8_bytes=3 * len(tokens), subset=("code", "prose", "man")[i % 3])
 
 
-@pytest.fixture
-def tiny_base(tmp_path):
-    synthetic_valid(tmp_path / "valid")
+def write_tiny_base(tmp_path, train_prefix=None, valid_prefix=None, vocab_size=256, **sections) -> Path:
+    """configs/scaling/tiny.yaml on test data (one synthetic set for both when no prefixes are
+    given), with `sections` ({"train": {...}, ...}) merged in; returns the written base.yaml."""
+    if train_prefix is None:
+        train_prefix = valid_prefix = tmp_path / "valid"
+        synthetic_valid(train_prefix)
     base = yaml.safe_load((REPO_ROOT / "configs/scaling/tiny.yaml").read_text())
-    base["data"].update(train_prefix=str(tmp_path / "valid"), valid_prefix=str(tmp_path / "valid"))
-    base["model"]["vocab_size"] = 256
+    base["data"].update(train_prefix=str(train_prefix), valid_prefix=str(valid_prefix))
+    base["model"]["vocab_size"] = vocab_size
+    for section, values in sections.items():
+        base[section].update(values)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     return tmp_path / "base.yaml"
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    return write_tiny_base(tmp_path)
 
 
 def test_tiny_plan_writes_a_loadable_config_per_point_and_a_validation_sample(tiny_base, tmp_path):

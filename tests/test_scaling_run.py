@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from mamba_train.cli import main
 from mamba_train.model import training_flops_per_token
@@ -16,18 +15,13 @@ from mamba_train.scaling import load_plan, read_results, run_plan
 from mamba_train.scaling.run import submit_command
 
 from test_scaling_fit import TRUE
-from test_scaling_plan import BUDGETS, synthetic_valid
+from test_scaling_plan import BUDGETS, write_tiny_base
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def sweep(tmp_path):
-    synthetic_valid(tmp_path / "valid")
-    base = yaml.safe_load((REPO_ROOT / "configs/scaling/tiny.yaml").read_text())
-    base["data"].update(train_prefix=str(tmp_path / "valid"), valid_prefix=str(tmp_path / "valid"))
-    base["model"]["vocab_size"] = 256
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    write_tiny_base(tmp_path)
     budgets = ",".join(str(b) for b in BUDGETS)
     assert main(["scale", "plan", "--tiny", "--budgets", budgets, "--base", str(tmp_path / "base.yaml"),
                  "--out", str(tmp_path / "sweep"), "--valid-tokens", "0"]) == 0
@@ -139,12 +133,8 @@ def sweep_dir_with_real_point(tmp_path):
     from mamba_train.config import load_config
     from mamba_train.scaling import make_plan, write_plan
 
-    synthetic_valid(tmp_path / "valid")
-    base = yaml.safe_load((REPO_ROOT / "configs/scaling/tiny.yaml").read_text())
-    base["data"].update(train_prefix=str(tmp_path / "valid"), valid_prefix=str(tmp_path / "valid"))
-    base["model"]["vocab_size"] = 256
-    base["train"]["micro_batch"] = 4  # 256 tokens per step: 10 steps of the 4-wide model at 4.5e7 FLOPs
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    # 256 tokens per step: 10 steps of the 4-wide model at 4.5e7 FLOPs
+    write_tiny_base(tmp_path, train={"micro_batch": 4})
     plan, base_cfg = make_plan([4.5e7, 9e7], 3, tmp_path / "base.yaml", tiny=True, min_steps=2)
     out = write_plan(plan, base_cfg, tmp_path / "sweep", valid_tokens=600)
     assert plan.points[0].steps == 10

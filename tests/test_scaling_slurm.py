@@ -11,27 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mamba_train.cli import main
 from mamba_train.config import load_config
 from mamba_train.scaling import load_plan, read_results
 from slurm_cluster import TERMINAL_STATES, started_cluster
+from test_scaling_plan import write_tiny_base
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def tiny_sweep(markov_data, tmp_path):
     """2 budgets x 3 sizes (the smallest plan `scale plan` makes) of the tiny CPU rule on the
     Markov data: 49 to 544 steps of 256 tokens, each point a few seconds on 2 cores."""
-    base = yaml.safe_load((REPO_ROOT / "configs/scaling/tiny.yaml").read_text())
-    base["data"].update(train_prefix=str(markov_data / "train"), valid_prefix=str(markov_data / "valid"))
-    base["model"]["vocab_size"] = 64
-    base["logging"]["log_every"] = 1
-    base["train"]["torch_threads"] = 1
-    base["train"]["micro_batch"] = 4  # 256 tokens per step, whatever the tiny sweep's batch
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    # 256 tokens per step, whatever the tiny sweep's batch
+    write_tiny_base(tmp_path, markov_data / "train", markov_data / "valid", vocab_size=64,
+                    logging={"log_every": 1}, train={"torch_threads": 1, "micro_batch": 4})
     out = tmp_path / "sweep"
     assert main(["scale", "plan", "--tiny", "--budgets", "1e9,2e9", "--sizes", "3", "--base", str(tmp_path / "base.yaml"),
                  "--out", str(out), "--valid-tokens", "600", "--min-steps", "2"]) == 0
