@@ -12,6 +12,11 @@ median of timed steps after warm-up. Writes bench/results/parallel-<gpu>.json wi
 
 TP needs ngroups divisible by tp (1.3b's mamba_ssm default is ngroups 1: pass model.ngroups=2
 or 8, as the Mamba-2 paper does for TP). Not run by the tests.
+
+A run is `mode:seqlen[:accum]`: with accum > 1 each step runs that many micro-batches before
+the one gradient all-reduce, as training with `train.grad_accum` does (the one-GPU run does
+the same micro-batches). The all-reduce bus bandwidth of the GPUs (nccl-tests' definition)
+is measured first and written beside the rows: TP and CP efficiency depend on it.
 """
 
 import argparse
@@ -34,8 +39,8 @@ from mamba_train.parallel import (context_parallel_piece, init_parallel, paralle
                                   validate_layout)
 from mamba_train.parallel.data_parallel import allreduce_gradients  # noqa: E402
 
-# (mode, seqlen): the issue's runs at 2 GPUs
-RUNS = [("tp", 2048), ("cp", 2048), ("cp", 16384), ("cp", 32768), ("dp", 2048)]
+# (mode, seqlen, accumulation): the issue's runs at 2 GPUs, and DP as training runs it
+RUNS = [("tp", 2048, 1), ("cp", 2048, 1), ("dp", 2048, 1), ("dp", 2048, 8), ("cp", 16384, 1), ("cp", 32768, 1)]
 
 
 def sync(device):
@@ -57,20 +62,37 @@ def time_steps(step, device, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def make_step(model, input_ids, labels, seq_idx, amp, after_backward=lambda: None):
+def make_step(model, input_ids, labels, seq_idx, amp, accum=1, after_backward=lambda: None):
     def step():
-        with amp():
-            loss = model.loss(input_ids, labels, seq_idx)
-        loss.backward()
+        for _ in range(accum):
+            with amp():
+                loss = model.loss(input_ids, labels, seq_idx)
+            loss.backward()
         after_backward()
         model.zero_grad(set_to_none=True)
     return step
 
 
-def run(mode, seqlen, cfg, device, args, world, rank):
+def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
+    """All-reduce bus bandwidth in GB/s (nccl-tests: bytes · 2(n-1)/n / time), bf16."""
+    world = dist.get_world_size()
+    data = torch.ones(megabytes * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        dist.all_reduce(data)
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(data)
+    sync(device)
+    seconds = (time.perf_counter() - started) / repeats
+    return data.numel() * 2 * 2 * (world - 1) / world / seconds / 1e9
+
+
+def run(mode, seqlen, accum, cfg, device, args, world, rank):
     """(parallel tokens/s per GPU, one-GPU tokens/s or None) for one row."""
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    batch = args.micro_batch
+    # long sequences keep the tokens of a micro-batch at 2048 (at least one sequence)
+    batch = max(1, args.micro_batch * 2048 // seqlen) if seqlen > 2048 else args.micro_batch
     tp, cp = (world, 1) if mode == "tp" else (1, world) if mode == "cp" else (1, 1)
     layout = validate_layout(cfg.model, seqlen, world, tp=tp, cp=cp, sequence_parallel=args.sequence_parallel)
     dims = init_parallel(layout)
@@ -81,18 +103,18 @@ def run(mode, seqlen, cfg, device, args, world, rank):
     full = Mamba2LM(cfg.model, tp_size=tp)
     model = parallelize_model(full, dims).to(device)
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-    step = make_step(model, *piece, amp, after_backward=lambda: allreduce_gradients(model, dims))
+    step = make_step(model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
     seconds = time_steps(step, device, args.warmup, args.steps)
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
-    parallel = batch * layout.dp * seqlen / seconds / world
+    parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step
     single = None
     if rank == 0:  # the same per-step work on one GPU, no groups involved
         try:
             model = Mamba2LM(cfg.model).to(device)
             one = [t[:batch] for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-            seconds = time_steps(make_step(model, *one, amp), device, args.warmup, args.steps)
-            single = batch * seqlen / seconds
+            seconds = time_steps(make_step(model, *one, amp, accum), device, args.warmup, args.steps)
+            single = accum * batch * seqlen / seconds
             del model
         except torch.OutOfMemoryError:
             single = None  # the one-GPU run does not fit: the row reports the parallel figure alone
@@ -102,22 +124,28 @@ def run(mode, seqlen, cfg, device, args, world, rank):
     return parallel, single
 
 
+def _parse_run(text):
+    mode, seqlen, *accum = text.split(":")
+    return mode, int(seqlen), int(accum[0]) if accum else 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/1.3b.yaml")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: the config's train.micro_batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--runs", nargs="*", default=None, help="mode:seqlen, e.g. tp:2048 cp:16384")
+    parser.add_argument("--runs", nargs="*", default=None, help="mode:seqlen[:accum], e.g. tp:2048 dp:2048:8")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.ngroups=2")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 50277  # GPT-NeoX's, the Pile tokenizer's
-    runs = [(m, int(n)) for m, n in (r.split(":") for r in args.runs)] if args.runs else RUNS
+    args.micro_batch = args.micro_batch or cfg.train.micro_batch
+    runs = [_parse_run(r) for r in args.runs] if args.runs else RUNS
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -126,24 +154,28 @@ def main():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    busbw = allreduce_busbw(device)
     if rank == 0:
+        print(f"# all-reduce bus bandwidth {busbw:.1f} GB/s (256 MB, bf16)")
         print(f"# {gpu} x{world} | {args.config} d_model={cfg.model.d_model} n_layer={cfg.model.n_layer} "
               f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | SP={args.sequence_parallel}")
-        print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'tok/s/gpu':>12} {'1-gpu tok/s':>12} {'efficiency':>10}")
+        print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12} {'efficiency':>10}")
     rows = []
-    for mode, seqlen in runs:
-        parallel, single = run(mode, seqlen, cfg, device, args, world, rank)
-        row = {"mode": mode, "world": world, "seqlen": seqlen, "tokens_per_s_per_gpu": parallel,
+    for mode, seqlen, accum in runs:
+        parallel, single = run(mode, seqlen, accum, cfg, device, args, world, rank)
+        row = {"mode": mode, "world": world, "seqlen": seqlen, "grad_accum": accum,
+               "tokens_per_s_per_gpu": parallel,
                "single_gpu_tokens_per_s": single, "efficiency": None if single is None else parallel / single}
         rows.append(row)
         if rank == 0:
             eff = "-" if single is None else f"{parallel / single:.1%}"
-            print(f"{mode:>4} {world:>5} {seqlen:>7} {parallel:>12,.0f} {single or 0:>12,.0f} {eff:>10}", flush=True)
+            print(f"{mode:>4} {world:>5} {seqlen:>7} {accum:>5} {parallel:>12,.0f} {single or 0:>12,.0f} {eff:>10}", flush=True)
     if rank == 0:
         out = Path(__file__).parent / "results" / f"parallel-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"device": gpu, "config": args.config, "overrides": args.overrides,
-                                   "sequence_parallel": args.sequence_parallel, "rows": rows}, indent=1))
+                                   "sequence_parallel": args.sequence_parallel,
+                                   "allreduce_busbw_gbs": busbw, "rows": rows}, indent=1))
         print(f"wrote {out}")
     dist.destroy_process_group()
 

@@ -9,9 +9,15 @@ timed steps after warm-up; MFU = model FLOPs (mamba_train.model.flops, the defin
 issue 9) / step time / the bf16 matmul rate measured in this run.
 
     PYTHONPATH=.anchor:. python bench/bench_train.py [--models 130m 370m 1.3b] [--profile]
+    PYTHONPATH=.anchor:. python bench/bench_train.py --curves [--curve-steps 300] [--data data/quickstart/train]
 
 Writes bench/results/train-<gpu>.json. `--profile` prints where one step of ours spends its
-CUDA time instead (per kernel, and summed by kind).
+CUDA time instead (per kernel, and summed by kind). `--curves` checks that speed did not
+change the math (issue 9): ours and the anchor (unfused path) each train N steps from the
+same init rule and seed on the same batches of a Megatron-indexed dataset, under the 130m
+config's optimizer and a warm-up + cosine schedule; it prints both loss curves every 25
+steps and the largest relative gap of their 20-step moving averages (the issue asks < 1%),
+and writes bench/results/train-curves-<gpu>.json.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import re
 import statistics
 import sys
@@ -31,15 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mamba_train.config import ModelConfig  # noqa: E402
+from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
+from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups  # noqa: E402
 from mamba_train.model.flops import training_flops_per_token  # noqa: E402
 from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
+from mamba_train.train.schedule import lr_at  # noqa: E402
 
 VOCAB = 50277   # GPT-NeoX's tokenizer, as the Mamba papers; padded to 50304 for both models
 # name: (d_model, n_layer, micro_batch) — issue 9's table
 MODELS = {"130m": (768, 24, 16), "370m": (1024, 48, 8), "1.3b": (2048, 48, 4)}
 SEQ = 2048
+SEED = 1234  # TrainConfig's and DataConfig's default: model init and sample order of --curves
 
 
 class AnchorLM(nn.Module):
@@ -62,6 +72,15 @@ class AnchorLM(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.mixer.layer_idx = i
         self.norm_f = RMSNorm(d_model, eps=1e-5)
+        # mamba_ssm's `_init_weights` (models/mixer_seq_simple.py, n_residuals_per_layer=1), in its
+        # order; restated because that module imports the compiled selective_scan_cuda (Mamba-1),
+        # which the anchor does not carry. The Mamba2 linears have no bias to zero.
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for layer in self.layers:
+            out_proj = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(out_proj, a=math.sqrt(5))
+            with torch.no_grad():
+                out_proj /= math.sqrt(n_layer)
 
     def loss(self, input_ids, labels):
         hidden, residual = self.embedding(input_ids), None
@@ -72,16 +91,21 @@ class AnchorLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def ours(d_model, n_layer):
-    cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+def ours(d_model, n_layer, vocab=VOCAB):
+    cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)
     return Mamba2LM(cfg), cfg
 
 
 def make_step(model, groups):
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    device_type = next(model.parameters()).device.type
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device_type == "cuda")
 
-    def step(input_ids, labels):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def step(input_ids, labels, lr=None):
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = model.loss(input_ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -92,29 +116,73 @@ def make_step(model, groups):
     return step
 
 
+def make_graphed_step(model, groups, batch):
+    """make_step's step with forward and backward replayed from one CUDA graph; clipping and
+    the optimizer stay eager. The CPU then launches one graph instead of a few thousand
+    kernels, which is what bounds a small model's step (the profile's CPU time per step is
+    about its CUDA time at 130m). PyTorch's whole-network recipe: warm up on a side stream,
+    capture with the gradients unset so the graph owns them; each replay rewrites them."""
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    static_ids, static_labels = (t.clone() for t in batch)
+
+    def forward_backward():
+        # the autocast cache must not hold casts across a capture's boundary
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model.loss(static_ids, static_labels)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):   # Triton compiles and the allocator settles outside the capture
+            forward_backward()
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = forward_backward()
+
+    def step(input_ids, labels):
+        static_ids.copy_(input_ids)
+        static_labels.copy_(labels)
+        graph.replay()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return static_loss
+
+    return step
+
+
 def time_steps(step, batch, warmup, steps):
+    """(median step seconds, peak GiB, median seconds until step() returns: the CPU's share)."""
     for _ in range(warmup):
         step(*batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, enqueue = [], []
     for _ in range(steps):
         started = time.perf_counter()
         step(*batch)
+        enqueue.append(time.perf_counter() - started)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, statistics.median(enqueue)
 
 
-def run_one(build, batch, warmup, steps):
-    """(step seconds, peak GiB), or the error's text when it does not fit or fails."""
+def run_one(build, batch, warmup, steps, graphed=False):
+    """(step seconds, peak GiB, enqueue seconds), or the error's text when it does not fit or fails."""
     model = step = None
     try:
         model, groups = build()
-        step = make_step(model, groups)
+        step = make_graphed_step(model, groups, batch) if graphed else make_step(model, groups)
         return time_steps(step, batch, warmup, steps)
     except torch.OutOfMemoryError:
         return "out of memory"
+    except RuntimeError as err:   # a capture that fails says why; the other columns still run
+        if not graphed:
+            raise
+        return f"{type(err).__name__}: {str(err)[:300]}"
     finally:
         del model, step
         gc.collect()
@@ -160,6 +228,87 @@ def _kind(kernel):
     return "elementwise/other"
 
 
+def curve_batches(prefix, micro, steps):
+    """`steps` batches (input_ids, labels), each (micro, SEQ) int64 on the CPU: the training
+    loop's packed samples of `prefix` in its shuffled order (seed SEED), wrapping into a new
+    epoch when the data is shorter than the run. No seq_idx: the anchor's unfused path takes
+    none without the causal_conv1d extension, so both models read each sample as one stream."""
+    samples = build_train_samples(DataConfig(train_prefix=prefix, seq_len=SEQ, seed=SEED), steps * micro)
+    loader = TrainLoader(samples, micro, seed=SEED)
+    return samples, [(batch["input_ids"], batch["labels"]) for batch, _ in zip(loader, range(steps))]
+
+
+def train_curve(model, batches, optim):
+    """The loss of every step of `model` (on its device) over `batches`: make_step's step
+    (bf16 autocast, AdamW, clip 1.0) with lr_at's warm-up + cosine schedule of `optim`."""
+    device = next(model.parameters()).device
+    step = make_step(model, param_groups(model, optim.weight_decay))
+    losses = []
+    for i, (input_ids, labels) in enumerate(batches):
+        loss = step(input_ids.to(device), labels.to(device), lr=lr_at(i, optim, len(batches)))
+        losses.append(loss.detach())  # read back once at the end: no wait for the GPU per step
+    return torch.stack(losses).float().cpu().tolist()
+
+
+def moving_average(values, window=20):
+    return [statistics.fmean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+
+
+def curves(name, prefix, tokenizer, steps, lr, gpu):
+    """Train ours and the anchor (unfused) on the same batches; print and return the comparison."""
+    d_model, n_layer, micro = MODELS[name]
+    # the 130m config's optimizer (configs/130m.yaml) with a warm-up scaled to the short run
+    optim = OptimConfig(lr=lr, min_lr=1e-5, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+                        warmup_steps=max(1, steps // 10))
+    cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=load_tokenizer(tokenizer).vocab_size)
+    vocab = cfg.padded_vocab_size()  # as the training loop pads it (a multiple of 128); the anchor's too
+    samples, batches = curve_batches(prefix, micro, steps)
+    samples.check_vocab(vocab)
+    print(f"# loss curves, {name}: micro {micro} x {SEQ}, {steps} steps on {prefix} ({samples.num_samples} samples), "
+          f"vocab {vocab}, lr {lr} (warm-up {optim.warmup_steps}, cosine to {optim.min_lr}), seed {SEED}, "
+          f"anchor unfused, {gpu}, torch {torch.__version__}", flush=True)
+    builders = {"ours": lambda: Mamba2LM(cfg), "anchor": lambda: AnchorLM(d_model, n_layer, vocab, fused=False)}
+    losses = {}
+    for side, build in builders.items():
+        torch.manual_seed(SEED)  # each model's init draws from the same generator state
+        model = build().cuda()
+        started = time.perf_counter()
+        losses[side] = train_curve(model, batches, optim)
+        print(f"# {side}: {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    ours_ma, anchor_ma = moving_average(losses["ours"]), moving_average(losses["anchor"])
+    rel = [(o - a) / a for o, a in zip(ours_ma, anchor_ma)]
+    print(f"{'step':>5s} | {'ours':>7s} {'anchor':>7s} | {'ma20 rel diff':>13s}")
+    for i in range(24, steps, 25):
+        print(f"{i + 1:5d} | {losses['ours'][i]:7.4f} {losses['anchor'][i]:7.4f} | {100 * rel[i]:+12.2f}%")
+    row = dict(gpu=gpu, model=name, steps=steps, micro_batch=micro, seqlen=SEQ, lr=lr,
+               warmup_steps=optim.warmup_steps, ours_loss=losses["ours"], anchor_loss=losses["anchor"],
+               max_rel_diff_ma20=max(abs(r) for r in rel[49:]),
+               ours_last50=statistics.fmean(losses["ours"][-50:]),
+               anchor_last50=statistics.fmean(losses["anchor"][-50:]))
+    print(f"# {name}: max |relative difference| of the 20-step moving averages over steps 50..{steps}: "
+          f"{100 * row['max_rel_diff_ma20']:.2f}% (issue 9 asks < 1%); mean loss of the last 50 steps: "
+          f"ours {row['ours_last50']:.4f}, anchor {row['anchor_last50']:.4f}", flush=True)
+    return row
+
+
+def write_curves(args, gpu):
+    out = results_path("train-curves", gpu)
+    rows = []
+    for name in args.models:
+        rows.append(curves(name, args.data, args.tokenizer, args.curve_steps, args.curve_lr, gpu))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"# wrote {out}")
+
+
+def results_path(kind, gpu):
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    return Path(__file__).resolve().parent / "results" / f"{kind}-{slug}.json"
+
+
 def random_batch(micro, vocab):
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, VOCAB, (micro, SEQ + 1), device="cuda", generator=gen)
@@ -168,16 +317,28 @@ def random_batch(micro, vocab):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), help="default: all; 130m with --curves")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--graph", action="store_true", help="also ours with forward+backward in a CUDA graph")
     parser.add_argument("--profile", action="store_true", help="per-kernel profile of ours at the first model")
+    parser.add_argument("--curves", action="store_true",
+                        help="loss curves of ours and the anchor on the same data (default model 130m)")
+    parser.add_argument("--curve-steps", type=int, default=300)
+    parser.add_argument("--curve-lr", type=float, default=3e-3, help="peak lr (configs/130m.yaml's)")
+    parser.add_argument("--data", default="data/quickstart/train", help="indexed dataset prefix for --curves")
+    parser.add_argument("--tokenizer", default="data/quickstart/tokenizer.model", help="gives --curves the vocab size")
     args = parser.parse_args()
+    args.models = args.models or (["130m"] if args.curves else list(MODELS))
+    if args.curves and args.curve_steps < 50:
+        parser.error(f"--curve-steps: the summary reads steps 50..N, found {args.curve_steps}")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.profile:
         return profile(args.models[0])
     gpu = torch.cuda.get_device_name()
+    if args.curves:
+        return write_curves(args, gpu)
     peak = measured_matmul_peak(torch.device("cuda"))
     anchor_paths = []
     if not args.no_anchor:
@@ -189,8 +350,9 @@ def main():
     print(f"# training step, seq {SEQ}, bf16 autocast, fused AdamW, {gpu}, torch {torch.__version__}; "
           f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; anchor paths: {anchor_paths or 'none'}")
     print(f"{'model':6s} {'micro':>5s} | {'ours tok/s':>10s} {'MFU':>6s} {'GiB':>6s} | "
-          f"{'anchor tok/s':>12s} {'GiB':>6s} | {'fused tok/s':>11s} {'GiB':>6s} | {'x best':>6s}")
-    out = Path(__file__).resolve().parent / "results" / f"train-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
+          f"{'anchor tok/s':>12s} {'GiB':>6s} | {'fused tok/s':>11s} {'GiB':>6s} | {'x best':>6s}"
+          + (f" | {'graph tok/s':>10s} {'GiB':>6s}" if args.graph else ""))
+    out = results_path("train", gpu)
     rows = []
     for name in args.models:
         d_model, n_layer, micro = MODELS[name]
@@ -201,6 +363,8 @@ def main():
             return model.cuda(), param_groups(model, 0.1)
 
         results = {"ours": run_one(build_ours, random_batch(micro, 0), args.warmup, args.steps)}
+        if args.graph:
+            results["graph"] = run_one(build_ours, random_batch(micro, 0), args.warmup, args.steps, graphed=True)
         for path in anchor_paths:
             def build_anchor(fused=path == "fused"):
                 model = AnchorLM(d_model, n_layer, 50304, fused).cuda()
@@ -210,6 +374,7 @@ def main():
         flops = training_flops_per_token(cfg, cfg.padded_vocab_size()) * tokens
         rate = {k: (tokens / v[0] if isinstance(v, tuple) else None) for k, v in results.items()}
         mem = {k: (v[1] if isinstance(v, tuple) else None) for k, v in results.items()}
+        cpu = {k: (1e3 * v[2] if isinstance(v, tuple) else None) for k, v in results.items()}
         best_anchor = max((rate[p] for p in anchor_paths if rate.get(p)), default=None)
         row = dict(model=name, micro_batch=micro, seqlen=SEQ, gpu=gpu, peak_tflops=peak / 1e12,
                    ours_tokens_per_s=rate["ours"], anchor_tokens_per_s=rate.get("unfused"),
@@ -217,6 +382,8 @@ def main():
                    ours_mfu=rate["ours"] and flops / tokens * rate["ours"] / peak,
                    anchor_mfu=best_anchor and flops / tokens * best_anchor / peak,
                    ours_peak_gib=mem["ours"], anchor_peak_gib=mem.get("unfused"),
+                   ours_enqueue_ms=cpu.get("ours"), ours_graph_tokens_per_s=rate.get("graph"),
+                   ours_graph_peak_gib=mem.get("graph"),
                    anchor_fused_peak_gib=mem.get("fused"),
                    errors={k: v for k, v in results.items() if not isinstance(v, tuple)} or None)
         rows.append(row)
@@ -224,7 +391,10 @@ def main():
         print(f"{name:6s} {micro:5d} | {f(rate['ours'], 10)} {f(row['ours_mfu'] and 100 * row['ours_mfu'], 5, 1)}% "
               f"{f(mem['ours'], 6, 1)} | {f(rate.get('unfused'), 12)} {f(mem.get('unfused'), 6, 1)} | "
               f"{f(rate.get('fused'), 11)} {f(mem.get('fused'), 6, 1)} | "
-              f"{f(best_anchor and rate['ours'] and rate['ours'] / best_anchor, 6, 2)}", flush=True)
+              f"{f(best_anchor and rate['ours'] and rate['ours'] / best_anchor, 6, 2)}"
+              + (f" | {f(rate.get('graph'), 10)} {f(mem.get('graph'), 6, 1)}" if args.graph else ""), flush=True)
+        print(f"#   {name}: ours' CPU time to enqueue a step {f(cpu['ours'], 0, 1)} ms of "
+              f"{f(results['ours'][0] * 1e3 if cpu['ours'] else None, 0, 1)} ms", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"# x best: ours / the anchor's faster path; wrote {out}")

@@ -47,16 +47,17 @@ def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None, r
     return _reference.causal_conv1d(x, weight, bias, **kwargs)
 
 
-def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
-    """RMSNorm of x·silu(z) per group, times weight; see `kernels.reference.rmsnorm_gated`."""
+def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
+    """RMSNorm of x·silu(z) per group, times weight, in out_dtype (default x's); see
+    `kernels.reference.rmsnorm_gated`."""
     if x.is_cuda:
         try:
             from .triton_norm import rmsnorm_gated_triton
         except ImportError as err:
             raise RuntimeError(f"kernels.rmsnorm_gated on a CUDA tensor needs Triton ({err}); "
                                "install mamba-train[gpu]") from err
-        return rmsnorm_gated_triton(x, z, weight, eps=eps, group_size=group_size)
-    return _reference.rmsnorm_gated(x, z, weight, eps=eps, group_size=group_size)
+        return rmsnorm_gated_triton(x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
+    return _reference.rmsnorm_gated(x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
 
 
 def cross_entropy_rows(logits, labels, grad_scale=None):

@@ -321,12 +321,13 @@ def _check_norm_inputs(x, z, weight, group_size):
     return group_size
 
 
-def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
+def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     """RMSNorm per group of `group_size` channels of x·silu(z), times weight.
 
     The gate comes BEFORE the norm: mamba_ssm's `norm_before_gate=False` and transformers'
-    `MambaRMSNormGated`. Statistics in float32 (float64 for float64 x), result in x's dtype;
-    the weight is applied in float32 before the cast, as mamba_ssm's kernel does.
+    `MambaRMSNormGated`. Statistics in float32 (float64 for float64 x), result in out_dtype
+    (default x's dtype); the weight is applied in float32 before the cast, as mamba_ssm's
+    kernel does.
     """
     # x, z, out: (..., d)  weight: (d,)
     d = x.shape[-1]
@@ -337,7 +338,7 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None):
         hidden = hidden * F.silu(z.to(cdt))
     groups = hidden.reshape(*x.shape[:-1], d // group_size, group_size)
     groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
-    return (groups.reshape(x.shape) * weight.to(cdt)).to(x.dtype)
+    return (groups.reshape(x.shape) * weight.to(cdt)).to(out_dtype or x.dtype)
 
 
 def cross_entropy_rows(logits, labels, grad_scale=None):

@@ -186,3 +186,13 @@ def test_conv_final_state_holds_only_the_last_document():
     whole = causal_conv1d(torch.cat([x, more], 1), weight, seq_idx=torch.tensor([[0] * 8 + [1] * 7]))
     carried = causal_conv1d(more, weight, initial_state=state, seq_idx=torch.ones(1, 5, dtype=torch.long))
     torch.testing.assert_close(carried, whole[:, 10:], rtol=0, atol=1e-12)
+
+
+def test_rmsnorm_gated_writes_the_requested_dtype():
+    # the block norm writes the autocast dtype straight away: the same values, rounded once
+    gen = torch.Generator().manual_seed(0)
+    x, z = torch.randn(3, 5, 16, generator=gen), torch.randn(3, 5, 16, generator=gen)
+    weight = 1 + 0.1 * torch.randn(16, generator=gen)
+    out = rmsnorm_gated(x, z, weight, group_size=8, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, rmsnorm_gated(x, z, weight, group_size=8).to(torch.bfloat16))

@@ -39,7 +39,7 @@ class Mamba2LM(nn.Module):
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 states: list[MixerState] | None = None, return_states: bool = False):
         # input_ids, seq_idx: (batch, seqlen) → logits (batch, seqlen, padded vocab)
-        hidden = self.embedding(input_ids).float()
+        hidden = self._embed(input_ids)
         new_states = []
         for i, layer in enumerate(self.layers):
             if return_states or states is not None:
@@ -59,8 +59,13 @@ class Mamba2LM(nn.Module):
         hidden = self.norm_f(self._residual_stream(input_ids, seq_idx).to(self.norm_f.weight.dtype))
         return linear_cross_entropy(hidden.flatten(0, 1), self.embedding.weight, labels.flatten(), reduction)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # the residual stream in fp32 at least (float64 models stay float64: the tests' oracle)
+        embedded = self.embedding(input_ids)
+        return embedded.to(torch.promote_types(embedded.dtype, torch.float32))
+
     def _residual_stream(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.embedding(input_ids).float()
+        hidden = self._embed(input_ids)
         for layer in self.layers:
             hidden = layer(hidden, seq_idx=seq_idx)
         return hidden

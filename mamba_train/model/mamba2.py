@@ -31,12 +31,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:   # one Triton kernel each way (the gated norm's, without a gate)
-            return rmsnorm_gated(x, None, self.weight, eps=self.eps, group_size=x.shape[-1])
-        # Statistics in fp32 whatever the input dtype, as mamba_ssm and transformers do.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # The gated norm without a gate (one Triton kernel each way on a GPU). Under autocast
+        # the output is written in the autocast dtype, which the next matmul reads anyway:
+        # the fp32 residual stream's norm then never exists in fp32, nor its cast.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return rmsnorm_gated(x, None, self.weight, eps=self.eps, group_size=x.shape[-1], out_dtype=out_dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -122,5 +122,5 @@ class Mamba2Block(nn.Module):
         out = self.mixer(self.norm(residual), seq_idx=seq_idx, state=state, return_state=return_state)
         if return_state:
             out, state = out
-        residual = residual + out.float()
+        residual = residual + out.to(residual.dtype)
         return (residual, state) if return_state else residual

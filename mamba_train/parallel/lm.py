@@ -74,7 +74,7 @@ class ParallelMamba2LM(nn.Module):
         hidden = self.embedding(input_ids)  # SP: (local_len / tp, batch, d) seq-first; else (batch, local_len, d)
         if self.sequence_parallel:
             hidden = hidden.transpose(0, 1)
-        hidden = hidden.float()
+        hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))   # the fp32 residual stream
         for layer in self.layers:
             hidden = layer(hidden, seq_idx=seq_idx)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype)).transpose(0, 1)
