@@ -3,11 +3,12 @@
 #   .anchor holds mamba_ssm 2.3.2.post1's Python sources (its __init__ replaced by a version
 #   line), einops and pytest as unpacked pure-Python wheels (see GPU.md "The speed anchor").
 #   causal_conv1d is not in it (a CUDA build): the conv anchor columns then read n/a.
-# Usage: bash bench/device_kernels.sh [gputests|tests|bench|sweep]...   (default: gputests tests bench)
+# Usage: bash bench/device_kernels.sh [gputests|tests|bench|sweep|sweep-norm]...   (default: gputests tests bench)
 #   gputests  the `gpu` tests of tests/test_conv_norm_triton.py (real shapes, bf16 vs fp32)
 #   tests     the file's other tests, compiled: every kernel variant (widths, flags, dtypes)
 #   bench     bench/bench_kernels.py, copies bench/results/kernels-*.json into $OUT
 #   sweep     our conv kernels at a few tile configurations (to retune FWD_*/BWD_* in conv1d.py)
+#   sweep-norm  our gated norm's backward at a few settings (to retune _blocks in rmsnorm.py)
 set -o pipefail
 export PYTHONPATH="$PWD/.anchor:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/kernels_out}"
@@ -26,6 +27,7 @@ for step in "${steps[@]}"; do
     bench)    python3 bench/bench_kernels.py 2>&1 | tee "$OUT/kernels-bench.log" || status=1
               cp bench/results/kernels-*.json "$OUT/" 2>/dev/null ;;
     sweep)    python3 bench/bench_kernels.py --sweep 2>&1 | tee "$OUT/kernels-sweep.log" || status=1 ;;
+    sweep-norm) python3 bench/bench_kernels.py --sweep-norm 2>&1 | tee "$OUT/norm-sweep.log" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

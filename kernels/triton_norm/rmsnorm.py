@@ -127,11 +127,11 @@ def _programs_per_sm(device):
     return 4 * sms
 
 
-def rmsnorm_gated_fwd(x, z, weight, eps, group_size):
-    # x, z: (m, d)  weight: (d,)  ->  out: (m, d) in x's dtype
+def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None):
+    # x, z: (m, d)  weight: (d,)  ->  out: (m, d) in out_dtype (default x's)
     n_rows, dim = x.shape
     block_m, block_g, num_warps, _ = _blocks(n_rows, group_size)
-    out = torch.empty(n_rows, dim, device=x.device, dtype=x.dtype)
+    out = torch.empty(n_rows, dim, device=x.device, dtype=out_dtype or x.dtype)
     grid = (triton.cdiv(n_rows, block_m), dim // group_size)
     _rmsnorm_gated_fwd_kernel[grid](
         x, z, weight, out, n_rows, group_size, eps,
@@ -141,14 +141,16 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size):
     return out
 
 
-def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size):
+def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None):
     # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype)
+    # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
     n_rows, dim = x.shape
     ngroups = dim // group_size
-    block_m, block_g, _, num_warps = _blocks(n_rows, group_size)
+    default_m, block_g, _, default_warps = _blocks(n_rows, group_size)
+    block_m, num_warps = block_m or default_m, num_warps or default_warps
     row_tiles = triton.cdiv(n_rows, block_m)
     want = triton.cdiv(row_tiles * ngroups, _programs_per_sm(x.device))
-    tiles = min(64, triton.next_power_of_2(want))   # a power of two: few compiled variants
+    tiles = tiles or min(64, triton.next_power_of_2(want))   # a power of two: few compiled variants
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
     programs_m = triton.cdiv(row_tiles, tiles)
