@@ -73,6 +73,17 @@ def make_step(model, input_ids, labels, seq_idx, amp, accum=1, after_backward=la
     return step
 
 
+def print_profile(step, what, steps=2):
+    """Where the parallel step's time goes (rank 0): CPU and CUDA time, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"# profile of {steps} steps, {what}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
 def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
     """All-reduce bus bandwidth in GB/s (nccl-tests: bytes · 2(n-1)/n / time), bf16."""
     world = dist.get_world_size()
@@ -105,6 +116,8 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
     step = make_step(model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
     seconds = time_steps(step, device, args.warmup, args.steps)
+    if args.profile and rank == 0:
+        print_profile(step, f"{mode}:{seqlen}:{accum}, rank 0")
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step
@@ -137,6 +150,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a profile of each parallel step (rank 0)")
     parser.add_argument("--runs", nargs="*", default=None, help="mode:seqlen[:accum], e.g. tp:2048 dp:2048:8")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.ngroups=2")
     args = parser.parse_args()

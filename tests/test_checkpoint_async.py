@@ -3,17 +3,23 @@ background thread. Its checkpoints hold exactly what a blocking save writes at t
 step, resume bit-exactly, and a failed background write is raised, never lost.
 
 The background writes are slowed down (`slow_writes`) so that several training steps run
-while a checkpoint is being written: a copy taken too late, or not at all, would show.
+while a checkpoint is being written: a copy taken too late, or not at all, would show. The
+copy goes into staging buffers reused from one save to the next (pinned for GPU tensors);
+on CPU it is a plain clone unless the writer is told to stage CPU tensors too
+(`reuse_staging_buffers`), which is how these tests exercise the reuse without a GPU.
 """
 
+import copy
 import json
 import time
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamba_train.checkpoint import CheckpointError, CheckpointWriter
+from mamba_train.checkpoint import CheckpointError, CheckpointWriter, save_checkpoint
+from mamba_train.checkpoint.writer import StagingBuffers
 from mamba_train.train.loop import train
 from synthetic import tiny_config
 
@@ -33,6 +39,13 @@ def slow_writes(monkeypatch, module, seconds=0.3, fail_on_call=None):
         return real_save_file(*args, **kwargs)
 
     monkeypatch.setattr(module, "save_file", save_file)
+
+
+def reuse_staging_buffers(monkeypatch):
+    """train()'s writer copies CPU tensors into reused staging buffers, as it does GPU ones."""
+    from mamba_train.train import loop
+
+    monkeypatch.setattr(loop, "CheckpointWriter", partial(CheckpointWriter, stage_cpu=True))
 
 
 def checkpoint_contents(path):
@@ -92,6 +105,77 @@ def test_writer_runs_one_save_at_a_time_in_order():
     assert order == [1, 2] and all(record["write_s"] is not None for record in writer.records)
 
 
+# ----------------------------------------------------------------------------- the snapshot
+
+
+@pytest.mark.parametrize("stage_cpu", [False, True], ids=["cloned", "staged"])
+def test_a_snapshot_is_a_contiguous_copy_of_the_state(stage_cpu):
+    weight = torch.arange(12.0).view(3, 4)
+    state = {"weights": {"w": weight.t()}, "optimizer": {"step": torch.tensor(3.0), "betas": (0.9, 0.95),
+                                                         "params": [0, 1], "foreach": None}}
+    snapshot = CheckpointWriter(background=True, stage_cpu=stage_cpu).snapshot(state)
+    expected = weight.t().clone()
+    weight += 1  # training goes on
+    assert snapshot["weights"]["w"].is_contiguous()  # safetensors writes only contiguous tensors
+    assert torch.equal(snapshot["weights"]["w"], expected) and snapshot["optimizer"]["step"].item() == 3.0
+    assert {k: v for k, v in snapshot["optimizer"].items() if k != "step"} == \
+        {"betas": (0.9, 0.95), "params": [0, 1], "foreach": None}
+
+
+def test_cpu_tensors_are_cloned_at_every_snapshot_unless_staged():
+    staging, weight = StagingBuffers(), torch.ones(3, 4)
+    first, second = staging.copy({"w": weight})["w"], staging.copy({"w": weight})["w"]
+    assert len({first.data_ptr(), second.data_ptr(), weight.data_ptr()}) == 3 and staging.buffers == {}
+
+
+def test_staging_reuses_a_buffer_while_its_tensor_keeps_shape_and_dtype():
+    staging = StagingBuffers(stage_cpu=True)
+    first = staging.copy({"a": torch.ones(3, 4), "b": torch.ones(5), "c": torch.ones(2)})
+    addresses = {name: tensor.data_ptr() for name, tensor in first.items()}
+    second = staging.copy({"a": torch.full((3, 4), 2.0), "b": torch.ones(6), "c": torch.ones(2, dtype=torch.bfloat16)})
+    assert second["a"].data_ptr() == addresses["a"] and torch.equal(second["a"], torch.full((3, 4), 2.0))
+    assert second["b"].shape == (6,) and second["c"].dtype == torch.bfloat16  # new buffers for these
+    assert {path: buffer.data_ptr() for path, buffer in staging.buffers.items()} == \
+        {(name,): tensor.data_ptr() for name, tensor in second.items()}
+
+
+def test_consecutive_async_saves_each_hold_their_own_step(tmp_path, monkeypatch):
+    """Each save's snapshot reuses the previous one's staging buffers: it must wait until the
+    previous write (slowed down here, while training goes on) has read them."""
+    from mamba_train.checkpoint import store
+
+    written_from = []  # the addresses of the tensors each model.safetensors was written from
+    real_save_file = store.save_file
+
+    def slow_save_file(tensors, *args, **kwargs):
+        time.sleep(0.3)
+        written_from.append({name: tensor.data_ptr() for name, tensor in tensors.items()})
+        return real_save_file(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(store, "save_file", slow_save_file)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    writer = CheckpointWriter(background=True, log=lambda message: None, stage_cpu=True)
+    expected = {}
+    for step in (1, 2, 3):
+        model(torch.randn(2, 4)).square().sum().backward()  # changes weights and moments in place
+        optimizer.step()
+        optimizer.zero_grad()
+        expected[step] = copy.deepcopy((model.state_dict(), optimizer.state_dict()["state"]))
+        save_checkpoint(tmp_path, step, model, optimizer, {"step": step}, writer=writer)
+    writer.wait()
+    for step, (weights, adam) in expected.items():
+        path = tmp_path / f"step_{step:08d}"
+        saved_weights = load_file(path / "model.safetensors")
+        saved_adam = torch.load(path / "optimizer.pt", weights_only=True)["state"]
+        assert saved_weights.keys() == weights.keys() and saved_adam.keys() == adam.keys()
+        assert all(torch.equal(saved_weights[name], weights[name]) for name in weights), step
+        assert all(torch.equal(saved_adam[index][key], value)
+                   for index in adam for key, value in adam[index].items()), step
+    assert written_from[0] == written_from[1] == written_from[2]  # the same buffers at every save
+
+
 # ----------------------------------------------------------------------------- one process
 
 
@@ -103,7 +187,9 @@ def one_process_runs(markov_data, tmp_path_factory):
     blocking = train(tiny_config(markov_data, root / "blocking", *STEPS))
     with pytest.MonkeyPatch.context() as monkeypatch:
         slow_writes(monkeypatch, store)
-        background = train(tiny_config(markov_data, root / "async", *STEPS, ASYNC))
+        with pytest.MonkeyPatch.context() as staging:  # the resumed runs clone, as on CPU
+            reuse_staging_buffers(staging)
+            background = train(tiny_config(markov_data, root / "async", *STEPS, ASYNC))
         first = train(tiny_config(markov_data, root / "resumed", *STEPS, ASYNC), stop_after_steps=3)
         second = train(tiny_config(markov_data, root / "resumed", *STEPS, ASYNC), resume="auto")
     return {"root": root, "blocking": blocking, "async": background, "resumed": {**first.losses, **second.losses}}
@@ -161,7 +247,9 @@ def _dp2_worker(rank, world, data, root):
     results["blocking"] = train(tiny_config(data, root / "blocking", *DP2)).losses
     with pytest.MonkeyPatch.context() as monkeypatch:
         slow_writes(monkeypatch, sharded)
-        results["async"] = train(tiny_config(data, root / "async", *DP2, ASYNC)).losses
+        with pytest.MonkeyPatch.context() as staging:  # the resumed runs clone, as on CPU
+            reuse_staging_buffers(staging)
+            results["async"] = train(tiny_config(data, root / "async", *DP2, ASYNC)).losses
         first = train(tiny_config(data, root / "resumed", *DP2, ASYNC), stop_after_steps=3)
         second = train(tiny_config(data, root / "resumed", *DP2, ASYNC), resume="auto")
         results["resumed"] = {**first.losses, **second.losses}

@@ -21,10 +21,11 @@ moments are elementwise, so they move exactly like their parameter, and resume i
 on any layout up to the rounding of the forward/backward itself. A one-process checkpoint
 reads as a TP=1 one, so runs move freely between one process and many.
 
-With `checkpoint.async_save` the ranks copy their state to CPU and write it from a
-background thread each; they meet through marker files in the temporary directory, not
-collectives (those belong to the training thread), and rank 0's thread publishes once all
-markers are there. The next save, or the end of training, makes every rank agree.
+With `checkpoint.async_save` the ranks copy their state to CPU (into their writer's
+reused, pinned staging buffers: checkpoint/writer.py) and write it from a background
+thread each; they meet through marker files in the temporary directory, not collectives
+(those belong to the training thread), and rank 0's thread publishes once all markers are
+there. The next save, or the end of training, makes every rank agree.
 
 Loading never runs code from a file: safetensors, JSON, and for one-process optimizer
 state `torch.load(weights_only=True)`; DeepSpeed's own loader (`torch.load` of pickles)
@@ -74,17 +75,19 @@ def save_sharded(root: str | Path, step: int, engine, dims, trainer_state: dict,
     name = checkpoint_name(step)
     tmp = root / f".tmp-{name}"  # one name for all ranks: rank 0 makes it
     background = writer is not None and writer.background
+    snapshot = None  # taken in prepare(): a failure there (e.g. pinning host memory) stops every rank
 
     def prepare():
+        nonlocal snapshot
         if writer is not None:
             writer.wait()  # the previous save first: its error surfaces here, on every rank
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left over by a save that died
             tmp.mkdir()
+        snapshot = _snapshot_shard(engine, dims, writer if background else None)
 
     _on_every_rank(group, prepare)
-    snapshot = _snapshot_shard(engine, dims, copy=background)
     layout = {"tp": dims.layout.tp, "cp": dims.layout.cp, "dp": dims.layout.dp,
               "sequence_parallel": dims.layout.sequence_parallel, "world_size": world}
 
@@ -131,12 +134,20 @@ class _ShardSnapshot:
     weights: dict[str, torch.Tensor] | None
 
 
-def _snapshot_shard(engine, dims, copy: bool) -> _ShardSnapshot:
-    tensors, metadata = _optimizer_shard(engine, dims.tp_rank)  # copies already
-    weights = None
-    if dims.dp_rank == 0 and dims.cp_rank == 0:
-        # `copy`: a background write must not see the updates of the steps that train meanwhile
-        weights = {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in engine.module.state_dict().items()}
+def _snapshot_shard(engine, dims, background_writer) -> _ShardSnapshot:
+    """This rank's part of the checkpoint on CPU; with a `background_writer`, copied into its
+    staging buffers (the write in flight is over: `save_sharded` waited for it)."""
+    tensors, metadata = _optimizer_shard(engine, dims.tp_rank)
+    weights = engine.module.state_dict() if dims.dp_rank == 0 and dims.cp_rank == 0 else None
+    if background_writer is not None:
+        # a background write must not see the updates of the steps that train meanwhile
+        snapshot = background_writer.snapshot({"optimizer": tensors, "weights": weights})
+        tensors, weights = snapshot["optimizer"], snapshot["weights"]
+    else:
+        # the fragments are views of one flat partition: safetensors wants tensors of their own
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        if weights is not None:
+            weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     return _ShardSnapshot(dims.tp_rank, tensors, metadata, weights)
 
 
@@ -151,15 +162,16 @@ def _write_shard(snapshot: _ShardSnapshot, tmp: Path, rank: int) -> dict[str, di
 
 
 def _optimizer_shard(engine, tp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This rank's ZeRO partition as tensors (copies, on CPU) and the safetensors metadata."""
+    """This rank's ZeRO partition as tensors (views of the live fp32 master weights and Adam
+    moments, on their device) and the safetensors metadata."""
     tensors, fragments, adam_steps = {}, {}, set()
     for name, param, fragment, state in _zero_fragments(engine):
         lp = fragment.lp_fragment_address
         fragments[name] = [lp.start, lp.numel, list(param.shape)]
-        tensors[f"{name}/master"] = fragment.hp_fragment.detach().cpu().clone()
+        tensors[f"{name}/master"] = fragment.hp_fragment.detach()
         for key in MOMENTS:
             moment = _narrow_state(state, key, fragment)
-            tensors[f"{name}/{key}"] = moment.cpu().clone() if moment is not None else torch.zeros(lp.numel)
+            tensors[f"{name}/{key}"] = moment if moment is not None else torch.zeros(lp.numel)
         adam_steps.add(int(state["step"]) if "step" in state else 0)
     if len(adam_steps) > 1:
         raise CheckpointError(f"rank {dist.get_rank()}: parameter groups disagree on Adam's step count "

@@ -44,13 +44,17 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, keep_last: int = 3, keep_every: int = 0, writer=None) -> Path:
     """Write the checkpoint of `step` and return its path. With a `CheckpointWriter`
-    (writer.py) in the background, only the copy of the state to CPU happens here: the
-    path is complete once `writer.wait()` returns."""
+    (writer.py) in the background, only the copy of the state to CPU happens here (into the
+    writer's staging buffers, once its previous write is over): the path is complete once
+    `writer.wait()` returns."""
     root = Path(root)
-    background = writer is not None and writer.background
-    # a background write must not see the updates of the steps that train meanwhile
-    weights = {k: v.detach().to("cpu", copy=background).contiguous() for k, v in model.state_dict().items()}
-    optimizer_state = _to_cpu(optimizer.state_dict()) if background else optimizer.state_dict()
+    if writer is not None and writer.background:
+        # a background write must not see the updates of the steps that train meanwhile
+        snapshot = writer.snapshot({"weights": model.state_dict(), "optimizer": optimizer.state_dict()})
+        weights, optimizer_state = snapshot["weights"], snapshot["optimizer"]
+    else:  # written before training goes on: no copy beyond the one to CPU
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        optimizer_state = optimizer.state_dict()
 
     def write() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -68,17 +72,6 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     else:
         writer.submit(checkpoint_name(step), write)
     return root / checkpoint_name(step)
-
-
-def _to_cpu(state):
-    """A copy of (nested) optimizer state with every tensor copied to CPU."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {key: _to_cpu(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(value) for value in state)
-    return state
 
 
 def publish_checkpoint(tmp: Path, root: Path, step: int, files: dict[str, dict], keep_last: int,
