@@ -14,7 +14,8 @@ reads x, z and writes y, backward reads dy, x, z and writes dx, dz (weights coun
     PYTHONPATH=.anchor python bench/bench_kernels.py [--ops conv norm] [--sweep]
 
 Writes bench/results/kernels-<gpu>.json. `--sweep` instead times our conv kernels at a few
-tile configurations (kernels/triton_conv/conv1d.py's FWD_* and BWD_* constants).
+tile configurations (kernels/triton_conv/conv1d.py's FWD_* and BWD_* constants), `--sweep-norm`
+our gated norm's backward (kernels/triton_norm/rmsnorm.py's `_blocks`).
 """
 
 import argparse
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import reference  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
+from kernels.triton_norm import rmsnorm as norm_stage  # noqa: E402
 from kernels.triton_norm import rmsnorm_gated_triton  # noqa: E402
 
 # name: (batch, seqlen, dim, width) — dim = 2·d_inner + 2·128 for d_model 768 and 2048
@@ -124,14 +126,32 @@ def sweep(shape):
     dout, act = torch.randn_like(x), b * l * d * 2
     bw = copy_bandwidth(3 * act)
     print(f"# conv tiles at {shape}, bf16; copy {bw / 1e9:.0f} GB/s; config: ms, % of copy bw")
-    for cfg in [(64, 64, 8), (32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 16)]:   # the default first
+    for cfg in [(32, 64, 4), (64, 64, 8), (64, 64, 4), (64, 128, 8), (128, 64, 16)]:   # the default first
         ms = bench_ms(lambda: conv_stage.conv1d_fwd(x, weight, bias, block_l=cfg[0], block_d=cfg[1], num_warps=cfg[2]))
         print(f"fwd {cfg}: {ms:.3f} ms, {100 * 2 * act / (ms * 1e-3) / bw:.0f}%")
-    # (block_l, block_d, warps, tiles per program); the default first
-    for cfg in [(128, 16, 8, 1), (64, 32, 8, 1), (128, 32, 16, 1), (64, 32, 8, 8), (128, 16, 8, 4), (128, 32, 8, 1)]:
+    # (tile rows, channels, warps, steps a program walks): the default first; then fewer / more
+    # steps (stretch-end work and dweight partials against programs per wave), 256- and 64-thread
+    # CTAs (16 / 18 warps per SM), 8 values a thread (16-byte loads, 208 registers), 512 B rows,
+    # and one-row tiles of 1 KB (no cross-warp reduction)
+    for cfg in [(4, 128, 4, 64), (4, 128, 4, 32), (4, 128, 4, 16), (8, 128, 8, 32), (2, 128, 2, 32),
+                (8, 128, 4, 16), (2, 256, 4, 32), (1, 512, 4, 64)]:
         ms = bench_ms(lambda: conv_stage.conv1d_bwd(dout, None, x, weight, bias, block_l=cfg[0], block_d=cfg[1],
                                                     num_warps=cfg[2], tiles_per_program=cfg[3]))
         print(f"bwd {cfg}: {ms:.3f} ms, {100 * 3 * act / (ms * 1e-3) / bw:.0f}%")
+
+
+def sweep_norm(shape):
+    """Our gated norm's backward alone at a few (block_m, num_warps, tiles) settings; the default first."""
+    b, l, d, group = shape
+    x, z, dout = (torch.randn(b * l, d, device="cuda", dtype=BF16) for _ in range(3))
+    weight = torch.ones(d, device="cuda", dtype=torch.float32)
+    act = b * l * d * 2
+    bw = copy_bandwidth(5 * act)
+    print(f"# norm backward at {shape}, bf16 (fp32 weight); copy {bw / 1e9:.0f} GB/s; config: ms, % of copy bw")
+    for cfg in [(None, None, None), (1, 4, None), (1, 8, None), (1, 16, None), (2, 8, None), (4, 8, None),
+                (1, 8, 4), (1, 8, 64), (2, 16, 4)]:
+        ms = bench_ms(lambda: norm_stage.rmsnorm_gated_bwd(dout, x, z, weight, 1e-5, group, *cfg))
+        print(f"bwd {cfg}: {ms:.3f} ms, {100 * 5 * act / (ms * 1e-3) / bw:.0f}%")
 
 
 def fmt(ms):
@@ -142,10 +162,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="*", default=["conv", "norm"], choices=["conv", "norm"])
     parser.add_argument("--sweep", action="store_true", help="only time our conv at a few tile configurations")
+    parser.add_argument("--sweep-norm", action="store_true", help="only time our norm backward at a few settings")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<gpu>.json)")
     args = parser.parse_args()
     if args.sweep:
         return sweep(CONV_SHAPES["b8_L2048_d8448_w4"])
+    if args.sweep_norm:
+        for shape in NORM_SHAPES.values():
+            sweep_norm(shape)
+        return None
 
     gpu = torch.cuda.get_device_name()
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"

@@ -158,12 +158,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5
     assert error <= rel * max(scale, 1e-30), f"{what}: max error {error:.3e} > {rel} · {scale:.3e}"
 
 
-def assert_grads_close(named_grads: dict, expected: dict, rel: float = 1e-5, rel_each: float = 1e-4) -> None:
+def assert_grads_close(named_grads: dict, expected: dict, rel: float = 1e-5, rel_each: float = 3e-4) -> None:
     """All gradients together within `rel` (norm of the difference over the norm), and each
     tensor within `rel_each` (max-relative). Why two bounds: a few tiny per-head gradients
-    (D with one head per rank) are sums of hundreds of cancelling fp32 terms; the
-    single-process fp32 model itself is 1e-5 away from float64 on them (measured: 9.6e-6
-    on D of the tiny model), so two fp32 summation orders cannot agree to 1e-5 there."""
+    (D with one head per rank) are sums of hundreds of cancelling fp32 terms. Measured
+    against a float64 copy of the tiny model at TP=4: the single-process fp32 model is up
+    to 2.8e-5 away on D, the TP=4 one up to 1.4e-4 (its partial sums are added in another
+    order), so two fp32 summation orders cannot agree to 1e-5 there."""
     diff = sum((named_grads[k] - expected[k]).double().pow(2).sum() for k in named_grads).sqrt().item()
     norm = sum(expected[k].double().pow(2).sum() for k in named_grads).sqrt().item()
     assert diff <= rel * norm, f"all gradients: |diff| {diff:.3e} > {rel} · |grad| {norm:.3e}"

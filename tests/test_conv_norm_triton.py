@@ -93,22 +93,29 @@ def conv_inputs(b, l, d, width, *, dtype=torch.float32, device=DEVICE, bias=True
     return inputs
 
 
+# Tiles the small_tiles fixture sets: forward 16 rows; backward tiles of 4 rows that each walk 5
+# steps, so a backward program covers 20 rows in 4 stretches of 5 (kernels/triton_conv/conv1d.py)
+FWD_TILE, BWD_ROWS, BWD_STEPS = 16, 4, 5
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
-    # 16 x 16 tiles, 2 per backward program: the short test sequences then span several forward
-    # tiles and several backward programs (the last with a tile past the end), and dim 24 one
-    # full and one partial channel block
-    for name in ("FWD_BLOCK_L", "BWD_BLOCK_L", "FWD_BLOCK_D", "BWD_BLOCK_D"):
-        monkeypatch.setattr(conv_stage, name, 16)
-    monkeypatch.setattr(conv_stage, "BWD_TILES", 2)
+    # the short test sequences then span several forward tiles, several backward programs (the
+    # last with stretches past the end) and stretches shorter than a program; dim 24 one full and
+    # one partial channel block of 16
+    for name, value in (("FWD_BLOCK_L", FWD_TILE), ("FWD_BLOCK_D", 16), ("BWD_BLOCK_L", BWD_ROWS),
+                        ("BWD_BLOCK_D", 16), ("BWD_TILES", BWD_STEPS)):
+        monkeypatch.setattr(conv_stage, name, value)
 
 
-def docs_across_tiles(width, tile=16):
-    # forward tiles start every 16 rows, backward tiles every 16 - (w-1) (they overlap by w-1):
-    # documents starting on both kinds of border, inside a tile, within the first w-1 rows (the
-    # initial state's reach) and within the last w-1 rows (the final state's)
-    bwd = tile - (width - 1)
-    return [[2, bwd, tile, 22, 35], [2 * bwd, 2 * tile, 36]]
+def docs_across_tiles():
+    # for seqlen 37: documents starting on a forward tile border (16, 32), a backward stretch
+    # border (5, 10, 35) and program border (20), just before and after one (14, 11, 22), within
+    # the first w-1 rows (2: the initial state's reach) and within the last w-1 rows (35, 36: the
+    # final state's)
+    program = BWD_ROWS * BWD_STEPS
+    return [[2, BWD_STEPS, FWD_TILE, program, program + 2, 7 * BWD_STEPS],
+            [2 * BWD_STEPS, 2 * BWD_STEPS + 1, 3 * BWD_STEPS - 1, 2 * FWD_TILE, 36]]
 
 
 @pytest.mark.usefixtures("small_tiles")
@@ -116,7 +123,7 @@ def docs_across_tiles(width, tile=16):
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_conv_forward_and_every_gradient_match_float64_reference(width, activation):
     # bias, initial and final state, documents; seqlen 37: not a multiple of either tile
-    inputs = conv_inputs(2, 37, 24, width, doc_starts=docs_across_tiles(width), first_doc=5)
+    inputs = conv_inputs(2, 37, 24, width, doc_starts=docs_across_tiles(), first_doc=5)
     kwargs = dict(activation=activation, return_final_state=True)
     ours = run(causal_conv1d_triton, inputs, CONV_GRADS, **kwargs)
     ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, **kwargs)
@@ -159,6 +166,18 @@ def test_conv_gradient_from_final_state_alone():
 
 
 @pytest.mark.usefixtures("small_tiles")
+def test_conv_backward_stretches_shorter_than_the_window(monkeypatch):
+    # 2-row stretches at width 4: a stretch's w-1 rows of history and its last dx rows' dpre
+    # reach over more than one neighbouring stretch
+    monkeypatch.setattr(conv_stage, "BWD_BLOCK_L", 2)
+    monkeypatch.setattr(conv_stage, "BWD_TILES", 2)
+    inputs = conv_inputs(2, 19, 16, 4, doc_starts=[[1, 4, 7, 8], [6, 17]], first_doc=2)
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
+    check_all(ours, ref, FP32_BOUND, "2-row stretches")
+
+
+@pytest.mark.usefixtures("small_tiles")
 def test_conv_non_contiguous_inputs():
     # x a column slice of a wider tensor (the model's xBC is one of in_proj's outputs), the state
     # a transposed view of mamba_ssm's (batch, dim, width-1) layout
@@ -185,9 +204,9 @@ def test_conv_half_precision_inputs(dtype):
 
 
 def test_conv_default_tiles():
-    # the tile sizes the GPU runs: 64 x 64 forward tiles, 128 x 16 backward tiles (125 rows owned
-    # at width 4); documents start on tile borders of both
-    inputs = conv_inputs(1, 260, 40, 4, doc_starts=[[64, 100, 125, 128, 250]])
+    # the tile sizes the GPU runs: 64 x 64 forward tiles; backward tiles of 4 rows walking 32
+    # steps (programs of 128 rows, stretches of 32); documents start on borders of each
+    inputs = conv_inputs(1, 260, 40, 4, doc_starts=[[32, 64, 100, 127, 128, 250]])
     ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
     ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
     check_all(ours, ref, FP32_BOUND, "default tiles")
