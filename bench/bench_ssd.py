@@ -11,7 +11,6 @@ mamba_ssm is optional: without it its columns are empty (null in the JSON).
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path

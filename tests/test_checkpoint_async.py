@@ -157,14 +157,17 @@ def test_consecutive_async_saves_each_hold_their_own_step(tmp_path, monkeypatch)
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     writer = CheckpointWriter(background=True, log=lambda message: None, stage_cpu=True)
-    expected = {}
+    expected, waits = {}, []
     for step in (1, 2, 3):
         model(torch.randn(2, 4)).square().sum().backward()  # changes weights and moments in place
         optimizer.step()
         optimizer.zero_grad()
         expected[step] = copy.deepcopy((model.state_dict(), optimizer.state_dict()["state"]))
         save_checkpoint(tmp_path, step, model, optimizer, {"step": step}, writer=writer)
+        waits.append(writer.last_snapshot["wait_s"])
     writer.wait()
+    # the stall is reported split: the first save waits for nothing, the next for a 0.3 s write
+    assert waits[0] == 0.0 and min(waits[1:]) > 0.1, waits
     for step, (weights, adam) in expected.items():
         path = tmp_path / f"step_{step:08d}"
         saved_weights = load_file(path / "model.safetensors")

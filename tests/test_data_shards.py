@@ -125,7 +125,7 @@ def test_skip_bad_records_counts_them_in_the_summary(pile, tmp_path):
     recipe.skip_bad_records = True
     summary = prepare(recipe, workers=1, progress=False)
     assert summary["skipped_records"]["count"] == 2
-    assert summary["skipped_records"]["examples"][0].endswith(f'bad.jsonl:2: expected an object with a "text" '
+    assert summary["skipped_records"]["examples"][0].endswith('bad.jsonl:2: expected an object with a "text" '
                                                               'field, found \'{"oops": 1}\'')
     assert sum(s["documents"] for s in summary["splits"].values()) == len(docs) + 2
 

@@ -27,7 +27,7 @@ def test_param_count_formula_matches_the_module(cfg):
 def test_flops_per_token_by_hand_for_the_130m_config():
     cfg = ModelConfig(vocab_size=50277)  # defaults are the 130m shape: 768 x 24, n 128, p 64, Q 256
     vocab = cfg.padded_vocab_size()
-    d_inner, nheads = 1536, 24
+    nheads = 24
     in_proj = 768 * (2 * 1536 + 2 * 128 + 24)
     per_layer = 768 + in_proj + (1536 + 256) * 5 + 3 * 24 + 1536 + 1536 * 768
     params = vocab * 768 + 24 * per_layer + 768

@@ -59,7 +59,7 @@ def test_causal_conv1d_seq_idx_resets_between_documents(width):
 
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_causal_conv1d_final_state_carries_into_next_segment(width):
-    l, split = 17, 9
+    split = 9
     x, weight, bias, initial_state = conv_inputs(w=width)
     whole, whole_final = causal_conv1d(x, weight, bias, initial_state=initial_state,
                                        return_final_state=True)

@@ -92,5 +92,5 @@ def test_gpu_bf16_real_slice_matches_fp32_reference(capsys):
     kept = labels >= 0
     errors = {"loss": rel(loss[kept], ref_loss[kept]), "grad": rel(logits, ref)}
     with capsys.disabled():
-        print(f"\ncross_entropy_rows 5336x50304 bf16 vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+        print("\ncross_entropy_rows 5336x50304 bf16 vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     assert errors["loss"] < HALF_BOUND and errors["grad"] < HALF_BOUND

@@ -46,15 +46,22 @@ class CheckpointWriter:
         # one row per save: {"checkpoint", "write_s"}, and "blocking_s" once the caller adds it
         self.records: list[dict] = []
         self.staging = StagingBuffers(stage_cpu)  # stage_cpu: tests exercise the reuse without a GPU
+        # where the last snapshot's stall went: {"wait_s" (the write before it), "copy_s"}
+        self.last_snapshot: dict | None = None
         self._thread: threading.Thread | None = None
         self._error: tuple[str, BaseException] | None = None
+        self._waited_s = 0.0  # in wait() since the last snapshot
 
     def snapshot(self, state):
         """What a background write reads: `state` (tensors in dicts, lists and tuples) with
         every tensor copied to CPU, contiguous, in this writer's staging buffers. Waits for the
         write in flight first (it reads the buffers this copy overwrites); raises its error."""
         self.wait()
-        return self.staging.copy(state)
+        started = time.perf_counter()
+        staged = self.staging.copy(state)
+        self.last_snapshot = {"wait_s": self._waited_s, "copy_s": time.perf_counter() - started}
+        self._waited_s = 0.0
+        return staged
 
     def submit(self, name: str, write: Callable[[], None]) -> dict:
         """Run `write` (files, manifest, rename, `latest`): here, or in the background after
@@ -85,8 +92,10 @@ class CheckpointWriter:
     def wait(self) -> None:
         """Until the save in flight (if any) has finished; raises CheckpointError if it failed."""
         if self._thread is not None:
+            started = time.perf_counter()
             self._thread.join()
             self._thread = None
+            self._waited_s += time.perf_counter() - started
         if self._error is not None:
             (name, error), self._error = self._error, None
             raise CheckpointError(f"writing checkpoint {name} in the background failed: "

@@ -143,8 +143,10 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
         record = writer.records[-1]
         record["blocking_s"] = time.perf_counter() - started
         if writer.background:  # the write's own line comes from the writer when it is done
-            metrics.info(f"checkpoint {path.name}: training stalled {record['blocking_s']:.2f} s (the previous "
-                         f"save's end, the copy to CPU); writing in the background")
+            record.update(writer.last_snapshot or {})
+            metrics.info(f"checkpoint {path.name}: training stalled {record['blocking_s']:.2f} s "
+                         f"({record.get('wait_s', 0.0):.2f} s for the previous save's write, "
+                         f"{record.get('copy_s', 0.0):.2f} s copying to CPU); writing in the background")
         else:
             metrics.info(f"checkpoint {path.name}: saved in {record['blocking_s']:.2f} s")
         return path
