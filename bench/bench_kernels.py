@@ -20,7 +20,6 @@ our gated norm's backward (kernels/triton_norm/rmsnorm.py's `_blocks`).
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_ms, copy_bandwidth, results_path  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
@@ -39,17 +39,6 @@ CONV_SHAPES = {"b8_L2048_d3328_w4": (8, 2048, 3328, 4), "b8_L2048_d8448_w4": (8,
 # name: (batch, seqlen, dim, group_size) — dim = d_inner, ngroups = 1
 NORM_SHAPES = {"b8_L2048_d1536_g1536": (8, 2048, 1536, 1536), "b8_L2048_d4096_g4096": (8, 2048, 4096, 4096)}
 BF16 = torch.bfloat16
-
-
-def bench_ms(fn, grad_to_none=None):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-
-
-def copy_bandwidth(nbytes):
-    """Bytes read + written per second by a device copy moving `nbytes` in all."""
-    src = torch.randn(nbytes // 4, device="cuda", dtype=BF16)   # 2 bytes read + 2 written each
-    dst = torch.empty_like(src)
-    return 4 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def time_fwd_fwdbwd(fn, leaves, dout):
@@ -173,8 +162,7 @@ def main():
         return None
 
     gpu = torch.cuda.get_device_name()
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
-                                            / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json")
+    out = Path(args.out) if args.out else results_path("kernels", gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"# conv1d (width 4, SiLU, bias) and gated RMSNorm (one group), bf16, {gpu}, torch {torch.__version__}, "
           f"triton {triton.__version__}")

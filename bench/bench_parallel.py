@@ -22,7 +22,6 @@ is measured first and written beside the rows: TP and CP efficiency depend on it
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model,  # noqa: E402
@@ -185,7 +185,7 @@ def main():
             eff = "-" if single is None else f"{parallel / single:.1%}"
             print(f"{mode:>4} {world:>5} {seqlen:>7} {accum:>5} {parallel:>12,.0f} {single or 0:>12,.0f} {eff:>10}", flush=True)
     if rank == 0:
-        out = Path(__file__).parent / "results" / f"parallel-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
+        out = results_path("parallel", gpu)
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"device": gpu, "config": args.config, "overrides": args.overrides,
                                    "sequence_parallel": args.sequence_parallel,

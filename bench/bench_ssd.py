@@ -11,7 +11,6 @@ mamba_ssm is optional: without it its columns are empty (null in the JSON).
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_ms, copy_bandwidth, results_path  # noqa: E402
 from kernels.triton_ssd import ssd_triton  # noqa: E402
+from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 
 # name: (batch, seqlen, nheads, headdim, ngroups, dstate)
 SHAPES = {
@@ -29,21 +30,6 @@ SHAPES = {
     "b2_L8192_h32": (2, 8192, 32, 64, 1, 128),
     "b1_L16384_h64": (1, 16384, 64, 64, 1, 128),
 }
-
-
-def bench_ms(fn, grad_to_none=None):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-
-
-def measure_ceilings():
-    """Measured bf16 matmul rate (FLOP/s) and device-to-device copy bandwidth (bytes read + written / s)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    matmul_ms = bench_ms(lambda: a @ b)
-    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)   # 2 GiB
-    dst = torch.empty_like(src)
-    copy_ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * 8192 ** 3 / (matmul_ms * 1e-3), 2 * src.numel() * 2 / (copy_ms * 1e-3)
 
 
 def ssd_cost(b, l, h, p, g, n, chunk_size):
@@ -144,7 +130,7 @@ def main():
         return profile(SHAPES[args.shapes[0]], args.chunk_size, None if args.no_anchor else anchor_fn())
 
     gpu = torch.cuda.get_device_name()
-    peak_flops, copy_bw = measure_ceilings()
+    peak_flops, copy_bw = measured_matmul_peak(torch.device("cuda")), copy_bandwidth(4 << 30)
     anchor = None if args.no_anchor else anchor_fn()
     print(f"# SSD, bf16, chunk {args.chunk_size}, {gpu}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"# measured: bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s, copy {copy_bw / 1e12:.2f} TB/s (read+write)")
@@ -152,8 +138,7 @@ def main():
               f"{'floor':>7s} {'ours':>7s} {'%floor':>6s} {'mamba':>7s} {'x':>5s} {'sdpa':>7s} {'x':>5s}")
     print(f"{'':16s} | {'forward (ms)':^48s} | {'forward+backward (ms)':^56s}")
     print(header)
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
-                                            / f"ssd-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json")
+    out = Path(args.out) if args.out else results_path("ssd", gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.shapes:

@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import math
-import re
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import results_path  # noqa: E402
 from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups  # noqa: E402
@@ -309,11 +309,6 @@ def write_curves(args, gpu):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"# wrote {out}")
-
-
-def results_path(kind, gpu):
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    return Path(__file__).resolve().parent / "results" / f"{kind}-{slug}.json"
 
 
 def random_batch(micro, vocab):

@@ -18,7 +18,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_ssd import SHAPES, bench_ms, make_ssd_inputs  # noqa: E402
+from bench.bench_ssd import SHAPES, make_ssd_inputs  # noqa: E402
+from bench.common import bench_ms  # noqa: E402
 from kernels.triton_ssd import bmm, chunk_cumsum, chunk_scan, chunk_state, combined, launch  # noqa: E402
 from kernels.triton_ssd import state_passing  # noqa: E402
 
