@@ -125,7 +125,7 @@ def sweep(shape):
     for cfg in [(4, 128, 4, 64), (4, 128, 4, 32), (4, 128, 4, 16), (8, 128, 8, 32), (2, 128, 2, 32),
                 (8, 128, 4, 16), (2, 256, 4, 32), (1, 512, 4, 64)]:
         ms = bench_ms(lambda: conv_stage.conv1d_bwd(dout, None, x, weight, bias, block_l=cfg[0], block_d=cfg[1],
-                                                    num_warps=cfg[2], tiles_per_program=cfg[3]))
+                                                    num_warps=cfg[2], steps=cfg[3]))
         print(f"bwd {cfg}: {ms:.3f} ms, {100 * 3 * act / (ms * 1e-3) / bw:.0f}%")
 
 

@@ -104,7 +104,7 @@ def small_tiles(monkeypatch):
     # last with stretches past the end) and stretches shorter than a program; dim 24 one full and
     # one partial channel block of 16
     for name, value in (("FWD_BLOCK_L", FWD_TILE), ("FWD_BLOCK_D", 16), ("BWD_BLOCK_L", BWD_ROWS),
-                        ("BWD_BLOCK_D", 16), ("BWD_TILES", BWD_STEPS)):
+                        ("BWD_BLOCK_D", 16), ("BWD_STEPS", BWD_STEPS)):
         monkeypatch.setattr(conv_stage, name, value)
 
 
@@ -170,7 +170,7 @@ def test_conv_backward_stretches_shorter_than_the_window(monkeypatch):
     # 2-row stretches at width 4: a stretch's w-1 rows of history and its last dx rows' dpre
     # reach over more than one neighbouring stretch
     monkeypatch.setattr(conv_stage, "BWD_BLOCK_L", 2)
-    monkeypatch.setattr(conv_stage, "BWD_TILES", 2)
+    monkeypatch.setattr(conv_stage, "BWD_STEPS", 2)
     inputs = conv_inputs(2, 19, 16, 4, doc_starts=[[1, 4, 7, 8], [6, 17]], first_doc=2)
     ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
     ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)

@@ -336,7 +336,7 @@ def _conv1d_bwd_kernel(
 # (61%; 32 steps: 0.504, 16 steps: 0.554, 1 x 512 tiles: 0.475); the previous backward
 # (128 x 16 tiles, dpre shifted by tl.gather) took about 1.6 ms.
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 32, 64, 4
-BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_TILES = 4, 128, 4, 64
+BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_STEPS = 4, 128, 4, 64
 
 
 def _strides(t, n):
@@ -369,16 +369,16 @@ def conv1d_fwd(x, weight, bias=None, initial_state=None, seq_idx=None, activatio
 
 
 def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=None, activation="silu",
-               block_l=None, block_d=None, num_warps=None, tiles_per_program=None):
+               block_l=None, block_d=None, num_warps=None, steps=None):
     # dout: (b, l, d)  dfinal: (b, w-1, d) or None  ->  dx, dweight, dbias (or None), dinit (or None),
     # each in its input's dtype. A tile is block_l rows (one per tile row, `steps` rows apart) by
-    # block_d channels; a program walks tiles_per_program (= steps) consecutive tiles.
+    # block_d channels; a program walks `steps` consecutive tiles.
     b, l, d = x.shape
     width = weight.shape[1]
     block_l, block_d = block_l or BWD_BLOCK_L, block_d or _block_d(d, BWD_BLOCK_D)
     # a short sequence: fewer steps, so that the tile rows do not walk far past its end (a power
     # of two: few compiled variants)
-    steps = min(tiles_per_program or BWD_TILES, triton.next_power_of_2(triton.cdiv(l, block_l)))
+    steps = min(steps or BWD_STEPS, triton.next_power_of_2(triton.cdiv(l, block_l)))
     programs = triton.cdiv(l, block_l * steps)
     dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
     dweight_part = torch.empty(b, programs, width, d, device=x.device, dtype=torch.float32)
