@@ -5,7 +5,9 @@ and CP split one model step over the GPUs (one GPU runs the whole step alone), D
 micro-batch per GPU (one GPU runs one micro-batch). efficiency = parallel tokens/s per GPU
 / one-GPU tokens/s (1.0: perfect). Forward + backward + gradient all-reduce, bf16 autocast,
 median of timed steps after warm-up. Writes bench/results/parallel-<gpu>.json with rows
-{"mode", "world", "seqlen", "tokens_per_s_per_gpu", "single_gpu_tokens_per_s", "efficiency"}.
+{"mode", "world", "seqlen", "tokens_per_s_per_gpu", "single_gpu_tokens_per_s", "efficiency"},
+plus "grad_accum" and rank 0's "step_ms" and "enqueue_ms" (the CPU's part of the step: when it
+is close to the step, TP and CP are bound by launching kernels, not by the GPU).
 
     torchrun --nproc-per-node 2 bench/bench_parallel.py --config configs/1.3b.yaml model.ngroups=2
     torchrun --nproc-per-node 2 bench/bench_parallel.py --device cpu --config configs/tiny-cpu.yaml  # smoke
@@ -48,18 +50,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device, warmup: int, steps: int) -> float:
-    """Median seconds of one step."""
+def time_steps(step, device, warmup: int, steps: int) -> tuple[float, float]:
+    """Median seconds of one step, and of its CPU part: until step() returns, before the wait
+    for the GPU. When the two are close, the step is bound by launching, not by the GPU."""
     for _ in range(warmup):
         step()
-    times = []
+    times, enqueue = [], []
     for _ in range(steps):
         sync(device)
         started = time.perf_counter()
         step()
+        enqueue.append(time.perf_counter() - started)
         sync(device)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(enqueue)
 
 
 def make_step(model, input_ids, labels, seq_idx, amp, accum=1, after_backward=lambda: None):
@@ -100,7 +104,8 @@ def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
 
 
 def run(mode, seqlen, accum, cfg, device, args, world, rank):
-    """(parallel tokens/s per GPU, one-GPU tokens/s or None) for one row."""
+    """(parallel tokens/s per GPU, one-GPU tokens/s or None, this rank's {"step_ms",
+    "enqueue_ms"} of the parallel step) for one row."""
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     # long sequences keep the tokens of a micro-batch at 2048 (at least one sequence)
     batch = max(1, args.micro_batch * 2048 // seqlen) if seqlen > 2048 else args.micro_batch
@@ -115,7 +120,8 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
     model = parallelize_model(full, dims).to(device)
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
     step = make_step(model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
-    seconds = time_steps(step, device, args.warmup, args.steps)
+    seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
+    busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
     if args.profile and rank == 0:
         print_profile(step, f"{mode}:{seqlen}:{accum}, rank 0")
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
@@ -126,7 +132,7 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
         try:
             model = Mamba2LM(cfg.model).to(device)
             one = [t[:batch] for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-            seconds = time_steps(make_step(model, *one, amp, accum), device, args.warmup, args.steps)
+            seconds, _ = time_steps(make_step(model, *one, amp, accum), device, args.warmup, args.steps)
             single = accum * batch * seqlen / seconds
             del model
         except torch.OutOfMemoryError:
@@ -134,7 +140,7 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     dist.barrier()
-    return parallel, single
+    return parallel, single, busy
 
 
 def _parse_run(text):
@@ -173,17 +179,19 @@ def main():
         print(f"# all-reduce bus bandwidth {busbw:.1f} GB/s (256 MB, bf16)")
         print(f"# {gpu} x{world} | {args.config} d_model={cfg.model.d_model} n_layer={cfg.model.n_layer} "
               f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | SP={args.sequence_parallel}")
-        print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12} {'efficiency':>10}")
+        print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12} {'efficiency':>10}"
+              f" {'step ms':>8} {'CPU ms':>7}")
     rows = []
     for mode, seqlen, accum in runs:
-        parallel, single = run(mode, seqlen, accum, cfg, device, args, world, rank)
+        parallel, single, busy = run(mode, seqlen, accum, cfg, device, args, world, rank)
         row = {"mode": mode, "world": world, "seqlen": seqlen, "grad_accum": accum,
-               "tokens_per_s_per_gpu": parallel,
+               "tokens_per_s_per_gpu": parallel, **busy,
                "single_gpu_tokens_per_s": single, "efficiency": None if single is None else parallel / single}
         rows.append(row)
         if rank == 0:
             eff = "-" if single is None else f"{parallel / single:.1%}"
-            print(f"{mode:>4} {world:>5} {seqlen:>7} {accum:>5} {parallel:>12,.0f} {single or 0:>12,.0f} {eff:>10}", flush=True)
+            print(f"{mode:>4} {world:>5} {seqlen:>7} {accum:>5} {parallel:>12,.0f} {single or 0:>12,.0f} {eff:>10}"
+                  f" {busy['step_ms']:>8.1f} {busy['enqueue_ms']:>7.1f}", flush=True)
     if rank == 0:
         out = results_path("parallel", gpu)
         out.parent.mkdir(exist_ok=True)
