@@ -19,6 +19,7 @@ our gated norm's backward (kernels/triton_norm/rmsnorm.py's `_blocks`).
 """
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -54,22 +55,13 @@ def leaf(t):
     return t.detach().requires_grad_(True)
 
 
-def conv_anchor():
+def load_anchor(module, name):
+    """`module.name`, the anchor's op, or None (its columns read n/a) where it is not installed here."""
     try:
-        from causal_conv1d import causal_conv1d_fn
+        return getattr(importlib.import_module(module), name)
     except Exception as err:  # noqa: BLE001 - any import failure means the anchor is not installed here
-        print(f"causal_conv1d not importable ({err!r}): its columns read n/a", file=sys.stderr)
+        print(f"{module} not importable ({err!r}): its columns read n/a", file=sys.stderr)
         return None
-    return causal_conv1d_fn
-
-
-def norm_anchor():
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    except Exception as err:  # noqa: BLE001 - any import failure means the anchor is not installed here
-        print(f"mamba_ssm not importable ({err!r}): its columns read n/a", file=sys.stderr)
-        return None
-    return rmsnorm_fn
 
 
 def bench_conv(shape, anchor):
@@ -172,8 +164,9 @@ def main():
           f"{'ours':>7s} {'anchor':>7s} {'torch':>7s} {'MB':>6s} {'% bw':>5s}")
     rows = []
     for op in args.ops:
-        shapes, run, anchor = ((CONV_SHAPES, bench_conv, conv_anchor()) if op == "conv"
-                               else (NORM_SHAPES, bench_norm, norm_anchor()))
+        shapes, run, anchor = ((CONV_SHAPES, bench_conv, load_anchor("causal_conv1d", "causal_conv1d_fn"))
+                               if op == "conv" else
+                               (NORM_SHAPES, bench_norm, load_anchor("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn")))
         for name, shape in shapes.items():
             times, (bytes_fwd, bytes_fwdbwd) = run(shape, anchor)
             bw_fwd, bw_fwdbwd = copy_bandwidth(bytes_fwd), copy_bandwidth(bytes_fwdbwd)

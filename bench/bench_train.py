@@ -151,11 +151,10 @@ def make_graphed_step(model, groups, batch):
         optimizer.step()
         return static_loss
 
-    step.graphed = True
     return step
 
 
-def time_steps(step, batch, warmup, steps):
+def time_steps(step, batch, warmup, steps, graphed=False):
     """(median step seconds, peak GiB, median seconds until step() returns: the CPU's share).
     Peak: the allocator's peak of allocated memory; for a CUDA-graphed step plus what the
     allocator holds unallocated when timing starts, an upper bound on the graph's private
@@ -164,7 +163,7 @@ def time_steps(step, batch, warmup, steps):
         step(*batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    reserved_beyond = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    graph_pool = torch.cuda.memory_reserved() - torch.cuda.memory_allocated() if graphed else 0
     times, enqueue = [], []
     for _ in range(steps):
         started = time.perf_counter()
@@ -172,7 +171,6 @@ def time_steps(step, batch, warmup, steps):
         enqueue.append(time.perf_counter() - started)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    graph_pool = reserved_beyond if getattr(step, "graphed", False) else 0
     return (statistics.median(times), (torch.cuda.max_memory_allocated() + graph_pool) / 2**30,
             statistics.median(enqueue))
 
@@ -183,7 +181,7 @@ def run_one(build, batch, warmup, steps, graphed=False):
     try:
         model, groups = build()
         step = make_graphed_step(model, groups, batch) if graphed else make_step(model, groups)
-        return time_steps(step, batch, warmup, steps)
+        return time_steps(step, batch, warmup, steps, graphed)
     except torch.OutOfMemoryError:
         return "out of memory"
     except RuntimeError as err:   # a capture that fails says why; the other columns still run

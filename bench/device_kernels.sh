@@ -10,11 +10,7 @@
 #   sweep     our conv kernels at a few tile configurations (to retune FWD_*/BWD_* in conv1d.py)
 #   sweep-norm  our gated norm's backward at a few settings (to retune _blocks in rmsnorm.py)
 set -o pipefail
-export PYTHONPATH="$PWD/.anchor:$PWD" PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/kernels_out}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source bench/device_env.sh
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(gputests tests bench)
 status=0

@@ -4,13 +4,10 @@
 #   carry: .devwheels (megatron-core 0.16.1, einops, zstandard, pyyaml, tqdm for Python 3.12)
 #   usage: bash bench/device_parallel.sh [mode:seqlen[:accum] ...]   (default: the runs)
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source bench/device_env.sh
 nvidia-smi topo -m   # NVLink or PCIe between the two GPUs: what TP and CP efficiency can reach
 runs=("$@")
 python3 -m torch.distributed.run --standalone --nproc-per-node 2 bench/bench_parallel.py \
     --config configs/1.3b.yaml model.ngroups=2 model.vocab_size=50277 ${runs:+--runs "${runs[@]}"} 2>&1 \
-    | tee "${OUT:-/tmp}/parallel.log"
-cp bench/results/parallel-*.json "${OUT:-/tmp}/" 2>/dev/null || true
+    | tee "$OUT/parallel.log"
+cp bench/results/parallel-*.json "$OUT/" 2>/dev/null || true

@@ -6,12 +6,7 @@
 # "saved in" / "training stalled" / "written in" are the figures (issue 7).
 #   usage: bash bench/device_save.sh [false|true]...   (async_save values; default: both)
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/save_out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/save-gpu.txt"
+source bench/device_env.sh
 df -h /tmp | tail -1
 quick="data.train_prefix=data/quickstart/train data.valid_prefix=data/quickstart/valid"
 quick="$quick data.tokenizer=data/quickstart/tokenizer.model logging.tensorboard=false"

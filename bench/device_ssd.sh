@@ -6,11 +6,7 @@
 #   gputests: only the real-shape (gpu-marked) tests; profile: per-kernel CUDA time, ours and
 #   mamba_ssm; stages: bench/profile_ssd.py (each stage alone, chunk 256/128 × tiles 64/128)
 set -o pipefail
-export PYTHONPATH="$PWD/.anchor:$PWD" PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/ssd_out}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source bench/device_env.sh
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests bench)
 status=0

@@ -8,12 +8,7 @@
 #   bench 130m 370m     bench/bench_train.py (ours beside the mamba_ssm-block LM) for those models
 #   curves 130m         300-step loss curves of ours and the anchor on data/quickstart (issue 9: within 1%)
 set -o pipefail
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT="${OUT:-/tmp/train_out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/*.whl
-export PYTHONPATH="$PWD/.anchor:$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source bench/device_env.sh
 status=0
 while [ $# -gt 0 ]; do
   case "$1" in

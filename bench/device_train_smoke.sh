@@ -3,11 +3,7 @@
 # quickstart data (tiny model, then the 130m shape for a short throughput check).
 #   carry: .devwheels (zstandard, pyyaml, tqdm for Python 3.12), data/quickstart
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source bench/device_env.sh
 quick="data.train_prefix=data/quickstart/train data.valid_prefix=data/quickstart/valid"
 quick="$quick data.tokenizer=data/quickstart/tokenizer.model logging.tensorboard=false"
 python3 -m mamba_train.cli train configs/tiny-cpu.yaml train.device=cuda train.steps=200 train.micro_batch=32 \

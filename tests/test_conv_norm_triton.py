@@ -8,13 +8,9 @@ final state and each gradient, with the bound written beside it.
 """
 
 import math
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
@@ -23,13 +19,9 @@ from kernels.reference import causal_conv1d, rmsnorm_gated  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
 from kernels.triton_norm import rmsnorm_gated_triton  # noqa: E402
+from triton_device import triton_device  # noqa: E402
 
-# triton.jit picks interpreter or compiler when the kernels are defined, i.e. at first import
-INTERPRETED = type(conv_stage._conv1d_fwd_kernel).__name__ == "InterpretedFunction"
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("kernels.triton_conv was imported before TRITON_INTERPRET=1 was set; without CUDA the "
-                "kernels need the interpreter", allow_module_level=True)
-DEVICE = "cpu" if INTERPRETED else "cuda"
+DEVICE = triton_device(conv_stage._conv1d_fwd_kernel, "kernels.triton_conv")
 # fp32 inputs, fp32 accumulation over a few hundred terms at most: measured about 2e-7
 FP32_BOUND = 1e-5
 # bf16/fp16 outputs and gradients are rounded once to 8 (11) mantissa bits: about 2e-3 (3e-4)

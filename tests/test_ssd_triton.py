@@ -10,26 +10,18 @@ the bound written beside it.
 """
 
 import math
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
 from kernels.reference import ssd_chunked, ssd_sequential  # noqa: E402
 from kernels.triton_ssd import chunk_cumsum as _stage  # noqa: E402
 from kernels.triton_ssd import ssd_triton  # noqa: E402
+from triton_device import triton_device  # noqa: E402
 
-# triton.jit picks interpreter or compiler when the kernels are defined, i.e. at first import
-INTERPRETED = type(_stage._chunk_cumsum_fwd_kernel).__name__ == "InterpretedFunction"
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("kernels.triton_ssd was imported before TRITON_INTERPRET=1 was set (set it in the environment "
-                "or run this file first); without CUDA the kernels need the interpreter", allow_module_level=True)
-DEVICE = "cpu" if INTERPRETED else "cuda"
+DEVICE = triton_device(_stage._chunk_cumsum_fwd_kernel, "kernels.triton_ssd")
 # fp32 inputs: the interpreter computes tl.dot in fp32; a GPU uses tf32 for fp32 dots
 FP32_BOUND = 1e-5 if DEVICE == "cpu" else 5e-3
 BF16_BOUND = 2e-2

@@ -4,25 +4,18 @@ Without CUDA the kernel runs under Triton's interpreter at small shapes; the `gp
 a real slice (5336 rows × 50304 vocabulary, bf16) against the fp32 reference.
 """
 
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
 from kernels.reference import cross_entropy_rows  # noqa: E402
 from kernels.triton_xent import cross_entropy_rows_triton  # noqa: E402
 from kernels.triton_xent import rows as xent_stage  # noqa: E402
+from triton_device import triton_device  # noqa: E402
 
-INTERPRETED = type(xent_stage._cross_entropy_rows_kernel).__name__ == "InterpretedFunction"
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("kernels.triton_xent was imported before TRITON_INTERPRET=1 was set; without CUDA the "
-                "kernel needs the interpreter", allow_module_level=True)
-DEVICE = "cpu" if INTERPRETED else "cuda"
+DEVICE = triton_device(xent_stage._cross_entropy_rows_kernel, "kernels.triton_xent")
 FP32_BOUND = 1e-5   # fp32 logits, fp32 sums over the vocabulary: measured ~1e-7
 HALF_BOUND = 1e-2   # bf16 gradients rounded once to 8 mantissa bits: ~2e-3
 
