@@ -15,9 +15,12 @@ is close to the step, TP and CP are bound by launching kernels, not by the GPU).
 TP needs ngroups divisible by tp (1.3b's mamba_ssm default is ngroups 1: pass model.ngroups=2
 or 8, as the Mamba-2 paper does for TP). Not run by the tests.
 
-A run is `mode:seqlen[:accum]`: with accum > 1 each step runs that many micro-batches before
-the one gradient all-reduce, as training with `train.grad_accum` does (the one-GPU run does
-the same micro-batches). The all-reduce bus bandwidth of the GPUs (nccl-tests' definition)
+A run is `mode:seqlen[:accum][:graph]`: with accum > 1 each step runs that many micro-batches
+before the one gradient all-reduce, as training with `train.grad_accum` does (the one-GPU run
+does the same micro-batches). With `graph`, the forward and backward of all micro-batches,
+collectives included, replay from one CUDA graph on both sides (the gradient all-reduce stays
+eager): the CPU then launches one graph per step instead of every kernel, which is what a TP or
+CP rank, with half the GPU work of one GPU and all of its launches, otherwise waits on. The all-reduce bus bandwidth of the GPUs (nccl-tests' definition)
 is measured first and written beside the rows: TP and CP efficiency depend on it.
 """
 
@@ -77,6 +80,40 @@ def make_step(model, input_ids, labels, seq_idx, amp, accum=1, after_backward=la
     return step
 
 
+def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, after_backward=lambda: None):
+    """make_step's step with forward+backward replayed from one CUDA graph (PyTorch's
+    whole-network recipe: warm up on a side stream, capture with the gradients unset so that
+    the graph owns them; each replay rewrites them, so nothing zeroes them between steps)."""
+    def forward_backward():
+        for _ in range(accum):
+            # the autocast cache must not hold casts across the capture's boundary
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = model.loss(input_ids, labels, seq_idx)
+            loss.backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):   # Triton compiles, NCCL connects and the allocator settles outside the capture
+            forward_backward()
+            model.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+
+    def step():
+        graph.replay()
+        after_backward()
+    return step
+
+
+def build_step(graph, model, input_ids, labels, seq_idx, amp, accum=1, after_backward=lambda: None):
+    if graph:
+        return make_graphed_step(model, input_ids, labels, seq_idx, accum, after_backward)
+    return make_step(model, input_ids, labels, seq_idx, amp, accum, after_backward)
+
+
 def print_profile(step, what, steps=2):
     """Where the parallel step's time goes (rank 0): CPU and CUDA time, the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -103,7 +140,7 @@ def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
     return data.numel() * 2 * 2 * (world - 1) / world / seconds / 1e9
 
 
-def run(mode, seqlen, accum, cfg, device, args, world, rank):
+def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     """(parallel tokens/s per GPU, one-GPU tokens/s or None, this rank's {"step_ms",
     "enqueue_ms"} of the parallel step) for one row."""
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
@@ -119,7 +156,7 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
     full = Mamba2LM(cfg.model, tp_size=tp)
     model = parallelize_model(full, dims).to(device)
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-    step = make_step(model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
+    step = build_step(graph, model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
     seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
     if args.profile and rank == 0:
@@ -132,7 +169,7 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
         try:
             model = Mamba2LM(cfg.model).to(device)
             one = [t[:batch] for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-            seconds, _ = time_steps(make_step(model, *one, amp, accum), device, args.warmup, args.steps)
+            seconds, _ = time_steps(build_step(graph, model, *one, amp, accum), device, args.warmup, args.steps)
             single = accum * batch * seqlen / seconds
             del model
         except torch.OutOfMemoryError:
@@ -144,8 +181,12 @@ def run(mode, seqlen, accum, cfg, device, args, world, rank):
 
 
 def _parse_run(text):
-    mode, seqlen, *accum = text.split(":")
-    return mode, int(seqlen), int(accum[0]) if accum else 1
+    mode, *rest = text.split(":")
+    graph = rest[-1:] == ["graph"]
+    rest = rest[:-1] if graph else rest
+    if mode not in ("tp", "cp", "dp") or not 1 <= len(rest) <= 2:
+        raise SystemExit(f"--runs: expected mode:seqlen[:accum][:graph] with mode tp, cp or dp, found {text!r}")
+    return mode, int(rest[0]), int(rest[1]) if len(rest) == 2 else 1, graph
 
 
 def main():
@@ -157,7 +198,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a profile of each parallel step (rank 0)")
-    parser.add_argument("--runs", nargs="*", default=None, help="mode:seqlen[:accum], e.g. tp:2048 dp:2048:8")
+    parser.add_argument("--runs", nargs="*", default=None,
+                        help="mode:seqlen[:accum][:graph], e.g. tp:2048 dp:2048:8 cp:16384:1:graph (after the overrides)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.ngroups=2")
     args = parser.parse_args()
 
@@ -165,7 +207,9 @@ def main():
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 50277  # GPT-NeoX's, the Pile tokenizer's
     args.micro_batch = args.micro_batch or cfg.train.micro_batch
-    runs = [_parse_run(r) for r in args.runs] if args.runs else RUNS
+    runs = [_parse_run(r) for r in args.runs] if args.runs else [(*r, False) for r in RUNS]
+    if args.device == "cpu" and any(graph for *_, graph in runs):
+        parser.error("--runs ...:graph needs CUDA")
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -179,18 +223,19 @@ def main():
         print(f"# all-reduce bus bandwidth {busbw:.1f} GB/s (256 MB, bf16)")
         print(f"# {gpu} x{world} | {args.config} d_model={cfg.model.d_model} n_layer={cfg.model.n_layer} "
               f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | SP={args.sequence_parallel}")
-        print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12} {'efficiency':>10}"
-              f" {'step ms':>8} {'CPU ms':>7}")
+        print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'graph':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12}"
+              f" {'efficiency':>10} {'step ms':>8} {'CPU ms':>7}")
     rows = []
-    for mode, seqlen, accum in runs:
-        parallel, single, busy = run(mode, seqlen, accum, cfg, device, args, world, rank)
-        row = {"mode": mode, "world": world, "seqlen": seqlen, "grad_accum": accum,
+    for mode, seqlen, accum, graph in runs:
+        parallel, single, busy = run(mode, seqlen, accum, graph, cfg, device, args, world, rank)
+        row = {"mode": mode, "world": world, "seqlen": seqlen, "grad_accum": accum, "cuda_graph": graph,
                "tokens_per_s_per_gpu": parallel, **busy,
                "single_gpu_tokens_per_s": single, "efficiency": None if single is None else parallel / single}
         rows.append(row)
         if rank == 0:
             eff = "-" if single is None else f"{parallel / single:.1%}"
-            print(f"{mode:>4} {world:>5} {seqlen:>7} {accum:>5} {parallel:>12,.0f} {single or 0:>12,.0f} {eff:>10}"
+            print(f"{mode:>4} {world:>5} {seqlen:>7} {accum:>5} {'yes' if graph else 'no':>5} {parallel:>12,.0f}"
+                  f" {single or 0:>12,.0f} {eff:>10}"
                   f" {busy['step_ms']:>8.1f} {busy['enqueue_ms']:>7.1f}", flush=True)
     if rank == 0:
         out = results_path("parallel", gpu)

@@ -1,7 +1,11 @@
 """SSD speed: ours (kernels.ssd) beside mamba_ssm's `mamba_chunk_scan_combined` and torch's causal SDPA.
 
 bf16, `triton.testing.do_bench` medians, forward and forward+backward, at the shapes of
-issue 4. The floor of each row is max(FLOPs / measured bf16 matmul peak, bytes / measured
+issue 4; then the same calls replayed from a CUDA graph (`do_bench_cudagraph`), which times
+the kernels alone: do_bench's figure for a many-kernel op also holds the CPU's launch time
+when that is longer than the kernels' (mamba_ssm's backward at b4 L2048 h64: ~2.7 ms of CPU
+for ~1.2 ms of kernels), while inside a training step that CPU time overlaps earlier work.
+The floor of each row is max(FLOPs / measured bf16 matmul peak, bytes / measured
 copy bandwidth) (METHOD.md); "ours %" is floor / ours. Writes bench/results/ssd-<gpu>.json.
 
     PYTHONPATH=.anchor python bench/bench_ssd.py [--shapes b8_L2048_h32 ...] [--chunk-size 256]
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms, copy_bandwidth, results_path  # noqa: E402
+from bench.common import bench_ms, copy_bandwidth, graph_ms, results_path  # noqa: E402
 from kernels.triton_ssd import ssd_triton  # noqa: E402
 from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 
@@ -61,18 +65,26 @@ def make_ssd_inputs(b, l, h, p, g, n):
     return dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias), leaves
 
 
-def time_ssd(fn, inputs, leaves, chunk_size):
+def time_ssd(fn, inputs, leaves, chunk_size, timer=bench_ms):
+    """(forward ms, forward+backward ms) of fn under `timer` (bench_ms or graph_ms); with
+    graph_ms (None, None) when fn cannot be captured in a CUDA graph."""
     def forward():
         return fn(**inputs, chunk_size=chunk_size, dt_softplus=True)
 
-    with torch.no_grad():
-        fwd = bench_ms(forward)
     dy = torch.randn_like(inputs["x"])
 
     def forward_backward():
         forward().backward(dy)
 
-    return fwd, bench_ms(forward_backward, grad_to_none=leaves)
+    try:
+        with torch.no_grad():
+            fwd = timer(forward)
+        return fwd, timer(forward_backward, grad_to_none=leaves)
+    except RuntimeError as err:
+        if timer is bench_ms:
+            raise
+        print(f"# {getattr(fn, '__name__', fn)}: no CUDA-graph timing ({str(err)[:200]})", file=sys.stderr)
+        return None, None
 
 
 def time_sdpa(b, l, h, p):
@@ -117,6 +129,10 @@ def fmt(ms):
     return "   -   " if ms is None else f"{ms:7.3f}"
 
 
+def ratio(anchor_ms, ours_ms):
+    return "  -  " if anchor_ms is None or ours_ms is None else f"{anchor_ms / ours_ms:5.2f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -148,20 +164,30 @@ def main():
         floor_fb = max(fl_fb / peak_flops, by_fb / copy_bw) * 1e3
         inputs, leaves = make_ssd_inputs(b, l, h, p, g, n)
         ours_f, ours_fb = time_ssd(ssd_triton, inputs, leaves, args.chunk_size)
-        anc_f = anc_fb = None
+        ours_gf, ours_gfb = time_ssd(ssd_triton, inputs, leaves, args.chunk_size, timer=graph_ms)
+        anc_f = anc_fb = anc_gf = anc_gfb = None
         if anchor is not None:
             anc_f, anc_fb = time_ssd(anchor, inputs, leaves, args.chunk_size)
+            anc_gf, anc_gfb = time_ssd(anchor, inputs, leaves, args.chunk_size, timer=graph_ms)
         del inputs, leaves
         sdpa_f, sdpa_fb = time_sdpa(b, l, h, p)
         torch.cuda.empty_cache()
-        ratio = (lambda a, o: "  -  " if a is None else f"{a / o:5.2f}")
         print(f"{name:16s} | {floor_f:7.3f} {ours_f:7.3f} {100 * floor_f / ours_f:5.0f}% {fmt(anc_f)} {ratio(anc_f, ours_f)} "
               f"{sdpa_f:7.3f} | {floor_fb:7.3f} {ours_fb:7.3f} {100 * floor_fb / ours_fb:5.0f}% {fmt(anc_fb)} "
-              f"{ratio(anc_fb, ours_fb)} {sdpa_fb:7.3f} {sdpa_fb / ours_fb:5.2f}")
+              f"{ratio(anc_fb, ours_fb)} {sdpa_fb:7.3f} {sdpa_fb / ours_fb:5.2f}", flush=True)
         rows.append(dict(shape=f"{name}_p{p}_g{g}_n{n}", gpu=gpu, chunk_size=args.chunk_size,
                          ours_fwd_ms=ours_f, ours_fwdbwd_ms=ours_fb, anchor_fwd_ms=anc_f, anchor_fwdbwd_ms=anc_fb,
-                         sdpa_fwd_ms=sdpa_f, sdpa_fwdbwd_ms=sdpa_fb, floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb))
+                         sdpa_fwd_ms=sdpa_f, sdpa_fwdbwd_ms=sdpa_fb, floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb,
+                         ours_fwd_graph_ms=ours_gf, ours_fwdbwd_graph_ms=ours_gfb,
+                         anchor_fwd_graph_ms=anc_gf, anchor_fwdbwd_graph_ms=anc_gfb))
         out.write_text(json.dumps(rows, indent=1) + "\n")   # after each row: a cut-off run keeps what it has
+    print("# kernels alone (CUDA graph replay), ms: ours and mamba_ssm, and mamba / ours")
+    print(f"{'shape':16s} | {'fwd ours':>8s} {'mamba':>7s} {'x':>5s} | {'f+b ours':>8s} {'mamba':>7s} {'x':>5s}")
+    for row, name in zip(rows, args.shapes):
+        print(f"{name:16s} | {fmt(row['ours_fwd_graph_ms']):>8s} {fmt(row['anchor_fwd_graph_ms'])} "
+              f"{ratio(row['anchor_fwd_graph_ms'], row['ours_fwd_graph_ms'])} | "
+              f"{fmt(row['ours_fwdbwd_graph_ms']):>8s} {fmt(row['anchor_fwdbwd_graph_ms'])} "
+              f"{ratio(row['anchor_fwdbwd_graph_ms'], row['ours_fwdbwd_graph_ms'])}")
     print("# x: speed-up of ours over mamba_ssm (mamba / ours) and, last column, over SDPA")
     print(f"# wrote {out}")
 

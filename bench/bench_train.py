@@ -11,8 +11,8 @@ issue 9) / step time / the bf16 matmul rate measured in this run.
     PYTHONPATH=.anchor:. python bench/bench_train.py [--models 130m 370m 1.3b] [--profile]
     PYTHONPATH=.anchor:. python bench/bench_train.py --curves [--curve-steps 300] [--data data/quickstart/train]
 
-Writes bench/results/train-<gpu>.json. `--profile` prints where one step of ours spends its
-CUDA time instead (per kernel, and summed by kind). `--curves` checks that speed did not
+Writes bench/results/train-<gpu>.json. `--profile` prints where one step spends its CUDA time
+instead, summed by kind side by side for ours and the anchor's unfused path, then per kernel. `--curves` checks that speed did not
 change the math (issue 9): ours and the anchor (unfused path) each train N steps from the
 same init rule and seed on the same batches of a Megatron-indexed dataset, under the 130m
 config's optimizer and a warm-up + cosine schedule; it prints both loss curves every 25
@@ -194,35 +194,51 @@ def run_one(build, batch, warmup, steps, graphed=False):
         torch.cuda.empty_cache()
 
 
-def profile(name, warmup=3):
+def profile(name, with_anchor, warmup=3):
+    """Where one step's CUDA time goes, by kind, for ours and (with_anchor) the anchor's unfused
+    path at the same shapes: the side-by-side says which kinds a slower step loses in."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d_model, n_layer, micro = MODELS[name]
-    model, _ = ours(d_model, n_layer)
-    model.cuda()
-    step = make_step(model, param_groups(model, 0.1))
-    batch = random_batch(micro, model.vocab_size)
-    for _ in range(warmup):
-        step(*batch)
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(2):
+    builders = {"ours": lambda: ours(d_model, n_layer)[0]}
+    if with_anchor:
+        builders["anchor"] = lambda: AnchorLM(d_model, n_layer, 50304, fused=False)
+    by_kind, tables = {}, {}
+    for side, build in builders.items():
+        model = build().cuda()
+        step = make_step(model, param_groups(model, 0.1))
+        batch = random_batch(micro, 0)
+        for _ in range(warmup):
             step(*batch)
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    kinds = defaultdict(float)
-    for e in events:
-        kinds[_kind(e.key)] += e.self_device_time_total
-    print(f"# ours, {name}, micro {micro} x {SEQ}: CUDA time of 2 steps {total / 1e3:.1f} ms "
-          f"(wall per step measured separately)")
-    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:28s} {us / 2e3:8.2f} ms/step  {100 * us / total:5.1f}%")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step(*batch)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kinds = defaultdict(float)
+        for e in events:
+            kinds[_kind(e.key)] += e.self_device_time_total / 2e3   # ms per step
+        by_kind[side] = kinds
+        tables[side] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                                 max_name_column_width=70)
+        del model, step
+        gc.collect()
+        torch.cuda.empty_cache()
+    sides = list(builders)
+    print(f"# {name}, micro {micro} x {SEQ}: CUDA time per step by kind, ms (wall per step measured separately)")
+    print(f"  {'kind':28s} " + " ".join(f"{s:>9s}" for s in sides))
+    order = sorted(set().union(*by_kind.values()), key=lambda k: -by_kind["ours"].get(k, 0.0))
+    for kind in order + ["total"]:
+        vals = [sum(by_kind[s].values()) if kind == "total" else by_kind[s].get(kind, 0.0) for s in sides]
+        print(f"  {kind:28s} " + " ".join(f"{v:9.2f}" for v in vals))
+    for side in sides:
+        print(f"# {side}: the 30 kernels with the most CUDA time (2 steps)")
+        print(tables[side])
 
 
 def _kind(kernel):
     k = kernel.lower()
-    for label, needles in (("ssd (ours, triton)", ("_chunk_", "_bmm_", "_state_passing", "_gate_bwd")),
+    for label, needles in (("ssd", ("_chunk_", "_bmm_", "_state_passing", "_gate_bwd")),
                            ("conv1d", ("conv",)), ("matmul", ("gemm", "cutlass", "sm90", "xmma", "matmul")),
                            ("cross-entropy/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
                            ("optimizer", ("adam", "multi_tensor", "foreach")),
@@ -322,7 +338,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--graph", action="store_true", help="also ours with forward+backward in a CUDA graph")
-    parser.add_argument("--profile", action="store_true", help="per-kernel profile of ours at the first model")
+    parser.add_argument("--profile", action="store_true", help="per-kernel profile of ours and the anchor (unfused) at the first model")
     parser.add_argument("--curves", action="store_true",
                         help="loss curves of ours and the anchor on the same data (default model 130m)")
     parser.add_argument("--curve-steps", type=int, default=300)
@@ -335,7 +351,7 @@ def main():
         parser.error(f"--curve-steps: the summary reads steps 50..N, found {args.curve_steps}")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.profile:
-        return profile(args.models[0])
+        return profile(args.models[0], with_anchor=not args.no_anchor)
     gpu = torch.cuda.get_device_name()
     if args.curves:
         return write_curves(args, gpu)

@@ -14,6 +14,14 @@ def bench_ms(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
+def graph_ms(fn, grad_to_none=None):
+    """Median milliseconds of fn() replayed from a CUDA graph (triton.testing.do_bench_cudagraph):
+    the GPU's time alone. do_bench's figure also holds the CPU's launch time wherever the CPU
+    is slower than the kernels it launches, as for a many-kernel op at small shapes; inside a
+    training step that CPU time overlaps earlier kernels, so this is the figure a step sees."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
 def copy_bandwidth(nbytes):
     """Bytes read + written per second by a device copy moving `nbytes` in all."""
     src = torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16)   # 2 bytes read + 2 written each

@@ -4,7 +4,7 @@
 # Usage: bash bench/device_train.sh [anchor-fused | profile MODEL | bench MODEL... | curves MODEL]...
 #   anchor-fused        build causal_conv1d for sm_90 (carry .anchor-src; about 3 minutes on 16
 #                       cores) so that `bench` also times the anchor's fused path
-#   profile 130m        per-kernel CUDA time of one training step of ours
+#   profile 130m        CUDA time of one training step by kind, ours beside the anchor, and per kernel
 #   bench 130m 370m     bench/bench_train.py (ours beside the mamba_ssm-block LM) for those models
 #   curves 130m         300-step loss curves of ours and the anchor on data/quickstart (issue 9: within 1%)
 set -o pipefail

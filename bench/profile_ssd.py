@@ -1,7 +1,8 @@
 """Where the SSD time goes: each Triton stage timed alone (do_bench median), forward and backward.
 
     python bench/profile_ssd.py [--shape b8_L2048_h32] [--chunk-sizes 256 128] [--tiles 64 128]
-    python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256]
+    python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256] [--tiles 64]
+                                [--launchers bmm_bwd_dcb ...] [--heads-per-program 16 8 4]
 
 `--tiles` caps the tile edge every launcher picks (64 is the default in the kernels); the
 table shows, per stage, the milliseconds of one call and its share of the total, and the
@@ -76,14 +77,22 @@ def stage_times(shape, chunk_size):
     return times, fwd, bench_ms(forward_backward, grad_to_none=leaves)
 
 
-def sweep(shape, chunk_size):
-    """Each launcher alone over tile caps × num_warps × num_stages; prints launch.SETTINGS to keep."""
+SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")   # launch.head_split
+
+
+def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), heads_per_program=(None,)):
+    """Each launcher alone over tile caps × num_warps × num_stages (× heads per program for the
+    launchers that split a group's heads); prints launch.SETTINGS to keep."""
     stages, *_ = stage_calls(shape, chunk_size)
     chosen = {}
     print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
     for name, fn in stages.items():
-        tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else (64, 128)
-        grid = [dict(tile=t, num_warps=w, num_stages=s) for t in tiles for w in (4, 8) for s in (1, 2, 3)]
+        if launchers and name not in launchers:
+            continue
+        cand_tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else tiles
+        splits = heads_per_program if name in SPLIT_LAUNCHERS else (None,)
+        grid = [dict(tile=t, num_warps=w, num_stages=s, **({"heads_per_program": k} if k else {}))
+                for t in cand_tiles for w in (4, 8) for s in (1, 2, 3) for k in splits]
         launch.SETTINGS.pop(name, None)
         default = bench_ms(fn)
         timings = []
@@ -107,12 +116,16 @@ def main():
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[256, 128])
     parser.add_argument("--tiles", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--sweep", action="store_true", help="search launch settings per launcher (first chunk size)")
+    parser.add_argument("--launchers", nargs="*", help="--sweep only these launchers")
+    parser.add_argument("--heads-per-program", type=int, nargs="*", default=[],
+                        help="--sweep also these head splits (launchers of SPLIT_LAUNCHERS)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     if args.sweep:
         print(f"# launch-settings sweep, {args.shape} {shape}, chunk {args.chunk_sizes[0]}, "
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
-        return sweep(shape, args.chunk_sizes[0])
+        return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles,
+                     [None, *args.heads_per_program])
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     columns, results = [], []

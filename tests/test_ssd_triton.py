@@ -124,6 +124,24 @@ def test_forward_and_every_gradient_match_float64_reference(case):
     check_all(ours, ref, FP32_BOUND, case)
 
 
+HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 2])
+def test_group_heads_split_over_programs(heads_per_program, monkeypatch):
+    # launch.head_split: a group's 3 heads over 3 programs (1 each) or 2 (2 + 1), their fp32
+    # partials summed; the first split alone adds the intra-chunk parts of dB and dC
+    from kernels.triton_ssd import launch
+    for name in HEAD_SPLIT_LAUNCHERS:
+        monkeypatch.setitem(launch.SETTINGS, name, {**launch.SETTINGS.get(name, {}),
+                                                   "heads_per_program": heads_per_program})
+    assert launch.head_split("bmm_bwd_dcb", 3) == ((3, 1) if heads_per_program == 1 else (2, 2))
+    inputs = make_inputs(1, 50, 6, 24, 2, 20, D="channel", docs=2)
+    ours = run(ssd_triton, inputs, chunk_size=32)
+    ref = run(ssd_chunked, upcast(inputs), chunk_size=32)
+    check_all(ours, ref, FP32_BOUND, f"heads_per_program={heads_per_program}")
+
+
 def test_chunked_triton_matches_sequential_recurrence():
     # the oracle itself, not only the chunked reference: documents, initial state, z, D
     inputs = make_inputs(1, 37, 2, 16, 1, 16, D="channel", docs=2)

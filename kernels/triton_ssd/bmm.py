@@ -54,15 +54,17 @@ def _bmm_fwd_kernel(
 @triton.jit
 def _bmm_bwd_dcb_kernel(
     dy_ptr, x_ptr, cb_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, dcb_ptr, ddA_cumsum_ptr,
-    seqlen, nchunks, chunk_size, hdim, heads_per_group,
+    seqlen, nchunks, chunk_size, hdim, heads_per_group, splits, heads_per_split,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s, stride_dcb_split,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_seq_b, stride_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # dy and x share strides: (b, l, h, p); cb, dcb: (b, c, g, t, s) fp32
-    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # dy and x share strides: (b, l, h, p); cb: (b, c, g, t, s) fp32; dcb: one such per split
+    # of the group's heads (launch.head_split)
+    pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_g, pid_split = pid_gs // splits, pid_gs % splits
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(chunk_size, BLOCK_N)
     pid_m, pid_n = pid_mn // num_n, pid_mn % num_n
@@ -84,7 +86,8 @@ def _bmm_bwd_dcb_kernel(
                + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s)
     cb = tl.load(cb_ptr + cb_offs, mask=keep, other=0.0)
     dcb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for hh in range(heads_per_group):
+    first = pid_split * heads_per_split
+    for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
         head_offs = pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         dy_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -104,9 +107,9 @@ def _bmm_bwd_dcb_kernel(
         dcb_h = dy_x * decay * dt_n[None, :]
         dcb += dcb_h
         P = dcb_h * cb
-        tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, tl.sum(P, axis=1), mask=m_ok)
-        tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, -tl.sum(P, axis=0), mask=n_ok)
-    dcb_ptr += (pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g)
+        tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, tl.sum(P, axis=1), mask=m_ok, sem="relaxed")
+        tl.atomic_add(ddA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, -tl.sum(P, axis=0), mask=n_ok, sem="relaxed")
+    dcb_ptr += pid_split * stride_dcb_split + pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
     tl.store(dcb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, dcb,
              mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
 
@@ -137,16 +140,17 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     g = cb.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     assert dy.stride() == x.stride(), "dy and x must share strides"
-    dcb = torch.empty_like(cb)
+    splits, heads_per_split = launch.head_split("bmm_bwd_dcb", h // g)
+    dcb = launch.split_output(splits, cb.shape, cb)
     block_m = block_n = launch.block(chunk_size, tile)
     block_k = launch.block(p, tile)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g * splits)
     _bmm_bwd_dcb_kernel[grid](
         dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
-        l, nchunks, chunk_size, p, h // g,
-        *x.stride(), *cb.stride(), *dt.stride(),
+        l, nchunks, chunk_size, p, h // g, splits, heads_per_split,
+        *x.stride(), *cb.stride(), dcb.stride(0), *dt.stride(),
         *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         **opts,
     )
-    return dcb
+    return launch.sum_splits(dcb, cb.dtype)

@@ -241,7 +241,7 @@ def _chunk_scan_bwd_dx_kernel(
     x_m = tl.load(x_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
     dt_m = tl.load(dt_ptr + offs_m * stride_dt_q, mask=m_ok, other=0.0)
     ddt_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h + pid_c * stride_dt_c
-    tl.atomic_add(ddt_ptr + offs_m * stride_dt_q, tl.sum(acc * x_m, axis=1), mask=m_ok)
+    tl.atomic_add(ddt_ptr + offs_m * stride_dt_q, tl.sum(acc * x_m, axis=1), mask=m_ok, sem="relaxed")
     dx = acc * dt_m[:, None]
     if HAS_D:
         dy_m = tl.load(dy_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
@@ -250,24 +250,26 @@ def _chunk_scan_bwd_dx_kernel(
         else:
             D = tl.load(D_ptr + pid_h * stride_D_h).to(tl.float32)
         dx += dy_m * D
-        tl.atomic_add(dD_ptr + pid_h * hdim + offs_n, tl.sum(dy_m * x_m, axis=0), mask=n_ok)
+        tl.atomic_add(dD_ptr + pid_h * hdim + offs_n, tl.sum(dy_m * x_m, axis=0), mask=n_ok, sem="relaxed")
     tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     dcb_ptr, B_ptr, C_ptr, dy_ptr, states_in_ptr, dA_cumsum_ptr, seq_idx_ptr, dC_ptr, ddA_cumsum_ptr,
-    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group,
+    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group, splits, heads_per_split,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
-    stride_seq_b, stride_seq_l,
+    stride_seq_b, stride_seq_l, stride_dC_split,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # one program per (t block × n block, batch × chunk, group); B, C, dC share strides
-    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # one program per (t block × n block, batch × chunk, group × split of its heads); B, C and
+    # each split's dC share strides. The first split also adds the diagonal block.
+    pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_g, pid_split = pid_gs // splits, pid_gs % splits
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(dstate, BLOCK_N)
     pid_m = pid_mn // num_n
@@ -282,7 +284,8 @@ def _chunk_scan_bwd_dc_kernel(
 
     # diagonal block: dC[t] += sum_{s<=t} dCB[t, s] · B[s]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    hi = (pid_m + 1) * BLOCK_M   # loop bounds stay scalar: masks handle the short last chunk
+    # loop bounds stay scalar: masks handle the short last chunk; other splits skip the loop
+    hi = tl.where(pid_split == 0, (pid_m + 1) * BLOCK_M, 0)
     for k in range(0, hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
@@ -301,7 +304,8 @@ def _chunk_scan_bwd_dc_kernel(
         seq_before = tl.load(seq_idx_ptr + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
         seq_m = tl.load(seq_idx_ptr + (chunk_start + offs_m) * stride_seq_l, mask=m_ok, other=-1)
         keep = keep & (seq_m == seq_before)
-    for hh in range(heads_per_group):
+    first = pid_split * heads_per_split
+    for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
         dy_h = dy_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         st_h = states_in_ptr + pid_b * stride_st_b + pid_c * stride_st_c + head * stride_st_h
@@ -318,8 +322,10 @@ def _chunk_scan_bwd_dc_kernel(
         acc_h *= tl.where(keep, tl.exp(tl.where(keep, dA_m, 0.0)), 0.0)[:, None]
         acc += acc_h
         # d y_offdiag[t] / d dA_cumsum[t] = y_offdiag[t], so the gradient is dy[t]·y_offdiag[t]
-        tl.atomic_add(ddA_cumsum_ptr + dA_h + offs_m * stride_dt_q, tl.sum(acc_h * C_t, axis=1), mask=m_ok)
-    tl.store(dC_ptr + group_offs + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+        tl.atomic_add(ddA_cumsum_ptr + dA_h + offs_m * stride_dt_q, tl.sum(acc_h * C_t, axis=1), mask=m_ok,
+                      sem="relaxed")
+    dC_ptr += pid_split * stride_dC_split + group_offs
+    tl.store(dC_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
              acc.to(dC_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -415,15 +421,17 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     assert B.stride() == C.stride(), "B and C must share strides"
-    dC = torch.empty_like(C)
+    splits, heads_per_split = launch.head_split("chunk_scan_bwd_dc", h // g)
+    B, C = B.contiguous(), C.contiguous()   # the per-split outputs take their strides
+    dC = launch.split_output(splits, C.shape, C)
     block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,
-        l, nchunks, chunk_size, p, n, h // g,
+        l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,
         *dy.stride(), *C.stride(), *dcb.stride(), *dA_cumsum.stride(), *states_in.stride(),
-        *launch.seq_strides(seq_idx),
+        *launch.seq_strides(seq_idx), dC.stride(0),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         **opts,
     )
-    return dC
+    return launch.sum_splits(dC, C.dtype)

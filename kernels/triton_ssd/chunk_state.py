@@ -71,19 +71,21 @@ def _chunk_state_fwd_kernel(
 def _chunk_state_bwd_db_kernel(
     x_ptr, B_ptr, C_ptr, dcb_ptr, dstates_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr,
     dB_ptr, ddA_cumsum_ptr,
-    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group,
+    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group, splits, heads_per_split,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
-    stride_seq_b, stride_seq_l,
+    stride_seq_b, stride_seq_l, stride_dB_split,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # one program per (s block × n block, batch × chunk, group): dB[b, s-block, g, n-block].
-    # B, C and dB share strides; dcb: (b, c, g, t, s) fp32 is zero where t < s only inside
-    # tiles that bmm.py wrote, so the causal mask is applied again on load.
-    pid_mn, pid_bc, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # one program per (s block × n block, batch × chunk, group × split of its heads):
+    # dB[split, b, s-block, g, n-block]; the first split also adds the intra-chunk part.
+    # B, C and each split's dB share strides; dcb: (b, c, g, t, s) fp32 is zero where t < s
+    # only inside tiles that bmm.py wrote, so the causal mask is applied again on load.
+    pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_g, pid_split = pid_gs // splits, pid_gs % splits
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(dstate, BLOCK_N)
     pid_m = pid_mn // num_n
@@ -96,12 +98,12 @@ def _chunk_state_bwd_db_kernel(
     group_offs = pid_b * stride_B_b + chunk_start * stride_B_l + pid_g * stride_B_g
     B_ptr += group_offs
     C_ptr += group_offs
-    dB_ptr += group_offs
+    dB_ptr += pid_split * stride_dB_split + group_offs
     dcb_ptr += pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
 
     # intra-chunk part: dB[s] += sum_{t>=s} dCB[t, s] · C[t]  (dCBᵀ loaded as (s, t))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(pid_m * BLOCK_M, chunk_size, BLOCK_K):
+    for k in range(pid_m * BLOCK_M, tl.where(pid_split == 0, chunk_size, 0), BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
         dcbT = tl.load(dcb_ptr + offs_m[:, None] * stride_cb_s + offs_k[None, :] * stride_cb_t,
@@ -117,7 +119,8 @@ def _chunk_state_bwd_db_kernel(
         seq_idx_ptr += pid_b * stride_seq_b + chunk_start * stride_seq_l
         seq_last = tl.load(seq_idx_ptr + (chunk_len - 1) * stride_seq_l)
         seq_m = tl.load(seq_idx_ptr + offs_m * stride_seq_l, mask=m_ok, other=-1)
-    for hh in range(heads_per_group):
+    first = pid_split * heads_per_split
+    for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
         x_h = x_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         st_h = dstates_ptr + pid_b * stride_st_b + pid_c * stride_st_c + head * stride_st_h
@@ -143,8 +146,8 @@ def _chunk_state_bwd_db_kernel(
         # d states / d(dA_last - dA_cumsum[s]) = B[s] · acc_h[s]
         term = tl.sum(acc_h * B_s, axis=1)
         ddA_h = ddA_cumsum_ptr + pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
-        tl.atomic_add(ddA_h + offs_m * stride_dt_q, -term, mask=m_ok)
-        tl.atomic_add(ddA_h + (chunk_len - 1) * stride_dt_q, tl.sum(term, axis=0))
+        tl.atomic_add(ddA_h + offs_m * stride_dt_q, -term, mask=m_ok, sem="relaxed")
+        tl.atomic_add(ddA_h + (chunk_len - 1) * stride_dt_q, tl.sum(term, axis=0), sem="relaxed")
     tl.store(dB_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
              acc.to(dB_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -177,15 +180,17 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     assert B.stride() == C.stride(), "B and C must share strides"
-    dB = torch.empty_like(B)
+    splits, heads_per_split = launch.head_split("chunk_state_bwd_db", h // g)
+    B, C = B.contiguous(), C.contiguous()   # the per-split outputs take their strides
+    dB = launch.split_output(splits, B.shape, B)
     block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g)
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,
-        l, nchunks, chunk_size, p, n, h // g,
+        l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,
         *x.stride(), *B.stride(), *dcb.stride(), *dstates.stride(), *dt.stride(),
-        *launch.seq_strides(seq_idx),
+        *launch.seq_strides(seq_idx), dB.stride(0),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         **opts,
     )
-    return dB
+    return launch.sum_splits(dB, B.dtype)

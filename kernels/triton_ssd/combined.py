@@ -5,6 +5,9 @@ the inputs (and y before the gate when z is given). Backward recomputes the chea
 intermediates (cumsums, chunk states, carried states, CB) instead of storing them, then runs
 the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32 buffer,
 which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
+
+Gradients shared between programs are summed with tl.atomic_add(..., sem="relaxed"): they are
+read only after the kernel ends, and Triton's default semantics (acq_rel) fence every atomic.
 """
 
 import math

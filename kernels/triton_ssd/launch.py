@@ -1,10 +1,12 @@
 """Launch-side helpers shared by the stage launchers: tile sizes and launch settings."""
 
+import torch
 import triton
 
-# Per launcher: the cap on its tile edges ("tile", default 64) and Triton launch options
-# (num_warps, num_stages). Chosen from `bench/profile_ssd.py --sweep` on an H100 (numbers in
-# bench/results/ssd-notes.md); a launcher not listed runs 64-wide tiles at Triton's defaults.
+# Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
+# (num_warps, num_stages) and, for launchers that loop over a group's heads, how many heads
+# one program takes ("heads_per_program", default all). Chosen from `bench/profile_ssd.py
+# --sweep` on an H100 (numbers in bench/results/ssd-notes.md); a launcher not listed runs 64-wide tiles at Triton's defaults.
 # Fixed settings rather than triton.autotune: the autotuner's per-call bookkeeping cost more
 # launch time than it won at training shapes (measured, same notes).
 SETTINGS: dict[str, dict] = {
@@ -13,15 +15,39 @@ SETTINGS: dict[str, dict] = {
     "chunk_scan_fwd": {"num_stages": 1},
     "chunk_scan_bwd_dx": {"num_stages": 1},
     "chunk_scan_bwd_dc": {"num_stages": 1},
-    "chunk_state_bwd_db": {"num_stages": 1},
-    "bmm_bwd_dcb": {"num_stages": 1},
+    "chunk_state_bwd_db": {"num_stages": 1, "num_warps": 8},   # b4 L2048 h64: 0.173 → 0.154
+    # a group's heads over several programs (launch.head_split): b4 L2048 h64 g1, 0.499 → 0.327
+    "bmm_bwd_dcb": {"num_stages": 1, "heads_per_program": 16},
 }
 
 
 def settings(launcher):
-    """(tile cap, launch options) of a launcher."""
+    """(tile cap, Triton launch options) of a launcher."""
     options = dict(SETTINGS.get(launcher, {}))
+    options.pop("heads_per_program", None)
     return options.pop("tile", 64), options
+
+
+def head_split(launcher, heads_per_group):
+    """(splits, heads per split) for a launcher whose programs loop over a group's heads.
+
+    A group's heads may be spread over `splits` programs (setting "heads_per_program"), each
+    writing its own fp32 partial that the launcher sums: more programs in flight when a group
+    has many heads (h64 g1: 64 dependent iterations per program otherwise).
+    """
+    per = min(SETTINGS.get(launcher, {}).get("heads_per_program") or heads_per_group, heads_per_group)
+    return triton.cdiv(heads_per_group, per), per
+
+
+def split_output(splits, shape, like):
+    """Where a head-split launcher writes: (splits, *shape) fp32 partials, or one slice of
+    `like`'s dtype when there is no split (no partials, no sum)."""
+    dtype = torch.float32 if splits > 1 else like.dtype
+    return torch.empty((splits, *shape), device=like.device, dtype=dtype)
+
+
+def sum_splits(partials, dtype):
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
 
 
 def block(dim, cap=64):

@@ -104,7 +104,7 @@ def _state_passing_bwd_kernel(
         carried_in = tl.load(states_in_ptr + head_offs + c * stride_st_c, mask=ok, other=0.0)
         da = tl.sum(grad * carried_in, axis=0)
         last = tl.minimum(chunk_size, seqlen - c * chunk_size) - 1
-        tl.atomic_add(ddA_cumsum_ptr + c * stride_dA_c + last * stride_dA_q, da * a)
+        tl.atomic_add(ddA_cumsum_ptr + c * stride_dA_c + last * stride_dA_q, da * a, sem="relaxed")
         grad = tl.load(dstates_in_ptr + head_offs + c * stride_st_c, mask=ok, other=0.0) + a * grad
     if HAS_DINIT:
         tl.store(dinit_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, grad, mask=ok)
