@@ -20,8 +20,9 @@ before the one gradient all-reduce, as training with `train.grad_accum` does (th
 does the same micro-batches). With `graph`, the forward and backward of all micro-batches,
 collectives included, replay from one CUDA graph on both sides (the gradient all-reduce stays
 eager): the CPU then launches one graph per step instead of every kernel, which is what a TP or
-CP rank, with half the GPU work of one GPU and all of its launches, otherwise waits on. The all-reduce bus bandwidth of the GPUs (nccl-tests' definition)
-is measured first and written beside the rows: TP and CP efficiency depend on it.
+CP rank, with half the GPU work of one GPU and all of its launches, otherwise waits on. The
+all-reduce bus bandwidth of the GPUs (nccl-tests' definition) is measured first and written
+beside the rows: TP and CP efficiency depend on it.
 """
 
 import argparse
@@ -199,7 +200,8 @@ def main():
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a profile of each parallel step (rank 0)")
     parser.add_argument("--runs", nargs="*", default=None,
-                        help="mode:seqlen[:accum][:graph], e.g. tp:2048 dp:2048:8 cp:16384:1:graph (after the overrides)")
+                        help="mode:seqlen[:accum][:graph] (after the overrides), e.g. tp:2048 dp:2048:8 "
+                             "cp:16384:1:graph")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.ngroups=2")
     args = parser.parse_args()
 

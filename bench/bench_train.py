@@ -12,8 +12,8 @@ issue 9) / step time / the bf16 matmul rate measured in this run.
     PYTHONPATH=.anchor:. python bench/bench_train.py --curves [--curve-steps 300] [--data data/quickstart/train]
 
 Writes bench/results/train-<gpu>.json. `--profile` prints where one step spends its CUDA time
-instead, summed by kind side by side for ours and the anchor's unfused path, then per kernel. `--curves` checks that speed did not
-change the math (issue 9): ours and the anchor (unfused path) each train N steps from the
+instead, summed by kind side by side for ours and the anchor's unfused path, then per kernel.
+`--curves` checks that speed did not change the math (issue 9): ours and the anchor (unfused path) each train N steps from the
 same init rule and seed on the same batches of a Megatron-indexed dataset, under the 130m
 config's optimizer and a warm-up + cosine schedule; it prints both loss curves every 25
 steps and the largest relative gap of their 20-step moving averages (the issue asks < 1%),
@@ -206,7 +206,7 @@ def profile(name, with_anchor, warmup=3):
     for side, build in builders.items():
         model = build().cuda()
         step = make_step(model, param_groups(model, 0.1))
-        batch = random_batch(micro, 0)
+        batch = random_batch(micro)
         for _ in range(warmup):
             step(*batch)
         torch.cuda.synchronize()
@@ -325,7 +325,7 @@ def write_curves(args, gpu):
     print(f"# wrote {out}")
 
 
-def random_batch(micro, vocab):
+def random_batch(micro):
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, VOCAB, (micro, SEQ + 1), device="cuda", generator=gen)
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
@@ -378,14 +378,14 @@ def main():
             model, _ = ours(d_model, n_layer)
             return model.cuda(), param_groups(model, 0.1)
 
-        results = {"ours": run_one(build_ours, random_batch(micro, 0), args.warmup, args.steps)}
+        results = {"ours": run_one(build_ours, random_batch(micro), args.warmup, args.steps)}
         if args.graph:
-            results["graph"] = run_one(build_ours, random_batch(micro, 0), args.warmup, args.steps, graphed=True)
+            results["graph"] = run_one(build_ours, random_batch(micro), args.warmup, args.steps, graphed=True)
         for path in anchor_paths:
             def build_anchor(fused=path == "fused"):
                 model = AnchorLM(d_model, n_layer, 50304, fused).cuda()
                 return model, param_groups(model, 0.1)
-            results[path] = run_one(build_anchor, random_batch(micro, 0), args.warmup, args.steps)
+            results[path] = run_one(build_anchor, random_batch(micro), args.warmup, args.steps)
         cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
         flops = training_flops_per_token(cfg, cfg.padded_vocab_size()) * tokens
         rate = {k: (tokens / v[0] if isinstance(v, tuple) else None) for k, v in results.items()}

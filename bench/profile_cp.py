@@ -5,12 +5,14 @@ collectives then run over one rank: the halo exchange has no partner, the all-ga
 beside the same model without the hook, on the tokens one rank of a CP=`--cp` run holds.
 The difference is the GPU work CP adds per rank: the state correction, its backward and
 the bookkeeping, without the communication. Prints both step times (eager and CUDA-graphed)
-and the kernels whose CUDA time grows most with the hook.
+and the kernels whose CUDA time grows most with the hook; writes
+bench/results/profile-cp-<gpu>.json.
 
     torchrun --nproc-per-node 1 bench/profile_cp.py --config configs/1.3b.yaml --cp 2 model.ngroups=2
 """
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from contextlib import nullcontext
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_parallel import build_step, time_steps  # noqa: E402
+from bench.common import results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import init_parallel, parallelize_model, validate_layout  # noqa: E402
@@ -69,7 +72,7 @@ def main():
     print(f"# {name}: {args.config} {args.overrides}, micro {batch} x {local} tokens (one rank of CP={args.cp} "
           f"at {args.seqlen})" + (", bf16 autocast" if device.type == "cuda" else ""))
     print(f"{'hook':>5} {'graph':>5} {'step ms':>8} {'CPU ms':>7}")
-    kernels = {}
+    kernel_ms, rows = {}, []   # kernel_ms[hooked]: {kernel: CUDA ms per step}
     for hooked in (False, True):
         model = parallelize_model(Mamba2LM(cfg.model), dims).to(device)
         if hooked:
@@ -81,19 +84,30 @@ def main():
             seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
             print(f"{'yes' if hooked else 'no':>5} {'yes' if graph else 'no':>5} {1e3 * seconds:8.1f} "
                   f"{1e3 * enqueue:7.1f}", flush=True)
+            rows.append({"cp_hook": hooked, "cuda_graph": graph, "step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue})
             if not graph and device.type == "cuda":
-                kernels[hooked] = cuda_time_by_kernel(step)
+                kernel_ms[hooked] = cuda_time_by_kernel(step)
             del step
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if kernels:
-        plain, hooked = kernels[False], kernels[True]
-        growth = sorted(((hooked.get(k, 0.0) - plain.get(k, 0.0), k) for k in set(plain) | set(hooked)), reverse=True)
-        print(f"# CUDA ms per step: without the hook {sum(plain.values()):.1f}, with it {sum(hooked.values()):.1f}; "
-              "the kernels that grow most:")
-        for delta, kernel in growth[:20]:
-            print(f"  {delta:+8.2f}  {plain.get(kernel, 0.0):8.2f} -> {hooked.get(kernel, 0.0):8.2f}  {kernel[:90]}")
+    growth = []
+    if kernel_ms:
+        plain, with_hook = kernel_ms[False], kernel_ms[True]
+        growth = sorted(((with_hook.get(k, 0.0) - plain.get(k, 0.0), k) for k in set(plain) | set(with_hook)),
+                        reverse=True)[:20]
+        print(f"# CUDA ms per step: without the hook {sum(plain.values()):.1f}, with it "
+              f"{sum(with_hook.values()):.1f}; the kernels that grow most:")
+        for delta, kernel in growth:
+            print(f"  {delta:+8.2f}  {plain.get(kernel, 0.0):8.2f} -> {with_hook.get(kernel, 0.0):8.2f}  {kernel[:90]}")
+    out = results_path("profile-cp", name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": name, "config": args.config, "overrides": args.overrides, "cp": args.cp,
+                               "micro_batch": batch, "local_tokens": local, "rows": rows,
+                               "cuda_ms_per_step": {("hook" if k else "no_hook"): sum(v.values()) for k, v in kernel_ms.items()},
+                               "kernels_that_grow_ms": [{"delta": d, "kernel": k} for d, k in growth]},
+                              indent=1) + "\n")
+    print(f"# wrote {out}")
     dist.destroy_process_group()
 
 

@@ -77,9 +77,6 @@ def stage_times(shape, chunk_size):
     return times, fwd, bench_ms(forward_backward, grad_to_none=leaves)
 
 
-SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")   # launch.head_split
-
-
 def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), heads_per_program=(None,)):
     """Each launcher alone over tile caps × num_warps × num_stages (× heads per program for the
     launchers that split a group's heads); prints launch.SETTINGS to keep."""
@@ -90,9 +87,9 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), heads_per_program=
         if launchers and name not in launchers:
             continue
         cand_tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else tiles
-        splits = heads_per_program if name in SPLIT_LAUNCHERS else (None,)
+        head_choices = heads_per_program if name in launch.HEAD_SPLIT_LAUNCHERS else (None,)
         grid = [dict(tile=t, num_warps=w, num_stages=s, **({"heads_per_program": k} if k else {}))
-                for t in cand_tiles for w in (4, 8) for s in (1, 2, 3) for k in splits]
+                for t in cand_tiles for w in (4, 8) for s in (1, 2, 3) for k in head_choices]
         launch.SETTINGS.pop(name, None)
         default = bench_ms(fn)
         timings = []
@@ -118,7 +115,7 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="search launch settings per launcher (first chunk size)")
     parser.add_argument("--launchers", nargs="*", help="--sweep only these launchers")
     parser.add_argument("--heads-per-program", type=int, nargs="*", default=[],
-                        help="--sweep also these head splits (launchers of SPLIT_LAUNCHERS)")
+                        help="--sweep also these heads per program (launch.HEAD_SPLIT_LAUNCHERS)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     if args.sweep:

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from kernels.reference import ssd_chunked, ssd_sequential  # noqa: E402
 from kernels.triton_ssd import chunk_cumsum as _stage  # noqa: E402
+from kernels.triton_ssd import launch  # noqa: E402
 from kernels.triton_ssd import ssd_triton  # noqa: E402
 from triton_device import triton_device  # noqa: E402
 
@@ -124,22 +125,24 @@ def test_forward_and_every_gradient_match_float64_reference(case):
     check_all(ours, ref, FP32_BOUND, case)
 
 
-HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
-
-
-@pytest.mark.parametrize("heads_per_program", [1, 2])
-def test_group_heads_split_over_programs(heads_per_program, monkeypatch):
+@pytest.mark.parametrize("heads_per_program, dtype", [
+    (1, torch.float32), (2, torch.float32),
+    pytest.param(2, torch.bfloat16, marks=pytest.mark.gpu),   # the partials' sum cast back to bf16
+])
+def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
     # launch.head_split: a group's 3 heads over 3 programs (1 each) or 2 (2 + 1), their fp32
-    # partials summed; the first split alone adds the intra-chunk parts of dB and dC
-    from kernels.triton_ssd import launch
-    for name in HEAD_SPLIT_LAUNCHERS:
+    # partials summed; the first split alone adds the intra-chunk parts of dB and dC. Tiles of
+    # 16 in chunks of 32: two row tiles per chunk, so the tiles above the diagonal are skipped
+    # and the intra-chunk loops start past the first tile.
+    for name in launch.HEAD_SPLIT_LAUNCHERS:
         monkeypatch.setitem(launch.SETTINGS, name, {**launch.SETTINGS.get(name, {}),
-                                                   "heads_per_program": heads_per_program})
+                                                   "heads_per_program": heads_per_program, "tile": 16})
     assert launch.head_split("bmm_bwd_dcb", 3) == ((3, 1) if heads_per_program == 1 else (2, 2))
-    inputs = make_inputs(1, 50, 6, 24, 2, 20, D="channel", docs=2)
+    inputs = make_inputs(1, 50, 6, 24, 2, 20, dtype=dtype, D="channel", docs=2)
     ours = run(ssd_triton, inputs, chunk_size=32)
     ref = run(ssd_chunked, upcast(inputs), chunk_size=32)
-    check_all(ours, ref, FP32_BOUND, f"heads_per_program={heads_per_program}")
+    check_all(ours, ref, FP32_BOUND if dtype == torch.float32 else BF16_BOUND,
+              f"heads_per_program={heads_per_program} {dtype}")
 
 
 def test_chunked_triton_matches_sequential_recurrence():

@@ -140,6 +140,7 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     g = cb.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     assert dy.stride() == x.stride(), "dy and x must share strides"
+    assert cb.is_contiguous(), "each split's dcb is written with cb's strides (bmm_fwd's cb is contiguous)"
     splits, heads_per_split = launch.head_split("bmm_bwd_dcb", h // g)
     dcb = launch.split_output(splits, cb.shape, cb)
     block_m = block_n = launch.block(chunk_size, tile)

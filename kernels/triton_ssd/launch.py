@@ -1,4 +1,5 @@
-"""Launch-side helpers shared by the stage launchers: tile sizes and launch settings."""
+"""Launch-side helpers shared by the stage launchers: tile sizes, launch settings, and the split
+of a group's heads over programs (with the partial outputs it needs)."""
 
 import torch
 import triton
@@ -6,9 +7,13 @@ import triton
 # Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
 # (num_warps, num_stages) and, for launchers that loop over a group's heads, how many heads
 # one program takes ("heads_per_program", default all). Chosen from `bench/profile_ssd.py
-# --sweep` on an H100 (numbers in bench/results/ssd-notes.md); a launcher not listed runs 64-wide tiles at Triton's defaults.
+# --sweep` on an H100 (numbers in bench/results/ssd-notes.md); a launcher not listed runs
+# 64-wide tiles at Triton's defaults.
 # Fixed settings rather than triton.autotune: the autotuner's per-call bookkeeping cost more
 # launch time than it won at training shapes (measured, same notes).
+# Launchers whose programs loop over a group's heads, and so take "heads_per_program".
+HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
+
 SETTINGS: dict[str, dict] = {
     # one pipeline stage: these tiles are re-read little, and deeper pipelining only adds
     # shared memory (b8 L2048 h32, ms: 0.359 → 0.222, 0.397 → 0.271)
@@ -35,8 +40,8 @@ def head_split(launcher, heads_per_group):
     writing its own fp32 partial that the launcher sums: more programs in flight when a group
     has many heads (h64 g1: 64 dependent iterations per program otherwise).
     """
-    per = min(SETTINGS.get(launcher, {}).get("heads_per_program") or heads_per_group, heads_per_group)
-    return triton.cdiv(heads_per_group, per), per
+    heads_per_split = min(SETTINGS.get(launcher, {}).get("heads_per_program") or heads_per_group, heads_per_group)
+    return triton.cdiv(heads_per_group, heads_per_split), heads_per_split
 
 
 def split_output(splits, shape, like):
@@ -47,6 +52,7 @@ def split_output(splits, shape, like):
 
 
 def sum_splits(partials, dtype):
+    """The output from split_output's partials: the one slice as it is, or their sum in dtype."""
     return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
 
 
