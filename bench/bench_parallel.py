@@ -10,7 +10,8 @@ plus "grad_accum" and rank 0's "step_ms" and "enqueue_ms" (the CPU's part of the
 is close to the step, TP and CP are bound by launching kernels, not by the GPU).
 
     torchrun --nproc-per-node 2 bench/bench_parallel.py --config configs/1.3b.yaml model.ngroups=2
-    torchrun --nproc-per-node 2 bench/bench_parallel.py --device cpu --config configs/tiny-cpu.yaml  # smoke
+    torchrun --nproc-per-node 2 bench/bench_parallel.py --device cpu --config configs/tiny-cpu.yaml \
+        model.ngroups=2 --runs tp:64 cp:128 dp:64:2   # smoke (gloo)
 
 TP needs ngroups divisible by tp (1.3b's mamba_ssm default is ngroups 1: pass model.ngroups=2
 or 8, as the Mamba-2 paper does for TP). Not run by the tests.
@@ -45,8 +46,10 @@ from mamba_train.parallel import (context_parallel_piece, init_parallel, paralle
                                   validate_layout)
 from mamba_train.parallel.data_parallel import allreduce_gradients  # noqa: E402
 
-# (mode, seqlen, accumulation): the issue's runs at 2 GPUs, and DP as training runs it
-RUNS = [("tp", 2048, 1), ("cp", 2048, 1), ("dp", 2048, 1), ("dp", 2048, 8), ("cp", 16384, 1), ("cp", 32768, 1)]
+# (mode, seqlen, accumulation, CUDA graph): the issue's runs at 2 GPUs, TP and CP also
+# graphed (their eager steps wait on the CPU), and DP as training runs it
+RUNS = [("tp", 2048, 1, False), ("tp", 2048, 1, True), ("cp", 2048, 1, False), ("cp", 2048, 1, True),
+        ("dp", 2048, 1, False), ("dp", 2048, 4, False), ("cp", 16384, 1, True), ("cp", 32768, 1, True)]
 
 
 def sync(device):
@@ -209,9 +212,9 @@ def main():
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 50277  # GPT-NeoX's, the Pile tokenizer's
     args.micro_batch = args.micro_batch or cfg.train.micro_batch
-    runs = [_parse_run(r) for r in args.runs] if args.runs else [(*r, False) for r in RUNS]
+    runs = [_parse_run(r) for r in args.runs] if args.runs else RUNS
     if args.device == "cpu" and any(graph for *_, graph in runs):
-        parser.error("--runs ...:graph needs CUDA")
+        parser.error("CUDA-graph runs (...:graph, and the default runs) need CUDA: pass --runs")
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
