@@ -145,6 +145,23 @@ def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
               f"heads_per_program={heads_per_program} {dtype}")
 
 
+def test_half_precision_states_in_give_the_same_output():
+    # the forward stores states_in in C's dtype: chunk_scan_fwd casts them to it for its dot
+    # anyway, so y must be bit-identical to the fp32 states_in's
+    from kernels.triton_ssd import chunk_scan, combined
+    inputs = make_inputs(1, 45, 4, 16, 2, 16, dtype=torch.float16, D="channel", docs=2)
+    x, dt, A, B, C, D = (inputs[k] for k in ("x", "dt", "A", "B", "C", "D"))
+    outputs = []
+    for dtype in (torch.float32, torch.float16):
+        dt_out, dA_cumsum, states_in, _, cb = combined._forward_stages(
+            x, dt, A, B, C, 16, inputs["dt_bias"], True, (0.0, math.inf), inputs["initial_states"],
+            inputs["seq_idx"], dtype)
+        assert states_in.dtype == dtype
+        outputs.append(chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, None,
+                                                 inputs["seq_idx"])[0])
+    assert torch.equal(*outputs)
+
+
 def test_chunked_triton_matches_sequential_recurrence():
     # the oracle itself, not only the chunked reference: documents, initial state, z, D
     inputs = make_inputs(1, 37, 2, 16, 1, 16, D="channel", docs=2)

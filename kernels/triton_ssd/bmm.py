@@ -59,7 +59,7 @@ def _bmm_bwd_dcb_kernel(
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s, stride_dcb_split,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_seq_b, stride_seq_l,
-    HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HDIM: tl.constexpr,
 ):
     # dy and x share strides: (b, l, h, p); cb: (b, c, g, t, s) fp32; dcb: one such per split
     # of the group's heads (launch.head_split)
@@ -86,18 +86,18 @@ def _bmm_bwd_dcb_kernel(
                + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s)
     cb = tl.load(cb_ptr + cb_offs, mask=keep, other=0.0)
     dcb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # a head's whole p in one tile: one tl.dot per head, so the head loop is the innermost loop
+    offs_p = tl.arange(0, BLOCK_HDIM)
+    p_ok = offs_p < hdim
     first = pid_split * heads_per_split
     for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
         head_offs = pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
-        dy_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for p0 in range(0, hdim, BLOCK_K):
-            offs_p = p0 + tl.arange(0, BLOCK_K)
-            dy_t = tl.load(dy_ptr + head_offs + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                           mask=m_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
-            xT = tl.load(x_ptr + head_offs + offs_p[:, None] * stride_x_p + offs_n[None, :] * stride_x_l,
-                         mask=(offs_p[:, None] < hdim) & n_ok[None, :], other=0.0)
-            dy_x += tl.dot(dy_t, xT)
+        dy_t = tl.load(dy_ptr + head_offs + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                       mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        xT = tl.load(x_ptr + head_offs + offs_p[:, None] * stride_x_p + offs_n[None, :] * stride_x_l,
+                     mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+        dy_x = tl.dot(dy_t, xT)
         dt_offs = pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
         dA_m = tl.load(dA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, mask=m_ok, other=0.0)
         dA_n = tl.load(dA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, mask=n_ok, other=0.0)
@@ -144,14 +144,13 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     splits, heads_per_split = launch.head_split("bmm_bwd_dcb", h // g)
     dcb = launch.split_output(splits, cb.shape, cb)
     block_m = block_n = launch.block(chunk_size, tile)
-    block_k = launch.block(p, tile)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g * splits)
     _bmm_bwd_dcb_kernel[grid](
         dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
         l, nchunks, chunk_size, p, h // g, splits, heads_per_split,
         *x.stride(), *cb.stride(), dcb.stride(0), *dt.stride(),
         *launch.seq_strides(seq_idx),
-        HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HDIM=launch.whole(p),
         **opts,
     )
     return launch.sum_splits(dcb, cb.dtype)

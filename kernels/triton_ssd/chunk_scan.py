@@ -265,6 +265,7 @@ def _chunk_scan_bwd_dc_kernel(
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     stride_seq_b, stride_seq_l, stride_dC_split,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_HDIM: tl.constexpr,
 ):
     # one program per (t block × n block, batch × chunk, group × split of its heads); B, C and
     # each split's dC share strides. The first split also adds the diagonal block.
@@ -304,19 +305,19 @@ def _chunk_scan_bwd_dc_kernel(
         seq_before = tl.load(seq_idx_ptr + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
         seq_m = tl.load(seq_idx_ptr + (chunk_start + offs_m) * stride_seq_l, mask=m_ok, other=-1)
         keep = keep & (seq_m == seq_before)
+    # a head's whole p in one tile: one tl.dot per head, so the head loop is the innermost loop
+    offs_p = tl.arange(0, BLOCK_HDIM)
+    p_ok = offs_p < hdim
     first = pid_split * heads_per_split
     for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
         dy_h = dy_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         st_h = states_in_ptr + pid_b * stride_st_b + pid_c * stride_st_c + head * stride_st_h
-        acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for p0 in range(0, hdim, BLOCK_K):
-            offs_p = p0 + tl.arange(0, BLOCK_K)
-            dyt = tl.load(dy_h + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                          mask=m_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
-            st = tl.load(st_h + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n,
-                         mask=(offs_p[:, None] < hdim) & n_ok[None, :], other=0.0)
-            acc_h += tl.dot(dyt, st.to(dyt.dtype))
+        dyt = tl.load(dy_h + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                      mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        st = tl.load(st_h + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n,
+                     mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_h = tl.dot(dyt, st.to(dyt.dtype))
         dA_h = pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
         dA_m = tl.load(dA_cumsum_ptr + dA_h + offs_m * stride_dt_q, mask=m_ok, other=0.0)
         acc_h *= tl.where(keep, tl.exp(tl.where(keep, dA_m, 0.0)), 0.0)[:, None]
@@ -432,6 +433,7 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
         *dy.stride(), *C.stride(), *dcb.stride(), *dA_cumsum.stride(), *states_in.stride(),
         *launch.seq_strides(seq_idx), dC.stride(0),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_HDIM=launch.whole(p),
         **opts,
     )
     return launch.sum_splits(dC, C.dtype)

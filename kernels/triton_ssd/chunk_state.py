@@ -79,6 +79,7 @@ def _chunk_state_bwd_db_kernel(
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_seq_b, stride_seq_l, stride_dB_split,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_HDIM: tl.constexpr,
 ):
     # one program per (s block × n block, batch × chunk, group × split of its heads):
     # dB[split, b, s-block, g, n-block]; the first split also adds the intra-chunk part.
@@ -119,19 +120,19 @@ def _chunk_state_bwd_db_kernel(
         seq_idx_ptr += pid_b * stride_seq_b + chunk_start * stride_seq_l
         seq_last = tl.load(seq_idx_ptr + (chunk_len - 1) * stride_seq_l)
         seq_m = tl.load(seq_idx_ptr + offs_m * stride_seq_l, mask=m_ok, other=-1)
+    # a head's whole p in one tile: one tl.dot per head, so the head loop is the innermost loop
+    offs_p = tl.arange(0, BLOCK_HDIM)
+    p_ok = offs_p < hdim
     first = pid_split * heads_per_split
     for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
         x_h = x_ptr + pid_b * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
         st_h = dstates_ptr + pid_b * stride_st_b + pid_c * stride_st_c + head * stride_st_h
-        acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for p0 in range(0, hdim, BLOCK_K):
-            offs_p = p0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(x_h + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                         mask=m_ok[:, None] & (offs_p[None, :] < hdim), other=0.0)
-            ds = tl.load(st_h + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n,
-                         mask=(offs_p[:, None] < hdim) & n_ok[None, :], other=0.0)
-            acc_h += tl.dot(xs, ds.to(xs.dtype))
+        xs = tl.load(x_h + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                     mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        ds = tl.load(st_h + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n,
+                     mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_h = tl.dot(xs, ds.to(xs.dtype))
         dt_h = dt_ptr + pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
         dA_h = dA_cumsum_ptr + pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
         dA_last = tl.load(dA_h + (chunk_len - 1) * stride_dt_q)
@@ -191,6 +192,7 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
         *x.stride(), *B.stride(), *dcb.stride(), *dstates.stride(), *dt.stride(),
         *launch.seq_strides(seq_idx), dB.stride(0),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_HDIM=launch.whole(p),
         **opts,
     )
     return launch.sum_splits(dB, B.dtype)

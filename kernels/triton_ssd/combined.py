@@ -27,12 +27,14 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _forward_stages(x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
+def _forward_stages(x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
+                    states_in_dtype=torch.float32):
     # everything chunk_scan needs: dt_out, dA_cumsum (b, h, c, q); states_in (b, c, h, p, n);
-    # final_states (b, h, p, n); cb (b, c, g, q, q)
+    # final_states (b, h, p, n) fp32; cb (b, c, g, q, q)
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-    states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx)
+    states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx,
+                                                states_in_dtype)
     cb = bmm_fwd(C, B, chunk_size)
     return dt_out, dA_cumsum, states_in, final_states, cb
 
@@ -45,8 +47,11 @@ class SSDFunction(torch.autograd.Function):
         # the kernels read A, D, dt_bias with unit stride along heads (and D along channels)
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = (
             _contiguous(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
+        # states_in in C's dtype: chunk_scan_fwd, its only reader here, casts it to that for its
+        # dot anyway, so y is the same and half the bytes move. The backward's recomputed copy
+        # stays fp32 (state passing's backward sums with it).
         dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
-            x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
+            x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, C.dtype)
         y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit

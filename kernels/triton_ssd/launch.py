@@ -61,5 +61,13 @@ def block(dim, cap=64):
     return max(16, min(cap, triton.next_power_of_2(dim)))
 
 
+def whole(dim):
+    """Tile edge covering all of a dimension: a head's p in the per-head loops, so that each head
+    is one tl.dot and the head loop is the innermost loop. Triton's pipeliner overlaps the next
+    iteration's loads with this one's dot in innermost loops at num_stages > 1 (an outer loop
+    gets 2 stages at most, and only in some cases)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
 def seq_strides(seq_idx):
     return seq_idx.stride() if seq_idx is not None else (0, 0)

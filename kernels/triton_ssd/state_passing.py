@@ -41,7 +41,8 @@ def _state_passing_fwd_kernel(
     stride_seq_b, stride_seq_l,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # states, states_in: (b, c, h, p·n) fp32 (p·n contiguous)  init, final: (b, h, p·n)
+    # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype its
+    # one forward reader casts it to anyway (chunk_scan_fwd)  init, final: (b, h, p·n)
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
     ok = offs < dim
@@ -59,7 +60,7 @@ def _state_passing_fwd_kernel(
     if HAS_SEQ:
         seq_prev = tl.load(seq_idx_ptr)
     for c in range(nchunks):
-        tl.store(states_in_ptr + c * stride_st_c, carried, mask=ok)
+        tl.store(states_in_ptr + c * stride_st_c, carried.to(states_in_ptr.dtype.element_ty), mask=ok)
         a, seq_prev = _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
                                    stride_dA_q, stride_seq_l, seq_prev, HAS_SEQ)
         carried = a * carried + tl.load(states_ptr + c * stride_st_c, mask=ok, other=0.0)
@@ -113,13 +114,13 @@ def _state_passing_bwd_kernel(
 _BLOCK = 1024
 
 
-def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None):
+def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
     # states: (b, c, h, p, n) fp32  dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
-    # ->  states_in: (b, c, h, p, n) fp32, final_states: (b, h, p, n) fp32
+    # ->  states_in: (b, c, h, p, n) in states_in_dtype, final_states: (b, h, p, n) fp32
     _, opts = launch.settings("state_passing_fwd")
     b, nchunks, h, p, n = states.shape
     chunk_size = dA_cumsum.shape[-1]
-    states_in = torch.empty_like(states)
+    states_in = torch.empty_like(states, dtype=states_in_dtype)
     final = torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
     if initial_states is not None:
         initial_states = initial_states.contiguous()
