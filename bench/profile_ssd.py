@@ -3,6 +3,7 @@
     python bench/profile_ssd.py [--shape b8_L2048_h32] [--chunk-sizes 256 128] [--tiles 64 128]
     python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256] [--tiles 64]
                                 [--launchers bmm_bwd_dcb ...] [--heads-per-program 16 8 4]
+                                [--tile-dstate 128] [--block-h 1 2 4 8]
 
 `--tiles` caps the tile edge every launcher picks (64 is the default in the kernels); the
 table shows, per stage, the milliseconds of one call and its share of the total, and the
@@ -12,6 +13,7 @@ caps, num_warps and num_stages and prints the `kernels.triton_ssd.launch.SETTING
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -78,9 +80,12 @@ def stage_times(shape, chunk_size):
     return times, fwd, bench_ms(forward_backward, grad_to_none=leaves)
 
 
-def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), heads_per_program=(None,)):
-    """Each launcher alone over tile caps × num_warps × num_stages (× heads per program for the
-    launchers that split a group's heads); prints launch.SETTINGS to keep."""
+def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
+    """Each launcher alone over tile caps × num_warps × num_stages, and over the values in
+    `extra` ({setting: values}) of the launcher-specific settings that launcher takes (None:
+    unset); prints launch.SETTINGS to keep."""
+    takes = {"heads_per_program": launch.HEAD_SPLIT_LAUNCHERS, "tile_dstate": launch.DSTATE_LAUNCHERS,
+             "block_h": launch.BLOCK_H_LAUNCHERS}
     stages, *_ = stage_calls(shape, chunk_size)
     chosen = {}
     print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
@@ -88,9 +93,12 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), heads_per_program=
         if launchers and name not in launchers:
             continue
         cand_tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else tiles
-        head_choices = heads_per_program if name in launch.HEAD_SPLIT_LAUNCHERS else (None,)
-        grid = [dict(tile=t, num_warps=w, num_stages=s, **({"heads_per_program": k} if k else {}))
-                for t in cand_tiles for w in (4, 8) for s in (1, 2, 3) for k in head_choices]
+        own = {key: (None, *values) for key, values in (extra or {}).items() if values and name in takes[key]}
+        grid = []
+        for tile, warps, pipeline in itertools.product(cand_tiles, (4, 8), (1, 2, 3)):
+            for picks in itertools.product(*own.values()):
+                grid.append(dict(tile=tile, num_warps=warps, num_stages=pipeline,
+                                 **{key: v for key, v in zip(own, picks) if v is not None}))
         launch.SETTINGS.pop(name, None)
         default = bench_ms(fn)
         timings = []
@@ -117,13 +125,18 @@ def main():
     parser.add_argument("--launchers", nargs="*", help="--sweep only these launchers")
     parser.add_argument("--heads-per-program", type=int, nargs="*", default=[],
                         help="--sweep also these heads per program (launch.HEAD_SPLIT_LAUNCHERS)")
+    parser.add_argument("--tile-dstate", type=int, nargs="*", default=[],
+                        help="--sweep also these caps on dstate tiles (launch.DSTATE_LAUNCHERS)")
+    parser.add_argument("--block-h", type=int, nargs="*", default=[],
+                        help="--sweep also these heads per program of chunk_cumsum (launch.BLOCK_H_LAUNCHERS)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     if args.sweep:
         print(f"# launch-settings sweep, {args.shape} {shape}, chunk {args.chunk_sizes[0]}, "
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
         return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles,
-                     [None, *args.heads_per_program])
+                     {"heads_per_program": args.heads_per_program, "tile_dstate": args.tile_dstate,
+                      "block_h": args.block_h})
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     columns, results = [], []

@@ -145,6 +145,20 @@ def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
               f"heads_per_program={heads_per_program} {dtype}")
 
 
+def test_other_launch_settings_give_the_same_result(monkeypatch):
+    # the settings a sweep may pick change tiles, not maths: 16-wide tiles everywhere, dstate
+    # in two tiles ("tile_dstate"), one head per chunk_cumsum program ("block_h")
+    for name in ("chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_state_fwd", "state_passing_fwd", "bmm_fwd",
+                 "chunk_scan_fwd", "chunk_scan_bwd_dstates", "state_passing_bwd", "chunk_scan_bwd_dx",
+                 "bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db"):
+        monkeypatch.setitem(launch.SETTINGS, name, {"tile": 16, "tile_dstate": 16, "block_h": 1})
+    assert launch.dstate_block("chunk_scan_fwd", 20) == 16
+    inputs = make_inputs(1, 50, 6, 24, 2, 20, D="channel", docs=2)
+    ours = run(ssd_triton, inputs, chunk_size=32)
+    ref = run(ssd_chunked, upcast(inputs), chunk_size=32)
+    check_all(ours, ref, FP32_BOUND, "16-wide tiles")
+
+
 def test_half_precision_states_in_give_the_same_output():
     # the forward stores states_in in C's dtype: chunk_scan_fwd casts them to it for its dot
     # anyway, so y must be bit-identical to the fp32 states_in's

@@ -122,7 +122,7 @@ def bmm_fwd(C, B, chunk_size):
     nchunks = triton.cdiv(l, chunk_size)
     cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
     block_m = block_n = launch.block(chunk_size, tile)
-    block_k = launch.block(n, tile)
+    block_k = launch.dstate_block("bmm_fwd", n)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
     _bmm_fwd_kernel[grid](
         C, B, cb, l, nchunks, chunk_size, n, *B.stride(), *cb.stride(),

@@ -106,9 +106,12 @@ def _chunk_cumsum_bwd_kernel(
         tl.store(ddt_bias_part_ptr + part_offs, tl.sum(ddt, axis=1), mask=offs_h < nheads)
 
 
-def _blocks(nheads, chunk_size):
+def _blocks(launcher, nheads, chunk_size):
+    # (heads, tokens) per program: a whole chunk, and as many heads as fit 4096 elements or the
+    # launcher's "block_h" setting allows
     block_q = max(16, triton.next_power_of_2(chunk_size))
-    block_h = max(1, min(triton.next_power_of_2(nheads), 4096 // block_q))
+    cap = launch.SETTINGS.get(launcher, {}).get("block_h", 4096 // block_q)
+    block_h = max(1, min(triton.next_power_of_2(nheads), cap))
     return block_h, block_q
 
 
@@ -119,7 +122,7 @@ def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=True, dt_limit
     nchunks = triton.cdiv(l, chunk_size)
     dt_out = torch.empty(b, h, nchunks, chunk_size, device=dt.device, dtype=torch.float32)
     dA_cumsum = torch.empty_like(dt_out)
-    block_h, block_q = _blocks(h, chunk_size)
+    block_h, block_q = _blocks("chunk_cumsum_fwd", h, chunk_size)
     grid = (b, nchunks, triton.cdiv(h, block_h))
     _chunk_cumsum_fwd_kernel[grid](
         dt, A, dt_bias, dt_out, dA_cumsum,
@@ -140,7 +143,7 @@ def chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias=None, dt_softplus=True,
     ddt = torch.empty_like(dt)
     dA_part = torch.empty(b, nchunks, h, device=dt.device, dtype=torch.float32)
     ddt_bias_part = torch.empty_like(dA_part) if dt_bias is not None else None
-    block_h, block_q = _blocks(h, chunk_size)
+    block_h, block_q = _blocks("chunk_cumsum_bwd", h, chunk_size)
     grid = (b, nchunks, triton.cdiv(h, block_h))
     _chunk_cumsum_bwd_kernel[grid](
         ddA_cumsum, ddt_out, dt, A, dt_bias, ddt, dA_part, ddt_bias_part,

@@ -356,7 +356,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
         *x.stride(), *C.stride(), *cb.stride(), *dt.stride(), *states_in.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.block(n, tile),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n),
         **opts,
     )
     return y, y_pregate
@@ -377,7 +377,8 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     dstates_in = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=torch.float32)
-    block_p, block_n, block_k = launch.block(p, tile), launch.block(n, tile), launch.block(chunk_size, tile)
+    block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
+    block_n = launch.dstate_block("chunk_scan_bwd_dstates", n)
     grid = (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), b * nchunks, h)
     _chunk_scan_bwd_dstates_kernel[grid](
         dy, C, dA_cumsum, seq_idx, dstates_in,
@@ -408,7 +409,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
         *x.stride(), *B.stride(), *cb.stride(), *dt.stride(), *dstates.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.block(n, tile),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n),
         **opts,
     )
     return dx, dD
@@ -425,7 +426,8 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     splits, heads_per_split = launch.head_split("chunk_scan_bwd_dc", h // g)
     B, C = B.contiguous(), C.contiguous()   # the per-split outputs take their strides
     dC = launch.split_output(splits, C.shape, C)
-    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
+    block_m, block_k = launch.block(chunk_size, tile), launch.block(chunk_size, tile)
+    block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,

@@ -160,7 +160,8 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=torch.float32)
-    block_p, block_n, block_k = launch.block(p, tile), launch.block(n, tile), launch.block(chunk_size, tile)
+    block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
+    block_n = launch.dstate_block("chunk_state_fwd", n)
     grid = (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), b * nchunks, h)
     _chunk_state_fwd_kernel[grid](
         x, B, dt, dA_cumsum, seq_idx, states,
@@ -184,7 +185,8 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     splits, heads_per_split = launch.head_split("chunk_state_bwd_db", h // g)
     B, C = B.contiguous(), C.contiguous()   # the per-split outputs take their strides
     dB = launch.split_output(splits, B.shape, B)
-    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(n, tile), launch.block(chunk_size, tile)
+    block_m, block_k = launch.block(chunk_size, tile), launch.block(chunk_size, tile)
+    block_n = launch.dstate_block("chunk_state_bwd_db", n)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,

@@ -5,14 +5,20 @@ import torch
 import triton
 
 # Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
-# (num_warps, num_stages) and, for launchers that loop over a group's heads, how many heads
-# one program takes ("heads_per_program", default all). Chosen from `bench/profile_ssd.py
+# (num_warps, num_stages) and the launcher-specific keys below ("heads_per_program",
+# "tile_dstate", "block_h"). Chosen from `bench/profile_ssd.py
 # --sweep` on an H100 (numbers in bench/results/ssd-notes.md); a launcher not listed runs
 # 64-wide tiles at Triton's defaults.
 # Fixed settings rather than triton.autotune: the autotuner's per-call bookkeeping cost more
 # launch time than it won at training shapes (measured, same notes).
 # Launchers whose programs loop over a group's heads, and so take "heads_per_program".
 HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
+# Launchers with a tile over dstate, which "tile_dstate" caps apart from "tile" (a dstate of
+# 128 in one tile reads the other operand once instead of twice).
+DSTATE_LAUNCHERS = ("bmm_fwd", "chunk_state_fwd", "chunk_scan_fwd", "chunk_scan_bwd_dstates", "chunk_scan_bwd_dx",
+                    "chunk_scan_bwd_dc", "chunk_state_bwd_db")
+# chunk_cumsum's launchers take "block_h": at most this many heads per program.
+BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
 
 SETTINGS: dict[str, dict] = {
     # one pipeline stage: these tiles are re-read little, and deeper pipelining only adds
@@ -29,8 +35,15 @@ SETTINGS: dict[str, dict] = {
 def settings(launcher):
     """(tile cap, Triton launch options) of a launcher."""
     options = dict(SETTINGS.get(launcher, {}))
-    options.pop("heads_per_program", None)
+    for key in ("heads_per_program", "tile_dstate", "block_h"):
+        options.pop(key, None)
     return options.pop("tile", 64), options
+
+
+def dstate_block(launcher, dstate):
+    """Tile edge over dstate: capped by the launcher's "tile_dstate", else by its "tile"."""
+    options = SETTINGS.get(launcher, {})
+    return block(dstate, options.get("tile_dstate", options.get("tile", 64)))
 
 
 def head_split(launcher, heads_per_group):
