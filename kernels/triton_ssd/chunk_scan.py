@@ -422,11 +422,8 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
-    assert B.stride() == C.stride(), "B and C must share strides"
-    splits, heads_per_split = launch.head_split("chunk_scan_bwd_dc", h // g)
-    B, C = B.contiguous(), C.contiguous()   # the per-split outputs take their strides
-    dC = launch.split_output(splits, C.shape, C)
-    block_m, block_k = launch.block(chunk_size, tile), launch.block(chunk_size, tile)
+    B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g)
+    block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](

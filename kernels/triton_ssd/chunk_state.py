@@ -181,11 +181,8 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
-    assert B.stride() == C.stride(), "B and C must share strides"
-    splits, heads_per_split = launch.head_split("chunk_state_bwd_db", h // g)
-    B, C = B.contiguous(), C.contiguous()   # the per-split outputs take their strides
-    dB = launch.split_output(splits, B.shape, B)
-    block_m, block_k = launch.block(chunk_size, tile), launch.block(chunk_size, tile)
+    B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g)
+    block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_state_bwd_db", n)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](

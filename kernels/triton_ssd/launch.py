@@ -64,6 +64,15 @@ def split_output(splits, shape, like):
     return torch.empty((splits, *shape), device=like.device, dtype=dtype)
 
 
+def group_grad_output(launcher, B, C, heads_per_group):
+    """What the dB and dC launchers share: B and C contiguous (each split's output takes their
+    strides), the head split, and where the splits write. -> B, C, partials, splits, heads per split"""
+    assert B.stride() == C.stride(), "B and C must share strides"
+    splits, heads_per_split = head_split(launcher, heads_per_group)
+    B, C = B.contiguous(), C.contiguous()
+    return B, C, split_output(splits, B.shape, B), splits, heads_per_split
+
+
 def sum_splits(partials, dtype):
     """The output from split_output's partials: the one slice as it is, or their sum in dtype."""
     return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
