@@ -4,13 +4,6 @@ of a group's heads over programs (with the partial outputs it needs)."""
 import torch
 import triton
 
-# Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
-# (num_warps, num_stages) and the launcher-specific keys below ("heads_per_program",
-# "tile_dstate", "block_h"). Chosen from `bench/profile_ssd.py
-# --sweep` on an H100 (numbers in bench/results/ssd-notes.md); a launcher not listed runs
-# 64-wide tiles at Triton's defaults.
-# Fixed settings rather than triton.autotune: the autotuner's per-call bookkeeping cost more
-# launch time than it won at training shapes (measured, same notes).
 # Launchers whose programs loop over a group's heads, and so take "heads_per_program".
 HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
 # Launchers with a tile over dstate, which "tile_dstate" caps apart from "tile" (a dstate of
@@ -20,6 +13,12 @@ DSTATE_LAUNCHERS = ("bmm_fwd", "chunk_state_fwd", "chunk_scan_fwd", "chunk_scan_
 # chunk_cumsum's launchers take "block_h": at most this many heads per program.
 BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
 
+# Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
+# (num_warps, num_stages) and the launcher-specific keys above. Chosen from
+# `bench/profile_ssd.py --sweep` on an H100 (numbers in bench/results/ssd-notes.md); a
+# launcher not listed runs 64-wide tiles at Triton's defaults. Fixed settings rather than
+# triton.autotune: the autotuner's per-call bookkeeping cost more launch time than it won at
+# training shapes (measured, same notes).
 SETTINGS: dict[str, dict] = {
     # one pipeline stage: these tiles are re-read little, and deeper pipelining only adds
     # shared memory (b8 L2048 h32, ms: 0.359 → 0.222, 0.397 → 0.271)
