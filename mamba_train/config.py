@@ -166,6 +166,10 @@ class TrainConfig:
     torch_threads: int = 0  # 0: leave torch's default
     # Steps whose loss or gradient is NaN/inf are dropped; more than this many stop the run.
     max_skipped_steps: int = 5
+    # Recompute each block's activations in backward instead of keeping them (activation
+    # checkpointing): memory for one block's activations instead of all, for about one more
+    # forward of compute. For a micro-batch or sequence that does not fit otherwise.
+    recompute: bool = False
 
     def validate(self) -> None:
         _require(self.steps > 0, "train.steps", "a positive integer", self.steps)
@@ -176,6 +180,7 @@ class TrainConfig:
                  self.precision)
         _require(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
+        _require(isinstance(self.recompute, bool), "train.recompute", "true or false", self.recompute)
 
 
 @dataclass

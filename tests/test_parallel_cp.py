@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
 
 from distributed import assert_close, assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
-from mamba_train.model import Mamba2LM
+from mamba_train.model import Mamba2LM, set_recompute
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model, shard_state_dict,
                                   validate_layout)
 from mamba_train.parallel.data_parallel import allreduce_gradients
@@ -74,6 +74,28 @@ def test_cp2_equals_one_process_across_document_borders():
 @pytest.mark.distributed
 def test_cp4_equals_one_process_across_document_borders():
     run_workers(_cp_worker, 4)
+
+
+def _cp_recompute_worker(rank, world):
+    # train.recompute under CP: backward reruns each block, its halo exchange and state
+    # all-gather included, in the same order on every rank; gradients as one process's
+    cfg = tiny_config(ngroups=2)
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg)
+    dims = init_parallel(validate_layout(cfg, 32, world, cp=world))
+    model = parallelize_model(copy.deepcopy(reference), dims)
+    set_recompute(model, True)
+    input_ids, labels, seq_idx = tiny_batch(cfg, 3, 32, _doc_starts(32, world))
+    model.loss(*[context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]).backward()
+    allreduce_gradients(model, dims)
+    reference.loss(input_ids, labels, seq_idx).backward()
+    assert_grads_close({name: p.grad for name, p in model.named_parameters()},
+                       {name: p.grad for name, p in reference.named_parameters()})
+
+
+@pytest.mark.distributed
+def test_cp2_with_recompute_equals_one_process():
+    run_workers(_cp_recompute_worker, 2)
 
 
 def _tp_cp_worker(rank, world):

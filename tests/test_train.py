@@ -44,6 +44,18 @@ def test_resume_is_bit_exact(markov_data, tmp_path):
     assert all(torch.equal(weights_straight[k], weights_resumed[k]) for k in weights_straight)
 
 
+def test_recompute_trains_exactly_as_without(markov_data, tmp_path):
+    # train.recompute changes what backward keeps, not what it computes: the same losses and
+    # weights, bit for bit, on the CPU
+    steps = ["train.steps=6", "checkpoint.every=6"]
+    plain = train(tiny_config(markov_data, tmp_path / "plain", *steps))
+    recomputed = train(tiny_config(markov_data, tmp_path / "recomputed", *steps, "train.recompute=true"))
+    assert recomputed.losses == plain.losses
+    weights_plain = load_file(plain.checkpoint / "model.safetensors")
+    weights_recomputed = load_file(recomputed.checkpoint / "model.safetensors")
+    assert all(torch.equal(weights_plain[k], weights_recomputed[k]) for k in weights_plain)
+
+
 def test_a_blend_of_two_datasets_trains_and_resumes_bit_exact(markov_data, tmp_path):
     from synthetic import write_markov_dataset
 

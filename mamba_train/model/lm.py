@@ -71,6 +71,13 @@ class Mamba2LM(nn.Module):
         return hidden
 
 
+def set_recompute(model: nn.Module, enabled: bool) -> None:
+    """Recompute every block's activations in backward instead of keeping them (train.recompute):
+    for a Mamba2LM or the parallel LM that wraps its blocks."""
+    for layer in model.layers:
+        layer.recompute = enabled
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay the matrices (embedding, projections, conv filters) only;
     A_log, D, dt_bias, norm weights and biases are all 1-D and are never decayed."""

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import causal_conv1d, rmsnorm_gated, ssd
 from mamba_train.config import ModelConfig
@@ -110,15 +111,29 @@ class Mamba2Mixer(nn.Module):
 
 class Mamba2Block(nn.Module):
     """Pre-norm residual block; the residual stream is kept in fp32 (mamba_ssm's
-    residual_in_fp32) so that bf16 rounding does not accumulate over depth."""
+    residual_in_fp32) so that bf16 rounding does not accumulate over depth.
+
+    With `recompute` set (train.recompute, via `set_recompute`) a training forward keeps only
+    the block's input: backward runs the block again to get what its own backward needs
+    (activation checkpointing: about one more forward of compute for the activations of all
+    but one block at a time)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Mamba2Mixer(cfg)
+        self.recompute = False
 
     def forward(self, residual: torch.Tensor, seq_idx=None, state: MixerState | None = None,
                 return_state: bool = False):
+        if self.recompute and torch.is_grad_enabled() and state is None and not return_state:
+            # non-reentrant: the recomputation runs under the forward's autocast state, and a
+            # context-parallel block repeats its collectives in the same order on every rank
+            return checkpoint(self._residual_block, residual, seq_idx, use_reentrant=False)
+        return self._residual_block(residual, seq_idx, state, return_state)
+
+    def _residual_block(self, residual: torch.Tensor, seq_idx=None, state: MixerState | None = None,
+                        return_state: bool = False):
         out = self.mixer(self.norm(residual), seq_idx=seq_idx, state=state, return_state=return_state)
         if return_state:
             out, state = out

@@ -27,7 +27,7 @@ from mamba_train.checkpoint import (CheckpointWriter, has_checkpoints, load_chec
 from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, TrainLoader, build_train_samples, index_cache_dir, load_tokenizer
 from mamba_train.eval import evaluate, format_table
-from mamba_train.model import Mamba2LM, param_groups, training_flops_per_token
+from mamba_train.model import Mamba2LM, param_groups, set_recompute, training_flops_per_token
 from mamba_train.train.metrics import MetricsLogger, SilentMetrics, peak_flops
 from mamba_train.train.preemption import StopRequest
 from mamba_train.train.rng import rng_state, set_rng_state
@@ -237,6 +237,7 @@ class SingleProcessTrainer:
         cfg = self.cfg
         self.vocab_tp = vocab_tp or 1
         self.model = Mamba2LM(cfg.model, tp_size=self.vocab_tp).to(self.device)
+        set_recompute(self.model, cfg.train.recompute)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                            fused=self.device.type == "cuda")

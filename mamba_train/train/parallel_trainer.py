@@ -31,7 +31,7 @@ from mamba_train.checkpoint import CheckpointWriter
 from mamba_train.checkpoint.sharded import load_sharded_into_engine, save_sharded, verify_together, wait_together
 from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, PackedSamples
-from mamba_train.model import Mamba2LM
+from mamba_train.model import Mamba2LM, set_recompute
 from mamba_train.parallel import LayoutError, destroy_parallel, setup_parallel, validate_layout
 from mamba_train.train.loop import TrainingError, autocast_dtype
 from mamba_train.train.rng import rng_state, set_rng_state
@@ -115,6 +115,7 @@ class ParallelTrainer:
                                   zero_stage=parallel.zero_stage, bf16=self.bf16, seed=cfg.train.seed,
                                   device=self.device, vocab_tp=self.vocab_tp, timeout_minutes=parallel.timeout_minutes)
         self.engine, self.dims = self.run.engine, self.run.dims
+        set_recompute(self.run.model, cfg.train.recompute)
         self.dp_rank, self.dp_size = self.dims.dp_rank, self.layout.dp
         with torch.device("meta"):  # the whole model's count, not this rank's shard
             self.num_parameters = sum(p.numel() for p in Mamba2LM(cfg.model, tp_size=self.vocab_tp).parameters())
