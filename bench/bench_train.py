@@ -13,11 +13,12 @@ issue 9) / step time / the bf16 matmul rate measured in this run.
 
 Writes bench/results/train-<gpu>.json. `--profile` prints where one step spends its CUDA time
 instead, summed by kind side by side for ours and the anchor's unfused path, then per kernel.
-`--curves` checks that speed did not change the math (issue 9): ours and the anchor (unfused path) each train N steps from the
-same init rule and seed on the same batches of a Megatron-indexed dataset, under the 130m
-config's optimizer and a warm-up + cosine schedule; it prints both loss curves every 25
-steps and the largest relative gap of their 20-step moving averages (the issue asks < 1%),
-and writes bench/results/train-curves-<gpu>.json.
+`--curves` checks that speed did not change the math (issue 9): ours and the anchor (unfused
+path) each train N steps from the same init rule and seed on the same batches of a
+Megatron-indexed dataset, under the 130m config's optimizer and a warm-up + cosine schedule;
+it prints both loss curves every 25 steps and the largest relative gap of their 20-step
+moving averages (the issue asks < 1%), and writes bench/results/train-curves-<gpu>.json.
+`--recompute` runs ours with train.recompute (activation checkpointing).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import results_path  # noqa: E402
 from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
-from mamba_train.model import Mamba2LM, param_groups  # noqa: E402
+from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
 from mamba_train.model.flops import training_flops_per_token  # noqa: E402
 from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 from mamba_train.train.schedule import lr_at  # noqa: E402
@@ -338,6 +339,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--graph", action="store_true", help="also ours with forward+backward in a CUDA graph")
+    parser.add_argument("--recompute", action="store_true",
+                        help="ours with train.recompute (each block rerun in backward): its memory and speed")
     parser.add_argument("--profile", action="store_true", help="per-kernel profile of ours and the anchor (unfused) at the first model")
     parser.add_argument("--curves", action="store_true",
                         help="loss curves of ours and the anchor on the same data (default model 130m)")
@@ -376,6 +379,7 @@ def main():
 
         def build_ours():
             model, _ = ours(d_model, n_layer)
+            set_recompute(model, args.recompute)
             return model.cuda(), param_groups(model, 0.1)
 
         results = {"ours": run_one(build_ours, random_batch(micro), args.warmup, args.steps)}
@@ -393,8 +397,8 @@ def main():
         cpu = {k: (1e3 * v[2] if isinstance(v, tuple) else None) for k, v in results.items()}
         best_anchor = max((rate[p] for p in anchor_paths if rate.get(p)), default=None)
         row = dict(model=name, micro_batch=micro, seqlen=SEQ, gpu=gpu, peak_tflops=peak / 1e12,
-                   ours_tokens_per_s=rate["ours"], anchor_tokens_per_s=rate.get("unfused"),
-                   anchor_fused_tokens_per_s=rate.get("fused"),
+                   ours_recompute=args.recompute, ours_tokens_per_s=rate["ours"],
+                   anchor_tokens_per_s=rate.get("unfused"), anchor_fused_tokens_per_s=rate.get("fused"),
                    ours_mfu=rate["ours"] and flops / tokens * rate["ours"] / peak,
                    anchor_mfu=best_anchor and flops / tokens * best_anchor / peak,
                    ours_peak_gib=mem["ours"], anchor_peak_gib=mem.get("unfused"),
