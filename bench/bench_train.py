@@ -341,7 +341,8 @@ def main():
     parser.add_argument("--graph", action="store_true", help="also ours with forward+backward in a CUDA graph")
     parser.add_argument("--recompute", action="store_true",
                         help="ours with train.recompute (each block rerun in backward): its memory and speed")
-    parser.add_argument("--profile", action="store_true", help="per-kernel profile of ours and the anchor (unfused) at the first model")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel profile of ours and the anchor (unfused) at the first model")
     parser.add_argument("--curves", action="store_true",
                         help="loss curves of ours and the anchor on the same data (default model 130m)")
     parser.add_argument("--curve-steps", type=int, default=300)
