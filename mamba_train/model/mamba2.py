@@ -114,9 +114,9 @@ class Mamba2Block(nn.Module):
     residual_in_fp32) so that bf16 rounding does not accumulate over depth.
 
     With `recompute` set (train.recompute, via `set_recompute`) a training forward keeps only
-    the block's input: backward runs the block again to get what its own backward needs
-    (activation checkpointing: about one more forward of compute for the activations of all
-    but one block at a time)."""
+    the block's input, and backward runs the block again for what its own backward needs
+    (activation checkpointing): about one more forward of compute, and one block's activations
+    alive at a time instead of every block's."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
