@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import results_path  # noqa: E402
+from bench.common import capture_forward_backward, results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model,  # noqa: E402
@@ -85,26 +85,15 @@ def make_step(model, input_ids, labels, seq_idx, amp, accum=1, after_backward=la
 
 
 def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, after_backward=lambda: None):
-    """make_step's step with forward+backward replayed from one CUDA graph (PyTorch's
-    whole-network recipe: warm up on a side stream, capture with the gradients unset so that
-    the graph owns them; each replay rewrites them, so nothing zeroes them between steps)."""
+    """make_step's step with forward+backward, collectives included, replayed from one CUDA
+    graph (bench.common.capture_forward_backward); after_backward stays eager."""
     def forward_backward():
         for _ in range(accum):
-            # the autocast cache must not hold casts across the capture's boundary
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 loss = model.loss(input_ids, labels, seq_idx)
             loss.backward()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):   # Triton compiles, NCCL connects and the allocator settles outside the capture
-            forward_backward()
-            model.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward_backward()
+    graph, _ = capture_forward_backward(forward_backward, model)
 
     def step():
         graph.replay()

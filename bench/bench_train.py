@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import results_path  # noqa: E402
+from bench.common import capture_forward_backward, results_path  # noqa: E402
 from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
@@ -118,31 +118,19 @@ def make_step(model, groups):
 
 
 def make_graphed_step(model, groups, batch):
-    """make_step's step with forward and backward replayed from one CUDA graph; clipping and
-    the optimizer stay eager. The CPU then launches one graph instead of a few thousand
-    kernels, which is what bounds a small model's step (the profile's CPU time per step is
-    about its CUDA time at 130m). PyTorch's whole-network recipe: warm up on a side stream,
-    capture with the gradients unset so the graph owns them; each replay rewrites them."""
+    """make_step's step with forward and backward replayed from one CUDA graph
+    (bench.common.capture_forward_backward); clipping and the optimizer stay eager. The CPU
+    then launches one graph instead of a few thousand kernels."""
     optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     static_ids, static_labels = (t.clone() for t in batch)
 
     def forward_backward():
-        # the autocast cache must not hold casts across a capture's boundary
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             loss = model.loss(static_ids, static_labels)
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):   # Triton compiles and the allocator settles outside the capture
-            forward_backward()
-            optimizer.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = forward_backward()
+    graph, static_loss = capture_forward_backward(forward_backward, model)
 
     def step(input_ids, labels):
         static_ids.copy_(input_ids)

@@ -22,6 +22,26 @@ def graph_ms(fn, grad_to_none=None):
     return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
+def capture_forward_backward(forward_backward, model, warmup=3):
+    """(CUDA graph of forward_backward(), its return value during the capture): PyTorch's
+    whole-network recipe. Warm-up calls on a side stream (Triton compiles, NCCL connects and
+    the allocator settles outside the capture), then the capture with the gradients unset, so
+    that the graph owns them: each replay rewrites them, and nothing may zero them between
+    replays. forward_backward must run autocast with cache_enabled=False: the cache must not
+    hold casts across the capture's boundary."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            forward_backward()
+            model.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward_backward()
+    return graph, captured
+
+
 def copy_bandwidth(nbytes):
     """Bytes read + written per second by a device copy moving `nbytes` in all."""
     src = torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16)   # 2 bytes read + 2 written each

@@ -180,7 +180,6 @@ class TrainConfig:
                  self.precision)
         _require(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
-        _require(isinstance(self.recompute, bool), "train.recompute", "true or false", self.recompute)
 
 
 @dataclass

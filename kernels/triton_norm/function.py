@@ -33,4 +33,4 @@ def rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=None, out_dtype=None
     x's dtype)."""
     # x, z, out: (..., d)  weight: (d,)
     group_size = _check_norm_inputs(x, z, weight, group_size)
-    return RMSNormGatedFunction.apply(x, z, weight, float(eps), int(group_size), out_dtype or x.dtype)
+    return RMSNormGatedFunction.apply(x, z, weight, float(eps), int(group_size), out_dtype)
