@@ -18,7 +18,8 @@ path) each train N steps from the same init rule and seed on the same batches of
 Megatron-indexed dataset, under the 130m config's optimizer and a warm-up + cosine schedule;
 it prints both loss curves every 25 steps and the largest relative gap of their 20-step
 moving averages (the issue asks < 1%), and writes bench/results/train-curves-<gpu>.json.
-`--recompute` runs ours with train.recompute (activation checkpointing).
+`--recompute` runs ours with train.recompute (activation checkpointing). `--cpu-profile` prints
+where the CPU's time to enqueue ours' eager step goes (cProfile).
 """
 
 from __future__ import annotations
@@ -225,6 +226,33 @@ def profile(name, with_anchor, warmup=3):
         print(tables[side])
 
 
+def cpu_profile(name, warmup=3, steps=3, rows=45):
+    """Where the CPU's time to enqueue ours' eager step goes (cProfile, after warm-up): the
+    Python behind each launch, which bounds a step whenever the GPU's share per rank is small
+    (tensor or context parallel, small models)."""
+    import cProfile
+    import pstats
+    d_model, n_layer, micro = MODELS[name]
+    model = ours(d_model, n_layer)[0].cuda()
+    step, batch = make_step(model, param_groups(model, 0.1)), random_batch(micro)
+    for _ in range(warmup):
+        step(*batch)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        step(*batch)
+    profiler.disable()
+    enqueue = (time.perf_counter() - started) / steps
+    torch.cuda.synchronize()
+    print(f"# {name}, micro {micro} x {SEQ}: CPU time per eager step under cProfile {1e3 * enqueue:.1f} ms "
+          f"({steps} steps; cProfile's own cost included)")
+    stats = pstats.Stats(profiler).strip_dirs()
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+
+
 def _kind(kernel):
     k = kernel.lower()
     for label, needles in (("ssd", ("_chunk_", "_bmm_", "_state_passing", "_gate_bwd")),
@@ -331,6 +359,8 @@ def main():
                         help="ours with train.recompute (each block rerun in backward): its memory and speed")
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel profile of ours and the anchor (unfused) at the first model")
+    parser.add_argument("--cpu-profile", action="store_true",
+                        help="cProfile of ours' eager step at the first model: the Python behind its launches")
     parser.add_argument("--curves", action="store_true",
                         help="loss curves of ours and the anchor on the same data (default model 130m)")
     parser.add_argument("--curve-steps", type=int, default=300)
@@ -342,6 +372,8 @@ def main():
     if args.curves and args.curve_steps < 50:
         parser.error(f"--curve-steps: the summary reads steps 50..N, found {args.curve_steps}")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.cpu_profile:
+        return cpu_profile(args.models[0])
     if args.profile:
         return profile(args.models[0], with_anchor=not args.no_anchor)
     gpu = torch.cuda.get_device_name()

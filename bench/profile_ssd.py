@@ -3,7 +3,7 @@
     python bench/profile_ssd.py [--shape b8_L2048_h32] [--chunk-sizes 256 128] [--tiles 64 128]
     python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256] [--tiles 64]
                                 [--launchers bmm_bwd_dcb ...] [--heads-per-program 16 8 4]
-                                [--tile-dstate 128] [--block-h 1 2 4 8]
+                                [--tile-dstate 128] [--block-h 1 2 4 8] [--tile-k 32]
 
 `--tiles` caps the tile edge every launcher picks (64 is the default in the kernels); the
 table shows, per stage, the milliseconds of one call and its share of the total, and the
@@ -85,7 +85,7 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
     `extra` ({setting: values}) of the launcher-specific settings that launcher takes (None:
     unset); prints launch.SETTINGS to keep."""
     takes = {"heads_per_program": launch.HEAD_SPLIT_LAUNCHERS, "tile_dstate": launch.DSTATE_LAUNCHERS,
-             "block_h": launch.BLOCK_H_LAUNCHERS}
+             "block_h": launch.BLOCK_H_LAUNCHERS, "tile_k": launch.K_LAUNCHERS}
     stages, *_ = stage_calls(shape, chunk_size)
     chosen = {}
     print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
@@ -129,6 +129,8 @@ def main():
                         help="--sweep also these caps on dstate tiles (launch.DSTATE_LAUNCHERS)")
     parser.add_argument("--block-h", type=int, nargs="*", default=[],
                         help="--sweep also these heads per program of chunk_cumsum (launch.BLOCK_H_LAUNCHERS)")
+    parser.add_argument("--tile-k", type=int, nargs="*", default=[],
+                        help="--sweep also these steps of the causal loops (launch.K_LAUNCHERS)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     if args.sweep:
@@ -136,7 +138,7 @@ def main():
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
         return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles,
                      {"heads_per_program": args.heads_per_program, "tile_dstate": args.tile_dstate,
-                      "block_h": args.block_h})
+                      "block_h": args.block_h, "tile_k": args.tile_k})
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     columns, results = [], []

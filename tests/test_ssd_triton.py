@@ -145,18 +145,33 @@ def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
               f"heads_per_program={heads_per_program} {dtype}")
 
 
-def test_other_launch_settings_give_the_same_result(monkeypatch):
-    # the settings a sweep may pick change tiles, not maths: 16-wide tiles everywhere, dstate
-    # in two tiles ("tile_dstate"), one head per chunk_cumsum program ("block_h")
+@pytest.mark.parametrize("tile, tile_k", [(16, 32), (32, 16)])
+def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
+    # the settings a sweep may pick change tiles, not maths: narrow tiles everywhere, dstate in
+    # two tiles ("tile_dstate"), one head per chunk_cumsum program ("block_h"), and causal loops
+    # stepping wider than their row tiles (reading CB tiles that bmm_fwd never wrote, which
+    # the causal select must drop) or narrower ("tile_k")
     for name in ("chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_state_fwd", "state_passing_fwd", "bmm_fwd",
                  "chunk_scan_fwd", "chunk_scan_bwd_dstates", "state_passing_bwd", "chunk_scan_bwd_dx",
                  "bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db"):
-        monkeypatch.setitem(launch.SETTINGS, name, {"tile": 16, "tile_dstate": 16, "block_h": 1})
+        monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_dstate": 16, "block_h": 1, "tile_k": tile_k})
     assert launch.dstate_block("chunk_scan_fwd", 20) == 16
+    assert launch.k_block("chunk_scan_fwd", 32) == tile_k
+    # CB above the diagonal made NaN: the kernels load CB tiles whole (bounds-only masks) and
+    # must drop those entries by select, never by multiplying with a zero
+    from kernels.triton_ssd import combined
+    bmm_fwd = combined.bmm_fwd
+
+    def poisoned_bmm_fwd(C, B, chunk_size):
+        cb = bmm_fwd(C, B, chunk_size)
+        above = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=cb.device).triu(1)
+        return cb.masked_fill(above, float("nan"))
+
+    monkeypatch.setattr(combined, "bmm_fwd", poisoned_bmm_fwd)
     inputs = make_inputs(1, 50, 6, 24, 2, 20, D="channel", docs=2)
     ours = run(ssd_triton, inputs, chunk_size=32)
     ref = run(ssd_chunked, upcast(inputs), chunk_size=32)
-    check_all(ours, ref, FP32_BOUND, "16-wide tiles")
+    check_all(ours, ref, FP32_BOUND, f"tile {tile}, tile_k {tile_k}")
 
 
 def test_half_precision_states_in_give_the_same_output():

@@ -84,7 +84,9 @@ def _bmm_bwd_dcb_kernel(
         keep = keep & (seq_m[:, None] == seq_n[None, :])
     cb_offs = (pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
                + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s)
-    cb = tl.load(cb_ptr + cb_offs, mask=keep, other=0.0)
+    # bounds-only load (vector loads), the causal and document masks by select
+    cb = tl.load(cb_ptr + cb_offs, mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size), other=0.0)
+    cb = tl.where(keep, cb, 0.0)
     dcb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # a head's whole p in one tile: one tl.dot per head, so the head loop is the innermost loop
     offs_p = tl.arange(0, BLOCK_HDIM)

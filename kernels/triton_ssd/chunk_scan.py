@@ -82,11 +82,13 @@ def _chunk_scan_fwd_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_idx_ptr + (chunk_start + offs_k) * stride_seq_l, mask=k_ok, other=-2)
             keep = keep & (seq_m[:, None] == seq_k[None, :])
+        # the tile's bounds only in the load mask (vector loads); the causal and document
+        # masks select afterwards, which also drops the overflow above the diagonal
         cb = tl.load(cb_ptr + offs_m[:, None] * stride_cb_t + offs_k[None, :] * stride_cb_s,
-                     mask=keep, other=0.0)
+                     mask=(offs_m[:, None] < chunk_size) & (offs_k[None, :] < chunk_size), other=0.0)
         dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
         dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
-        scores = cb * tl.exp(tl.where(keep, dA_m[:, None] - dA_k[None, :], float("-inf"))) * dt_k[None, :]
+        scores = tl.where(keep, cb * tl.exp(dA_m[:, None] - dA_k[None, :]) * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(scores.to(xk.dtype), xk)
@@ -227,10 +229,11 @@ def _chunk_scan_bwd_dx_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=k_ok, other=-2)
             keep = keep & (seq_m[:, None] == seq_k[None, :])
+        # bounds-only load, masks applied by the select (as in chunk_scan_fwd)
         cbT = tl.load(cb_ptr + offs_k[None, :] * stride_cb_t + offs_m[:, None] * stride_cb_s,
-                      mask=keep, other=0.0)
+                      mask=(offs_k[None, :] < chunk_size) & (offs_m[:, None] < chunk_size), other=0.0)
         dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
-        w = cbT * tl.exp(tl.where(keep, dA_k[None, :] - dA_m[:, None], float("-inf")))
+        w = tl.where(keep, cbT * tl.exp(dA_k[None, :] - dA_m[:, None]), 0.0)
         dyk = tl.load(dy_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
                       mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(w.to(dyk.dtype), dyk)
@@ -348,7 +351,8 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     y = torch.empty_like(x)
     y_pregate = torch.empty_like(x) if z is not None else None
     D_ptr, stride_D, per_channel = _D_args(D)
-    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(p, tile), launch.block(chunk_size, tile)
+    block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
+    block_k = launch.k_block("chunk_scan_fwd", chunk_size)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(p, block_n), b * nchunks, h)
     _chunk_scan_fwd_kernel[grid](
         cb, x, z, dt, dA_cumsum, C, states_in, D_ptr, seq_idx, y, y_pregate,
@@ -401,7 +405,8 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     dx = torch.empty_like(x)
     dD = torch.zeros(h, p, device=x.device, dtype=torch.float32) if D is not None else None
     D_ptr, stride_D, per_channel = _D_args(D)
-    block_m, block_n, block_k = launch.block(chunk_size, tile), launch.block(p, tile), launch.block(chunk_size, tile)
+    block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
+    block_k = launch.k_block("chunk_scan_bwd_dx", chunk_size)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(p, block_n), b * nchunks, h)
     _chunk_scan_bwd_dx_kernel[grid](
         cb, dy, x, B, dstates, dt, dA_cumsum, D_ptr, seq_idx, dx, ddt, dD,

@@ -12,6 +12,9 @@ DSTATE_LAUNCHERS = ("bmm_fwd", "chunk_state_fwd", "chunk_scan_fwd", "chunk_scan_
                     "chunk_scan_bwd_dc", "chunk_state_bwd_db")
 # chunk_cumsum's launchers take "block_h": at most this many heads per program.
 BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
+# Launchers with a causal loop over the chunk's source tokens, whose step "tile_k" caps apart
+# from "tile" (a finer step pipelines deeper in the same shared memory).
+K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
 
 # Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
 # (num_warps, num_stages) and the launcher-specific keys above. Chosen from
@@ -25,16 +28,18 @@ SETTINGS: dict[str, dict] = {
     "chunk_scan_fwd": {"num_stages": 1},
     "chunk_scan_bwd_dx": {"num_stages": 1},
     "chunk_scan_bwd_dc": {"num_stages": 1},
-    "chunk_state_bwd_db": {"num_stages": 1, "num_warps": 8},   # b4 L2048 h64: 0.173 → 0.154
-    # a group's heads over several programs (launch.head_split): b4 L2048 h64 g1, 0.499 → 0.327
-    "bmm_bwd_dcb": {"num_stages": 1, "heads_per_program": 16},
+    # a group's heads over several programs (launch.head_split). b4 L2048 h64 g1, ms: bmm_bwd_dcb
+    # 0.499 → 0.327 split, → 0.275 at 3 stages once its head loop became the innermost loop
+    # (launch.whole); chunk_state_bwd_db 0.173 → 0.144
+    "chunk_state_bwd_db": {"num_stages": 1, "heads_per_program": 16},
+    "bmm_bwd_dcb": {"num_stages": 3, "heads_per_program": 16},
 }
 
 
 def settings(launcher):
     """(tile cap, Triton launch options) of a launcher."""
     options = dict(SETTINGS.get(launcher, {}))
-    for key in ("heads_per_program", "tile_dstate", "block_h"):
+    for key in ("heads_per_program", "tile_dstate", "block_h", "tile_k"):
         options.pop(key, None)
     return options.pop("tile", 64), options
 
@@ -43,6 +48,12 @@ def dstate_block(launcher, dstate):
     """Tile edge over dstate: capped by the launcher's "tile_dstate", else by its "tile"."""
     options = SETTINGS.get(launcher, {})
     return block(dstate, options.get("tile_dstate", options.get("tile", 64)))
+
+
+def k_block(launcher, chunk_size):
+    """Step of a causal loop over source tokens: capped by the launcher's "tile_k", else by its "tile"."""
+    options = SETTINGS.get(launcher, {})
+    return block(chunk_size, options.get("tile_k", options.get("tile", 64)))
 
 
 def head_split(launcher, heads_per_group):
