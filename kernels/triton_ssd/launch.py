@@ -24,10 +24,14 @@ K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
 # training shapes (measured, same notes).
 SETTINGS: dict[str, dict] = {
     # one pipeline stage: these tiles are re-read little, and deeper pipelining only adds
-    # shared memory (b8 L2048 h32, ms: 0.359 → 0.222, 0.397 → 0.271)
-    "chunk_scan_fwd": {"num_stages": 1},
-    "chunk_scan_bwd_dx": {"num_stages": 1},
+    # shared memory (b8 L2048 h32, ms: 0.359 → 0.222, 0.397 → 0.271). After the bounds-only
+    # CB loads, at b4 L2048 h64: chunk_scan_fwd 0.203 → 0.167 with dstate in one tile (C·states
+    # is one dot), chunk_scan_bwd_dx 0.273 → 0.224 stepping its causal loop by 32
+    "chunk_scan_fwd": {"num_stages": 1, "tile_dstate": 128},
+    "chunk_scan_bwd_dx": {"num_stages": 1, "tile_k": 32},
     "chunk_scan_bwd_dc": {"num_stages": 1},
+    "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128},   # 0.071 → 0.067
+    "chunk_cumsum_bwd": {"num_warps": 8, "num_stages": 3, "block_h": 8},  # 0.026 → 0.020
     # a group's heads over several programs (launch.head_split). b4 L2048 h64 g1, ms: bmm_bwd_dcb
     # 0.499 → 0.327 split, → 0.275 at 3 stages once its head loop became the innermost loop
     # (launch.whole); chunk_state_bwd_db 0.173 → 0.144
