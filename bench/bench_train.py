@@ -251,6 +251,7 @@ def cpu_profile(name, warmup=3, steps=3, rows=45):
     stats = pstats.Stats(profiler).strip_dirs()
     stats.sort_stats("tottime").print_stats(rows)
     stats.sort_stats("cumulative").print_stats(rows)
+    stats.print_callers(r"jit.py:\d+\(__call__\)|_unwrap_if_constexpr")   # who pays Triton's per-launch Python
 
 
 def _kind(kernel):
