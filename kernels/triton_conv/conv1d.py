@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _read_rows(x_ptr, init_ptr, seq_idx_ptr, batch, src, docs, cols, mask, seqlen,
@@ -344,7 +346,7 @@ def _strides(t, n):
 
 
 def _block_d(dim, widest):
-    return min(widest, max(16, triton.next_power_of_2(dim)))
+    return min(widest, max(16, next_power_of_2(dim)))
 
 
 def conv1d_fwd(x, weight, bias=None, initial_state=None, seq_idx=None, activation="silu",
@@ -356,14 +358,14 @@ def conv1d_fwd(x, weight, bias=None, initial_state=None, seq_idx=None, activatio
     block_l, block_d = block_l or FWD_BLOCK_L, block_d or _block_d(d, FWD_BLOCK_D)
     out = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
     final = torch.empty(b, width - 1, d, device=x.device, dtype=x.dtype) if return_final_state else None
-    grid = (triton.cdiv(d, block_d), triton.cdiv(l, block_l), b)
+    grid = (cdiv(d, block_d), cdiv(l, block_l), b)
     _conv1d_fwd_kernel[grid](
         x, weight, bias, initial_state, seq_idx, out, final, l, d,
         *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2),
         *out.stride(), *_strides(final, 3),
         WIDTH=width, SILU=activation == "silu", HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
         HAS_SEQ=seq_idx is not None, HAS_FINAL=return_final_state, BLOCK_L=block_l, BLOCK_D=block_d,
-        BLOCK_STATE=triton.next_power_of_2(width - 1), num_warps=num_warps or FWD_WARPS,
+        BLOCK_STATE=next_power_of_2(width - 1), num_warps=num_warps or FWD_WARPS,
     )
     return out, final
 
@@ -378,13 +380,13 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
     block_l, block_d = block_l or BWD_BLOCK_L, block_d or _block_d(d, BWD_BLOCK_D)
     # a short sequence: fewer steps, so that the tile rows do not walk far past its end (a power
     # of two: few compiled variants)
-    steps = min(steps or BWD_STEPS, triton.next_power_of_2(triton.cdiv(l, block_l)))
-    programs = triton.cdiv(l, block_l * steps)
+    steps = min(steps or BWD_STEPS, next_power_of_2(cdiv(l, block_l)))
+    programs = cdiv(l, block_l * steps)
     dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
     dweight_part = torch.empty(b, programs, width, d, device=x.device, dtype=torch.float32)
     dbias_part = torch.empty(b, programs, d, device=x.device, dtype=torch.float32) if bias is not None else None
     dinit = torch.empty_like(initial_state) if initial_state is not None else None
-    grid = (triton.cdiv(d, block_d), programs, b)
+    grid = (cdiv(d, block_d), programs, b)
     _conv1d_bwd_kernel[grid](
         x, weight, bias, initial_state, seq_idx, dout, dfinal, dx, dweight_part, dbias_part, dinit, l, d,
         *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2),

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _load(ptr, rows, cols, mask, stride_row, stride_col):
@@ -117,10 +119,10 @@ def _blocks(n_rows, group_size):
     # each tile reduce dweight across warps: measured on an H100 (bench_kernels.py
     # --sweep-norm, (8, 2048) rows) at d1536 two rows per tile ran 0.256 ms, one row 0.129 ms.
     # Returns (forward rows, group tile, forward warps, backward rows, backward warps).
-    block_g = triton.next_power_of_2(group_size)
+    block_g = next_power_of_2(group_size)
     if block_g > 65536:
         raise ValueError(f"group_size={group_size}: at most 65536 channels per group fit one tile")
-    rows = triton.next_power_of_2(n_rows)
+    rows = next_power_of_2(n_rows)
     fwd_m = min(16, max(1, 4096 // block_g), rows)
     bwd_m = min(16, max(1, 512 // block_g), rows)
     return (fwd_m, block_g, min(16, max(1, fwd_m * block_g // 512)),
@@ -138,7 +140,7 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None):
     n_rows, dim = x.shape
     block_m, block_g, num_warps, _, _ = _blocks(n_rows, group_size)
     out = torch.empty(n_rows, dim, device=x.device, dtype=out_dtype or x.dtype)
-    grid = (triton.cdiv(n_rows, block_m), dim // group_size)
+    grid = (cdiv(n_rows, block_m), dim // group_size)
     _rmsnorm_gated_fwd_kernel[grid](
         x, z, weight, out, n_rows, group_size, eps,
         *x.stride(), *(z.stride() if z is not None else (0, 0)), *out.stride(),
@@ -154,12 +156,12 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     ngroups = dim // group_size
     _, block_g, _, default_m, default_warps = _blocks(n_rows, group_size)
     block_m, num_warps = block_m or default_m, num_warps or default_warps
-    row_tiles = triton.cdiv(n_rows, block_m)
-    want = triton.cdiv(row_tiles * ngroups, _programs_per_sm(x.device))
-    tiles = tiles or min(64, triton.next_power_of_2(want))   # a power of two: few compiled variants
+    row_tiles = cdiv(n_rows, block_m)
+    want = cdiv(row_tiles * ngroups, _programs_per_sm(x.device))
+    tiles = tiles or min(64, next_power_of_2(want))   # a power of two: few compiled variants
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
-    programs_m = triton.cdiv(row_tiles, tiles)
+    programs_m = cdiv(row_tiles, tiles)
     dweight_part = torch.empty(programs_m, dim, device=x.device, dtype=torch.float32)
     _rmsnorm_gated_bwd_kernel[(programs_m, ngroups)](
         x, z, weight, dout, dx, dz, dweight_part, n_rows, dim, group_size, eps,

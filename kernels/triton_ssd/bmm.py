@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv
 from . import launch
 
 
@@ -121,11 +122,11 @@ def bmm_fwd(C, B, chunk_size):
     tile, opts = launch.settings("bmm_fwd")
     b, l, g, n = B.shape
     assert B.stride() == C.stride(), "B and C must share strides"
-    nchunks = triton.cdiv(l, chunk_size)
+    nchunks = cdiv(l, chunk_size)
     cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
     block_m = block_n = launch.block(chunk_size, tile)
     block_k = launch.dstate_block("bmm_fwd", n)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g)
+    grid = (cdiv(chunk_size, block_m) * cdiv(chunk_size, block_n), b * nchunks, g)
     _bmm_fwd_kernel[grid](
         C, B, cb, l, nchunks, chunk_size, n, *B.stride(), *cb.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -146,7 +147,7 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
     splits, heads_per_split = launch.head_split("bmm_bwd_dcb", h // g)
     dcb = launch.split_output(splits, cb.shape, cb)
     block_m = block_n = launch.block(chunk_size, tile)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n), b * nchunks, g * splits)
+    grid = (cdiv(chunk_size, block_m) * cdiv(chunk_size, block_n), b * nchunks, g * splits)
     _bmm_bwd_dcb_kernel[grid](
         dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
         l, nchunks, chunk_size, p, h // g, splits, heads_per_split,

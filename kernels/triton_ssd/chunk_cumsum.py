@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_power_of_2
 from . import launch
 
 
@@ -109,9 +110,9 @@ def _chunk_cumsum_bwd_kernel(
 def _blocks(launcher, nheads, chunk_size):
     # (heads, tokens) per program: a whole chunk, and as many heads as fit 4096 elements or the
     # launcher's "block_h" setting allows
-    block_q = max(16, triton.next_power_of_2(chunk_size))
+    block_q = max(16, next_power_of_2(chunk_size))
     cap = launch.SETTINGS.get(launcher, {}).get("block_h", 4096 // block_q)
-    block_h = max(1, min(triton.next_power_of_2(nheads), cap))
+    block_h = max(1, min(next_power_of_2(nheads), cap))
     return block_h, block_q
 
 
@@ -119,11 +120,11 @@ def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=True, dt_limit
     # dt: (b, l, h)  A, dt_bias: (h,)  ->  dt_out, dA_cumsum: (b, h, c, q) fp32
     _, opts = launch.settings("chunk_cumsum_fwd")
     b, l, h = dt.shape
-    nchunks = triton.cdiv(l, chunk_size)
+    nchunks = cdiv(l, chunk_size)
     dt_out = torch.empty(b, h, nchunks, chunk_size, device=dt.device, dtype=torch.float32)
     dA_cumsum = torch.empty_like(dt_out)
     block_h, block_q = _blocks("chunk_cumsum_fwd", h, chunk_size)
-    grid = (b, nchunks, triton.cdiv(h, block_h))
+    grid = (b, nchunks, cdiv(h, block_h))
     _chunk_cumsum_fwd_kernel[grid](
         dt, A, dt_bias, dt_out, dA_cumsum,
         l, h, chunk_size, float(dt_limit[0]), float(dt_limit[1]),
@@ -144,7 +145,7 @@ def chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias=None, dt_softplus=True,
     dA_part = torch.empty(b, nchunks, h, device=dt.device, dtype=torch.float32)
     ddt_bias_part = torch.empty_like(dA_part) if dt_bias is not None else None
     block_h, block_q = _blocks("chunk_cumsum_bwd", h, chunk_size)
-    grid = (b, nchunks, triton.cdiv(h, block_h))
+    grid = (b, nchunks, cdiv(h, block_h))
     _chunk_cumsum_bwd_kernel[grid](
         ddA_cumsum, ddt_out, dt, A, dt_bias, ddt, dA_part, ddt_bias_part,
         l, h, chunk_size, float(dt_limit[0]), float(dt_limit[1]),

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv
 from . import launch
 
 
@@ -353,7 +354,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     D_ptr, stride_D, per_channel = _D_args(D)
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
     block_k = launch.k_block("chunk_scan_fwd", chunk_size)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(p, block_n), b * nchunks, h)
+    grid = (cdiv(chunk_size, block_m) * cdiv(p, block_n), b * nchunks, h)
     _chunk_scan_fwd_kernel[grid](
         cb, x, z, dt, dA_cumsum, C, states_in, D_ptr, seq_idx, y, y_pregate,
         l, nchunks, chunk_size, p, n, h // g,
@@ -370,7 +371,7 @@ def gate_bwd(dout, z, y_pregate):
     # dout, z, y_pregate: (b, l, h, p) contiguous  ->  dy (before the gate), dz
     dy, dz = torch.empty_like(y_pregate), torch.empty_like(z)
     block = 1024
-    _gate_bwd_kernel[(triton.cdiv(z.numel(), block),)](dout, z, y_pregate, dy, dz, z.numel(), BLOCK=block)
+    _gate_bwd_kernel[(cdiv(z.numel(), block),)](dout, z, y_pregate, dy, dz, z.numel(), BLOCK=block)
     return dy, dz
 
 
@@ -383,7 +384,7 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     dstates_in = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=torch.float32)
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_scan_bwd_dstates", n)
-    grid = (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), b * nchunks, h)
+    grid = (cdiv(p, block_p) * cdiv(n, block_n), b * nchunks, h)
     _chunk_scan_bwd_dstates_kernel[grid](
         dy, C, dA_cumsum, seq_idx, dstates_in,
         l, nchunks, chunk_size, p, n, h // g,
@@ -407,7 +408,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     D_ptr, stride_D, per_channel = _D_args(D)
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
     block_k = launch.k_block("chunk_scan_bwd_dx", chunk_size)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(p, block_n), b * nchunks, h)
+    grid = (cdiv(chunk_size, block_m) * cdiv(p, block_n), b * nchunks, h)
     _chunk_scan_bwd_dx_kernel[grid](
         cb, dy, x, B, dstates, dt, dA_cumsum, D_ptr, seq_idx, dx, ddt, dD,
         l, nchunks, chunk_size, p, n, h // g,
@@ -430,7 +431,7 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g)
     block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
+    grid = (cdiv(chunk_size, block_m) * cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,
         l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,

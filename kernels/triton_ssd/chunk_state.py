@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv
 from . import launch
 
 
@@ -162,7 +163,7 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=torch.float32)
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_state_fwd", n)
-    grid = (triton.cdiv(p, block_p) * triton.cdiv(n, block_n), b * nchunks, h)
+    grid = (cdiv(p, block_p) * cdiv(n, block_n), b * nchunks, h)
     _chunk_state_fwd_kernel[grid](
         x, B, dt, dA_cumsum, seq_idx, states,
         l, nchunks, chunk_size, p, n, h // g,
@@ -184,7 +185,7 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g)
     block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_state_bwd_db", n)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(n, block_n), b * nchunks, g * splits)
+    grid = (cdiv(chunk_size, block_m) * cdiv(n, block_n), b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,
         l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,

@@ -2,7 +2,8 @@
 of a group's heads over programs (with the partial outputs it needs)."""
 
 import torch
-import triton
+
+from ..host_math import cdiv, next_power_of_2
 
 # Launchers whose programs loop over a group's heads, and so take "heads_per_program".
 HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
@@ -68,7 +69,7 @@ def head_split(launcher, heads_per_group):
     has many heads (h64 g1: 64 dependent iterations per program otherwise).
     """
     heads_per_split = min(SETTINGS.get(launcher, {}).get("heads_per_program") or heads_per_group, heads_per_group)
-    return triton.cdiv(heads_per_group, heads_per_split), heads_per_split
+    return cdiv(heads_per_group, heads_per_split), heads_per_split
 
 
 def split_output(splits, shape, like):
@@ -94,7 +95,7 @@ def sum_splits(partials, dtype):
 
 def block(dim, cap=64):
     """Tile edge for a dimension: its next power of two, at least 16 (tl.dot's minimum), at most cap."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
+    return max(16, min(cap, next_power_of_2(dim)))
 
 
 def whole(dim):
@@ -102,7 +103,7 @@ def whole(dim):
     is one tl.dot and the head loop is the innermost loop. Triton's pipeliner overlaps the next
     iteration's loads with this one's dot in innermost loops at num_stages > 1 (an outer loop
     gets 2 stages at most, and only in some cases)."""
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def seq_strides(seq_idx):

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_power_of_2
 from . import launch
 
 
@@ -124,8 +125,8 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
     final = torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
     if initial_states is not None:
         initial_states = initial_states.contiguous()
-    block = min(_BLOCK, triton.next_power_of_2(p * n))
-    grid = (triton.cdiv(p * n, block), b, h)
+    block = min(_BLOCK, next_power_of_2(p * n))
+    grid = (cdiv(p * n, block), b, h)
     _state_passing_fwd_kernel[grid](
         states, dA_cumsum, initial_states, seq_idx, states_in, final,
         p * n, nchunks, seqlen, chunk_size,
@@ -149,8 +150,8 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
     dinit = torch.empty(b, h, p, n, device=states_in.device, dtype=torch.float32) if need_dinit else None
     if dfinal is not None:
         dfinal = dfinal.contiguous()
-    block = min(_BLOCK, triton.next_power_of_2(p * n))
-    grid = (triton.cdiv(p * n, block), b, h)
+    block = min(_BLOCK, next_power_of_2(p * n))
+    grid = (cdiv(p * n, block), b, h)
     _state_passing_bwd_kernel[grid](
         dstates_in, states_in, dA_cumsum, dfinal, seq_idx, dstates, dinit, ddA_cumsum,
         p * n, nchunks, seqlen, chunk_size,

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import next_power_of_2
+
 
 @triton.jit
 def _cross_entropy_rows_kernel(
@@ -61,7 +63,7 @@ def cross_entropy_rows_triton(logits, labels, grad_scale=None):
     if rows == 0:
         return loss
     scale = grad_scale.to(torch.float32).contiguous() if grad_scale is not None else None
-    block_v = min(4096, triton.next_power_of_2(vocab))
+    block_v = min(4096, next_power_of_2(vocab))
     _cross_entropy_rows_kernel[(rows,)](
         logits, labels.contiguous(), scale, loss, logits.stride(0),
         VOCAB=vocab, WRITE_GRAD=grad_scale is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
