@@ -174,6 +174,33 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
     check_all(ours, ref, FP32_BOUND, f"tile {tile}, tile_k {tile_k}")
 
 
+@pytest.mark.parametrize("tile_k", [16, 32])
+@pytest.mark.parametrize("dt_shift, dt_softplus, dt_limit", [
+    (-2.0, True, (0.0, math.inf)),    # dt ~ 0.05: the factored tiles carry much of y and its gradients
+    (2.5, True, (0.0, math.inf)),     # dt ~ 3: the factors underflow inside a chunk
+    (None, False, (-0.05, math.inf)),  # dt may be negative: not monotone, the exact exp throughout
+])
+def test_factored_decay_matches_float64_reference(monkeypatch, tile_k, dt_shift, dt_softplus, dt_limit):
+    # 16-token row tiles in 64-token chunks: most source tiles lie wholly before their target
+    # tiles, where the causal loops factor the decay (combined.py: factored decay).
+    # Against float64 the bound is looser than FP32_BOUND: at strong decays dA's sum over tokens
+    # cancels in fp32 (4.5e-5 on CPU, the same with the exact exp); against the exact exp in
+    # fp32 the factored kernels must agree to FP32_BOUND.
+    from kernels.triton_ssd import combined
+    for name in ("chunk_scan_fwd", "chunk_scan_bwd_dx", "bmm_bwd_dcb"):
+        monkeypatch.setitem(launch.SETTINGS, name, {"tile": 16, "tile_k": tile_k})
+    assert combined._dt_nonnegative(dt_softplus, dt_limit) == dt_softplus
+    inputs = make_inputs(1, 150, 2, 16, 1, 16, D="head", docs=2)
+    inputs["dt"] = inputs["dt"] + dt_shift if dt_softplus else inputs["dt"].abs() * 0.3 - 0.02
+    kwargs = dict(dt_softplus=dt_softplus, dt_limit=dt_limit)
+    what = f"tile_k {tile_k}, dt shift {dt_shift}"
+    ours = run(ssd_triton, inputs, chunk_size=64, **kwargs)
+    check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=64, **kwargs), 2e-4, what + ", against float64")
+    monkeypatch.setattr(combined, "_dt_nonnegative", lambda *_: False)
+    exact = run(ssd_triton, inputs, chunk_size=64, **kwargs)
+    check_all(ours, exact, FP32_BOUND, what + ", against the exact exp")
+
+
 def test_half_precision_states_in_give_the_same_output():
     # the forward stores states_in in C's dtype: chunk_scan_fwd casts them to it for its dot
     # anyway, so y must be bit-identical to the fp32 states_in's

@@ -60,7 +60,8 @@ def _bmm_bwd_dcb_kernel(
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s, stride_dcb_split,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_seq_b, stride_seq_l,
-    HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HDIM: tl.constexpr,
+    HAS_SEQ: tl.constexpr, FACTOR_DECAY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HDIM: tl.constexpr,
 ):
     # dy and x share strides: (b, l, h, p); cb: (b, c, g, t, s) fp32; dcb: one such per split
     # of the group's heads (launch.head_split)
@@ -92,6 +93,10 @@ def _bmm_bwd_dcb_kernel(
     # a head's whole p in one tile: one tl.dot per head, so the head loop is the innermost loop
     offs_p = tl.arange(0, BLOCK_HDIM)
     p_ok = offs_p < hdim
+    # sources wholly before the targets: the decay factors through the target tile's first token
+    factored = (pid_n + 1) * BLOCK_N <= pid_m * BLOCK_M
+    if not FACTOR_DECAY:
+        factored = False
     first = pid_split * heads_per_split
     for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh
@@ -105,8 +110,11 @@ def _bmm_bwd_dcb_kernel(
         dA_m = tl.load(dA_cumsum_ptr + dt_offs + offs_m * stride_dt_q, mask=m_ok, other=0.0)
         dA_n = tl.load(dA_cumsum_ptr + dt_offs + offs_n * stride_dt_q, mask=n_ok, other=0.0)
         dt_n = tl.load(dt_ptr + dt_offs + offs_n * stride_dt_q, mask=n_ok, other=0.0)
-        # -inf above the diagonal before exp: the difference is positive there and may overflow
-        decay = tl.exp(tl.where(keep, dA_m[:, None] - dA_n[None, :], float("-inf")))
+        if factored:   # a tile wholly below the diagonal: two vectors of exps (combined.py: factored decay)
+            dA_ref = tl.load(dA_cumsum_ptr + dt_offs + tl.minimum(pid_m * BLOCK_M, chunk_len - 1) * stride_dt_q)
+            decay = tl.where(keep, tl.exp(dA_m - dA_ref)[:, None] * tl.exp(dA_ref - dA_n)[None, :], 0.0)
+        else:   # -inf above the diagonal before exp: the difference is positive there and may overflow
+            decay = tl.exp(tl.where(keep, dA_m[:, None] - dA_n[None, :], float("-inf")))
         dcb_h = dy_x * decay * dt_n[None, :]
         dcb += dcb_h
         P = dcb_h * cb
@@ -135,9 +143,10 @@ def bmm_fwd(C, B, chunk_size):
     return cb
 
 
-def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
+def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None, factor_decay=False):
     # dy, x: (b, l, h, p)  cb: (b, c, g, q, q)  dt, dA_cumsum, ddA_cumsum: (b, h, c, q)
     # -> dcb: (b, c, g, q, q) fp32 (valid on and below the diagonal); ddA_cumsum accumulated
+    # factor_decay: only where dt >= 0 (combined.py: factored decay)
     tile, opts = launch.settings("bmm_bwd_dcb")
     b, l, h, p = x.shape
     g = cb.shape[2]
@@ -153,7 +162,8 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
         l, nchunks, chunk_size, p, h // g, splits, heads_per_split,
         *x.stride(), *cb.stride(), dcb.stride(0), *dt.stride(),
         *launch.seq_strides(seq_idx),
-        HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HDIM=launch.whole(p),
+        HAS_SEQ=seq_idx is not None, FACTOR_DECAY=factor_decay,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HDIM=launch.whole(p),
         **opts,
     )
     return launch.sum_splits(dcb, cb.dtype)

@@ -35,6 +35,7 @@ def _chunk_scan_fwd_kernel(
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     stride_seq_b, stride_seq_l, stride_D_h,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    FACTOR_DECAY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
 ):
     # one program per (t block × p block, batch × chunk, head); x, z, y, y_pregate share strides
@@ -74,9 +75,32 @@ def _chunk_scan_fwd_kernel(
         state_decay = tl.where(seq_m == seq_before, state_decay, 0.0)
     acc *= state_decay[:, None]
 
-    # diagonal block: sum_{s<=t} CB[t, s] · exp(dA_cumsum[t] - dA_cumsum[s]) · dt_s · x[s]
-    hi = (pid_m + 1) * BLOCK_M   # loop bounds stay scalar: masks handle the short last chunk
-    for k in range(0, hi, BLOCK_K):
+    # diagonal block: sum_{s<=t} CB[t, s] · exp(dA_cumsum[t] - dA_cumsum[s]) · dt_s · x[s].
+    # First the source tiles wholly before this row tile, with the decay factored through the
+    # row tile's first token (combined.py: factored decay), then the tiles that reach the diagonal.
+    row0 = pid_m * BLOCK_M
+    lo = 0
+    if FACTOR_DECAY:
+        lo = (row0 // BLOCK_K) * BLOCK_K
+        dA_ref = tl.load(dA_cumsum_ptr + tl.minimum(row0, chunk_len - 1) * stride_dt_q)
+        decay_m = tl.where(m_ok, tl.exp(dA_m - dA_ref), 0.0)
+        for k in range(0, lo, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < chunk_len
+            cb = tl.load(cb_ptr + offs_m[:, None] * stride_cb_t + offs_k[None, :] * stride_cb_s,
+                         mask=(offs_m[:, None] < chunk_size) & (offs_k[None, :] < chunk_size), other=0.0)
+            dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
+            dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
+            scores = cb * decay_m[:, None] * tl.where(k_ok, tl.exp(dA_ref - dA_k) * dt_k, 0.0)[None, :]
+            if HAS_SEQ:
+                seq_k = tl.load(seq_idx_ptr + (chunk_start + offs_k) * stride_seq_l, mask=k_ok, other=-2)
+                scores = tl.where(seq_m[:, None] == seq_k[None, :], scores, 0.0)
+            xk = tl.load(x_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(scores.to(xk.dtype), xk)
+    # the tiles that reach the diagonal (all tiles without FACTOR_DECAY): the exact exp, masked
+    hi = row0 + BLOCK_M   # loop bounds stay scalar: masks handle the short last chunk
+    for k in range(lo, hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
         keep = m_ok[:, None] & k_ok[None, :] & (offs_m[:, None] >= offs_k[None, :])
@@ -179,7 +203,7 @@ def _chunk_scan_bwd_dx_kernel(
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     stride_seq_b, stride_seq_l, stride_D_h,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr, FACTOR_DECAY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
 ):
     # one program per (s block × p block, batch × chunk, head); dy, x, dx share strides.
@@ -222,8 +246,15 @@ def _chunk_scan_bwd_dx_kernel(
         keep_m = keep_m & (seq_m == seq_last)
     acc *= tl.where(keep_m, tl.exp(tl.where(keep_m, dA_last - dA_m, 0.0)), 0.0)[:, None]
 
-    # diagonal block: sum_{t>=s} CB[t, s] · exp(dA_cumsum[t] - dA_cumsum[s]) · dy[t] (CBᵀ read as (s, t))
-    for k in range(pid_m * BLOCK_M, chunk_size, BLOCK_K):
+    # diagonal block: sum_{t>=s} CB[t, s] · exp(dA_cumsum[t] - dA_cumsum[s]) · dy[t] (CBᵀ read as (s, t)).
+    # First the target tiles that reach the diagonal (all of them without FACTOR_DECAY): the
+    # exact exp, masked; then those wholly after this row tile, with the decay factored through
+    # the row tile's last token (combined.py: factored decay).
+    row0 = pid_m * BLOCK_M
+    band_end = chunk_size
+    if FACTOR_DECAY:
+        band_end = tl.minimum(row0 + tl.cdiv(BLOCK_M, BLOCK_K) * BLOCK_K, chunk_size)   # whole steps from row0
+    for k in range(row0, band_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < chunk_len
         keep = m_ok[:, None] & k_ok[None, :] & (offs_k[None, :] >= offs_m[:, None])
@@ -238,6 +269,22 @@ def _chunk_scan_bwd_dx_kernel(
         dyk = tl.load(dy_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
                       mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(w.to(dyk.dtype), dyk)
+    if FACTOR_DECAY:
+        dA_ref = tl.load(dA_cumsum_ptr + (tl.minimum(row0 + BLOCK_M, chunk_len) - 1) * stride_dt_q)
+        decay_m = tl.where(m_ok, tl.exp(dA_ref - dA_m), 0.0)
+        for k in range(band_end, chunk_size, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < chunk_len
+            cbT = tl.load(cb_ptr + offs_k[None, :] * stride_cb_t + offs_m[:, None] * stride_cb_s,
+                          mask=(offs_k[None, :] < chunk_size) & (offs_m[:, None] < chunk_size), other=0.0)
+            dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
+            w = cbT * decay_m[:, None] * tl.where(k_ok, tl.exp(dA_k - dA_ref), 0.0)[None, :]
+            if HAS_SEQ:
+                seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=k_ok, other=-2)
+                w = tl.where(seq_m[:, None] == seq_k[None, :], w, 0.0)
+            dyk = tl.load(dy_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
+                          mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(w.to(dyk.dtype), dyk)
 
     # acc = d y / d(dt_s · x[s]); so dx = dt_s · acc and ddt_s = sum_p x[s, p] · acc[s, p]
     out_offs = x_head + offs_m[:, None] * stride_x_l + offs_n[None, :] * stride_x_p
@@ -341,9 +388,10 @@ def _D_args(D):
     return D, D.stride(0), D.dim() == 2
 
 
-def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=None):
+def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=None, factor_decay=False):
     # cb: (b, c, g, q, q)  x, z: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  C: (b, l, g, n)
     # states_in: (b, c, h, p, n)  ->  y (b, l, h, p) in x's dtype, and y before the gate (or None)
+    # factor_decay: only where dt >= 0 (combined.py: factored decay)
     tile, opts = launch.settings("chunk_scan_fwd")
     b, l, h, p = x.shape
     g, n = C.shape[2:]
@@ -361,6 +409,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
         *x.stride(), *C.stride(), *cb.stride(), *dt.stride(), *states_in.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
+        FACTOR_DECAY=factor_decay,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n),
         **opts,
     )
@@ -395,9 +444,10 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     return dstates_in
 
 
-def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx=None):
+def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx=None, factor_decay=False):
     # cb: (b, c, g, q, q)  dy, x: (b, l, h, p)  B: (b, l, g, n)  dstates: (b, c, h, p, n)
     # dt, dA_cumsum, ddt: (b, h, c, q), ddt accumulated in place  ->  dx like x, dD (h, p) fp32 or None
+    # factor_decay: only where dt >= 0 (combined.py: factored decay)
     tile, opts = launch.settings("chunk_scan_bwd_dx")
     b, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -414,7 +464,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
         l, nchunks, chunk_size, p, n, h // g,
         *x.stride(), *B.stride(), *cb.stride(), *dt.stride(), *dstates.stride(),
         *launch.seq_strides(seq_idx), stride_D,
-        HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
+        HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None, FACTOR_DECAY=factor_decay,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n),
         **opts,
     )

@@ -8,6 +8,16 @@ which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
 
 Gradients shared between programs are summed with tl.atomic_add(..., sem="relaxed"): they are
 read only after the kernel ends, and Triton's default semantics (acq_rel) fence every atomic.
+
+Factored decay. The causal loops (chunk_scan_fwd, chunk_scan_bwd_dx, bmm_bwd_dcb) weight each
+pair t >= s of a chunk by exp(dA_cumsum[t] - dA_cumsum[s]): one exp per pair, as many exp
+instructions per 64×64 tile as its dot has tensor-core cycles. For a tile of sources wholly
+before a tile of targets, a token r between them splits that into exp(dA[t] - dA[r]) ·
+exp(dA[r] - dA[s]): two vectors of exps per tile. When dt >= 0 at every token, dA_cumsum is
+monotone along a head's chunk (whatever A's sign), so both factors lie on the side of 1 that
+their product does and neither overflows unless the product would; the kernels then factor
+(`factor_decay`). A dt that may be negative (no softplus and a dt_limit reaching below 0)
+keeps the exact exp everywhere.
 """
 
 import math
@@ -25,6 +35,12 @@ from .state_passing import state_passing_bwd, state_passing_fwd
 
 def _contiguous(t):
     return None if t is None else t.contiguous()
+
+
+def _dt_nonnegative(dt_softplus, dt_limit):
+    # dt after softplus and clamp(dt_limit): softplus is >= 0, and the clamp keeps it so
+    # unless dt_limit reaches below 0; without softplus, dt_limit's lower bound decides
+    return dt_limit[1] >= 0 and (dt_softplus or dt_limit[0] >= 0)
 
 
 def _forward_stages(x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
@@ -52,7 +68,8 @@ class SSDFunction(torch.autograd.Function):
         # stays fp32 (state passing's backward sums with it).
         dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
             x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, C.dtype)
-        y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx)
+        ctx.factor_decay = _dt_nonnegative(dt_softplus, dt_limit)
+        y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx, ctx.factor_decay)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         # an unused output's gradient arrives as None, not as a tensor of zeros
@@ -76,8 +93,8 @@ class SSDFunction(torch.autograd.Function):
             dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states, seq_idx,
             need_dinit=initial_states is not None and ctx.needs_input_grad[8])
         ddt_out = torch.zeros_like(dt_out)
-        dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx)
-        dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
+        dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, ctx.factor_decay)
+        dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, ctx.factor_decay)
         dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx)
         dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
         ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)
