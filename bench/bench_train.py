@@ -207,6 +207,8 @@ def profile(name, with_anchor, warmup=3):
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         kinds = defaultdict(float)
         for e in events:
+            if e.key.startswith("Optimizer."):
+                continue   # the optimizer's annotation on the GPU timeline: its kernels are counted already
             kinds[_kind(e.key)] += e.self_device_time_total / 2e3   # ms per step
         by_kind[side] = kinds
         tables[side] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
