@@ -174,6 +174,10 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
     check_all(ours, ref, FP32_BOUND, f"tile {tile}, tile_k {tile_k}")
 
 
+# At decays this strong, lanes that the causal select then discards overflow (exp of the
+# difference above the diagonal, or of a padding row's); the interpreter's numpy says so
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning",
+                            "ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("tile_k", [16, 32])
 @pytest.mark.parametrize("dt_shift, dt_softplus, dt_limit", [
     (-2.0, True, (0.0, math.inf)),    # dt ~ 0.05: the factored tiles carry much of y and its gradients
