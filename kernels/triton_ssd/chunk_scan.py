@@ -24,6 +24,15 @@ from . import launch
 
 
 @triton.jit
+def _cb_tile(cb_ptr, rows, cols, stride_rows, stride_cols, chunk_size):
+    # a tile of CB (or CBᵀ) with the chunk's bounds alone in the load mask, so that it loads as
+    # vectors; callers apply the causal and document masks by select, never by multiplying
+    # with zero (CB above the diagonal is not guaranteed finite)
+    return tl.load(cb_ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+                   mask=(rows[:, None] < chunk_size) & (cols[None, :] < chunk_size), other=0.0)
+
+
+@triton.jit
 def _chunk_scan_fwd_kernel(
     cb_ptr, x_ptr, z_ptr, dt_ptr, dA_cumsum_ptr, C_ptr, states_in_ptr, D_ptr, seq_idx_ptr,
     y_ptr, y_pregate_ptr,
@@ -87,8 +96,7 @@ def _chunk_scan_fwd_kernel(
         for k in range(0, lo, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             k_ok = offs_k < chunk_len
-            cb = tl.load(cb_ptr + offs_m[:, None] * stride_cb_t + offs_k[None, :] * stride_cb_s,
-                         mask=(offs_m[:, None] < chunk_size) & (offs_k[None, :] < chunk_size), other=0.0)
+            cb = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_t, stride_cb_s, chunk_size)
             dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
             dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
             scores = cb * decay_m[:, None] * tl.where(k_ok, tl.exp(dA_ref - dA_k) * dt_k, 0.0)[None, :]
@@ -107,12 +115,10 @@ def _chunk_scan_fwd_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_idx_ptr + (chunk_start + offs_k) * stride_seq_l, mask=k_ok, other=-2)
             keep = keep & (seq_m[:, None] == seq_k[None, :])
-        # the tile's bounds only in the load mask (vector loads); the causal and document
-        # masks select afterwards, which also drops the overflow above the diagonal
-        cb = tl.load(cb_ptr + offs_m[:, None] * stride_cb_t + offs_k[None, :] * stride_cb_s,
-                     mask=(offs_m[:, None] < chunk_size) & (offs_k[None, :] < chunk_size), other=0.0)
+        cb = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_t, stride_cb_s, chunk_size)
         dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
         dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
+        # the select also drops the exp's overflow above the diagonal
         scores = tl.where(keep, cb * tl.exp(dA_m[:, None] - dA_k[None, :]) * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -261,9 +267,7 @@ def _chunk_scan_bwd_dx_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=k_ok, other=-2)
             keep = keep & (seq_m[:, None] == seq_k[None, :])
-        # bounds-only load, masks applied by the select (as in chunk_scan_fwd)
-        cbT = tl.load(cb_ptr + offs_k[None, :] * stride_cb_t + offs_m[:, None] * stride_cb_s,
-                      mask=(offs_k[None, :] < chunk_size) & (offs_m[:, None] < chunk_size), other=0.0)
+        cbT = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_s, stride_cb_t, chunk_size)
         dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
         w = tl.where(keep, cbT * tl.exp(dA_k[None, :] - dA_m[:, None]), 0.0)
         dyk = tl.load(dy_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
@@ -275,8 +279,7 @@ def _chunk_scan_bwd_dx_kernel(
         for k in range(band_end, chunk_size, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             k_ok = offs_k < chunk_len
-            cbT = tl.load(cb_ptr + offs_k[None, :] * stride_cb_t + offs_m[:, None] * stride_cb_s,
-                          mask=(offs_k[None, :] < chunk_size) & (offs_m[:, None] < chunk_size), other=0.0)
+            cbT = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_s, stride_cb_t, chunk_size)
             dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
             w = cbT * decay_m[:, None] * tl.where(k_ok, tl.exp(dA_k - dA_ref), 0.0)[None, :]
             if HAS_SEQ:
