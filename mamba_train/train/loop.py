@@ -268,16 +268,19 @@ class SingleProcessTrainer:
         model, optimizer, accum = self.model, self.optimizer, self.cfg.train.grad_accum
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        # the losses stay on the device until the step's one host sync (with the gradient
+        # norm's), so that the CPU enqueues the next micro-batch while the GPU runs this one
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for _ in range(accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}
             with self.amp():
                 loss = model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
             (loss / accum).backward()
-            loss_sum += loss.item()
-        loss_value = loss_sum / accum
+            loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()
+        loss_value = loss_sum / accum
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:
             optimizer.step()
