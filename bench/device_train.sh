@@ -2,8 +2,8 @@
 # On the GPU machine (device tool), from the repo root; carry .devwheels (pyyaml, tqdm, … for
 # Python 3.12) and .anchor (mamba_ssm 2.3.2.post1 sources, einops); for `curves` also data/quickstart.
 # Usage: bash bench/device_train.sh [anchor-fused | profile MODEL | cpu-profile MODEL | bench MODEL... | curves MODEL]...
-#   anchor-fused        build causal_conv1d for sm_90 (carry .anchor-src; about 3 minutes on 16
-#                       cores) so that `bench` also times the anchor's fused path
+#   anchor-fused        build causal_conv1d for sm_90 (carry .anchor-src; 3 minutes in one call,
+#                       not done after 260 s in another: allow 8) so that `bench` also times the anchor's fused path
 #   profile 130m        CUDA time of one training step by kind, ours beside the anchor, and per kernel
 #   cpu-profile 1.3b    cProfile of ours' eager step: the Python behind its launches
 #   bench 130m 370m     bench/bench_train.py (ours beside the mamba_ssm-block LM) for those models

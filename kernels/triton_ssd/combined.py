@@ -10,10 +10,11 @@ Gradients shared between programs are summed with tl.atomic_add(..., sem="relaxe
 read only after the kernel ends, and Triton's default semantics (acq_rel) fence every atomic.
 
 Factored decay. The causal loops (chunk_scan_fwd, chunk_scan_bwd_dx, bmm_bwd_dcb) weight each
-pair t >= s of a chunk by exp(dA_cumsum[t] - dA_cumsum[s]): one exp per pair, as many exp
-instructions per 64×64 tile as its dot has tensor-core cycles. For a tile of sources wholly
-before a tile of targets, a token r between them splits that into exp(dA[t] - dA[r]) ·
-exp(dA[r] - dA[s]): two vectors of exps per tile. When dt >= 0 at every token, dA_cumsum is
+pair t >= s of a chunk by exp(dA_cumsum[t] - dA_cumsum[s]): one exp per pair. For a tile of
+sources wholly before a tile of targets, a token r between them splits that into
+exp(dA[t] - dA[r]) · exp(dA[r] - dA[s]): two vectors of exps per tile. (A 64×64 tile's exps
+take as many cycles of the exp unit as its dot takes of the tensor cores; measured on an H100
+the loops gained only a few percent: bench/results/ssd-notes.md.) When dt >= 0 at every token, dA_cumsum is
 monotone along a head's chunk (whatever A's sign), so both factors lie on the side of 1 that
 their product does and neither overflows unless the product would; the kernels then factor
 (`factor_decay`). A dt that may be negative (no softplus and a dt_limit reaching below 0)
