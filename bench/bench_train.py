@@ -248,8 +248,9 @@ def cpu_profile(name, warmup=3, steps=3, rows=45):
     profiler.disable()
     enqueue = (time.perf_counter() - started) / steps
     torch.cuda.synchronize()
-    print(f"# {name}, micro {micro} x {SEQ}: CPU time per eager step under cProfile {1e3 * enqueue:.1f} ms "
-          f"({steps} steps; cProfile's own cost included)")
+    print(f"# {name}, micro {micro} x {SEQ}, {torch.cuda.get_device_name()}: wall time to enqueue an eager step "
+          f"under cProfile {1e3 * enqueue:.1f} ms ({steps} steps; cProfile's own cost included, and any wait "
+          f"of a launch on a full queue)")
     stats = pstats.Stats(profiler).strip_dirs()
     stats.sort_stats("tottime").print_stats(rows)
     stats.sort_stats("cumulative").print_stats(rows)

@@ -14,6 +14,7 @@ caps, num_warps and num_stages and prints the `kernels.triton_ssd.launch.SETTING
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -49,17 +50,19 @@ def stage_calls(shape, chunk_size):
     dstates_in = chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum)
     dstates, _ = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l)
     dcb = bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA)
+    factor = combined._dt_nonnegative(True, (0.0, math.inf))   # the causal loops as training runs them (softplus)
     stages = {
         "chunk_cumsum_fwd": lambda: chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True),
         "chunk_state_fwd": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),
         "state_passing_fwd": lambda: state_passing.state_passing_fwd(states, dA_cumsum, l, states_in_dtype=C.dtype),
         "bmm_fwd": lambda: bmm.bmm_fwd(C, B, chunk_size),
-        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in_fwd, D),
+        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in_fwd, D,
+                                                            factor_decay=factor),
         "chunk_scan_bwd_dstates": lambda: chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum),
         "state_passing_bwd": lambda: state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l),
         "chunk_scan_bwd_dx": lambda: chunk_scan.chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum,
-                                                                  ddt_out, D),
-        "bmm_bwd_dcb": lambda: bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA),
+                                                                  ddt_out, D, factor_decay=factor),
+        "bmm_bwd_dcb": lambda: bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA, factor_decay=factor),
         "chunk_scan_bwd_dc": lambda: chunk_scan.chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA),
         "chunk_state_bwd_db": lambda: chunk_state.chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA),
         "chunk_cumsum_bwd": lambda: chunk_cumsum.chunk_cumsum_bwd(ddA, ddt_out, dt, A, dt_bias, True),

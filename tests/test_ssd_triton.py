@@ -145,6 +145,25 @@ def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
               f"heads_per_program={heads_per_program} {dtype}")
 
 
+def poison_unread_cb(monkeypatch):
+    """CB above the diagonal and past the last chunk's end made NaN: the kernels load CB tiles
+    whole (bounds-only masks) and must drop those entries by select, never by multiplying
+    with a zero."""
+    from kernels.triton_ssd import combined
+    bmm_fwd = combined.bmm_fwd
+
+    def poisoned_bmm_fwd(C, B, chunk_size):
+        cb = bmm_fwd(C, B, chunk_size)
+        above = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=cb.device).triu(1)
+        cb = cb.masked_fill(above, float("nan"))
+        last_len = C.shape[1] - (cb.shape[1] - 1) * chunk_size
+        cb[:, -1, :, last_len:, :] = float("nan")
+        cb[:, -1, :, :, last_len:] = float("nan")
+        return cb
+
+    monkeypatch.setattr(combined, "bmm_fwd", poisoned_bmm_fwd)
+
+
 @pytest.mark.parametrize("tile, tile_k", [(16, 32), (32, 16)])
 def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
     # the settings a sweep may pick change tiles, not maths: narrow tiles everywhere, dstate in
@@ -157,17 +176,7 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
         monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_dstate": 16, "block_h": 1, "tile_k": tile_k})
     assert launch.dstate_block("chunk_scan_fwd", 20) == 16
     assert launch.k_block("chunk_scan_fwd", 32) == tile_k
-    # CB above the diagonal made NaN: the kernels load CB tiles whole (bounds-only masks) and
-    # must drop those entries by select, never by multiplying with a zero
-    from kernels.triton_ssd import combined
-    bmm_fwd = combined.bmm_fwd
-
-    def poisoned_bmm_fwd(C, B, chunk_size):
-        cb = bmm_fwd(C, B, chunk_size)
-        above = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=cb.device).triu(1)
-        return cb.masked_fill(above, float("nan"))
-
-    monkeypatch.setattr(combined, "bmm_fwd", poisoned_bmm_fwd)
+    poison_unread_cb(monkeypatch)
     inputs = make_inputs(1, 50, 6, 24, 2, 20, D="channel", docs=2)
     ours = run(ssd_triton, inputs, chunk_size=32)
     ref = run(ssd_chunked, upcast(inputs), chunk_size=32)
@@ -178,31 +187,35 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
 # difference above the diagonal, or of a padding row's); the interpreter's numpy says so
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning",
                             "ignore:invalid value encountered in multiply:RuntimeWarning")
-@pytest.mark.parametrize("tile_k", [16, 32])
-@pytest.mark.parametrize("dt_shift, dt_softplus, dt_limit", [
-    (-2.0, True, (0.0, math.inf)),    # dt ~ 0.05: the factored tiles carry much of y and its gradients
-    (2.5, True, (0.0, math.inf)),     # dt ~ 3: the factors underflow inside a chunk
-    (None, False, (-0.05, math.inf)),  # dt may be negative: not monotone, the exact exp throughout
+@pytest.mark.parametrize("tile, tile_k, dt_shift, dt_softplus, dt_limit", [
+    (16, 16, -2.0, True, (0.0, math.inf)),     # dt ~ 0.05: the factored tiles carry much of y and its gradients
+    (16, 32, -2.0, True, (0.0, math.inf)),     # causal loops stepping wider than their row tiles
+    (32, 16, -2.0, True, (0.0, math.inf)),     # ... and narrower (two steps to a row tile's diagonal band)
+    (16, 16, 2.5, True, (0.0, math.inf)),      # dt ~ 3: the factors underflow inside a chunk
+    (16, 16, None, False, (-0.05, math.inf)),  # dt may be negative: not monotone, the exact exp throughout
 ])
-def test_factored_decay_matches_float64_reference(monkeypatch, tile_k, dt_shift, dt_softplus, dt_limit):
-    # 16-token row tiles in 64-token chunks: most source tiles lie wholly before their target
-    # tiles, where the causal loops factor the decay (combined.py: factored decay).
+def test_factored_decay_matches_float64_reference(monkeypatch, tile, tile_k, dt_shift, dt_softplus, dt_limit):
+    # Row tiles of 16 or 32 tokens in 64-token chunks: most source tiles lie wholly before their
+    # target tiles, where the causal loops factor the decay (combined.py: factored decay).
     # Against float64 the bound is looser than FP32_BOUND: at strong decays dA's sum over tokens
     # cancels in fp32 (4.5e-5 on CPU, the same with the exact exp); against the exact exp in
     # fp32 the factored kernels must agree to FP32_BOUND.
     from kernels.triton_ssd import combined
-    for name in ("chunk_scan_fwd", "chunk_scan_bwd_dx", "bmm_bwd_dcb"):
-        monkeypatch.setitem(launch.SETTINGS, name, {"tile": 16, "tile_k": tile_k})
+    for name in launch.K_LAUNCHERS:
+        monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_k": tile_k})
+    monkeypatch.setitem(launch.SETTINGS, "bmm_bwd_dcb", {"tile": tile})
     assert combined._dt_nonnegative(dt_softplus, dt_limit) == dt_softplus
+    poison_unread_cb(monkeypatch)
     inputs = make_inputs(1, 150, 2, 16, 1, 16, D="head", docs=2)
     inputs["dt"] = inputs["dt"] + dt_shift if dt_softplus else inputs["dt"].abs() * 0.3 - 0.02
     kwargs = dict(dt_softplus=dt_softplus, dt_limit=dt_limit)
-    what = f"tile_k {tile_k}, dt shift {dt_shift}"
+    what = f"tile {tile}, tile_k {tile_k}, dt shift {dt_shift}"
     ours = run(ssd_triton, inputs, chunk_size=64, **kwargs)
     check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=64, **kwargs), 2e-4, what + ", against float64")
-    monkeypatch.setattr(combined, "_dt_nonnegative", lambda *_: False)
-    exact = run(ssd_triton, inputs, chunk_size=64, **kwargs)
-    check_all(ours, exact, FP32_BOUND, what + ", against the exact exp")
+    if dt_softplus:   # otherwise the kernels ran the exact exp already
+        monkeypatch.setattr(combined, "_dt_nonnegative", lambda *_: False)
+        exact = run(ssd_triton, inputs, chunk_size=64, **kwargs)
+        check_all(ours, exact, FP32_BOUND, what + ", against the exact exp")
 
 
 def test_half_precision_states_in_give_the_same_output():

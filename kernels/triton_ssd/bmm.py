@@ -1,8 +1,10 @@
 """Stage 4a of SSD (DESIGN §3): CB = C·Bᵀ within each chunk, per group (the paper's diagonal
 blocks before the decay mask, §6).
 
-Only tiles on or below the diagonal are computed and written: every reader masks t >= s on
-load, so the tiles above it are never read.
+Only tiles on or below the diagonal are computed and written; rows and columns past a short
+last chunk's end are written as zeros. Readers load whole tiles (tiles.cb_tile) and drop what
+lies above the diagonal, past the chunk's end or across documents by select: the tiles above
+the diagonal may be unwritten.
 
 Backward (`bmm_bwd_dcb`): the gradient of the group's CB summed over its heads,
     dCB[t, s] = sum_h L_h[t, s] · dt_h[s] · (dy_h[t] · x_h[s]),   L_h = exp(segsum), masked,
@@ -16,6 +18,7 @@ import triton.language as tl
 
 from ..host_math import cdiv
 from . import launch
+from .tiles import cb_tile
 
 
 @triton.jit
@@ -84,19 +87,17 @@ def _bmm_bwd_dcb_kernel(
         seq_m = tl.load(seq_idx_ptr + offs_m * stride_seq_l, mask=m_ok, other=-1)
         seq_n = tl.load(seq_idx_ptr + offs_n * stride_seq_l, mask=n_ok, other=-2)
         keep = keep & (seq_m[:, None] == seq_n[None, :])
-    cb_offs = (pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
-               + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s)
-    # bounds-only load (vector loads), the causal and document masks by select
-    cb = tl.load(cb_ptr + cb_offs, mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size), other=0.0)
-    cb = tl.where(keep, cb, 0.0)
+    cb_ptr += pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
+    cb = tl.where(keep, cb_tile(cb_ptr, offs_m, offs_n, stride_cb_t, stride_cb_s, chunk_size), 0.0)
     dcb = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # a head's whole p in one tile: one tl.dot per head, so the head loop is the innermost loop
     offs_p = tl.arange(0, BLOCK_HDIM)
     p_ok = offs_p < hdim
-    # sources wholly before the targets: the decay factors through the target tile's first token
-    factored = (pid_n + 1) * BLOCK_N <= pid_m * BLOCK_M
-    if not FACTOR_DECAY:
-        factored = False
+    # sources wholly before the targets: the decay factors through the target tile's first
+    # token (without FACTOR_DECAY, a constexpr, that branch compiles away)
+    factored = False
+    if FACTOR_DECAY:
+        factored = (pid_n + 1) * BLOCK_N <= pid_m * BLOCK_M
     first = pid_split * heads_per_split
     for hh in range(first, tl.minimum(first + heads_per_split, heads_per_group)):
         head = pid_g * heads_per_group + hh

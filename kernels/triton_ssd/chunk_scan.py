@@ -21,15 +21,7 @@ import triton.language as tl
 
 from ..host_math import cdiv
 from . import launch
-
-
-@triton.jit
-def _cb_tile(cb_ptr, rows, cols, stride_rows, stride_cols, chunk_size):
-    # a tile of CB (or CBᵀ) with the chunk's bounds alone in the load mask, so that it loads as
-    # vectors; callers apply the causal and document masks by select, never by multiplying
-    # with zero (CB above the diagonal is not guaranteed finite)
-    return tl.load(cb_ptr + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
-                   mask=(rows[:, None] < chunk_size) & (cols[None, :] < chunk_size), other=0.0)
+from .tiles import cb_tile
 
 
 @triton.jit
@@ -92,17 +84,18 @@ def _chunk_scan_fwd_kernel(
     if FACTOR_DECAY:
         lo = (row0 // BLOCK_K) * BLOCK_K
         dA_ref = tl.load(dA_cumsum_ptr + tl.minimum(row0, chunk_len - 1) * stride_dt_q)
-        decay_m = tl.where(m_ok, tl.exp(dA_m - dA_ref), 0.0)
+        decay_m = tl.exp(dA_m - dA_ref)
         for k in range(0, lo, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             k_ok = offs_k < chunk_len
-            cb = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_t, stride_cb_s, chunk_size)
+            cb = cb_tile(cb_ptr, offs_m, offs_k, stride_cb_t, stride_cb_s, chunk_size)
             dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
             dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
-            scores = cb * decay_m[:, None] * tl.where(k_ok, tl.exp(dA_ref - dA_k) * dt_k, 0.0)[None, :]
+            keep = m_ok[:, None] & k_ok[None, :]
             if HAS_SEQ:
                 seq_k = tl.load(seq_idx_ptr + (chunk_start + offs_k) * stride_seq_l, mask=k_ok, other=-2)
-                scores = tl.where(seq_m[:, None] == seq_k[None, :], scores, 0.0)
+                keep = keep & (seq_m[:, None] == seq_k[None, :])
+            scores = tl.where(keep, cb * decay_m[:, None] * (tl.exp(dA_ref - dA_k) * dt_k)[None, :], 0.0)
             xk = tl.load(x_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
                          mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc += tl.dot(scores.to(xk.dtype), xk)
@@ -115,7 +108,7 @@ def _chunk_scan_fwd_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_idx_ptr + (chunk_start + offs_k) * stride_seq_l, mask=k_ok, other=-2)
             keep = keep & (seq_m[:, None] == seq_k[None, :])
-        cb = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_t, stride_cb_s, chunk_size)
+        cb = cb_tile(cb_ptr, offs_m, offs_k, stride_cb_t, stride_cb_s, chunk_size)
         dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
         dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
         # the select also drops the exp's overflow above the diagonal
@@ -267,7 +260,7 @@ def _chunk_scan_bwd_dx_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=k_ok, other=-2)
             keep = keep & (seq_m[:, None] == seq_k[None, :])
-        cbT = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_s, stride_cb_t, chunk_size)
+        cbT = cb_tile(cb_ptr, offs_m, offs_k, stride_cb_s, stride_cb_t, chunk_size)
         dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
         w = tl.where(keep, cbT * tl.exp(dA_k[None, :] - dA_m[:, None]), 0.0)
         dyk = tl.load(dy_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
@@ -275,16 +268,18 @@ def _chunk_scan_bwd_dx_kernel(
         acc += tl.dot(w.to(dyk.dtype), dyk)
     if FACTOR_DECAY:
         dA_ref = tl.load(dA_cumsum_ptr + (tl.minimum(row0 + BLOCK_M, chunk_len) - 1) * stride_dt_q)
-        decay_m = tl.where(m_ok, tl.exp(dA_ref - dA_m), 0.0)
+        decay_m = tl.exp(dA_ref - dA_m)
         for k in range(band_end, chunk_size, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             k_ok = offs_k < chunk_len
-            cbT = _cb_tile(cb_ptr, offs_m, offs_k, stride_cb_s, stride_cb_t, chunk_size)
+            cbT = cb_tile(cb_ptr, offs_m, offs_k, stride_cb_s, stride_cb_t, chunk_size)
             dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
-            w = cbT * decay_m[:, None] * tl.where(k_ok, tl.exp(dA_k - dA_ref), 0.0)[None, :]
+            # the select also drops CB's padding rows (targets past the chunk's end)
+            keep = m_ok[:, None] & k_ok[None, :]
             if HAS_SEQ:
                 seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=k_ok, other=-2)
-                w = tl.where(seq_m[:, None] == seq_k[None, :], w, 0.0)
+                keep = keep & (seq_m[:, None] == seq_k[None, :])
+            w = tl.where(keep, cbT * decay_m[:, None] * tl.exp(dA_k - dA_ref)[None, :], 0.0)
             dyk = tl.load(dy_ptr + x_head + offs_k[:, None] * stride_x_l + offs_n[None, :] * stride_x_p,
                           mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc += tl.dot(w.to(dyk.dtype), dyk)

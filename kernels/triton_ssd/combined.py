@@ -17,8 +17,8 @@ take as many cycles of the exp unit as its dot takes of the tensor cores; measur
 the loops gained only a few percent: bench/results/ssd-notes.md.) When dt >= 0 at every token, dA_cumsum is
 monotone along a head's chunk (whatever A's sign), so both factors lie on the side of 1 that
 their product does and neither overflows unless the product would; the kernels then factor
-(`factor_decay`). A dt that may be negative (no softplus and a dt_limit reaching below 0)
-keeps the exact exp everywhere.
+(`factor_decay`). A dt that may be negative (no softplus and a dt_limit reaching below 0, or
+a dt_limit wholly below 0) keeps the exact exp everywhere.
 """
 
 import math

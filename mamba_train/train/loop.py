@@ -279,7 +279,7 @@ class SingleProcessTrainer:
             loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()
+        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
         loss_value = loss_sum / accum
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:
