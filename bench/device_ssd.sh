@@ -4,7 +4,7 @@
 #   line), einops and pytest as unpacked pure-Python wheels (see GPU.md "The speed anchor").
 # Usage: bash bench/device_ssd.sh [tests|gputests|bench|profile|stages]...   (default: tests bench)
 #   gputests: only the real-shape (gpu-marked) tests; profile: per-kernel CUDA time, ours and
-#   mamba_ssm; stages: bench/profile_ssd.py (each stage alone, chunk 256/128 × tiles 64/128)
+#   mamba_ssm; stages: bench/profile_ssd.py (each stage alone at its shipped settings, chunk 256/128)
 set -o pipefail
 source bench/device_env.sh
 steps=("$@")

@@ -5,8 +5,9 @@
                                 [--launchers bmm_bwd_dcb ...] [--heads-per-program 16 8 4]
                                 [--tile-dstate 128] [--block-h 1 2 4 8] [--tile-k 32]
 
-`--tiles` caps the tile edge every launcher picks (64 is the default in the kernels); the
-table shows, per stage, the milliseconds of one call and its share of the total, and the
+Without `--tiles` each launcher runs its shipped settings (`launch.SETTINGS`); `--tiles` caps
+the tile edge every launcher picks instead (each cap a column, overriding tile_dstate / tile_k
+too). The table shows, per stage, the milliseconds of one call and its share of the total, and the
 end-to-end forward and forward+backward of `ssd_triton` for comparison (launch gaps and the
 small torch ops between stages are the difference). `--sweep` times each launcher over tile
 caps, num_warps and num_stages and prints the `kernels.triton_ssd.launch.SETTINGS` to keep.
@@ -31,7 +32,8 @@ _DEFAULT_BLOCK = launch.block
 
 
 def cap_tiles(cap):
-    launch.block = lambda dim, cap_=None: _DEFAULT_BLOCK(dim, cap)
+    """Every tile edge capped at `cap`, or (None) the launchers' own settings again."""
+    launch.block = _DEFAULT_BLOCK if cap is None else (lambda dim, cap_=None: _DEFAULT_BLOCK(dim, cap))
 
 
 def stage_calls(shape, chunk_size):
@@ -123,7 +125,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="b8_L2048_h32", choices=list(SHAPES))
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[256, 128])
-    parser.add_argument("--tiles", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--tiles", type=int, nargs="*", default=None,
+                        help="tile caps: the stage table's columns (default: the shipped settings), "
+                             "the sweep's candidates (default: 64 128)")
     parser.add_argument("--sweep", action="store_true", help="search launch settings per launcher (first chunk size)")
     parser.add_argument("--launchers", nargs="*", help="--sweep only these launchers")
     parser.add_argument("--heads-per-program", type=int, nargs="*", default=[],
@@ -139,16 +143,16 @@ def main():
     if args.sweep:
         print(f"# launch-settings sweep, {args.shape} {shape}, chunk {args.chunk_sizes[0]}, "
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
-        return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles,
+        return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles or (64, 128),
                      {"heads_per_program": args.heads_per_program, "tile_dstate": args.tile_dstate,
                       "block_h": args.block_h, "tile_k": args.tile_k})
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     columns, results = [], []
     for chunk_size in args.chunk_sizes:
-        for tile in args.tiles:
+        for tile in args.tiles or [None]:
             cap_tiles(tile)
-            columns.append(f"Q{chunk_size}/t{tile}")
+            columns.append(f"Q{chunk_size}/" + (f"t{tile}" if tile else "shipped"))
             results.append(stage_times(shape, chunk_size))
     print(f"{'stage (ms)':24s} " + " ".join(f"{c:>11s}" for c in columns))
     for name in results[0][0]:
