@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import capture_forward_backward, results_path  # noqa: E402
+from bench.common import capture_forward_backward, cuda_kernel_events, results_path  # noqa: E402
 from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
@@ -204,11 +204,8 @@ def profile(name, with_anchor, warmup=3):
             for _ in range(2):
                 step(*batch)
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         kinds = defaultdict(float)
-        for e in events:
-            if e.key.startswith("Optimizer."):
-                continue   # the optimizer's annotation on the GPU timeline: its kernels are counted already
+        for e in cuda_kernel_events(prof):
             kinds[_kind(e.key)] += e.self_device_time_total / 2e3   # ms per step
         by_kind[side] = kinds
         tables[side] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,

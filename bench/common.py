@@ -42,6 +42,14 @@ def capture_forward_backward(forward_backward, model, warmup=3):
     return graph, captured
 
 
+def cuda_kernel_events(prof):
+    """The kernels among a torch.profiler run's averaged events: CUDA-side, without the user
+    annotations that the GPU timeline also carries (Optimizer.step#…, record_function ranges),
+    whose time is their kernels' again."""
+    return [e for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def copy_bandwidth(nbytes):
     """Bytes read + written per second by a device copy moving `nbytes` in all."""
     src = torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16)   # 2 bytes read + 2 written each

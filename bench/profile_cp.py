@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_parallel import build_step, time_steps  # noqa: E402
-from bench.common import results_path  # noqa: E402
+from bench.common import cuda_kernel_events, results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import init_parallel, parallelize_model, validate_layout  # noqa: E402
@@ -38,9 +38,8 @@ def cuda_time_by_kernel(step, steps=2):
             step()
         torch.cuda.synchronize()
     times = defaultdict(float)
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            times[event.key] += event.self_device_time_total / 1e3 / steps
+    for event in cuda_kernel_events(prof):
+        times[event.key] += event.self_device_time_total / 1e3 / steps
     return times
 
 

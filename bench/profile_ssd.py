@@ -89,8 +89,6 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
     """Each launcher alone over tile caps × num_warps × num_stages, and over the values in
     `extra` ({setting: values}) of the launcher-specific settings that launcher takes (None:
     unset); prints launch.SETTINGS to keep."""
-    takes = {"heads_per_program": launch.HEAD_SPLIT_LAUNCHERS, "tile_dstate": launch.DSTATE_LAUNCHERS,
-             "block_h": launch.BLOCK_H_LAUNCHERS, "tile_k": launch.K_LAUNCHERS}
     stages, *_ = stage_calls(shape, chunk_size)
     chosen = {}
     print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
@@ -98,7 +96,7 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
         if launchers and name not in launchers:
             continue
         cand_tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else tiles
-        own = {key: (None, *values) for key, values in (extra or {}).items() if values and name in takes[key]}
+        own = {key: (None, *values) for key, values in (extra or {}).items() if values and name in launch.SPECIFIC_SETTINGS[key]}
         grid = []
         for tile, warps, pipeline in itertools.product(cand_tiles, (4, 8), (1, 2, 3)):
             for picks in itertools.product(*own.values()):

@@ -16,6 +16,10 @@ BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
 # Launchers with a causal loop over the chunk's tokens, whose step "tile_k" caps apart from
 # "tile" (chunk_scan_bwd_dx is faster stepping by 32 under 64-row tiles).
 K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
+# Each launcher-specific setting and the launchers that take it (`settings` strips them from
+# the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
+SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "tile_dstate": DSTATE_LAUNCHERS,
+                     "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS}
 
 # Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
 # (num_warps, num_stages) and the launcher-specific keys above. Chosen from
@@ -43,22 +47,24 @@ SETTINGS: dict[str, dict] = {
 
 def settings(launcher):
     """(tile cap, Triton launch options) of a launcher."""
-    options = dict(SETTINGS.get(launcher, {}))
-    for key in ("heads_per_program", "tile_dstate", "block_h", "tile_k"):
-        options.pop(key, None)
+    options = {k: v for k, v in SETTINGS.get(launcher, {}).items() if k not in SPECIFIC_SETTINGS}
     return options.pop("tile", 64), options
+
+
+def _capped_block(launcher, key, dim):
+    # a tile edge whose own setting `key` caps it apart from the launcher's "tile"
+    options = SETTINGS.get(launcher, {})
+    return block(dim, options.get(key, options.get("tile", 64)))
 
 
 def dstate_block(launcher, dstate):
     """Tile edge over dstate: capped by the launcher's "tile_dstate", else by its "tile"."""
-    options = SETTINGS.get(launcher, {})
-    return block(dstate, options.get("tile_dstate", options.get("tile", 64)))
+    return _capped_block(launcher, "tile_dstate", dstate)
 
 
 def k_block(launcher, chunk_size):
     """Step of a causal loop over source tokens: capped by the launcher's "tile_k", else by its "tile"."""
-    options = SETTINGS.get(launcher, {})
-    return block(chunk_size, options.get("tile_k", options.get("tile", 64)))
+    return _capped_block(launcher, "tile_k", chunk_size)
 
 
 def head_split(launcher, heads_per_group):
