@@ -98,10 +98,14 @@ def ours(d_model, n_layer, vocab=VOCAB):
     return Mamba2LM(cfg), cfg
 
 
+def make_optimizer(groups, device_type):
+    """Every timed step's optimizer, whichever model and path (issue 9: the same optimizer)."""
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device_type == "cuda")
+
+
 def make_step(model, groups):
     device_type = next(model.parameters()).device.type
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device_type == "cuda")
+    optimizer = make_optimizer(groups, device_type)
 
     def step(input_ids, labels, lr=None):
         if lr is not None:
@@ -122,7 +126,7 @@ def make_graphed_step(model, groups, batch):
     """make_step's step with forward and backward replayed from one CUDA graph
     (bench.common.capture_forward_backward); clipping and the optimizer stay eager. The CPU
     then launches one graph instead of a few thousand kernels."""
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    optimizer = make_optimizer(groups, "cuda")
     static_ids, static_labels = (t.clone() for t in batch)
 
     def forward_backward():
