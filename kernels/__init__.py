@@ -7,6 +7,9 @@ The public ops take the same arguments wherever they run:
 - `causal_conv1d`, `rmsnorm_gated`, `cross_entropy_rows`: likewise, on CUDA tensors the
   Triton kernels (`kernels.triton_conv`, `kernels.triton_norm`, `kernels.triton_xent`),
   elsewhere the torch reference.
+- `mixer_body`: a Mamba-2 mixer from in_proj's output to out_proj's (conv, SSD, gated norm,
+  out_proj); on CUDA one autograd Function over those kernels that keeps less for backward
+  (`kernels.triton_mixer`), elsewhere the reference ops chained.
 `ssd_sequential` is the token-by-token oracle the tests compare against.
 
 Submodules are named for their implementation (`reference`, `triton_ssd`), never like an
@@ -60,6 +63,22 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     return _reference.rmsnorm_gated(x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
 
 
+def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
+               norm_eps=1e-5, dt_limit=(0.0, float("inf")), seq_idx=None):
+    """A Mamba-2 mixer from in_proj's output [z | x | B | C | dt] to out_proj's; see
+    `kernels.reference.mixer_body`."""
+    args = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight)
+    kwargs = dict(ngroups=ngroups, chunk_size=chunk_size, norm_eps=norm_eps, dt_limit=dt_limit, seq_idx=seq_idx)
+    if zxbcdt.is_cuda:
+        try:
+            from .triton_mixer import mixer_body_triton
+        except ImportError as err:
+            raise RuntimeError(f"kernels.mixer_body on a CUDA tensor needs Triton ({err}); "
+                               "install mamba-train[gpu]") from err
+        return mixer_body_triton(*args, **kwargs)
+    return _reference.mixer_body(*args, **kwargs)
+
+
 def cross_entropy_rows(logits, labels, grad_scale=None):
     """Loss per row of (rows, vocab) logits and, with grad_scale, the gradient written over
     them; see `kernels.reference.cross_entropy_rows`."""
@@ -73,4 +92,4 @@ def cross_entropy_rows(logits, labels, grad_scale=None):
     return _reference.cross_entropy_rows(logits, labels, grad_scale)
 
 
-__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "cross_entropy_rows"]
+__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows"]

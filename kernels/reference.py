@@ -12,12 +12,13 @@ Compute dtype: float64 if the main input is float64, else float32 (bf16 inputs a
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ssd_chunked", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "cross_entropy_rows",
+    "ssd_chunked", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows",
     "chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_scan",
 ]
 
@@ -339,6 +340,52 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     groups = hidden.reshape(*x.shape[:-1], d // group_size, group_size)
     groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
     return (groups.reshape(x.shape) * weight.to(cdt)).to(out_dtype or x.dtype)
+
+
+# ----------------------------------------------------------------------------- the mixer body
+
+class MixerSizes(NamedTuple):
+    d_inner: int
+    conv_dim: int
+    nheads: int
+    headdim: int
+    ngroups: int
+    d_state: int
+
+
+def mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups):
+    """The mixer's sizes read off its weights, and in_proj's output checked against them (shared
+    with the Triton path)."""
+    d_inner, nheads, conv_dim = out_weight.shape[1], dt_bias.shape[0], conv_weight.shape[0]
+    bc_dim = conv_dim - d_inner
+    if ngroups < 1 or nheads % ngroups or d_inner % nheads or bc_dim <= 0 or bc_dim % (2 * ngroups):
+        raise ValueError(f"mixer_body: inconsistent sizes: out_proj in {d_inner}, conv channels {conv_dim}, "
+                         f"{nheads} heads, ngroups {ngroups} (expected conv channels = d_inner + 2·ngroups·d_state, "
+                         "ngroups dividing nheads, nheads dividing d_inner)")
+    width = d_inner + conv_dim + nheads
+    if zxbcdt.dim() != 3 or zxbcdt.shape[-1] != width:
+        raise ValueError(f"zxbcdt: expected shape (batch, seqlen, {width}) [z | x | B | C | dt], "
+                         f"found {tuple(zxbcdt.shape)}")
+    return MixerSizes(d_inner, conv_dim, nheads, d_inner // nheads, ngroups, bc_dim // (2 * ngroups))
+
+
+def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
+               norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None):
+    """A Mamba-2 mixer from in_proj's output to out_proj's, as mamba_ssm's `Mamba2` computes it:
+    split [z | x | B | C | dt], causal conv + SiLU over [x | B | C], SSD with softplus(dt +
+    dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype."""
+    # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
+    # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
+    s = mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups)
+    b, l = zxbcdt.shape[:2]
+    z, xBC, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
+    xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", seq_idx=seq_idx)
+    x, B, C = xBC.split((s.d_inner, ngroups * s.d_state, ngroups * s.d_state), dim=-1)
+    y = ssd_chunked(x.reshape(b, l, s.nheads, s.headdim), dt, A, B.reshape(b, l, ngroups, s.d_state),
+                    C.reshape(b, l, ngroups, s.d_state), chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                    dt_limit=dt_limit, seq_idx=seq_idx)
+    y = rmsnorm_gated(y.reshape(b, l, s.d_inner), z, norm_weight, eps=norm_eps, group_size=s.d_inner // ngroups)
+    return F.linear(y, out_weight.to(y.dtype))
 
 
 def cross_entropy_rows(logits, labels, grad_scale=None):

@@ -371,10 +371,11 @@ def conv1d_fwd(x, weight, bias=None, initial_state=None, seq_idx=None, activatio
 
 
 def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=None, activation="silu",
-               block_l=None, block_d=None, num_warps=None, steps=None):
+               block_l=None, block_d=None, num_warps=None, steps=None, dx_out=None):
     # dout: (b, l, d)  dfinal: (b, w-1, d) or None  ->  dx, dweight, dbias (or None), dinit (or None),
     # each in its input's dtype. A tile is block_l rows (one per tile row, `steps` rows apart) by
-    # block_d channels; a program walks `steps` consecutive tiles.
+    # block_d channels; a program walks `steps` consecutive tiles. dx_out: where to write dx (any
+    # strides, e.g. a column slice of a larger gradient), else a new tensor.
     b, l, d = x.shape
     width = weight.shape[1]
     block_l, block_d = block_l or BWD_BLOCK_L, block_d or _block_d(d, BWD_BLOCK_D)
@@ -382,7 +383,8 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
     # of two: few compiled variants)
     steps = min(steps or BWD_STEPS, next_power_of_2(cdiv(l, block_l)))
     programs = cdiv(l, block_l * steps)
-    dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
+    dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype) if dx_out is None else dx_out
+    assert dx.shape == x.shape and dx.dtype == x.dtype, "dx_out must match x's shape and dtype"
     dweight_part = torch.empty(b, programs, width, d, device=x.device, dtype=torch.float32)
     dbias_part = torch.empty(b, programs, d, device=x.device, dtype=torch.float32) if bias is not None else None
     dinit = torch.empty_like(initial_state) if initial_state is not None else None

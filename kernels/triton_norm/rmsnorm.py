@@ -149,9 +149,10 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None):
     return out
 
 
-def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None):
+def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None):
     # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype)
     # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
+    # dz_out: where to write dz (any strides, e.g. a column slice of a larger gradient)
     n_rows, dim = x.shape
     ngroups = dim // group_size
     _, block_g, _, default_m, default_warps = _blocks(n_rows, group_size)
@@ -160,7 +161,8 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     want = cdiv(row_tiles * ngroups, _programs_per_sm(x.device))
     tiles = tiles or min(64, next_power_of_2(want))   # a power of two: few compiled variants
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
+    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None and dz_out is None else dz_out
+    assert dz is None or (dz.shape == z.shape and dz.dtype == z.dtype), "dz_out must match z's shape and dtype"
     programs_m = cdiv(row_tiles, tiles)
     dweight_part = torch.empty(programs_m, dim, device=x.device, dtype=torch.float32)
     _rmsnorm_gated_bwd_kernel[(programs_m, ngroups)](

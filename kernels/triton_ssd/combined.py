@@ -56,6 +56,52 @@ def _forward_stages(x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, 
     return dt_out, dA_cumsum, states_in, final_states, cb
 
 
+def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
+    """The forward stages on contiguous inputs -> y (x's dtype), y before the gate (or None),
+    final states (b, h, p, n) fp32."""
+    # states_in in C's dtype: chunk_scan_fwd, its only reader here, casts it to that for its
+    # dot anyway, so y is the same and half the bytes move. The backward's recomputed copy
+    # stays fp32 (state passing's backward sums with it).
+    dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
+        x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, C.dtype)
+    y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx,
+                                  _dt_nonnegative(dt_softplus, dt_limit))
+    return y, y_pregate, final_states
+
+
+def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+            y_pregate, dt_softplus, dt_limit, need_dinit):
+    """The reverse stages, recomputing the cheap forward intermediates -> the gradients of
+    (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype (None where the
+    input is None, and dinit None unless `need_dinit`). dout or dfinal_states may be None."""
+    factor_decay = _dt_nonnegative(dt_softplus, dt_limit)
+    dt_out, dA_cumsum, states_in, _, cb = _forward_stages(
+        x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
+    dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype).contiguous()
+    if z is not None:
+        dy, dz = gate_bwd(dout, z, y_pregate)
+    else:
+        dy, dz = dout, None
+    ddA_cumsum = torch.zeros_like(dA_cumsum)
+    dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    dstates, dinit = state_passing_bwd(
+        dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states, seq_idx,
+        need_dinit=initial_states is not None and need_dinit)
+    ddt_out = torch.zeros_like(dt_out)
+    dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, factor_decay)
+    dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
+    dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx)
+    dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
+    ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)
+    if dD is not None:
+        dD = (dD if D.dim() == 2 else dD.sum(dim=1)).to(D.dtype)
+    if ddt_bias is not None:
+        ddt_bias = ddt_bias.to(dt_bias.dtype)
+    if dinit is not None:
+        dinit = dinit.to(initial_states.dtype)
+    return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dinit
+
+
 class SSDFunction(torch.autograd.Function):
 
     @staticmethod
@@ -64,13 +110,8 @@ class SSDFunction(torch.autograd.Function):
         # the kernels read A, D, dt_bias with unit stride along heads (and D along channels)
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = (
             _contiguous(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
-        # states_in in C's dtype: chunk_scan_fwd, its only reader here, casts it to that for its
-        # dot anyway, so y is the same and half the bytes move. The backward's recomputed copy
-        # stays fp32 (state passing's backward sums with it).
-        dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
-            x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, C.dtype)
-        ctx.factor_decay = _dt_nonnegative(dt_softplus, dt_limit)
-        y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx, ctx.factor_decay)
+        y, y_pregate, final_states = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                                             dt_softplus, dt_limit)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         # an unused output's gradient arrives as None, not as a tensor of zeros
@@ -80,33 +121,9 @@ class SSDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dfinal_states):
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate = ctx.saved_tensors
-        chunk_size, dt_softplus, dt_limit = ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit
-        dt_out, dA_cumsum, states_in, _, cb = _forward_stages(
-            x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
-        dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype).contiguous()
-        if z is not None:
-            dy, dz = gate_bwd(dout, z, y_pregate)
-        else:
-            dy, dz = dout, None
-        ddA_cumsum = torch.zeros_like(dA_cumsum)
-        dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
-        dstates, dinit = state_passing_bwd(
-            dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states, seq_idx,
-            need_dinit=initial_states is not None and ctx.needs_input_grad[8])
-        ddt_out = torch.zeros_like(dt_out)
-        dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, ctx.factor_decay)
-        dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, ctx.factor_decay)
-        dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx)
-        dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
-        ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)
-        if dD is not None:
-            dD = (dD if D.dim() == 2 else dD.sum(dim=1)).to(D.dtype)
-        if ddt_bias is not None:
-            ddt_bias = ddt_bias.to(dt_bias.dtype)
-        if dinit is not None:
-            dinit = dinit.to(initial_states.dtype)
-        return (dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dinit,
-                None, None, None, None, None)
+        grads = ssd_bwd(dout, dfinal_states, x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                        y_pregate, ctx.dt_softplus, ctx.dt_limit, need_dinit=ctx.needs_input_grad[8])
+        return (*grads, None, None, None, None, None)
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,

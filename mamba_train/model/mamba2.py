@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import causal_conv1d, rmsnorm_gated, ssd
+from kernels import causal_conv1d, mixer_body, rmsnorm_gated, ssd
 from mamba_train.config import ModelConfig
 
 
@@ -81,7 +81,17 @@ class Mamba2Mixer(nn.Module):
         # parallelism u holds a slice of the sequence and in_proj gathers it: seqlen is
         # read after the projection.
         cfg, nheads, ngroups, d_inner = self.cfg, self.nheads, self.ngroups, self.d_inner
-        z, xBC, dt = self.in_proj(u).split(self.split_sizes, dim=-1)
+        zxbcdt = self.in_proj(u)
+        D = self.D.view(nheads, cfg.headdim) if cfg.D_has_hdim else self.D
+        A = -torch.exp(self.A_log.float())
+        if state is None and not return_state and self.context_parallel is None and type(self.out_proj) is nn.Linear:
+            # The training path: the rest of the mixer as one op, which keeps less for backward
+            # (kernels.mixer_body). Carried state, context parallelism (its correction sits
+            # between the SSD and the norm) and a row-parallel out_proj take the ops one by one.
+            return mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
+                              self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
+                              norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx)
+        z, xBC, dt = zxbcdt.split(self.split_sizes, dim=-1)
         batch, seqlen, _ = xBC.shape
         conv_initial = None if state is None else state.conv
         if self.context_parallel is not None:
@@ -91,8 +101,6 @@ class Mamba2Mixer(nn.Module):
             initial_state=conv_initial, return_final_state=True, seq_idx=seq_idx)
         bc_dim = ngroups * cfg.d_state
         x, B, C = xBC.split((d_inner, bc_dim, bc_dim), dim=-1)
-        D = self.D.view(nheads, cfg.headdim) if cfg.D_has_hdim else self.D
-        A = -torch.exp(self.A_log.float())
         C = C.reshape(batch, seqlen, ngroups, cfg.d_state)
         y, ssm_state = ssd(
             x.reshape(batch, seqlen, nheads, cfg.headdim), dt, A,

@@ -1,0 +1,129 @@
+"""The mixer body on Triton: in_proj's output to out_proj's in one autograd Function that
+keeps only in_proj's output and the SSD's output y for backward.
+
+Chained op by op (conv, SSD, gated norm, out_proj), autograd would keep the conv's output
+(x, B, C) for the SSD and the gated norm's output for out_proj: two more activations of
+d_inner channels a token, about 6 GiB of a 1.3b step at batch 4 × 2048. Backward recomputes
+both (one conv and one norm forward), as mamba_ssm's fused path does.
+
+Owning the layout also drops the chained ops' copies: the conv runs as two depthwise convs (x's
+channels, then B|C's) so that x comes out contiguous for the SSD, and every gradient of
+in_proj's output (dz, the conv's input gradient, ddt) is written into one tensor instead of
+three concatenated."""
+
+import math
+
+import torch
+
+from ..reference import _check_conv_inputs, _check_ssd_inputs, mixer_sizes
+from ..triton_conv.conv1d import conv1d_bwd, conv1d_fwd
+from ..triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
+from ..triton_ssd.combined import ssd_bwd, ssd_fwd
+
+
+def _channels(t, start, stop):
+    return None if t is None else t[..., start:stop] if t.dim() == 3 else t[start:stop]
+
+
+def _conv_parts(s):
+    # the conv is depthwise: x's channels and B|C's run as two convs, each writing its own
+    # contiguous output, so the SSD reads x with no copy out of a (b, l, conv_dim) tensor
+    return (0, s.d_inner), (s.d_inner, s.conv_dim)
+
+
+def _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s):
+    # in_proj's xBC columns -> the SSD's x (b, l, h, p) contiguous, B and C (b, l, g, n) views
+    b, l = xBC_in.shape[:2]
+    x, BC = (conv1d_fwd(_channels(xBC_in, *part), _channels(conv_weight, *part), _channels(conv_bias, *part),
+                        None, seq_idx, "silu")[0] for part in _conv_parts(s))
+    B, C = (t.view(b, l, s.ngroups, s.d_state) for t in BC.split(s.ngroups * s.d_state, dim=-1))
+    return x.view(b, l, s.nheads, s.headdim), B, C
+
+
+def _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, seq_idx, s, dxBC_in):
+    # the SSD's input gradients -> the conv's, written into dxBC_in; -> dweight, dbias
+    b, l = xBC_in.shape[:2]
+    douts = (dx.view(b, l, s.d_inner), torch.cat([dB.view(b, l, -1), dC.view(b, l, -1)], dim=-1))
+    grads = [conv1d_bwd(dout, None, _channels(xBC_in, *part), _channels(conv_weight, *part),
+                        _channels(conv_bias, *part), None, seq_idx, "silu", dx_out=_channels(dxBC_in, *part))
+             for dout, part in zip(douts, _conv_parts(s))]
+    dweight = torch.cat([grads[0][1], grads[1][1]])
+    dbias = torch.cat([grads[0][2], grads[1][2]]) if conv_bias is not None else None
+    return dweight, dbias
+
+
+class MixerBodyFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, sizes,
+                chunk_size, norm_eps, dt_limit):
+        s = sizes
+        b, l = zxbcdt.shape[:2]
+        z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
+        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s)
+        y, _, _ = ssd_fwd(x, dt.contiguous(), A, B, C, chunk_size, D, None, dt_bias, None, seq_idx, True, dt_limit)
+        y = y.view(b * l, s.d_inner)
+        normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups)
+        # out_proj in y's dtype, as autocast would run it (the weight cast, not cached)
+        out = normed @ out_weight.to(normed.dtype).t()
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y)
+        ctx.sizes, ctx.chunk_size, ctx.norm_eps, ctx.dt_limit = s, chunk_size, norm_eps, dt_limit
+        return out.view(b, l, -1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y = ctx.saved_tensors
+        s, group_size = ctx.sizes, ctx.sizes.d_inner // ctx.sizes.ngroups
+        b, l = zxbcdt.shape[:2]
+        z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
+        z = z.reshape(b * l, s.d_inner)
+        dzxbcdt = torch.empty_like(zxbcdt)
+        dz, dxBC_in, ddt_slot = dzxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
+
+        # out_proj, then the gated norm, its output recomputed for out_proj's weight gradient
+        dout = dout.reshape(b * l, -1).to(y.dtype)
+        normed = rmsnorm_gated_fwd(y, z, norm_weight, ctx.norm_eps, group_size)
+        dout_weight = (dout.t() @ normed).to(out_weight.dtype)
+        del normed
+        dnormed = dout @ out_weight.to(y.dtype)
+        dy, _, dnorm_weight = rmsnorm_gated_bwd(dnormed, y, z, norm_weight, ctx.norm_eps, group_size,
+                                                dz_out=dz.reshape(b * l, s.d_inner))
+        del dnormed
+
+        # the SSD, its inputs recomputed by the conv
+        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s)
+        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = ssd_bwd(
+            dy.view(b, l, s.nheads, s.headdim), None, x, dt.contiguous(), A, B, C, ctx.chunk_size, D, None, dt_bias,
+            None, seq_idx, None, True, ctx.dt_limit, need_dinit=False)
+        del x, B, C, dy
+        ddt_slot.copy_(ddt)
+        dconv_weight, dconv_bias = _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, seq_idx, s, dxBC_in)
+        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, dout_weight,
+                None, None, None, None, None)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
+                      norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None):
+    """The mixer from in_proj's output to out_proj's (Triton); same signature and result as
+    `kernels.reference.mixer_body`."""
+    s = mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups)
+    b, l = zxbcdt.shape[:2]
+    # the checks of the ops inside, on shapes alone (meta tensors: nothing is computed)
+    meta = torch.empty(0, device="meta")
+    _check_conv_inputs(meta.new_empty(b, l, s.conv_dim), conv_weight, conv_bias, "silu", None, seq_idx)
+    _check_ssd_inputs(meta.new_empty(b, l, s.nheads, s.headdim), meta.new_empty(b, l, s.nheads), A,
+                      meta.new_empty(b, l, ngroups, s.d_state), meta.new_empty(b, l, ngroups, s.d_state), D, None,
+                      dt_bias, None, seq_idx)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, found {chunk_size!r}")
+    if norm_weight.shape != (s.d_inner,):
+        raise ValueError(f"norm_weight: expected shape ({s.d_inner},), found {tuple(norm_weight.shape)}")
+    # the kernels read every row of zxbcdt with unit stride along channels, and A, D, dt_bias
+    # with unit stride along heads
+    zxbcdt, A, D, dt_bias, seq_idx = (_contiguous(t) for t in (zxbcdt, A, D, dt_bias, seq_idx))
+    return MixerBodyFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, s,
+                                   chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit))
