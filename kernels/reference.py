@@ -353,9 +353,9 @@ class MixerSizes(NamedTuple):
     d_state: int
 
 
-def mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups):
-    """The mixer's sizes read off its weights, and in_proj's output checked against them (shared
-    with the Triton path)."""
+def check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx):
+    """The mixer body's argument checks, shared with the Triton path; returns its sizes, read
+    off the weights."""
     d_inner, nheads, conv_dim = out_weight.shape[1], dt_bias.shape[0], conv_weight.shape[0]
     bc_dim = conv_dim - d_inner
     if ngroups < 1 or nheads % ngroups or d_inner % nheads or bc_dim <= 0 or bc_dim % (2 * ngroups):
@@ -366,6 +366,16 @@ def mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups):
     if zxbcdt.dim() != 3 or zxbcdt.shape[-1] != width:
         raise ValueError(f"zxbcdt: expected shape (batch, seqlen, {width}) [z | x | B | C | dt], "
                          f"found {tuple(zxbcdt.shape)}")
+    if conv_weight.dim() != 2 or not 2 <= conv_weight.shape[1] <= 4:
+        raise ValueError(f"conv_weight: expected shape ({conv_dim}, width) with width in 2..4, "
+                         f"found {tuple(conv_weight.shape)}")
+    _expect_shape("conv_bias", conv_bias, (conv_dim,), "(conv channels,)")
+    _expect_shape("A", A, (nheads,), "(nheads,)")
+    if D is not None and tuple(D.shape) not in ((nheads,), (nheads, d_inner // nheads)):
+        raise ValueError(f"D: expected shape ({nheads},) or ({nheads}, {d_inner // nheads}), found {tuple(D.shape)}")
+    _expect_shape("norm_weight", norm_weight, (d_inner,), "(d_inner,)")
+    _expect_shape("seq_idx", seq_idx, zxbcdt.shape[:2], "(batch, seqlen)")
+    _expect_integer("seq_idx", seq_idx)
     return MixerSizes(d_inner, conv_dim, nheads, d_inner // nheads, ngroups, bc_dim // (2 * ngroups))
 
 
@@ -376,7 +386,7 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
     # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
-    s = mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups)
+    s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
     b, l = zxbcdt.shape[:2]
     z, xBC, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
     xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", seq_idx=seq_idx)

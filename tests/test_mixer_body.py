@@ -114,7 +114,8 @@ def _chained_triton_ops(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weig
     from kernels.triton_norm import rmsnorm_gated_triton
     from kernels.triton_ssd import ssd_triton
 
-    s = reference.mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups)
+    s = reference.check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight,
+                                     ngroups, seq_idx)
     b, l = zxbcdt.shape[:2]
     z, xBC, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
     xBC = causal_conv1d_triton(xBC, conv_weight, conv_bias, seq_idx=seq_idx)
@@ -147,6 +148,10 @@ def test_rejects_inconsistent_sizes():
     inputs = make_inputs(1, 16, 2, 8, 1, 8, 16)
     with pytest.raises(ValueError, match="ngroups dividing nheads"):
         mixer_body_triton(**inputs, ngroups=3, chunk_size=16)
+    with pytest.raises(ValueError, match=r"D: expected shape \(2,\) or \(2, 8\)"):
+        mixer_body_triton(**(inputs | {"D": inputs["D"][:1]}), ngroups=1, chunk_size=16)
+    with pytest.raises(ValueError, match=r"seq_idx: expected an integer tensor"):
+        mixer_body_triton(**(inputs | {"seq_idx": torch.zeros(1, 16)}), ngroups=1, chunk_size=16)
 
 
 def test_model_training_path_equals_op_by_op_path():

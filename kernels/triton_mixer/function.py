@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..reference import _check_conv_inputs, _check_ssd_inputs, mixer_sizes
+from ..reference import check_mixer_inputs
 from ..triton_conv.conv1d import conv1d_bwd, conv1d_fwd
 from ..triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 from ..triton_ssd.combined import ssd_bwd, ssd_fwd
@@ -110,18 +110,9 @@ def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight
                       norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None):
     """The mixer from in_proj's output to out_proj's (Triton); same signature and result as
     `kernels.reference.mixer_body`."""
-    s = mixer_sizes(zxbcdt, conv_weight, dt_bias, out_weight, ngroups)
-    b, l = zxbcdt.shape[:2]
-    # the checks of the ops inside, on shapes alone (meta tensors: nothing is computed)
-    meta = torch.empty(0, device="meta")
-    _check_conv_inputs(meta.new_empty(b, l, s.conv_dim), conv_weight, conv_bias, "silu", None, seq_idx)
-    _check_ssd_inputs(meta.new_empty(b, l, s.nheads, s.headdim), meta.new_empty(b, l, s.nheads), A,
-                      meta.new_empty(b, l, ngroups, s.d_state), meta.new_empty(b, l, ngroups, s.d_state), D, None,
-                      dt_bias, None, seq_idx)
+    s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, found {chunk_size!r}")
-    if norm_weight.shape != (s.d_inner,):
-        raise ValueError(f"norm_weight: expected shape ({s.d_inner},), found {tuple(norm_weight.shape)}")
     # the kernels read every row of zxbcdt with unit stride along channels, and A, D, dt_bias
     # with unit stride along heads
     zxbcdt, A, D, dt_bias, seq_idx = (_contiguous(t) for t in (zxbcdt, A, D, dt_bias, seq_idx))
