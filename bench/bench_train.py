@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import capture_forward_backward, cuda_kernel_events, results_path  # noqa: E402
+from bench.common import cuda_kernel_events, results_path  # noqa: E402
 from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
 from mamba_train.model.flops import training_flops_per_token  # noqa: E402
+from mamba_train.train.cuda_graph import GraphedMicroStep  # noqa: E402
 from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 from mamba_train.train.schedule import lr_at  # noqa: E402
 
@@ -123,27 +124,25 @@ def make_step(model, groups):
 
 
 def make_graphed_step(model, groups, batch):
-    """make_step's step with forward and backward replayed from one CUDA graph
-    (bench.common.capture_forward_backward); clipping and the optimizer stay eager. The CPU
-    then launches one graph instead of a few thousand kernels."""
+    """make_step's step with forward and backward replayed from a CUDA graph, as the trainer
+    runs it with train.cuda_graph (mamba_train.train.cuda_graph); clipping and the optimizer
+    stay eager. The CPU then launches one graph instead of a few thousand kernels."""
     optimizer = make_optimizer(groups, "cuda")
-    static_ids, static_labels = (t.clone() for t in batch)
 
-    def forward_backward():
+    def forward_backward(b):
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = model.loss(static_ids, static_labels)
+            loss = model.loss(b["input_ids"], b["labels"])
         loss.backward()
-        return loss
+        return loss.detach()
 
-    graph, static_loss = capture_forward_backward(forward_backward, model)
+    graphed = GraphedMicroStep(forward_backward, model, dict(input_ids=batch[0], labels=batch[1]))
 
     def step(input_ids, labels):
-        static_ids.copy_(input_ids)
-        static_labels.copy_(labels)
-        graph.replay()
+        loss = graphed(dict(input_ids=input_ids, labels=labels))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return static_loss
+        optimizer.zero_grad(set_to_none=False)   # the graph adds into the gradients it was captured with
+        return loss
 
     return step
 

@@ -170,9 +170,15 @@ class TrainConfig:
     # checkpointing): memory for one block's activations instead of all, for about one more
     # forward of compute. For a micro-batch or sequence that does not fit otherwise.
     recompute: bool = False
+    # Replay each micro-batch's forward and backward from a CUDA graph (one process on a GPU):
+    # the CPU launches one graph instead of thousands of kernels, for steps the CPU would
+    # otherwise bound (train/cuda_graph.py). Fixed batch shapes; the graph keeps its own memory.
+    cuda_graph: bool = False
 
     def validate(self) -> None:
         _require(self.steps > 0, "train.steps", "a positive integer", self.steps)
+        _require(not (self.cuda_graph and self.device == "cpu"), "train.cuda_graph",
+                 "false when train.device is 'cpu' (it replays CUDA graphs)", self.cuda_graph)
         _require(self.micro_batch > 0, "train.micro_batch", "a positive integer", self.micro_batch)
         _require(self.grad_accum > 0, "train.grad_accum", "a positive integer", self.grad_accum)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)

@@ -208,3 +208,26 @@ def test_several_processes_without_torchrun_fail_clearly(markov_data, tmp_path, 
     with pytest.raises(TrainingError, match=r"WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT, RANK not set: .*torchrun"):
         train(tiny_config(markov_data, tmp_path))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_cuda_graph_is_refused_on_the_cpu(markov_data, tmp_path):
+    from mamba_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.cuda_graph"):
+        tiny_config(markov_data, tmp_path, "train.device=cpu", "train.cuda_graph=true")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="train.cuda_graph replays CUDA graphs, and this run is on cpu"):
+            train(tiny_config(markov_data, tmp_path, "train.cuda_graph=true"))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_trains_exactly_as_eager(markov_data, tmp_path):
+    # the graph replays the eager step's kernels on the same buffers' values: the same losses
+    # and weights, bit for bit, with gradient accumulation over two micro-batches
+    steps = ["train.device=cuda", "train.steps=6", "checkpoint.every=6", "train.grad_accum=2"]
+    eager = train(tiny_config(markov_data, tmp_path / "eager", *steps))
+    graphed = train(tiny_config(markov_data, tmp_path / "graphed", *steps, "train.cuda_graph=true"))
+    assert graphed.losses == eager.losses
+    weights_eager = load_file(eager.checkpoint / "model.safetensors")
+    weights_graphed = load_file(graphed.checkpoint / "model.safetensors")
+    assert all(torch.equal(weights_eager[k], weights_graphed[k]) for k in weights_eager)

@@ -28,6 +28,7 @@ from mamba_train.config import RunConfig
 from mamba_train.data import IndexedDataset, TrainLoader, build_train_samples, index_cache_dir, load_tokenizer
 from mamba_train.eval import evaluate, format_table
 from mamba_train.model import Mamba2LM, param_groups, set_recompute, training_flops_per_token
+from mamba_train.train.cuda_graph import GraphedMicroStep
 from mamba_train.train.metrics import MetricsLogger, SilentMetrics, peak_flops
 from mamba_train.train.preemption import StopRequest
 from mamba_train.train.rng import rng_state, set_rng_state
@@ -221,8 +222,14 @@ class SingleProcessTrainer:
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
+        if cfg.train.cuda_graph and device.type != "cuda":
+            raise TrainingError(f"train.cuda_graph replays CUDA graphs, and this run is on {device}: turn it off or "
+                                "run on a GPU")
         self.amp_dtype = autocast_dtype(cfg, device)
-        self.amp = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
+        # a CUDA graph must not carry autocast's cached weight casts across its capture
+        self.amp = ((lambda: torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=not cfg.train.cuda_graph))
+                    if self.amp_dtype else nullcontext)
+        self.graphed = None   # the captured micro-step (train.cuda_graph), made on the first batch
 
     def log(self, message: str) -> None:
         print(message, flush=True)
@@ -273,10 +280,12 @@ class SingleProcessTrainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for _ in range(accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}
-            with self.amp():
-                loss = model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
-            (loss / accum).backward()
-            loss_sum += loss.detach()
+            if not self.cfg.train.cuda_graph:
+                loss_sum += self._forward_backward(batch)
+                continue
+            if self.graphed is None:
+                self.graphed = GraphedMicroStep(self._forward_backward, model, batch)
+            loss_sum += self.graphed(batch)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
@@ -284,8 +293,15 @@ class SingleProcessTrainer:
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # a captured step adds into the gradients it was captured with: zero them, keep them
+        optimizer.zero_grad(set_to_none=self.graphed is None)
         return loss_value, grad_norm if applied else None
+
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        with self.amp():
+            loss = self.model.loss(batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
+        (loss / self.cfg.train.grad_accum).backward()
+        return loss.detach()
 
     def evaluate(self, max_batches: int | None) -> dict:
         cfg = self.cfg

@@ -67,6 +67,9 @@ class ParallelTrainer:
                                           sequence_parallel=parallel.sequence_parallel)
         except LayoutError as err:
             raise TrainingError(f"parallel layout: {err}") from err
+        if cfg.train.cuda_graph:
+            raise TrainingError(f"train.cuda_graph is for one process (this run has {world}): DeepSpeed's engine "
+                                "runs its gradient hooks and communication eagerly")
         self.cfg = cfg
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
