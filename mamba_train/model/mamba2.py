@@ -145,5 +145,7 @@ class Mamba2Block(nn.Module):
         out = self.mixer(self.norm(residual), seq_idx=seq_idx, state=state, return_state=return_state)
         if return_state:
             out, state = out
-        residual = residual + out.to(residual.dtype)
+        # out is in residual's dtype or a narrower one (bf16 under autocast): the add promotes it
+        # inside its one kernel, where .to(residual.dtype) first would write an fp32 copy of out
+        residual = residual + out
         return (residual, state) if return_state else residual
