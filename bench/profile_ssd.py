@@ -43,8 +43,8 @@ def stage_calls(shape, chunk_size):
     l = x.shape[1]
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True)
     states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum)
-    states_in, final = state_passing.state_passing_fwd(states, dA_cumsum, l)   # fp32: the backward's
-    states_in_fwd, _ = state_passing.state_passing_fwd(states, dA_cumsum, l, states_in_dtype=C.dtype)   # forward's
+    # in C's dtype, as the forward writes and keeps them for backward
+    states_in, _ = state_passing.state_passing_fwd(states, dA_cumsum, l, states_in_dtype=C.dtype)
     cb = bmm.bmm_fwd(C, B, chunk_size)
     dy = torch.randn_like(x)
     ddA = torch.zeros_like(dA_cumsum)
@@ -58,7 +58,7 @@ def stage_calls(shape, chunk_size):
         "chunk_state_fwd": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),
         "state_passing_fwd": lambda: state_passing.state_passing_fwd(states, dA_cumsum, l, states_in_dtype=C.dtype),
         "bmm_fwd": lambda: bmm.bmm_fwd(C, B, chunk_size),
-        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in_fwd, D,
+        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D,
                                                             factor_decay=factor),
         "chunk_scan_bwd_dstates": lambda: chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum),
         "state_passing_bwd": lambda: state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l),

@@ -127,17 +127,18 @@ def _chained_triton_ops(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weig
     return torch.nn.functional.linear(y, out_weight.to(y.dtype))
 
 
-def test_keeps_only_in_proj_output_and_y_for_backward():
-    b, l, h, p, g, n, d_model = 2, 40, 4, 8, 1, 16, 24
+def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward():
+    b, l, h, p, g, n, d_model, chunk = 2, 40, 4, 8, 1, 16, 24, 16
     inputs = make_inputs(b, l, h, p, g, n, d_model)
-    kwargs = dict(ngroups=g, chunk_size=16, norm_eps=1e-5)
+    kwargs = dict(ngroups=g, chunk_size=chunk, norm_eps=1e-5)
     token_bytes = 4 * b * l
     zxbcdt_bytes, y_bytes = inputs["zxbcdt"].numel() * 4, token_bytes * h * p
-    assert _saved_activation_bytes(mixer_body_triton, inputs, **kwargs) == zxbcdt_bytes + y_bytes
+    states_bytes = 4 * b * math.ceil(l / chunk) * h * p * n   # the state entering each chunk
+    assert _saved_activation_bytes(mixer_body_triton, inputs, **kwargs) == zxbcdt_bytes + y_bytes + states_bytes
     # the chained ops also keep the conv's output (x copied for the SSD, B, C) and the norm's
     # output (out_proj's input), and a copy of dt
     chained = _saved_activation_bytes(_chained_triton_ops, inputs, **kwargs)
-    assert chained >= zxbcdt_bytes + y_bytes + token_bytes * (h * p + 2 * g * n) + token_bytes * h * p
+    assert chained >= zxbcdt_bytes + y_bytes + states_bytes + token_bytes * (h * p + 2 * g * n) + token_bytes * h * p
 
 
 def test_rejects_inconsistent_sizes():

@@ -221,17 +221,18 @@ def test_factored_decay_matches_float64_reference(monkeypatch, tile, tile_k, dt_
 def test_half_precision_states_in_give_the_same_output():
     # the forward stores states_in in C's dtype: chunk_scan_fwd casts them to it for its dot
     # anyway, so y must be bit-identical to the fp32 states_in's
-    from kernels.triton_ssd import chunk_scan, combined
+    from kernels.triton_ssd import bmm, chunk_cumsum, chunk_scan, chunk_state, state_passing
     inputs = make_inputs(1, 45, 4, 16, 2, 16, dtype=torch.float16, D="channel", docs=2)
-    x, dt, A, B, C, D = (inputs[k] for k in ("x", "dt", "A", "B", "C", "D"))
+    x, dt, A, B, C, D, seq_idx = (inputs[k] for k in ("x", "dt", "A", "B", "C", "D", "seq_idx"))
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
+    states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    cb = bmm.bmm_fwd(C, B, 16)
     outputs = []
     for dtype in (torch.float32, torch.float16):
-        dt_out, dA_cumsum, states_in, _, cb = combined._forward_stages(
-            x, dt, A, B, C, 16, inputs["dt_bias"], True, (0.0, math.inf), inputs["initial_states"],
-            inputs["seq_idx"], dtype)
+        states_in, _ = state_passing.state_passing_fwd(states, dA_cumsum, x.shape[1], inputs["initial_states"],
+                                                       seq_idx, dtype)
         assert states_in.dtype == dtype
-        outputs.append(chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, None,
-                                                 inputs["seq_idx"])[0])
+        outputs.append(chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, None, seq_idx)[0])
     assert torch.equal(*outputs)
 
 

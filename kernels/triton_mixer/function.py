@@ -1,5 +1,6 @@
 """The mixer body on Triton: in_proj's output to out_proj's in one autograd Function that
-keeps only in_proj's output and the SSD's output y for backward.
+keeps for backward only in_proj's output, the SSD's output y and the SSD's states entering each
+chunk (a quarter of y's bytes at chunk 256, n 128: kernels/triton_ssd/combined.py).
 
 Chained op by op (conv, SSD, gated norm, out_proj), autograd would keep the conv's output
 (x, B, C) for the SSD and the gated norm's output for out_proj: two more activations of
@@ -61,18 +62,20 @@ class MixerBodyFunction(torch.autograd.Function):
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
         x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s)
-        y, _, _ = ssd_fwd(x, dt.contiguous(), A, B, C, chunk_size, D, None, dt_bias, None, seq_idx, True, dt_limit)
+        y, _, _, states_in = ssd_fwd(x, dt.contiguous(), A, B, C, chunk_size, D, None, dt_bias, None, seq_idx, True,
+                                     dt_limit)
         y = y.view(b * l, s.d_inner)
         normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups)
         # out_proj in y's dtype, as autocast would run it (the weight cast, not cached)
         out = normed @ out_weight.to(normed.dtype).t()
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y)
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
+                              states_in)
         ctx.sizes, ctx.chunk_size, ctx.norm_eps, ctx.dt_limit = s, chunk_size, norm_eps, dt_limit
         return out.view(b, l, -1)
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y = ctx.saved_tensors
+        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y, states_in = ctx.saved_tensors
         s, group_size = ctx.sizes, ctx.sizes.d_inner // ctx.sizes.ngroups
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
@@ -94,8 +97,8 @@ class MixerBodyFunction(torch.autograd.Function):
         x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s)
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = ssd_bwd(
             dy.view(b, l, s.nheads, s.headdim), None, x, dt.contiguous(), A, B, C, ctx.chunk_size, D, None, dt_bias,
-            None, seq_idx, None, True, ctx.dt_limit, need_dinit=False)
-        del x, B, C, dy
+            None, seq_idx, None, states_in, True, ctx.dt_limit, need_dinit=False)
+        del x, B, C, dy, states_in
         ddt_slot.copy_(ddt)
         dconv_weight, dconv_bias = _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, seq_idx, s, dxBC_in)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, dout_weight,

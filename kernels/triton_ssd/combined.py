@@ -1,10 +1,16 @@
 """The public chunked SSD on Triton: the stages of DESIGN §3 chained into one autograd Function.
 
-Forward runs chunk_cumsum → chunk_state → state_passing → bmm → chunk_scan and saves only
-the inputs (and y before the gate when z is given). Backward recomputes the cheap
-intermediates (cumsums, chunk states, carried states, CB) instead of storing them, then runs
-the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32 buffer,
-which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
+Forward runs chunk_cumsum → chunk_state → state_passing → bmm → chunk_scan and saves the
+inputs, the states entering each chunk (states_in, in C's dtype: what chunk_scan read) and y
+before the gate when z is given. Backward recomputes the cheap intermediates (cumsums, CB),
+then runs the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32
+buffer, which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
+
+Why states_in is kept, not recomputed: recomputing it runs chunk_state and state_passing again
+(0.12 of 1.3 ms forward+backward at b4 L2048 h64 on an H100), and kept in bf16 it weighs a
+quarter of x per chunk of 256 at n = 128 (h·p·n·2 bytes a chunk against 256·h·p·2 for x). The
+backward reads the same rounded states the forward used: chunk_scan_bwd_dc casts them to
+dy's dtype for its dot anyway, and state passing's backward forms <dS, S> in fp32 from them.
 
 Gradients shared between programs are summed with tl.atomic_add(..., sem="relaxed"): they are
 read only after the kernel ends, and Triton's default semantics (acq_rel) fence every atomic.
@@ -44,39 +50,30 @@ def _dt_nonnegative(dt_softplus, dt_limit):
     return dt_limit[1] >= 0 and (dt_softplus or dt_limit[0] >= 0)
 
 
-def _forward_stages(x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
-                    states_in_dtype=torch.float32):
-    # everything chunk_scan needs: dt_out, dA_cumsum (b, h, c, q); states_in (b, c, h, p, n);
-    # final_states (b, h, p, n) fp32; cb (b, c, g, q, q)
-    dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
-    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-    states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx,
-                                                states_in_dtype)
-    cb = bmm_fwd(C, B, chunk_size)
-    return dt_out, dA_cumsum, states_in, final_states, cb
-
-
 def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
     """The forward stages on contiguous inputs -> y (x's dtype), y before the gate (or None),
-    final states (b, h, p, n) fp32."""
-    # states_in in C's dtype: chunk_scan_fwd, its only reader here, casts it to that for its
-    # dot anyway, so y is the same and half the bytes move. The backward's recomputed copy
-    # stays fp32 (state passing's backward sums with it).
-    dt_out, dA_cumsum, states_in, final_states, cb = _forward_stages(
-        x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, C.dtype)
+    final states (b, h, p, n) fp32, and states_in (b, c, h, p, n) in C's dtype for backward."""
+    dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
+    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    # in C's dtype: chunk_scan_fwd casts them to that for its dot anyway, so y is the same
+    # and half the bytes move (and are kept)
+    states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, C.dtype)
+    del states
+    cb = bmm_fwd(C, B, chunk_size)
     y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx,
                                   _dt_nonnegative(dt_softplus, dt_limit))
-    return y, y_pregate, final_states
+    return y, y_pregate, final_states, states_in
 
 
 def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-            y_pregate, dt_softplus, dt_limit, need_dinit):
-    """The reverse stages, recomputing the cheap forward intermediates -> the gradients of
-    (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype (None where the
-    input is None, and dinit None unless `need_dinit`). dout or dfinal_states may be None."""
+            y_pregate, states_in, dt_softplus, dt_limit, need_dinit):
+    """The reverse stages, from the forward's states_in and recomputed cumsums and CB -> the
+    gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype
+    (None where the input is None, and dinit None unless `need_dinit`). dout or dfinal_states
+    may be None."""
     factor_decay = _dt_nonnegative(dt_softplus, dt_limit)
-    dt_out, dA_cumsum, states_in, _, cb = _forward_stages(
-        x, dt, A, B, C, chunk_size, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
+    dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
+    cb = bmm_fwd(C, B, chunk_size)
     dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype).contiguous()
     if z is not None:
         dy, dz = gate_bwd(dout, z, y_pregate)
@@ -110,9 +107,9 @@ class SSDFunction(torch.autograd.Function):
         # the kernels read A, D, dt_bias with unit stride along heads (and D along channels)
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = (
             _contiguous(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx))
-        y, y_pregate, final_states = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                                             dt_softplus, dt_limit)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate)
+        y, y_pregate, final_states, states_in = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+                                                        seq_idx, dt_softplus, dt_limit)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate, states_in)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         # an unused output's gradient arrives as None, not as a tensor of zeros
         ctx.set_materialize_grads(False)
@@ -120,9 +117,9 @@ class SSDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dfinal_states):
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y_pregate, states_in = ctx.saved_tensors
         grads = ssd_bwd(dout, dfinal_states, x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                        y_pregate, ctx.dt_softplus, ctx.dt_limit, need_dinit=ctx.needs_input_grad[8])
+                        y_pregate, states_in, ctx.dt_softplus, ctx.dt_limit, need_dinit=ctx.needs_input_grad[8])
         return (*grads, None, None, None, None, None)
 
 

@@ -42,8 +42,8 @@ def _state_passing_fwd_kernel(
     stride_seq_b, stride_seq_l,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype its
-    # one forward reader casts it to anyway (chunk_scan_fwd)  init, final: (b, h, p·n)
+    # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype
+    # chunk_scan_fwd casts it to anyway (backward reads the same)  init, final: (b, h, p·n)
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
     ok = offs < dim
@@ -79,7 +79,8 @@ def _state_passing_bwd_kernel(
     stride_seq_b, stride_seq_l,
     HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # dstates_in, states_in, dstates: (b, c, h, p·n) fp32; ddA_cumsum (b, h, c, q) gets d a_c · a_c
+    # dstates_in, dstates: (b, c, h, p·n) fp32, states_in likewise in fp32 or the forward's
+    # narrower dtype; ddA_cumsum (b, h, c, q) gets d a_c · a_c
     # at each chunk's last token (atomically: the p·n blocks of one head share it)
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
