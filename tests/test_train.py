@@ -21,6 +21,14 @@ def unigram_cross_entropy(train_prefix, valid_prefix) -> float:
     return float(-log_p[valid[1:]].mean())
 
 
+def assert_same_weights(a, b):
+    """Two runs' final checkpoints hold the same weights, bit for bit."""
+    weights_a = load_file(a.checkpoint / "model.safetensors")
+    weights_b = load_file(b.checkpoint / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
 def test_training_learns_well_below_the_unigram_entropy(markov_data, tmp_path):
     cfg = tiny_config(markov_data, tmp_path)
     result = train(cfg)
@@ -39,9 +47,7 @@ def test_resume_is_bit_exact(markov_data, tmp_path):
     assert first.step == 8 and first.eval is None
     second = train(tiny_config(markov_data, tmp_path / "resumed", *steps), resume="auto")
     assert {**first.losses, **second.losses} == straight.losses  # float equality at every step
-    weights_straight = load_file(straight.checkpoint / "model.safetensors")
-    weights_resumed = load_file(second.checkpoint / "model.safetensors")
-    assert all(torch.equal(weights_straight[k], weights_resumed[k]) for k in weights_straight)
+    assert_same_weights(straight, second)
 
 
 def test_recompute_trains_exactly_as_without(markov_data, tmp_path):
@@ -51,9 +57,7 @@ def test_recompute_trains_exactly_as_without(markov_data, tmp_path):
     plain = train(tiny_config(markov_data, tmp_path / "plain", *steps))
     recomputed = train(tiny_config(markov_data, tmp_path / "recomputed", *steps, "train.recompute=true"))
     assert recomputed.losses == plain.losses
-    weights_plain = load_file(plain.checkpoint / "model.safetensors")
-    weights_recomputed = load_file(recomputed.checkpoint / "model.safetensors")
-    assert all(torch.equal(weights_plain[k], weights_recomputed[k]) for k in weights_plain)
+    assert_same_weights(plain, recomputed)
 
 
 def test_a_blend_of_two_datasets_trains_and_resumes_bit_exact(markov_data, tmp_path):
@@ -228,6 +232,4 @@ def test_cuda_graph_trains_exactly_as_eager(markov_data, tmp_path):
     eager = train(tiny_config(markov_data, tmp_path / "eager", *steps))
     graphed = train(tiny_config(markov_data, tmp_path / "graphed", *steps, "train.cuda_graph=true"))
     assert graphed.losses == eager.losses
-    weights_eager = load_file(eager.checkpoint / "model.safetensors")
-    weights_graphed = load_file(graphed.checkpoint / "model.safetensors")
-    assert all(torch.equal(weights_eager[k], weights_graphed[k]) for k in weights_eager)
+    assert_same_weights(eager, graphed)
