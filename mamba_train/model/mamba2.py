@@ -84,13 +84,17 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)
         D = self.D.view(nheads, cfg.headdim) if cfg.D_has_hdim else self.D
         A = -torch.exp(self.A_log.float())
-        if state is None and not return_state and self.context_parallel is None and type(self.out_proj) is nn.Linear:
+        if state is None and not return_state and self.context_parallel is None:
             # The training path: the rest of the mixer as one op, which keeps less for backward
-            # (kernels.mixer_body). Carried state, context parallelism (its correction sits
-            # between the SSD and the norm) and a row-parallel out_proj take the ops one by one.
-            return mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
-                              self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
-                              norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx)
+            # (kernels.mixer_body). Carried state and context parallelism (its correction sits
+            # between the SSD and the norm) take the ops one by one.
+            out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
+                             self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
+                             norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx)
+            # a row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
+            # weight: the op gave this rank's partial sum, and the layer's collective is still due
+            reduce_partial = getattr(self.out_proj, "reduce_partial", None)
+            return out if reduce_partial is None else reduce_partial(out)
         z, xBC, dt = zxbcdt.split(self.split_sizes, dim=-1)
         batch, seqlen, _ = xBC.shape
         conv_initial = None if state is None else state.conv

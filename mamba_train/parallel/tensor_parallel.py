@@ -6,7 +6,9 @@ in_proj output [z | x | B | C | dt] is therefore not split naively: rank r's row
 local sizes. in_proj is column-parallel (no forward communication), conv1d / dt_bias /
 A_log / D / the gated norm go with their heads (the norm is per group, so it needs no
 communication), and out_proj is row-parallel: its all-reduce is the block's one forward
-collective (a reduce-scatter with sequence parallelism, where in_proj all-gathers).
+collective (a reduce-scatter with sequence parallelism, where in_proj all-gathers). In training
+the mixer multiplies by out_proj's weight inside `kernels.mixer_body` and calls the layer's
+`reduce_partial` for that collective alone.
 
 `shard_state_dict` / `merge_state_dicts` convert between the TP=1 checkpoint and one
 state dict per TP rank (same key names, local tensors).
@@ -131,6 +133,18 @@ def _batch_first(linear_cls):
                 out, _ = super().forward(x)
                 return out
             out, _ = super().forward(x.transpose(0, 1).contiguous())
+            return out.transpose(0, 1)
+
+        def reduce_partial(self, partial):
+            """A row-parallel layer's collective alone, for a caller that ran its matmul itself
+            (`kernels.mixer_body` does, on this rank's columns of the weight): partial
+            (batch, seqlen, out) → the sum over the TP group, as forward returns it (with SP,
+            this rank's slice of the sequence)."""
+            from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
+                                                                reduce_scatter_to_sequence_parallel_region)
+            if not self.sequence_parallel:
+                return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+            out = reduce_scatter_to_sequence_parallel_region(partial.transpose(0, 1).contiguous(), group=self.tp_group)
             return out.transpose(0, 1)
 
     BatchFirst.__name__ = BatchFirst.__qualname__ = f"BatchFirst{linear_cls.__name__}"
