@@ -140,9 +140,10 @@ def test_gpu_parallel_model_on_one_nccl_rank_matches_the_plain_model(monkeypatch
     try:
         cfg = ModelConfig(d_model=32, n_layer=2, d_state=16, headdim=16, ngroups=2, chunk_size=16, vocab_size=64)
         torch.manual_seed(0)
-        reference = Mamba2LM(cfg).cuda()
+        reference = Mamba2LM(cfg)
         dims = init_parallel(validate_layout(cfg, 64, 1, tp=1))
-        model = parallelize_model(copy.deepcopy(reference), dims)
+        model = parallelize_model(copy.deepcopy(reference), dims).cuda()   # sharded on the CPU, as the trainer does
+        reference = reference.cuda()
         input_ids, labels, seq_idx = (t.cuda() for t in tiny_batch(cfg, 2, 64, [[5, 40], []]))
         with linear_inputs() as linear_calls:
             loss = model.loss(input_ids, labels, seq_idx)
