@@ -3,8 +3,10 @@
 The parallel LM at tp = cp = 1 with the ContextParallel hook installed anyway (its
 collectives then run over one rank: the halo exchange has no partner, the all-gathers copy),
 beside the same model without the hook, on the tokens one rank of a CP=`--cp` run holds.
-The difference is the GPU work CP adds per rank: the state correction, its backward and
-the bookkeeping, without the communication. Prints both step times (eager and CUDA-graphed)
+The difference is the GPU work CP adds per rank, without the communication: the state
+correction, its backward and the bookkeeping, and (since the model without the hook runs the
+mixer body as one op, `kernels.mixer_body`, which the correction between the SSD and the norm
+rules out) the op-by-op mixer's copies. Prints both step times (eager and CUDA-graphed)
 and the kernels whose CUDA time grows most with the hook; writes
 bench/results/profile-cp-<gpu>.json.
 
@@ -47,13 +49,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/1.3b.yaml")
     parser.add_argument("--cp", type=int, default=2, help="the CP size whose per-rank piece is measured")
-    parser.add_argument("--seqlen", type=int, default=2048, help="the whole sequence; one rank holds seqlen / cp")
+    parser.add_argument("--seqlen", type=int, default=None,
+                        help="the whole sequence (default: the config's data.seq_len); one rank holds seqlen / cp")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: the config's train.micro_batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.ngroups=2")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    args.seqlen = args.seqlen or cfg.data.seq_len
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 50277
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -52,7 +52,7 @@ def stage_calls(shape, chunk_size):
     dstates_in = chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum)
     dstates, _ = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l)
     dcb = bmm.bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA)
-    factor = combined._dt_nonnegative(True, (0.0, math.inf))   # the causal loops as training runs them (softplus)
+    factor = combined.dt_nonnegative(True, (0.0, math.inf))   # the causal loops as training runs them (softplus)
     stages = {
         "chunk_cumsum_fwd": lambda: chunk_cumsum.chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, True),
         "chunk_state_fwd": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),

@@ -172,13 +172,17 @@ class TrainConfig:
     recompute: bool = False
     # Replay each micro-batch's forward and backward from a CUDA graph (one process on a GPU):
     # the CPU launches one graph instead of thousands of kernels, for steps the CPU would
-    # otherwise bound (train/cuda_graph.py). Fixed batch shapes; the graph keeps its own memory.
+    # otherwise bound (train/cuda_graph.py). Fixed batch shapes; the graph keeps its own memory;
+    # not with train.recompute yet.
     cuda_graph: bool = False
 
     def validate(self) -> None:
         _require(self.steps > 0, "train.steps", "a positive integer", self.steps)
         _require(not (self.cuda_graph and self.device == "cpu"), "train.cuda_graph",
                  "false when train.device is 'cpu' (it replays CUDA graphs)", self.cuda_graph)
+        _require(not (self.cuda_graph and self.recompute), "train.cuda_graph",
+                 "false with train.recompute (recomputation inside a captured graph is not supported yet)",
+                 self.cuda_graph)
         _require(self.micro_batch > 0, "train.micro_batch", "a positive integer", self.micro_batch)
         _require(self.grad_accum > 0, "train.grad_accum", "a positive integer", self.grad_accum)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)

@@ -204,7 +204,7 @@ def test_factored_decay_matches_float64_reference(monkeypatch, tile, tile_k, dt_
     for name in launch.K_LAUNCHERS:
         monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_k": tile_k})
     monkeypatch.setitem(launch.SETTINGS, "bmm_bwd_dcb", {"tile": tile})
-    assert combined._dt_nonnegative(dt_softplus, dt_limit) == dt_softplus
+    assert combined.dt_nonnegative(dt_softplus, dt_limit) == dt_softplus
     poison_unread_cb(monkeypatch)
     inputs = make_inputs(1, 150, 2, 16, 1, 16, D="head", docs=2)
     inputs["dt"] = inputs["dt"] + dt_shift if dt_softplus else inputs["dt"].abs() * 0.3 - 0.02
@@ -213,7 +213,7 @@ def test_factored_decay_matches_float64_reference(monkeypatch, tile, tile_k, dt_
     ours = run(ssd_triton, inputs, chunk_size=64, **kwargs)
     check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=64, **kwargs), 2e-4, what + ", against float64")
     if dt_softplus:   # otherwise the kernels ran the exact exp already
-        monkeypatch.setattr(combined, "_dt_nonnegative", lambda *_: False)
+        monkeypatch.setattr(combined, "dt_nonnegative", lambda *_: False)
         exact = run(ssd_triton, inputs, chunk_size=64, **kwargs)
         check_all(ours, exact, FP32_BOUND, what + ", against the exact exp")
 

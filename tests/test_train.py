@@ -214,11 +214,13 @@ def test_several_processes_without_torchrun_fail_clearly(markov_data, tmp_path, 
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_cuda_graph_is_refused_on_the_cpu(markov_data, tmp_path):
+def test_cuda_graph_is_refused_on_the_cpu_and_with_recompute(markov_data, tmp_path):
     from mamba_train.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.cuda_graph"):
         tiny_config(markov_data, tmp_path, "train.device=cpu", "train.cuda_graph=true")
+    with pytest.raises(ConfigError, match="train.cuda_graph: expected false with train.recompute"):
+        tiny_config(markov_data, tmp_path, "train.recompute=true", "train.cuda_graph=true")
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="train.cuda_graph replays CUDA graphs, and this run is on cpu"):
             train(tiny_config(markov_data, tmp_path, "train.cuda_graph=true"))

@@ -44,7 +44,8 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _dt_nonnegative(dt_softplus, dt_limit):
+def dt_nonnegative(dt_softplus, dt_limit):
+    """Whether dt >= 0 at every token, so the causal loops may factor the decay (above)."""
     # dt after softplus and clamp(dt_limit): softplus is >= 0, and the clamp keeps it so
     # unless dt_limit reaches below 0; without softplus, dt_limit's lower bound decides
     return dt_limit[1] >= 0 and (dt_softplus or dt_limit[0] >= 0)
@@ -61,7 +62,7 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
     del states
     cb = bmm_fwd(C, B, chunk_size)
     y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx,
-                                  _dt_nonnegative(dt_softplus, dt_limit))
+                                  dt_nonnegative(dt_softplus, dt_limit))
     return y, y_pregate, final_states, states_in
 
 
@@ -71,7 +72,7 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype
     (None where the input is None, and dinit None unless `need_dinit`). dout or dfinal_states
     may be None."""
-    factor_decay = _dt_nonnegative(dt_softplus, dt_limit)
+    factor_decay = dt_nonnegative(dt_softplus, dt_limit)
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     cb = bmm_fwd(C, B, chunk_size)
     dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype).contiguous()
