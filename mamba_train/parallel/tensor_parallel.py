@@ -78,7 +78,7 @@ def shard_tensor(key: str, full: torch.Tensor, cfg: ModelConfig, tp: int, rank: 
         raise ValueError(f"embedding has {vocab_rows} rows, not a multiple of tp={tp}: build the TP=1 model with "
                          f"Mamba2LM(cfg, tp_size={tp}) so the vocabulary is padded for this layout")
     where = _index(cfg, key, tp, rank, vocab_rows)
-    return full.clone() if where is None else full.index_select(where[0], where[1]).clone()
+    return full.clone() if where is None else full.index_select(where[0], where[1].to(full.device)).clone()
 
 
 def merge_tensor(key: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
@@ -93,7 +93,7 @@ def merge_tensor(key: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torc
     shape[dim] *= tp
     merged = shards[0].new_empty(shape)
     for rank, shard in enumerate(shards):
-        merged.index_copy_(dim, _index(cfg, key, tp, rank, vocab_rows)[1], shard)
+        merged.index_copy_(dim, _index(cfg, key, tp, rank, vocab_rows)[1].to(merged.device), shard)
     return merged
 
 
@@ -181,7 +181,7 @@ def shard_mixer(mixer: nn.Module, dims, mp_config) -> None:
     shard = {}
     for key, tensor in full.items():
         where = _mixer_index(cfg, key, tp, rank)
-        shard[key] = tensor if where is None else tensor.index_select(*where)
+        shard[key] = tensor if where is None else tensor.index_select(where[0], where[1].to(tensor.device))
     mixer.load_state_dict(shard, strict=False)
     missing = set(mixer.state_dict()) - set(shard)
     if missing:
