@@ -1,6 +1,6 @@
 """The mixer body on Triton: in_proj's output to out_proj's in one autograd Function that
 keeps for backward only in_proj's output, the SSD's output y and the SSD's states entering each
-chunk (a quarter of y's bytes at chunk 256, n 128: kernels/triton_ssd/combined.py).
+chunk (half of y's bytes at chunk 256, n 128: kernels/triton_ssd/combined.py).
 
 Chained op by op (conv, SSD, gated norm, out_proj), autograd would keep the conv's output
 (x, B, C) for the SSD and the gated norm's output for out_proj: two more activations of

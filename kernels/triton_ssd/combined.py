@@ -7,9 +7,9 @@ then runs the reverse stages; every stage adds its gradient w.r.t. dA_cumsum int
 buffer, which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
 
 Why states_in is kept, not recomputed: recomputing it runs chunk_state and state_passing again
-(0.12 of 1.3 ms forward+backward at b4 L2048 h64 on an H100), and kept in bf16 it weighs a
-quarter of x per chunk of 256 at n = 128 (h·p·n·2 bytes a chunk against 256·h·p·2 for x). The
-backward reads the same rounded states the forward used: chunk_scan_bwd_dc casts them to
+(0.12 of 1.3 ms forward+backward at b4 L2048 h64 on an H100), and kept in bf16 it weighs
+n / chunk_size of x: half of it at chunk 256, n = 128 (h·p·n·2 bytes a chunk against 256·h·p·2
+for x). The backward reads the same rounded states the forward used: chunk_scan_bwd_dc casts them to
 dy's dtype for its dot anyway, and state passing's backward forms <dS, S> in fp32 from them.
 
 Gradients shared between programs are summed with tl.atomic_add(..., sem="relaxed"): they are
