@@ -43,6 +43,12 @@ def _expect_integer(name, t):
 
 # ----------------------------------------------------------------------------- SSD helpers
 
+def _check_chunk_size(chunk_size):
+    """The Triton entry points' chunk_size check (a bool is an int to Python: refused too)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, found {chunk_size!r}")
+
+
 def _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
     if x.dim() != 4 or x.shape[1] == 0:
         raise ValueError(f"x: expected shape (batch, seqlen >= 1, nheads, headdim), found {tuple(x.shape)}")

@@ -107,27 +107,20 @@ def _saved_activation_bytes(fn, inputs, **kwargs):
     return sum(kept.values())
 
 
-def _chained_triton_ops(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups,
-                        chunk_size, norm_eps, seq_idx=None):
-    # the op-by-op path the model takes with carried state (mamba2.py), on the Triton ops
+def _chained_triton_ops(monkeypatch):
+    """The reference chain (kernels.reference.mixer_body) with the Triton ops in place of the
+    reference ops: the mixer body op by op, each op its own autograd Function."""
     from kernels.triton_conv import causal_conv1d_triton
     from kernels.triton_norm import rmsnorm_gated_triton
     from kernels.triton_ssd import ssd_triton
 
-    s = reference.check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight,
-                                     ngroups, seq_idx)
-    b, l = zxbcdt.shape[:2]
-    z, xBC, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
-    xBC = causal_conv1d_triton(xBC, conv_weight, conv_bias, seq_idx=seq_idx)
-    x, B, C = xBC.split((s.d_inner, ngroups * s.d_state, ngroups * s.d_state), dim=-1)
-    y = ssd_triton(x.reshape(b, l, s.nheads, s.headdim), dt, A, B.reshape(b, l, ngroups, s.d_state),
-                   C.reshape(b, l, ngroups, s.d_state), chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx)
-    y = rmsnorm_gated_triton(y.reshape(b, l, s.d_inner), z, norm_weight, eps=norm_eps,
-                             group_size=s.d_inner // ngroups)
-    return torch.nn.functional.linear(y, out_weight.to(y.dtype))
+    monkeypatch.setattr(reference, "causal_conv1d", causal_conv1d_triton)
+    monkeypatch.setattr(reference, "ssd_chunked", ssd_triton)
+    monkeypatch.setattr(reference, "rmsnorm_gated", rmsnorm_gated_triton)
+    return reference.mixer_body
 
 
-def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward():
+def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward(monkeypatch):
     b, l, h, p, g, n, d_model, chunk = 2, 40, 4, 8, 1, 16, 24, 16
     inputs = make_inputs(b, l, h, p, g, n, d_model)
     kwargs = dict(ngroups=g, chunk_size=chunk, norm_eps=1e-5)
@@ -137,7 +130,7 @@ def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward():
     assert _saved_activation_bytes(mixer_body_triton, inputs, **kwargs) == zxbcdt_bytes + y_bytes + states_bytes
     # the chained ops also keep the conv's output (x copied for the SSD, B, C) and the norm's
     # output (out_proj's input), and a copy of dt
-    chained = _saved_activation_bytes(_chained_triton_ops, inputs, **kwargs)
+    chained = _saved_activation_bytes(_chained_triton_ops(monkeypatch), inputs, **kwargs)
     assert chained >= zxbcdt_bytes + y_bytes + states_bytes + token_bytes * (h * p + 2 * g * n) + token_bytes * h * p
 
 
@@ -178,15 +171,15 @@ def test_model_training_path_equals_op_by_op_path():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_layer_shape_matches_fp32_reference_and_chained_ops():
+def test_gpu_bf16_layer_shape_matches_fp32_reference_and_chained_ops(monkeypatch):
     # one 1.3b layer's shapes (d_model 2048, 64 heads of 64, n 128) at batch 2 × 2048, two documents
     b, l, h, p, g, n, d_model = 2, 2048, 64, 64, 1, 128, 2048
     inputs = make_inputs(b, l, h, p, g, n, d_model, device="cuda", docs=1)
     kwargs = dict(ngroups=g, chunk_size=256, norm_eps=1e-5)
     half = {k: (v.to(torch.bfloat16) if k == "zxbcdt" else v) for k, v in inputs.items()}
     ours = run(mixer_body_triton, half, **kwargs)
-    chained = run(_chained_triton_ops, half, **kwargs)
     ref = run(reference.mixer_body, inputs, **kwargs)
+    chained = run(_chained_triton_ops(monkeypatch), half, **kwargs)   # after ref: it patches the reference ops
     errors = check_all(ours, ref, BF16_BOUND, "bf16 vs fp32 reference")
     print("mixer_body bf16 vs fp32:", " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     check_all(ours, chained, BF16_BOUND, "bf16 vs the chained Triton ops")

@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from ..reference import check_mixer_inputs
+from ..reference import _check_chunk_size, check_mixer_inputs
 from ..triton_conv.conv1d import conv1d_bwd, conv1d_fwd
 from ..triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
-from ..triton_ssd.combined import ssd_bwd, ssd_fwd
+from ..triton_ssd.combined import _contiguous, ssd_bwd, ssd_fwd
 
 
 def _channels(t, start, stop):
@@ -105,17 +105,12 @@ class MixerBodyFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _contiguous(t):
-    return None if t is None else t.contiguous()
-
-
 def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
                       norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None):
     """The mixer from in_proj's output to out_proj's (Triton); same signature and result as
     `kernels.reference.mixer_body`."""
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, found {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     # the kernels read every row of zxbcdt with unit stride along channels, and A, D, dt_bias
     # with unit stride along heads
     zxbcdt, A, D, dt_bias, seq_idx = (_contiguous(t) for t in (zxbcdt, A, D, dt_bias, seq_idx))

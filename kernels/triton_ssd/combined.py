@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ..reference import _check_ssd_inputs
+from ..reference import _check_chunk_size, _check_ssd_inputs
 from .bmm import bmm_bwd_dcb, bmm_fwd
 from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .chunk_scan import (chunk_scan_bwd_dc, chunk_scan_bwd_dstates, chunk_scan_bwd_dx, chunk_scan_fwd,
@@ -134,8 +134,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
     # x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) | (h, p)
     # initial_states: (b, h, p, n)  seq_idx: (b, l)
     _check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, found {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if B.dtype != C.dtype:
         raise ValueError(f"B and C: expected one dtype, found B {B.dtype} and C {C.dtype}")
     y, final_states = SSDFunction.apply(
