@@ -3,10 +3,9 @@
 The parallel LM at tp = cp = 1 with the ContextParallel hook installed anyway (its
 collectives then run over one rank: the halo exchange has no partner, the all-gathers copy),
 beside the same model without the hook, on the tokens one rank of a CP=`--cp` run holds.
-The difference is the GPU work CP adds per rank, without the communication: the state
-correction, its backward and the bookkeeping, and (since the model without the hook runs the
-mixer body as one op, `kernels.mixer_body`, which the correction between the SSD and the norm
-rules out) the op-by-op mixer's copies. Prints both step times (eager and CUDA-graphed)
+The difference is the GPU work CP adds per rank, without the communication: each layer's
+state from zero and the second state passing in forward, the incoming state's gradient
+through y in backward, and the bookkeeping. Prints both step times (eager and CUDA-graphed)
 and the kernels whose CUDA time grows most with the hook; writes
 bench/results/profile-cp-<gpu>.json.
 

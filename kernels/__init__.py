@@ -64,11 +64,12 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
 
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
-               norm_eps=1e-5, dt_limit=(0.0, float("inf")), seq_idx=None):
-    """A Mamba-2 mixer from in_proj's output [z | x | B | C | dt] to out_proj's; see
-    `kernels.reference.mixer_body`."""
+               norm_eps=1e-5, dt_limit=(0.0, float("inf")), seq_idx=None, context_parallel=None):
+    """A Mamba-2 mixer from in_proj's output [z | x | B | C | dt] to out_proj's, for a whole
+    sequence or (with context_parallel) one rank's piece of it; see `kernels.reference.mixer_body`."""
     args = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight)
-    kwargs = dict(ngroups=ngroups, chunk_size=chunk_size, norm_eps=norm_eps, dt_limit=dt_limit, seq_idx=seq_idx)
+    kwargs = dict(ngroups=ngroups, chunk_size=chunk_size, norm_eps=norm_eps, dt_limit=dt_limit, seq_idx=seq_idx,
+                  context_parallel=context_parallel)
     if zxbcdt.is_cuda:
         try:
             from .triton_mixer import mixer_body_triton

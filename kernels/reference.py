@@ -386,20 +386,33 @@ def check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
 
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
-               norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None):
+               norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None):
     """A Mamba-2 mixer from in_proj's output to out_proj's, as mamba_ssm's `Mamba2` computes it:
     split [z | x | B | C | dt], causal conv + SiLU over [x | B | C], SSD with softplus(dt +
-    dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype."""
+    dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype.
+
+    context_parallel: for one piece of a sequence cut over ranks, the hook that links it to the
+    pieces before it (`mamba_train.parallel.ContextParallel`): `halo(tail)` gives the conv the
+    rows before the piece, and `state_in(final_state, log_decay)` the SSM state entering it,
+    from this piece's state run from zero and its total log decay Σ A·dt."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
     # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
     b, l = zxbcdt.shape[:2]
     z, xBC, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
-    xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", seq_idx=seq_idx)
+    halo = None if context_parallel is None else context_parallel.halo(xBC[:, l - (conv_weight.shape[1] - 1):])
+    xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", initial_state=halo, seq_idx=seq_idx)
     x, B, C = xBC.split((s.d_inner, ngroups * s.d_state, ngroups * s.d_state), dim=-1)
-    y = ssd_chunked(x.reshape(b, l, s.nheads, s.headdim), dt, A, B.reshape(b, l, ngroups, s.d_state),
-                    C.reshape(b, l, ngroups, s.d_state), chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
-                    dt_limit=dt_limit, seq_idx=seq_idx)
+    x, B, C = x.reshape(b, l, s.nheads, s.headdim), B.reshape(b, l, ngroups, s.d_state), C.reshape(b, l, ngroups,
+                                                                                                    s.d_state)
+    ssd_args = dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, seq_idx=seq_idx)
+    state_in = None
+    if context_parallel is not None:
+        _, zero_start_final = ssd_chunked(x, dt, A, B, C, chunk_size, return_final_states=True, **ssd_args)
+        cdt = _compute_dtype(x)
+        log_decay = (_process_dt(dt.to(cdt), dt_bias.to(cdt), True, dt_limit) * A.to(cdt)).sum(dim=1)   # (b, h)
+        state_in = context_parallel.state_in(zero_start_final, log_decay)
+    y = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_states=state_in, **ssd_args)
     y = rmsnorm_gated(y.reshape(b, l, s.d_inner), z, norm_weight, eps=norm_eps, group_size=s.d_inner // ngroups)
     return F.linear(y, out_weight.to(y.dtype))
 

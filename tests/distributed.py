@@ -27,14 +27,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, args):
+def _entry(rank, fn, world, port, args, backend):
     # what torchrun sets (DeepSpeed reads LOCAL_RANK)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     # 2 shared cores, up to 8 processes: one thread each or they thrash
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     # a collective that one rank skips must fail the test, not hang it
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     try:
         fn(rank, world, *args)
     finally:
@@ -44,17 +46,18 @@ def _entry(rank, fn, world, port, args):
         dist.destroy_process_group()
 
 
-def run_workers(fn, world: int, *args) -> None:
-    # fork, not spawn: each child would otherwise re-import torch, megatron-core and
+def run_workers(fn, world: int, *args, backend: str = "gloo") -> None:
+    # gloo: fork, not spawn: each child would otherwise re-import torch, megatron-core and
     # DeepSpeed (seconds each, times 8 processes on 2 cores). Safe here: CPU only, and each
-    # child runs one thread, so no OpenMP pool is shared across the fork.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # child runs one thread, so no OpenMP pool is shared across the fork. nccl (one GPU a
+    # rank): spawn, since CUDA cannot be used in a forked child once the parent has used it.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
     with warnings.catch_warnings():  # megatron's import-time notes about optional Apex / TE
         warnings.simplefilter("ignore")
         import megatron.core.tensor_parallel  # noqa: F401  (imported once, before the fork)
 
-    torch.multiprocessing.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, join=True,
-                                          start_method="fork")
+    torch.multiprocessing.start_processes(_entry, args=(fn, world, _free_port(), args, backend), nprocs=world,
+                                          join=True, start_method="fork" if backend == "gloo" else "spawn")
 
 
 # ----------------------------------------------------------------------------- counting

@@ -10,7 +10,12 @@ both (one conv and one norm forward), as mamba_ssm's fused path does.
 Owning the layout also drops the chained ops' copies: the conv runs as two depthwise convs (x's
 channels, then B|C's) so that x comes out contiguous for the SSD, and every gradient of
 in_proj's output (dz, the conv's input gradient, ddt) is written into one tensor instead of
-three concatenated."""
+three concatenated.
+
+Under context parallelism the op takes the hook (kernels.reference.mixer_body says what it
+supplies) and runs its collectives itself: the halo and the incoming state in forward, their
+gradients in backward (mamba_train/parallel/context_parallel.py says how the state's works),
+so the halo's gradient lands in the rows of in_proj's output gradient it belongs to."""
 
 import math
 
@@ -32,51 +37,60 @@ def _conv_parts(s):
     return (0, s.d_inner), (s.d_inner, s.conv_dim)
 
 
-def _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s):
-    # in_proj's xBC columns -> the SSD's x (b, l, h, p) contiguous, B and C (b, l, g, n) views
+def _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s):
+    # in_proj's xBC columns (and the rows before them, or None) -> the SSD's x (b, l, h, p)
+    # contiguous, B and C (b, l, g, n) views
     b, l = xBC_in.shape[:2]
     x, BC = (conv1d_fwd(_channels(xBC_in, *part), _channels(conv_weight, *part), _channels(conv_bias, *part),
-                        None, seq_idx, "silu")[0] for part in _conv_parts(s))
+                        _channels(halo, *part), seq_idx, "silu")[0] for part in _conv_parts(s))
     B, C = (t.view(b, l, s.ngroups, s.d_state) for t in BC.split(s.ngroups * s.d_state, dim=-1))
     return x.view(b, l, s.nheads, s.headdim), B, C
 
 
-def _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, seq_idx, s, dxBC_in):
-    # the SSD's input gradients -> the conv's, written into dxBC_in; -> dweight, dbias
+def _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, halo, seq_idx, s, dxBC_in):
+    # the SSD's input gradients -> the conv's, written into dxBC_in; -> dweight, dbias, dhalo
     b, l = xBC_in.shape[:2]
     douts = (dx.view(b, l, s.d_inner), torch.cat([dB.view(b, l, -1), dC.view(b, l, -1)], dim=-1))
     grads = [conv1d_bwd(dout, None, _channels(xBC_in, *part), _channels(conv_weight, *part),
-                        _channels(conv_bias, *part), None, seq_idx, "silu", dx_out=_channels(dxBC_in, *part))
+                        _channels(conv_bias, *part), _channels(halo, *part), seq_idx, "silu",
+                        dx_out=_channels(dxBC_in, *part))
              for dout, part in zip(douts, _conv_parts(s))]
-    dweight = torch.cat([grads[0][1], grads[1][1]])
-    dbias = torch.cat([grads[0][2], grads[1][2]]) if conv_bias is not None else None
-    return dweight, dbias
+    (_, dweight_x, dbias_x, dhalo_x), (_, dweight_bc, dbias_bc, dhalo_bc) = grads
+    dweight = torch.cat([dweight_x, dweight_bc])
+    dbias = torch.cat([dbias_x, dbias_bc]) if conv_bias is not None else None
+    dhalo = torch.cat([dhalo_x, dhalo_bc], dim=-1) if halo is not None else None
+    return dweight, dbias, dhalo
 
 
 class MixerBodyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, sizes,
-                chunk_size, norm_eps, dt_limit):
+                chunk_size, norm_eps, dt_limit, context_parallel):
         s = sizes
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
-        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s)
+        # context parallelism: the conv rows before this piece; its SSD's initial state comes
+        # inside ssd_fwd (kernels/triton_ssd/combined.py)
+        halo = None if context_parallel is None else context_parallel.halo(xBC_in[:, l - (conv_weight.shape[1] - 1):])
+        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s)
         y, _, _, states_in = ssd_fwd(x, dt.contiguous(), A, B, C, chunk_size, D, None, dt_bias, None, seq_idx, True,
-                                     dt_limit)
+                                     dt_limit, context_parallel)
         y = y.view(b * l, s.d_inner)
         normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups)
         # out_proj in y's dtype, as autocast would run it (the weight cast, not cached)
         out = normed @ out_weight.to(normed.dtype).t()
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
-                              states_in)
+                              states_in, halo)
         ctx.sizes, ctx.chunk_size, ctx.norm_eps, ctx.dt_limit = s, chunk_size, norm_eps, dt_limit
+        ctx.context_parallel = context_parallel
         return out.view(b, l, -1)
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y, states_in = ctx.saved_tensors
-        s, group_size = ctx.sizes, ctx.sizes.d_inner // ctx.sizes.ngroups
+        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y, states_in,
+         halo) = ctx.saved_tensors
+        s, group_size, context_parallel = ctx.sizes, ctx.sizes.d_inner // ctx.sizes.ngroups, ctx.context_parallel
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
         z = z.reshape(b * l, s.d_inner)
@@ -94,19 +108,23 @@ class MixerBodyFunction(torch.autograd.Function):
         del dnormed
 
         # the SSD, its inputs recomputed by the conv
-        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, seq_idx, s)
+        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s)
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = ssd_bwd(
             dy.view(b, l, s.nheads, s.headdim), None, x, dt.contiguous(), A, B, C, ctx.chunk_size, D, None, dt_bias,
-            None, seq_idx, None, states_in, True, ctx.dt_limit, need_dinit=False)
+            None, seq_idx, None, states_in, True, ctx.dt_limit, need_dinit=False, context_parallel=context_parallel)
         del x, B, C, dy, states_in
         ddt_slot.copy_(ddt)
-        dconv_weight, dconv_bias = _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, seq_idx, s, dxBC_in)
+        dconv_weight, dconv_bias, dhalo = _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, halo, seq_idx, s,
+                                                    dxBC_in)
+        if context_parallel is not None:
+            # the halo is the previous piece's tail: the next piece's halo gradient is this one's
+            dxBC_in[:, l - dhalo.shape[1]:] += context_parallel.halo_grad(dhalo)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, dout_weight,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
-                      norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None):
+                      norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None):
     """The mixer from in_proj's output to out_proj's (Triton); same signature and result as
     `kernels.reference.mixer_body`."""
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
@@ -115,4 +133,4 @@ def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight
     # with unit stride along heads
     zxbcdt, A, D, dt_bias, seq_idx = (_contiguous(t) for t in (zxbcdt, A, D, dt_bias, seq_idx))
     return MixerBodyFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, s,
-                                   chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit))
+                                   chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit), context_parallel)

@@ -44,6 +44,11 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
+def _log_decay(dA_cumsum):
+    # (b, h, c, q) -> (b, h): Σ A·dt over the sequence (padded tokens have dt = 0)
+    return dA_cumsum[..., -1].sum(dim=-1)
+
+
 def dt_nonnegative(dt_softplus, dt_limit):
     """Whether dt >= 0 at every token, so the causal loops may factor the decay (above)."""
     # dt after softplus and clamp(dt_limit): softplus is >= 0, and the clamp keeps it so
@@ -51,11 +56,20 @@ def dt_nonnegative(dt_softplus, dt_limit):
     return dt_limit[1] >= 0 and (dt_softplus or dt_limit[0] >= 0)
 
 
-def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
+def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
+            context_parallel=None):
     """The forward stages on contiguous inputs -> y (x's dtype), y before the gate (or None),
-    final states (b, h, p, n) fp32, and states_in (b, c, h, p, n) in C's dtype for backward."""
+    final states (b, h, p, n) fp32, and states_in (b, c, h, p, n) in C's dtype for backward.
+
+    context_parallel (the mixer body's hook, kernels.reference.mixer_body): the initial states
+    are the state entering this piece, from the pieces before it and this piece's own final
+    state run from zero, which needs only the chunk states."""
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    if context_parallel is not None:
+        assert initial_states is None, "context parallelism supplies the initial states"
+        _, zero_start_final = state_passing_fwd(states, dA_cumsum, x.shape[1], None, seq_idx, C.dtype)
+        initial_states = context_parallel.state_in(zero_start_final, _log_decay(dA_cumsum))
     # in C's dtype: chunk_scan_fwd casts them to that for its dot anyway, so y is the same
     # and half the bytes move (and are kept)
     states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, C.dtype)
@@ -67,11 +81,12 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
 
 
 def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-            y_pregate, states_in, dt_softplus, dt_limit, need_dinit):
+            y_pregate, states_in, dt_softplus, dt_limit, need_dinit, context_parallel=None):
     """The reverse stages, from the forward's states_in and recomputed cumsums and CB -> the
     gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype
     (None where the input is None, and dinit None unless `need_dinit`). dout or dfinal_states
-    may be None."""
+    may be None. With context_parallel (as in ssd_fwd) the final states' gradient comes from
+    the pieces after this one, given the gradient of this piece's initial states through y."""
     factor_decay = dt_nonnegative(dt_softplus, dt_limit)
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     cb = bmm_fwd(C, B, chunk_size)
@@ -82,6 +97,13 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
         dy, dz = dout, None
     ddA_cumsum = torch.zeros_like(dA_cumsum)
     dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    if context_parallel is not None:
+        assert dfinal_states is None, "context parallelism supplies the final states' gradient"
+        # the initial states' gradient through y alone (the state passing's effect on dA_cumsum
+        # is counted in the full pass below, so this one's goes to a scratch buffer)
+        _, dinit_through_y = state_passing_bwd(dstates_in, states_in, dA_cumsum, torch.zeros_like(dA_cumsum),
+                                               x.shape[1], None, seq_idx, need_dinit=True)
+        dfinal_states = context_parallel.final_state_grad(dinit_through_y, _log_decay(dA_cumsum))
     dstates, dinit = state_passing_bwd(
         dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states, seq_idx,
         need_dinit=initial_states is not None and need_dinit)

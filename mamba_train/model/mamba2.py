@@ -59,8 +59,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(d_inner, cfg.norm_eps)
         self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=False)
         # Context-parallel hook, set by mamba_train.parallel: it supplies the conv rows
-        # before this rank's piece of the sequence and adds the state entering it. None
-        # on one process. The hook holds the process groups; this module holds none.
+        # before this rank's piece of the sequence and the state entering it. None on one
+        # process. The hook holds the process groups; this module holds none.
         self.context_parallel = None
         self.reset_ssm_parameters()
 
@@ -84,22 +84,23 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)
         D = self.D.view(nheads, cfg.headdim) if cfg.D_has_hdim else self.D
         A = -torch.exp(self.A_log.float())
-        if state is None and not return_state and self.context_parallel is None:
+        if state is None and not return_state:
             # The training path: the rest of the mixer as one op, which keeps less for backward
-            # (kernels.mixer_body). Carried state and context parallelism (its correction sits
-            # between the SSD and the norm) take the ops one by one.
+            # (kernels.mixer_body), under context parallelism too (the hook links this rank's
+            # piece to the ones before it). Carried state (stateful evaluation) takes the ops one by one.
             out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
                              self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
-                             norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx)
+                             norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
+                             context_parallel=self.context_parallel)
             # a row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
             # weight: the op gave this rank's partial sum, and the layer's collective is still due
             reduce_partial = getattr(self.out_proj, "reduce_partial", None)
             return out if reduce_partial is None else reduce_partial(out)
+        if self.context_parallel is not None:
+            raise ValueError("context parallelism runs whole sequences from the start; it takes no carried state")
         z, xBC, dt = zxbcdt.split(self.split_sizes, dim=-1)
         batch, seqlen, _ = xBC.shape
         conv_initial = None if state is None else state.conv
-        if self.context_parallel is not None:
-            conv_initial = self.context_parallel.conv_halo(xBC, state)
         xBC, conv_state = causal_conv1d(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
             initial_state=conv_initial, return_final_state=True, seq_idx=seq_idx)
@@ -111,9 +112,6 @@ class Mamba2Mixer(nn.Module):
             B.reshape(batch, seqlen, ngroups, cfg.d_state), C,
             cfg.chunk_size, D=D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=cfg.dt_limit,
             initial_states=None if state is None else state.ssm, seq_idx=seq_idx, return_final_states=True)
-        if self.context_parallel is not None:
-            y, ssm_state = self.context_parallel.add_incoming_state(y, ssm_state, dt, self.dt_bias, A, C, seq_idx,
-                                                                    dt_limit=cfg.dt_limit)
         # Gate before the norm, per group: mamba_ssm's norm_before_gate=False.
         y = rmsnorm_gated(y.reshape(batch, seqlen, d_inner), z, self.norm.weight, eps=cfg.norm_eps,
                           group_size=d_inner // ngroups)

@@ -6,9 +6,17 @@ the ranks before it only (a) the last d_conv-1 conv input rows of the previous r
 halo) and (b) the SSM state entering its piece. The state is linear in the earlier
 pieces: with h_s the final state of piece s run from a zero state and a_s its total decay,
 the state entering rank r is  h_in = Σ_{s<r} (Π_{s<t<r} a_t) h_s  (Mamba-2's state
-passing, one level up), and a zero-state run is corrected by  y_t += C_t·exp(Σ_{u≤t} A·dt_u)·h_in.
-So each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, a_r): B·H·P·N
+passing, one level up). The mixer body (`kernels.mixer_body`) runs its SSD from h_in: it
+computes h_r from its chunk states first (no scan over the tokens), then the whole SSD. So
+each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r): B·H·P·N
 numbers per rank, independent of the sequence length.
+
+Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
+sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
+true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's
+final state is Σ_{s>r} (the forward's weight of r in h_in(s)) · (h_in(s)'s gradient through
+y_s), one more all-gather of (b, h, p, n) a layer; the SSD's backward then takes it as the
+gradient of its final state, so nothing runs over the tokens twice.
 
 Documents (`seq_idx`, ids of the whole sequence, sliced per rank): a state or a halo row
 reaches only tokens of its own document; a document that starts exactly at a rank border
@@ -21,7 +29,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -34,11 +41,7 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, piece, group):
         # piece: (...) → gathered: (world, ...)
         ctx.group = group
-        world = dist.get_world_size(group)
-        # gloo wants the output concatenated along dim 0, not stacked: gather, then view
-        gathered = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
-        dist.all_gather_into_tensor(gathered, piece.contiguous(), group=group)
-        return gathered.view(world, *piece.shape)
+        return _all_gather_plain(piece, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -49,6 +52,15 @@ class _AllGather(torch.autograd.Function):
 
 def all_gather_pieces(piece: torch.Tensor, group) -> torch.Tensor:
     return _AllGather.apply(piece, group)
+
+
+def _all_gather_plain(piece: torch.Tensor, group) -> torch.Tensor:
+    # (...) → (world, ...) outside autograd. gloo wants the output concatenated along dim 0,
+    # not stacked: gather, then view
+    world = dist.get_world_size(group)
+    gathered = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
+    dist.all_gather_into_tensor(gathered, piece.contiguous(), group=group)
+    return gathered.view(world, *piece.shape)
 
 
 def _exchange(send: torch.Tensor | None, send_to: int | None, recv_like: torch.Tensor, recv_from: int | None,
@@ -73,24 +85,34 @@ class _FromPreviousRank(torch.autograd.Function):
     def forward(ctx, tail, group):
         # tail: (batch, d_conv-1, conv_dim) → halo of the same shape, from the previous rank
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
+        ctx.group = group
         return _exchange(tail, rank + 1 if rank + 1 < world else None, tail, rank - 1 if rank > 0 else None, group)
 
     @staticmethod
     def backward(ctx, halo_grad):
-        rank, world = ctx.rank, ctx.world
-        tail_grad = _exchange(halo_grad, rank - 1 if rank > 0 else None, halo_grad,
-                              rank + 1 if rank + 1 < world else None, ctx.group)
-        return tail_grad, None
+        return _to_previous_rank(halo_grad, ctx.group), None
+
+
+def _to_previous_rank(halo_grad: torch.Tensor, group) -> torch.Tensor:
+    """_FromPreviousRank's backward: rank r sends its halo's gradient to rank r-1 and gets its
+    tail's from rank r+1 (the last rank gets zeros)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    return _exchange(halo_grad, rank - 1 if rank > 0 else None, halo_grad, rank + 1 if rank + 1 < world else None,
+                     group)
 
 
 # ----------------------------------------------------------------------------- the mixer hook
 
 
 class ContextParallel:
-    """The mixer's context-parallel hook (Mamba2Mixer.context_parallel). One object is
-    shared by every layer; `begin(seq_idx)` records, once per forward, where documents
-    cross this rank's borders (one small all-gather of ids, not per layer)."""
+    """The mixer's context-parallel hook (Mamba2Mixer.context_parallel), passed to
+    `kernels.mixer_body`. One object is shared by every layer; `begin(seq_idx)` records, once
+    per forward, where documents cross this rank's borders (one small all-gather of ids, not
+    per layer).
+
+    halo / state_in are differentiable (the reference mixer body runs them under autograd);
+    halo_grad / final_state_grad are their backward for an op that runs its own (the Triton
+    mixer body calls halo and state_in in its forward, these two in its backward)."""
 
     def __init__(self, group, d_conv: int):
         self.group = group
@@ -116,55 +138,53 @@ class ContextParallel:
         previous_tail = tails[self.rank - 1] if self.rank > 0 else torch.full_like(tails[0], -1)
         self._halo_mask = previous_tail == first[self.rank][:, None]             # (b, halo)
 
-    def conv_halo(self, xBC: torch.Tensor, state) -> torch.Tensor:
-        # xBC: (batch, local_len, conv_dim) before the conv → halo: (batch, d_conv-1, conv_dim)
-        if state is not None:
-            raise ValueError("context parallelism runs whole sequences from the start; it takes no carried state")
+    # -- (a) the conv's halo
+
+    def halo(self, tail: torch.Tensor) -> torch.Tensor:
+        # tail: (batch, d_conv-1, conv_dim) this piece's last conv input rows → the previous
+        # piece's, as this piece's conv initial state
         if self._halo_mask is None:
             raise RuntimeError("ContextParallel.begin(seq_idx) must run before the layers (ParallelMamba2LM does)")
-        halo = _FromPreviousRank.apply(xBC[:, -self.halo_len:], self.group)
+        halo = _FromPreviousRank.apply(tail, self.group)
         # rows of another document than this piece's first are invisible to it
         return halo * self._halo_mask[..., None].to(halo.dtype)
 
-    def add_incoming_state(self, y, final_state, dt, dt_bias, A, C, seq_idx, dt_limit=(0.0, float("inf"))):
-        # y: (b, l, h, p) from a zero initial state   final_state: (b, h, p, n) fp32
-        # dt: (b, l, h) raw   dt_bias, A: (h,)   C: (b, l, g, n)   seq_idx: (b, l)
-        # → y corrected, and the true final state of this piece
-        b, l, h, p = y.shape
-        n = final_state.shape[-1]
-        dt = F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit)
-        # (b, l, h): Σ_{u≤t} A·dt_u, scanned along the last dim: torch's scan over a middle dim
-        # (b, l, h) is a slow kernel (18 of CP's 66 extra ms a step at 1.3b, bench/profile_cp.py)
-        log_decay = torch.cumsum((dt * A).transpose(1, 2), dim=-1).transpose(1, 2)
-        first_doc = torch.ones(b, l, dtype=torch.bool, device=y.device) if seq_idx is None else \
-            seq_idx == seq_idx[:, :1]                                  # (b, l)
-        # (b) + (c): gather every rank's (h_s, log a_s) in one collective
-        packed = torch.cat([final_state.reshape(b, -1), log_decay[:, -1]], dim=1)   # (b, h·p·n + h)
-        every = all_gather_pieces(packed, self.group)                                # (cp, b, h·p·n + h)
-        states = every[..., :-h].reshape(self.world, b, h, p, n)
-        log_totals = every[..., -h:]                                                 # (cp, b, h)
-        passes = (self._joins & self._continues).to(states.dtype)                    # (cp, b)
-        # prefix: h_in = joins_r · Σ_{s<r} (Π_{s<t<r} passes_t·a_t) h_s, as weights on every
-        # rank's state. Every rank uses every gathered state (rank 0 with zero weights) so
-        # that each rank runs the all-gather's backward: a collective skipped by one rank
+    def halo_grad(self, dhalo: torch.Tensor) -> torch.Tensor:
+        # the gradient of this piece's halo → that of its own tail (from the next piece)
+        return _to_previous_rank(dhalo * self._halo_mask[..., None].to(dhalo.dtype), self.group)
+
+    # -- (b) the state entering this piece
+
+    def state_in(self, final_state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+        # final_state: (b, h, p, n) fp32, this piece run from a zero state   log_decay: (b, h),
+        # Σ A·dt over the piece  →  h_in (b, h, p, n): the state entering this piece
+        states, log_totals = self._gather(final_state, log_decay, all_gather_pieces)
+        # Every rank weighs every gathered state (rank 0 with zero weights) so that under
+        # autograd each rank runs the all-gather's backward: a collective skipped by one rank
         # because its loss does not depend on it would hang the others.
-        weights = []                                                                 # (cp, b, h)
-        for s in range(self.world):
-            weight = torch.zeros_like(log_totals[0])
-            if s < self.rank:
-                between = log_totals[s + 1:self.rank].sum(0)                         # Σ log a_t, s<t<r
-                open_path = passes[s + 1:self.rank].prod(0) * self._joins[self.rank].to(states.dtype)
-                weight = torch.exp(between) * open_path[:, None]
-            weights.append(weight)
-        h_in = torch.einsum("sbh,sbhpn->bhpn", torch.stack(weights), states)
-        # (d): y_t += C_t · exp(Σ_{u≤t} A·dt_u) · h_in, for tokens of the piece's first document
-        # per group, not per head: C is never expanded to (b, l, h, n) (1 GiB a layer at 32k tokens)
-        g = C.shape[2]
-        read = torch.einsum("blgn,bgkpn->blgkp", C.float(), h_in.view(b, g, h // g, p, n)).reshape(b, l, h, p)
-        weight = torch.exp(log_decay) * first_doc[..., None].to(log_decay.dtype)     # (b, l, h)
-        # one pass in y's dtype (bf16 under autocast, where the einsum's output is bf16 too):
-        # fp32 temporaries of (b, l, h, p) cost CP a dozen extra passes a layer, forward and back
-        y = torch.addcmul(y, read.to(y.dtype), weight.to(y.dtype)[..., None])
-        # h_in is zero unless the border joins, so only "no document starts inside" matters here
-        through_self = self._continues[self.rank].to(final_state.dtype)[:, None] * torch.exp(log_totals[self.rank])
-        return y, final_state + through_self[..., None, None] * h_in
+        weights = torch.stack([self._weight(self.rank, s, log_totals) for s in range(self.world)])
+        return torch.einsum("sbh,sbhpn->bhpn", weights, states)
+
+    @torch.no_grad()
+    def final_state_grad(self, dstate_in: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+        # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone →
+        # the gradient of this piece's true final state (h_in of the next piece, and on)
+        dstates, log_totals = self._gather(dstate_in, log_decay, _all_gather_plain)
+        weights = torch.stack([self._weight(t, self.rank, log_totals) for t in range(self.world)])
+        return torch.einsum("tbh,tbhpn->bhpn", weights, dstates)
+
+    def _gather(self, state, log_decay, all_gather):
+        # (b, h, p, n), (b, h) of this rank → (cp, b, h, p, n), (cp, b, h) of every rank, one collective
+        b, h = log_decay.shape
+        packed = torch.cat([state.reshape(b, -1), log_decay.to(state.dtype)], dim=1)
+        every = all_gather(packed, self.group)                                       # (cp, b, h·p·n + h)
+        return every[..., :-h].reshape(self.world, *state.shape), every[..., -h:]
+
+    def _weight(self, target: int, source: int, log_totals: torch.Tensor) -> torch.Tensor:
+        # (b, h): the weight of piece `source`'s final state in the state entering `target`:
+        # joins_target · Π_{source<t<target} (joins_t · continues_t · a_t), zero unless source < target
+        if source >= target:
+            return torch.zeros_like(log_totals[0])
+        passes = (self._joins & self._continues).to(log_totals.dtype)                # (cp, b)
+        open_path = passes[source + 1:target].prod(0) * self._joins[target].to(log_totals.dtype)
+        return torch.exp(log_totals[source + 1:target].sum(0)) * open_path[:, None]
