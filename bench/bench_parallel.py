@@ -107,15 +107,17 @@ def build_step(graph, model, input_ids, labels, seq_idx, amp, accum=1, after_bac
     return make_step(model, input_ids, labels, seq_idx, amp, accum, after_backward)
 
 
-def print_profile(step, what, steps=2):
-    """Where the parallel step's time goes (rank 0): CPU and CUDA time, the top kernels."""
+def print_profile(step, what, rank, steps=2):
+    """Where the parallel step's time goes: CPU and CUDA time, the top kernels (printed by rank 0).
+    Every rank profiles: the step's collectives need them all."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(f"# profile of {steps} steps, {what}")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    if rank == 0:
+        print(f"# profile of {steps} steps, {what}")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
@@ -152,8 +154,8 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     step = build_step(graph, model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
     seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
-    if args.profile and rank == 0:
-        print_profile(step, f"{mode}:{seqlen}:{accum}, rank 0")
+    if args.profile:
+        print_profile(step, f"{mode}:{seqlen}:{accum}, rank 0", rank)
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step
