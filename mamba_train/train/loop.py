@@ -287,12 +287,13 @@ class SingleProcessTrainer:
                 self.graphed = GraphedMicroStep(self._forward_backward, model, batch)
             loss_sum += self.graphed(batch)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+        params = [p for p in model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # on the device
+        loss_sum, grad_norm = torch.stack([loss_sum, total_norm.to(loss_sum)]).tolist()
         loss_value = loss_sum / accum
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if applied:
-            optimizer.step()
+        if applied:  # else no clip and no step: the loop counts the step as skipped
+            clipped_step(optimizer, params, total_norm, clip)
         # a captured step adds into the gradients it was captured with: zero them, keep them
         optimizer.zero_grad(set_to_none=self.graphed is None)
         return loss_value, grad_norm if applied else None
@@ -312,6 +313,36 @@ class SingleProcessTrainer:
 
     def close(self) -> None:
         pass
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], total_norm: torch.Tensor,
+                 max_norm: float) -> None:
+    """`optimizer.step()` on the gradients of `params` clipped as clip_grad_norm_ clips them:
+    scaled by min(1, max_norm / (total_norm + 1e-6)), `total_norm` their norm (a device tensor).
+
+    clip_grad_norm_ scales the gradients in a pass of its own: a read and a write of every fp32
+    gradient, 4.0 ms a step at 1.3B parameters on an H100. A fused Adam(W) divides each gradient
+    by `optimizer.grad_scale` as it reads it (the hook torch.amp.GradScaler unscales through), so
+    there the clip rides in the optimizer's own pass. Its kernels (CPU and CUDA) then write the
+    divided gradient back, as GradScaler's callers expect (2.0 ms more for the step), so this
+    saves the pass's read, not its write: clip + step 20.1 → 18.1 ms at 1.3B on an H100.
+    Other optimizers clip in place first.
+    """
+    if not optimizer.defaults.get("fused"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)  # clip_grad_norm_'s second half
+        optimizer.step()
+        return
+    coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s, exactly
+    # The kernel computes grad / (1 / coefficient) where clip_grad_norm_ computes grad * coefficient:
+    # each rounds once from a slightly different value, so a clipped gradient may differ in its
+    # last bit (identical when nothing is clipped: the scale is then exactly 1). Inverting
+    # clip_grad_norm_'s own coefficient, rather than computing (total_norm + 1e-6) / max_norm,
+    # keeps the 1e-6 where it is and makes such last-bit differences rarer.
+    optimizer.grad_scale = 1 / coefficient
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale  # a later step must not divide again
 
 
 def _check_same_model(cfg: RunConfig, saved: dict, checkpoint: Path) -> None:
