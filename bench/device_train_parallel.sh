@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On a 2-GPU machine (device tool, kind nvidia-h200-x2): the parallel trainer itself, as users
+# launch it (torchrun; DeepSpeed ZeRO-1 over megatron-core's groups; NCCL), on the quickstart
+# data at the 130m shape (ngroups 2 so that TP splits groups), beside one GPU: DP=2, TP=2 and
+# CP=2 for STEPS steps each, then the DP run resumed from its sharded checkpoint for STEPS/2
+# more. bench/train_parallel_report.py then prints tokens/s per GPU against one GPU from the
+# runs' metrics.jsonl and writes bench/results/train-parallel-<gpu>.json.
+#   carry: .devwheels (megatron-core, DeepSpeed 0.19.8's pure-Python wheel and its deps, …, for
+#          Python 3.12: ../shared/GPU.md), data/quickstart
+#   usage: STEPS=20 bash bench/device_train_parallel.sh
+set -uo pipefail
+source bench/device_env.sh
+export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse the image's 9.0a (GPU.md)
+STEPS=${STEPS:-20}
+quick="data.train_prefix=data/quickstart/train data.valid_prefix=data/quickstart/valid"
+quick="$quick data.tokenizer=data/quickstart/tokenizer.model logging.tensorboard=false"
+common="configs/130m.yaml model.ngroups=2 train.grad_accum=1 optim.warmup_steps=5 train.eval_every=0"
+common="$common train.eval_batches=4 logging.log_every=5 checkpoint.every=0 $quick"
+launch2="torchrun --standalone --nproc-per-node 2 -m mamba_train.cli train"
+status=0
+run() {   # run name, log name, seconds, command...: metrics and checkpoints in $OUT/run, /tmp/ckpt-run
+  local name=$1 log=$2 limit=$3; shift 3
+  timeout "$limit" "$@" logging.run_dir="$OUT/$name" checkpoint.dir="/tmp/ckpt-$name" > "$OUT/$log.log" 2>&1
+  local rc=$?
+  echo "== $log: exit $rc"; grep -E "step +[0-9]+/|eval|resumed|Error|error" "$OUT/$log.log" | tail -4
+  [ $rc -eq 0 ] || status=1
+}
+run one one 240 python3 -m mamba_train.cli train $common train.steps=$STEPS
+run dp2 dp2 180 $launch2 $common train.steps=$STEPS
+run tp2 tp2 180 $launch2 $common train.steps=$STEPS parallel.tp=2
+run cp2 cp2 180 $launch2 $common train.steps=$STEPS parallel.cp=2
+run dp2 dp2-resume 150 $launch2 $common train.steps=$((STEPS + STEPS / 2)) --resume auto
+python3 bench/train_parallel_report.py "$OUT" one dp2 tp2 cp2 | tee "$OUT/report.txt" || status=1
+cp bench/results/train-parallel-*.json "$OUT/" 2>/dev/null
+exit $status
