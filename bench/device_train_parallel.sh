@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # On a 2-GPU machine (device tool, kind nvidia-h200-x2): the parallel trainer itself, as users
-# launch it (torchrun; DeepSpeed ZeRO-1 over megatron-core's groups; NCCL), on the quickstart
-# data at the 130m shape (ngroups 2 so that TP splits groups), beside one GPU: DP=2, TP=2 and
-# CP=2 for STEPS steps each, then the DP run resumed from its sharded checkpoint for STEPS/2
-# more. bench/train_parallel_report.py then prints tokens/s per GPU against one GPU from the
-# runs' metrics.jsonl and writes bench/results/train-parallel-<gpu>.json.
+# launch it (torchrun; DeepSpeed ZeRO-1 over megatron-core's groups; NCCL; eager steps), on the
+# quickstart data beside one GPU. MODEL (130m or 1.3b; ngroups 2 so that TP splits groups),
+# STEPS steps a run, and the runs named in RUNS:
+#   one     one GPU                       dp2, tp2, cp2   two GPUs in that layout
+#   resume  DP=2 for STEPS, then a second launch resumes its sharded checkpoint for STEPS/2 more
+# bench/train_parallel_report.py then prints tokens/s per GPU against one GPU from the runs'
+# metrics.jsonl and writes bench/results/train-parallel-<gpu>-<model>.json.
 #   carry: .devwheels (megatron-core, DeepSpeed 0.19.8's pure-Python wheel and its deps, …, for
 #          Python 3.12: ../shared/GPU.md), data/quickstart
-#   usage: STEPS=20 bash bench/device_train_parallel.sh
+#   usage: MODEL=1.3b STEPS=12 RUNS="one tp2 cp2" bash bench/device_train_parallel.sh
 set -uo pipefail
 source bench/device_env.sh
 export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse the image's 9.0a (GPU.md)
-STEPS=${STEPS:-20}
+MODEL=${MODEL:-130m} STEPS=${STEPS:-20} RUNS=${RUNS:-one dp2 tp2 cp2 resume}
 quick="data.train_prefix=data/quickstart/train data.valid_prefix=data/quickstart/valid"
 quick="$quick data.tokenizer=data/quickstart/tokenizer.model logging.tensorboard=false"
-common="configs/130m.yaml model.ngroups=2 train.grad_accum=1 optim.warmup_steps=5 train.eval_every=0"
+common="configs/$MODEL.yaml model.ngroups=2 train.grad_accum=1 optim.warmup_steps=5 train.eval_every=0"
 common="$common train.eval_batches=4 logging.log_every=5 checkpoint.every=0 $quick"
-launch2="torchrun --standalone --nproc-per-node 2 -m mamba_train.cli train"
+train1="python3 -m mamba_train.cli train"
+train2="torchrun --standalone --nproc-per-node 2 -m mamba_train.cli train"
 status=0
 run() {   # run name, log name, seconds, command...: metrics and checkpoints in $OUT/run, /tmp/ckpt-run
   local name=$1 log=$2 limit=$3; shift 3
@@ -25,11 +28,21 @@ run() {   # run name, log name, seconds, command...: metrics and checkpoints in 
   echo "== $log: exit $rc"; grep -E "step +[0-9]+/|eval|resumed|Error|error" "$OUT/$log.log" | tail -4
   [ $rc -eq 0 ] || status=1
 }
-run one one 240 python3 -m mamba_train.cli train $common train.steps=$STEPS
-run dp2 dp2 180 $launch2 $common train.steps=$STEPS
-run tp2 tp2 180 $launch2 $common train.steps=$STEPS parallel.tp=2
-run cp2 cp2 180 $launch2 $common train.steps=$STEPS parallel.cp=2
-run dp2 dp2-resume 150 $launch2 $common train.steps=$((STEPS + STEPS / 2)) --resume auto
-python3 bench/train_parallel_report.py "$OUT" one dp2 tp2 cp2 | tee "$OUT/report.txt" || status=1
+names=()
+for r in $RUNS; do
+  rm -rf "/tmp/ckpt-$r" "$OUT/$r"   # a run starts afresh (a warm machine keeps the last call's)
+  case $r in
+    one) run one one 240 $train1 $common train.steps=$STEPS; names+=(one) ;;
+    dp2) run dp2 dp2 180 $train2 $common train.steps=$STEPS; names+=(dp2) ;;
+    tp2) run tp2 tp2 180 $train2 $common train.steps=$STEPS parallel.tp=2; names+=(tp2) ;;
+    cp2) run cp2 cp2 180 $train2 $common train.steps=$STEPS parallel.cp=2; names+=(cp2) ;;
+    # --resume before the overrides: argparse takes no optional after the trailing positionals
+    resume) run resume resume 180 $train2 $common train.steps=$STEPS
+            run resume resume-2 150 $train2 --resume auto $common train.steps=$((STEPS + STEPS / 2)) ;;
+    *) echo "unknown run $r"; status=1 ;;
+  esac
+done
+[ ${#names[@]} -gt 1 ] && { python3 bench/train_parallel_report.py "$OUT" "${names[@]}" --model "$MODEL" \
+  | tee "$OUT/report.txt" || status=1; }
 cp bench/results/train-parallel-*.json "$OUT/" 2>/dev/null
 exit $status

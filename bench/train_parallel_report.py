@@ -1,8 +1,8 @@
 """Tokens/s per GPU of the parallel trainer's runs against one GPU's, from their metrics.jsonl
 (bench/device_train_parallel.sh makes the runs). The median over logged steps after the first
-five (compilation, warm-up); writes bench/results/train-parallel-<gpu>.json.
+five (compilation, warm-up); writes bench/results/train-parallel-<gpu>-<model>.json.
 
-    python3 bench/train_parallel_report.py OUT one dp2 tp2 cp2
+    python3 bench/train_parallel_report.py OUT one dp2 tp2 cp2 --model 130m
 """
 
 import argparse
@@ -38,6 +38,7 @@ def main():
     parser.add_argument("out", type=Path, help="the folder holding one run folder per name")
     parser.add_argument("single", help="the one-GPU run's name")
     parser.add_argument("runs", nargs="+", help="the parallel runs' names (2 GPUs each)")
+    parser.add_argument("--model", default="130m", help="the config the runs trained (for the file name)")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     one = summarize(args.out / args.single)
@@ -56,9 +57,10 @@ def main():
         print(f"{name:>5} {row['tp']:>3} {row['cp']:>3} {row['dp']:>3} {per_gpu:>10,.0f} {row['efficiency']:>10.1%} "
               f"{100 * run['mfu']:>5.1f}% {run['peak_mem_gib']:>5.1f} {run['loss_at_last_step']:>7.4f} "
               f"{run['steps']:>5}")
-    out = results_path("train-parallel", gpu)
+    out = results_path("train-parallel", f"{gpu}-{args.model}")
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "command": "STEPS=20 bash bench/device_train_parallel.sh",
+    out.write_text(json.dumps({"gpu": gpu, "model": args.model,
+                               "command": f"MODEL={args.model} bash bench/device_train_parallel.sh",
                                "rows": rows}, indent=1) + "\n")
     print(f"# wrote {out}")
 
