@@ -36,9 +36,8 @@ for r in $RUNS; do
     dp2) run dp2 dp2 180 $train2 $common train.steps=$STEPS; names+=(dp2) ;;
     tp2) run tp2 tp2 180 $train2 $common train.steps=$STEPS parallel.tp=2; names+=(tp2) ;;
     cp2) run cp2 cp2 180 $train2 $common train.steps=$STEPS parallel.cp=2; names+=(cp2) ;;
-    # --resume before the overrides: argparse takes no optional after the trailing positionals
     resume) run resume resume 180 $train2 $common train.steps=$STEPS
-            run resume resume-2 150 $train2 --resume auto $common train.steps=$((STEPS + STEPS / 2)) ;;
+            run resume resume-2 150 $train2 $common train.steps=$((STEPS + STEPS / 2)) --resume auto ;;
     *) echo "unknown run $r"; status=1 ;;
   esac
 done

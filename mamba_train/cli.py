@@ -60,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(run=_export)
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # `train CONFIG a=1 --resume auto b=2`: argparse takes no positionals after an option, so
+    # the overrides after it arrive here; they are overrides all the same, in their order
+    stray = [arg for arg in unknown if args.command != "train" or arg.startswith("-") or "=" not in arg]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     from mamba_train.data import DataError
     from mamba_train.train.loop import TrainingError
 

@@ -79,6 +79,15 @@ def test_bad_config_is_one_error_line_and_exit_2(repo_root, capsys, override, me
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def test_overrides_after_resume_are_overrides(repo_root, capsys):
+    # the bad override after --resume reaches the config (its error), not argparse's
+    assert main(["train", str(repo_root / "configs/tiny-cpu.yaml"), "--resume", "auto", "model.n_layers=2"]) == 2
+    assert "unknown key model.n_layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # anything else unknown is still argparse's error
+        main(["train", str(repo_root / "configs/tiny-cpu.yaml"), "--resume", "auto", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path)]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
