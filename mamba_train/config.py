@@ -219,9 +219,14 @@ class LoggingConfig:
     progress_bar: str = "auto"  # auto: only on a terminal | on | off
     # FLOP/s that MFU divides by; 0 measures the GPU's bf16 matmul rate at start (issue 9).
     peak_flops: float = 0.0
+    # [first, last]: profile those training steps (train/profile.py); [0, 0]: off
+    profile_steps: tuple[int, int] = (0, 0)
 
     def validate(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "a positive integer", self.log_every)
+        first, last = self.profile_steps
+        _require(first == last == 0 or 1 <= first <= last, "logging.profile_steps",
+                 "[first, last] steps with 1 <= first <= last, or [0, 0] (off)", list(self.profile_steps))
         _require(self.progress_bar in ("auto", "on", "off"), "logging.progress_bar", "'auto', 'on' or 'off'",
                  self.progress_bar)
 

@@ -205,6 +205,27 @@ def test_non_finite_losses_are_skipped_then_the_run_stops_with_the_checkpoint_in
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_profile_steps_write_a_trace_and_log_a_table(markov_data, tmp_path, capsys):
+    import json
+
+    from mamba_train.config import ConfigError
+
+    steps = ["train.steps=8", "checkpoint.every=4", "logging.profile_steps=[3,5]"]
+    profiled = train(tiny_config(markov_data, tmp_path / "profiled", *steps), stop_after_steps=4)
+    # stopped inside the window: the steps it recorded are written all the same
+    first_trace = tmp_path / "profiled/profile/rank0-steps3-5.json"
+    events = json.loads(first_trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert "profile of steps 3-5 (rank 0" in capsys.readouterr().out
+    # a resumed run profiles what is left of the window; past it, nothing
+    train(tiny_config(markov_data, tmp_path / "profiled", *steps), resume="auto")
+    assert (tmp_path / "profiled/profile/rank0-steps5-5.json").is_file()
+    plain = train(tiny_config(markov_data, tmp_path / "plain", "train.steps=8", "checkpoint.every=4"))
+    assert profiled.losses == {s: plain.losses[s] for s in profiled.losses}   # profiling changes no math
+    with pytest.raises(ConfigError, match=r"logging.profile_steps: expected \[first, last\]"):
+        tiny_config(markov_data, tmp_path, "logging.profile_steps=[5,3]")
+
+
 def test_several_processes_without_torchrun_fail_clearly(markov_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):

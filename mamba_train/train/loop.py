@@ -31,6 +31,7 @@ from mamba_train.model import Mamba2LM, param_groups, set_recompute, training_fl
 from mamba_train.train.cuda_graph import GraphedMicroStep
 from mamba_train.train.metrics import MetricsLogger, SilentMetrics, peak_flops
 from mamba_train.train.preemption import StopRequest
+from mamba_train.train.profile import StepProfiler
 from mamba_train.train.rng import rng_state, set_rng_state
 from mamba_train.train.schedule import lr_at
 
@@ -153,6 +154,7 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
         return path
 
     stop = StopRequest()
+    profiler = StepProfiler(cfg.logging.profile_steps, step, run_dir, trainer.rank, trainer.device, metrics.info)
     try:
         last_step = cfg.train.steps if stop_after_steps is None else min(cfg.train.steps, step + stop_after_steps)
         while step < last_step:
@@ -181,6 +183,7 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
             result.losses[step] = loss_value
             metrics.log_step(step, row)
+            profiler.step()
             if stop.requested():
                 result.checkpoint, result.step, result.stopped_by = save(), step, stop.name
                 trainer.wait_for_saves(writer)
@@ -203,6 +206,7 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
         if "subsets" in result.eval:  # the per-document evaluation (one process)
             metrics.info(format_table(result.eval))
     finally:
+        profiler.close()
         stop.close()
         try:
             # A background save still in flight (the run failed): let it finish, so the last
@@ -218,7 +222,7 @@ class SingleProcessTrainer:
     """One process on CPU or one GPU: Mamba2LM, torch AdamW, bf16 autocast on GPU, and
     one-process checkpoints (model.safetensors + optimizer.pt; checkpoint/store.py)."""
 
-    is_main, dp_rank, dp_size, world_size = True, 0, 1, 1
+    is_main, rank, dp_rank, dp_size, world_size = True, 0, 0, 1, 1
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
