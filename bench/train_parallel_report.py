@@ -26,6 +26,8 @@ def summarize(run_dir: Path, skip: int = 5) -> dict:
     for s in steps:   # a resumed run appends: the last row of each step wins
         last[s["step"]] = s
     timed = [s for step, s in sorted(last.items()) if step > skip]
+    if not timed:
+        raise SystemExit(f"{run_dir}: no logged step after step {skip} to time (train longer)")
     parallel = cfg.get("parallel", {})
     tp, cp = parallel.get("tp", 1), parallel.get("cp", 1)
     return {"tp": tp, "cp": cp, "steps": max(last), "tokens_per_s": statistics.median(s["tokens_per_s"] for s in timed),

@@ -392,9 +392,12 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype.
 
     context_parallel: for one piece of a sequence cut over ranks, the hook that links it to the
-    pieces before it (`mamba_train.parallel.ContextParallel`): `halo(tail)` gives the conv the
-    rows before the piece, and `state_in(final_state, log_decay)` the SSM state entering it,
-    from this piece's state run from zero and its total log decay Σ A·dt."""
+    pieces before it (`mamba_train.parallel.context_parallel.ContextParallel`): `halo(tail)`
+    gives the conv the rows before the piece, and `state_in(final_state, log_decay)` the SSM
+    state entering it, from this piece's state run from zero and its total log decay Σ A·dt.
+    Here autograd differentiates both; the Triton op runs its own backward and also calls
+    `halo_grad(dhalo)` (the gradient of this piece's tail) and `final_state_grad(dstate_in,
+    log_decay)` (the gradient of this piece's final state, from the pieces after it)."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
     # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)

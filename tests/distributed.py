@@ -51,7 +51,7 @@ def run_workers(fn, world: int, *args, backend: str = "gloo") -> None:
     # DeepSpeed (seconds each, times 8 processes on 2 cores). Safe here: CPU only, and each
     # child runs one thread, so no OpenMP pool is shared across the fork. nccl (one GPU a
     # rank): spawn, since CUDA cannot be used in a forked child once the parent has used it.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    os.environ["DS_ACCELERATOR"] = "cpu" if backend == "gloo" else "cuda"   # read by DeepSpeed's import in the workers
     with warnings.catch_warnings():  # megatron's import-time notes about optional Apex / TE
         warnings.simplefilter("ignore")
         import megatron.core.tensor_parallel  # noqa: F401  (imported once, before the fork)

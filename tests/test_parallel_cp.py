@@ -19,7 +19,9 @@ def _doc_starts(seq_len: int, cp: int) -> list[list[int]]:
     return [
         [3, piece, piece + 2],     # a start inside rank 0, one exactly on the first border, one inside rank 1
         [piece - 2, 2 * piece - 1 if cp > 2 else seq_len - 1],   # starts inside the halo rows of a border
-        [],                        # one document across every border: the state must pass through
+        # one document across every border: the state must pass through; with more ranks, one that
+        # starts exactly on the first border and runs through rank 1 into the ranks after it
+        [] if cp == 2 else [piece],
     ]
 
 
@@ -142,6 +144,9 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
     for piece in pieces:
         seq_len = world * piece
         inputs = make_inputs(b, seq_len, h, p, g, n, d_model, D="channel", device=device, seed=3)
+        # decays of order one over a piece, so that the states passed between ranks weigh in the
+        # result (at the layer's A, heads forget a whole piece)
+        inputs["A"] = inputs["A"] / piece
         inputs["seq_idx"] = tiny_batch(tiny_config(), b, seq_len, _doc_starts(seq_len, world))[2].to(device)
         out_grad = torch.randn(b, seq_len, d_model, generator=torch.Generator().manual_seed(1)).to(device, ref_dtype)
         kwargs = dict(ngroups=g, chunk_size=chunk)

@@ -210,16 +210,19 @@ def test_profile_steps_write_a_trace_and_log_a_table(markov_data, tmp_path, caps
 
     from mamba_train.config import ConfigError
 
+    def recorded_steps(path):
+        events = json.loads(path.read_text())["traceEvents"]
+        assert any(e.get("name") == "aten::mm" for e in events)
+        return len({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+
     steps = ["train.steps=8", "checkpoint.every=4", "logging.profile_steps=[3,5]"]
     profiled = train(tiny_config(markov_data, tmp_path / "profiled", *steps), stop_after_steps=4)
-    # stopped inside the window: the steps it recorded are written all the same
-    first_trace = tmp_path / "profiled/profile/rank0-steps3-5.json"
-    events = json.loads(first_trace.read_text())["traceEvents"]
-    assert any(e.get("name") == "aten::mm" for e in events)
-    assert "profile of steps 3-5 (rank 0" in capsys.readouterr().out
-    # a resumed run profiles what is left of the window; past it, nothing
+    # a run that stops inside the window records the steps it takes of it, and names them
+    assert recorded_steps(tmp_path / "profiled/profile/rank0-steps3-4.json") == 2
+    assert "profile of steps 3-4 (rank 0" in capsys.readouterr().out
+    # a resumed run profiles what is left of the window
     train(tiny_config(markov_data, tmp_path / "profiled", *steps), resume="auto")
-    assert (tmp_path / "profiled/profile/rank0-steps5-5.json").is_file()
+    assert recorded_steps(tmp_path / "profiled/profile/rank0-steps5-5.json") == 1
     plain = train(tiny_config(markov_data, tmp_path / "plain", "train.steps=8", "checkpoint.every=4"))
     assert profiled.losses == {s: plain.losses[s] for s in profiled.losses}   # profiling changes no math
     with pytest.raises(ConfigError, match=r"logging.profile_steps: expected \[first, last\]"):

@@ -17,6 +17,7 @@ supplies) and runs its collectives itself: the halo and the incoming state in fo
 gradients in backward (mamba_train/parallel/context_parallel.py says how the state's works),
 so the halo's gradient lands in the rows of in_proj's output gradient it belongs to."""
 
+import copy
 import math
 
 import torch
@@ -83,7 +84,9 @@ class MixerBodyFunction(torch.autograd.Function):
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
                               states_in, halo)
         ctx.sizes, ctx.chunk_size, ctx.norm_eps, ctx.dt_limit = s, chunk_size, norm_eps, dt_limit
-        ctx.context_parallel = context_parallel
+        # a shallow copy: the hook's document masks as they are now (a later forward's begin()
+        # replaces them, and this backward must use the ones this forward used)
+        ctx.context_parallel = copy.copy(context_parallel)
         return out.view(b, l, -1)
 
     @staticmethod

@@ -97,7 +97,8 @@ class Mamba2Mixer(nn.Module):
             reduce_partial = getattr(self.out_proj, "reduce_partial", None)
             return out if reduce_partial is None else reduce_partial(out)
         if self.context_parallel is not None:
-            raise ValueError("context parallelism runs whole sequences from the start; it takes no carried state")
+            raise ValueError("context parallelism runs the training path only: whole sequences from the start, "
+                             "no carried state in or out (stateful evaluation runs on one process)")
         z, xBC, dt = zxbcdt.split(self.split_sizes, dim=-1)
         batch, seqlen, _ = xBC.shape
         conv_initial = None if state is None else state.conv

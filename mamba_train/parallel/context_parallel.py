@@ -1,5 +1,6 @@
 """Context parallelism with state passing: the Mamba-2 paper's sequence parallelism (§8),
-DESIGN §4 steps a–d.
+DESIGN §4 (its correction step, y += C·decay·h_in after a zero-state SSD, is replaced by an
+SSD run from h_in: below).
 
 The sequence is cut into cp contiguous pieces, one per rank. A Mamba-2 layer needs from
 the ranks before it only (a) the last d_conv-1 conv input rows of the previous rank (the
@@ -15,7 +16,7 @@ Backward, two ways. The reference path (CPU) differentiates the all-gather and t
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
 true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's
 final state is Σ_{s>r} (the forward's weight of r in h_in(s)) · (h_in(s)'s gradient through
-y_s), one more all-gather of (b, h, p, n) a layer; the SSD's backward then takes it as the
+y_s), one more all-gather of (b, h·p·n + h) a layer; the SSD's backward then takes it as the
 gradient of its final state, so nothing runs over the tokens twice.
 
 Documents (`seq_idx`, ids of the whole sequence, sliced per rank): a state or a halo row

@@ -4,7 +4,10 @@ Every rank records its CPU activity (and its CUDA kernels on a GPU) and writes a
 (chrome://tracing, Perfetto) to `run_dir/profile/rank<R>-steps<first>-<last>.json`; rank 0
 logs a table of what took the most time. What it is for: a step slower than it should be
 (launch-bound ranks, a collective that waits, a kernel that dominates) shows where its time
-goes without another script. A resumed run profiles what is left of the window.
+goes without another script. A profiled step includes its own checkpoint save and evaluation
+when it has them; the run's final save and evaluation are never recorded. A run that starts
+or ends inside the window (resumed, or stopping early) profiles the steps it runs of it, and
+the file names those steps.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from torch.profiler import ProfilerActivity, profile, schedule
 class StepProfiler:
     """`step()` after each completed training step; `close()` when the loop ends."""
 
-    def __init__(self, window: tuple[int, int], start_step: int, run_dir: Path, rank: int, device: torch.device,
-                 log: Callable[[str], None]):
-        first, last = window
+    def __init__(self, window: tuple[int, int], start_step: int, last_step: int, run_dir: Path, rank: int,
+                 device: torch.device, log: Callable[[str], None]):
+        # steps start_step + 1 … last_step run in this process
+        first, last = max(window[0], start_step + 1), min(window[1], last_step)
         self.prof = None
-        if first <= 0 or last <= start_step:
-            return   # off, or the window lies before where this run starts
-        first = max(first, start_step + 1)
+        if window[0] <= 0 or first > last:
+            return   # off, or the window lies outside the steps this run takes
         self.first, self.last, self.rank, self.log, self.cuda = first, last, rank, log, device.type == "cuda"
         self.path = Path(run_dir) / "profile" / f"rank{rank}-steps{first}-{last}.json"
         # the step before the window warms the profiler up, when there is one (when there is
