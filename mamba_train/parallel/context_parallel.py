@@ -119,7 +119,7 @@ class ContextParallel:
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.halo_len = d_conv - 1
-        self._halo_mask = self._joins = self._continues = None
+        self._halo_mask = self._between = self._paths = None
 
     @torch.no_grad()
     def begin(self, seq_idx: torch.Tensor | None, batch: int, device) -> None:
@@ -134,10 +134,18 @@ class ContextParallel:
         # joins[s]: rank s's first token continues rank s-1's last document
         joins = torch.zeros_like(first, dtype=torch.bool)
         joins[1:] = first[1:] == last[:-1]
-        self._joins = joins                                                      # (cp, b)
-        self._continues = first == last                                          # no document starts inside
         previous_tail = tails[self.rank - 1] if self.rank > 0 else torch.full_like(tails[0], -1)
         self._halo_mask = previous_tail == first[self.rank][:, None]             # (b, halo)
+        # Which pieces' states reach which (the same for every layer, so here, once a step):
+        # source s reaches target t > s when t's first token joins t-1's last document and
+        # every piece between them passes a state through (joins its predecessor, and no
+        # document starts inside it)
+        passes = joins & (first == last)                                         # (cp, b)
+        ranks = torch.arange(self.world, device=joins.device)
+        target, source, between = ranks[:, None, None], ranks[None, :, None], ranks[None, None, :]
+        self._between = (source < between) & (between < target)                 # (cp t, cp s, cp u): s < u < t
+        blocked = (self._between[..., None] & ~passes[None, None]).any(dim=2)    # (cp t, cp s, b)
+        self._paths = (ranks[None, :] < ranks[:, None])[..., None] & joins[:, None, :] & ~blocked
 
     # -- (a) the conv's halo
 
@@ -163,16 +171,14 @@ class ContextParallel:
         # Every rank weighs every gathered state (rank 0 with zero weights) so that under
         # autograd each rank runs the all-gather's backward: a collective skipped by one rank
         # because its loss does not depend on it would hang the others.
-        weights = torch.stack([self._weight(self.rank, s, log_totals) for s in range(self.world)])
-        return torch.einsum("sbh,sbhpn->bhpn", weights, states)
+        return torch.einsum("sbh,sbhpn->bhpn", self._weights(log_totals, target=self.rank), states)
 
     @torch.no_grad()
     def final_state_grad(self, dstate_in: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
         # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone →
         # the gradient of this piece's true final state (h_in of the next piece, and on)
         dstates, log_totals = self._gather(dstate_in, log_decay, _all_gather_plain)
-        weights = torch.stack([self._weight(t, self.rank, log_totals) for t in range(self.world)])
-        return torch.einsum("tbh,tbhpn->bhpn", weights, dstates)
+        return torch.einsum("tbh,tbhpn->bhpn", self._weights(log_totals, source=self.rank), dstates)
 
     def _gather(self, state, log_decay, all_gather):
         # (b, h, p, n), (b, h) of this rank → (cp, b, h, p, n), (cp, b, h) of every rank, one collective
@@ -181,11 +187,13 @@ class ContextParallel:
         every = all_gather(packed, self.group)                                       # (cp, b, h·p·n + h)
         return every[..., :-h].reshape(self.world, *state.shape), every[..., -h:]
 
-    def _weight(self, target: int, source: int, log_totals: torch.Tensor) -> torch.Tensor:
-        # (b, h): the weight of piece `source`'s final state in the state entering `target`:
-        # joins_target · Π_{source<t<target} (joins_t · continues_t · a_t), zero unless source < target
-        if source >= target:
-            return torch.zeros_like(log_totals[0])
-        passes = (self._joins & self._continues).to(log_totals.dtype)                # (cp, b)
-        open_path = passes[source + 1:target].prod(0) * self._joins[target].to(log_totals.dtype)
-        return torch.exp(log_totals[source + 1:target].sum(0)) * open_path[:, None]
+    def _weights(self, log_totals: torch.Tensor, target: int | None = None, source: int | None = None):
+        # log_totals: (cp, b, h) → (cp, b, h): the weights of every piece's final state in the
+        # state entering `target`, or of `source`'s in the state entering every piece:
+        # Π_{s<u<t} a_u where a path runs from s to t (begin), else 0
+        between, paths = (self._between[target], self._paths[target]) if target is not None else \
+            (self._between[:, source], self._paths[:, source])                   # (cp, cp u), (cp, b)
+        log_weight = torch.einsum("ku,ubh->kbh", between.to(log_totals.dtype), log_totals)
+        # -inf where no path runs: exp gives 0, and its gradient stays 0 (where a product with
+        # 0 after the exp would meet an overflowed exp of a positive sum and give nan)
+        return torch.exp(log_weight.masked_fill(~paths[..., None], float("-inf")))
