@@ -1,7 +1,7 @@
 """End-to-end training speed on one GPU: our Mamba2LM beside a plain LM of mamba_ssm's Mamba2 blocks.
 
 Both run the same step (issue 9): fp32 parameters, bf16 autocast, fused AdamW, gradient
-clipping at 1.0, seq 2048, the same token batch, the same padded vocabulary (tied head).
+clipping at 1.0 (folded into the optimizer as the trainer does), seq 2048, the same token batch, the same padded vocabulary (tied head).
 The anchor is mamba_ssm 2.3.2.post1's `Block(Mamba2)` with its Triton RMSNorm (fused add,
 residual in fp32), on its unfused path (torch conv1d, `use_mem_eff_path=False`) and, when
 the causal_conv1d extension imports, also on its fused path. Tokens/s are medians over the
@@ -45,6 +45,7 @@ from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  #
 from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
 from mamba_train.model.flops import training_flops_per_token  # noqa: E402
 from mamba_train.train.cuda_graph import GraphedMicroStep  # noqa: E402
+from mamba_train.train.loop import clipped_step  # noqa: E402
 from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 from mamba_train.train.schedule import lr_at  # noqa: E402
 
@@ -104,6 +105,13 @@ def make_optimizer(groups, device_type):
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device_type == "cuda")
 
 
+def clip_and_step(optimizer, model, max_norm=1.0):
+    # as the trainer does (mamba_train.train.loop.clipped_step): the clip folded into the fused
+    # AdamW's pass over the gradients, for ours and the anchor alike
+    params = [p for p in model.parameters() if p.grad is not None]
+    clipped_step(optimizer, params, torch.nn.utils.get_total_norm([p.grad for p in params]), max_norm)
+
+
 def make_step(model, groups):
     device_type = next(model.parameters()).device.type
     optimizer = make_optimizer(groups, device_type)
@@ -115,8 +123,7 @@ def make_step(model, groups):
         with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = model.loss(input_ids, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clip_and_step(optimizer, model)
         optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -139,8 +146,7 @@ def make_graphed_step(model, groups, batch):
 
     def step(input_ids, labels):
         loss = graphed(dict(input_ids=input_ids, labels=labels))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clip_and_step(optimizer, model)
         optimizer.zero_grad(set_to_none=False)   # the graph adds into the gradients it was captured with
         return loss
 
