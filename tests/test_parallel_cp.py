@@ -203,6 +203,39 @@ def test_triton_mixer_body_on_pieces_equals_the_whole_sequence(world):
     run_workers(_mixer_body_piece_worker, world, "tiny", torch.float32, 1e-5)
 
 
+def _triton_model_worker(rank, world, tp, recompute, with_docs):
+    # The whole parallel model with the Triton mixer body (Triton's interpreter on CPU) in place
+    # of the reference one, against the single-process reference model: TP and CP together,
+    # recomputation re-running the op's collectives, one document or several.
+    import mamba_train.model.mamba2 as mamba2
+    from kernels.triton_mixer import mixer_body_triton
+
+    mamba2.mixer_body = mixer_body_triton
+    cfg, cp, seq_len = tiny_config(ngroups=2, n_layer=1), world // tp, 16   # small: every kernel is interpreted
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg, tp_size=tp)
+    dims = init_parallel(validate_layout(cfg, seq_len, world, tp=tp, cp=cp))
+    model = parallelize_model(copy.deepcopy(reference), dims)
+    set_recompute(model, recompute)
+    input_ids, labels, seq_idx = tiny_batch(cfg, 3, seq_len, _doc_starts(seq_len, cp))
+    seq_idx = seq_idx if with_docs else None
+    pieces = [None if t is None else context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]
+    model.loss(*pieces).backward()
+    allreduce_gradients(model, dims)
+    reference.loss(input_ids, labels, seq_idx).backward()
+    expected = shard_state_dict({name: p.grad for name, p in reference.named_parameters()}, cfg, tp, dims.tp_rank)
+    assert_grads_close({name: p.grad for name, p in model.named_parameters()}, expected)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, world, recompute, with_docs", [(2, 4, False, True), (1, 2, True, False)],
+                         ids=["tp2_cp2_docs", "cp2_recompute_one_document"])
+def test_parallel_model_with_the_triton_mixer_body_equals_one_process(tp, world, recompute, with_docs):
+    if not _interpreted_triton():
+        pytest.skip("the kernels are compiled for the GPU here: the gpu test below runs them")
+    run_workers(_triton_model_worker, world, tp, recompute, with_docs)
+
+
 @pytest.mark.gpu
 def test_gpu_triton_mixer_body_on_two_nccl_ranks_equals_the_whole_sequence():
     if _interpreted_triton() or torch.cuda.device_count() < 2:
