@@ -19,78 +19,60 @@ This package shares its import name with Hugging Face's `kernels` hub package. I
 define `__version__`: transformers probes it to decide whether the hub package is installed.
 """
 
+import importlib
+
 from . import reference as _reference
 from .reference import ssd_chunked, ssd_sequential
+
+
+def _implementation(op: str, tensor, package: str, reference):
+    """`op` for `tensor`: `kernels.<package>.<op>_triton` on a CUDA tensor, else `reference`.
+    No silent fallback: on a GPU without Triton this raises."""
+    if not tensor.is_cuda:
+        return reference
+    try:
+        module = importlib.import_module(f".{package}", __name__)
+    except ImportError as err:
+        raise RuntimeError(f"kernels.{op} on a CUDA tensor needs Triton ({err}); install mamba-train[gpu]") from err
+    return getattr(module, f"{op}_triton")
 
 
 def ssd(x, dt, A, B, C, chunk_size, **kwargs):
     """Chunked SSD (Mamba-2); see `kernels.reference.ssd_chunked` for the arguments and
     their semantics, which the Triton path shares."""
-    if x.is_cuda:
-        try:
-            from .triton_ssd import ssd_triton
-        except ImportError as err:
-            raise RuntimeError(f"kernels.ssd on a CUDA tensor needs Triton ({err}); install mamba-train[gpu]") from err
-        return ssd_triton(x, dt, A, B, C, chunk_size, **kwargs)
-    return ssd_chunked(x, dt, A, B, C, chunk_size, **kwargs)
+    return _implementation("ssd", x, "triton_ssd", ssd_chunked)(x, dt, A, B, C, chunk_size, **kwargs)
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None, return_final_state=False,
                   seq_idx=None):
     """Causal depthwise conv1d over channels-last x; see `kernels.reference.causal_conv1d`."""
-    kwargs = dict(activation=activation, initial_state=initial_state, return_final_state=return_final_state,
-                  seq_idx=seq_idx)
-    if x.is_cuda:
-        try:
-            from .triton_conv import causal_conv1d_triton
-        except ImportError as err:
-            raise RuntimeError(f"kernels.causal_conv1d on a CUDA tensor needs Triton ({err}); "
-                               "install mamba-train[gpu]") from err
-        return causal_conv1d_triton(x, weight, bias, **kwargs)
-    return _reference.causal_conv1d(x, weight, bias, **kwargs)
+    return _implementation("causal_conv1d", x, "triton_conv", _reference.causal_conv1d)(
+        x, weight, bias, activation=activation, initial_state=initial_state, return_final_state=return_final_state,
+        seq_idx=seq_idx)
 
 
 def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     """RMSNorm of x·silu(z) per group, times weight, in out_dtype (default x's); see
     `kernels.reference.rmsnorm_gated`."""
-    if x.is_cuda:
-        try:
-            from .triton_norm import rmsnorm_gated_triton
-        except ImportError as err:
-            raise RuntimeError(f"kernels.rmsnorm_gated on a CUDA tensor needs Triton ({err}); "
-                               "install mamba-train[gpu]") from err
-        return rmsnorm_gated_triton(x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
-    return _reference.rmsnorm_gated(x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
+    return _implementation("rmsnorm_gated", x, "triton_norm", _reference.rmsnorm_gated)(
+        x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
 
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
                norm_eps=1e-5, dt_limit=(0.0, float("inf")), seq_idx=None, context_parallel=None):
     """A Mamba-2 mixer from in_proj's output [z | x | B | C | dt] to out_proj's, for a whole
     sequence or (with context_parallel) one rank's piece of it; see `kernels.reference.mixer_body`."""
-    args = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight)
-    kwargs = dict(ngroups=ngroups, chunk_size=chunk_size, norm_eps=norm_eps, dt_limit=dt_limit, seq_idx=seq_idx,
-                  context_parallel=context_parallel)
-    if zxbcdt.is_cuda:
-        try:
-            from .triton_mixer import mixer_body_triton
-        except ImportError as err:
-            raise RuntimeError(f"kernels.mixer_body on a CUDA tensor needs Triton ({err}); "
-                               "install mamba-train[gpu]") from err
-        return mixer_body_triton(*args, **kwargs)
-    return _reference.mixer_body(*args, **kwargs)
+    return _implementation("mixer_body", zxbcdt, "triton_mixer", _reference.mixer_body)(
+        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups=ngroups,
+        chunk_size=chunk_size, norm_eps=norm_eps, dt_limit=dt_limit, seq_idx=seq_idx,
+        context_parallel=context_parallel)
 
 
 def cross_entropy_rows(logits, labels, grad_scale=None):
     """Loss per row of (rows, vocab) logits and, with grad_scale, the gradient written over
     them; see `kernels.reference.cross_entropy_rows`."""
-    if logits.is_cuda:
-        try:
-            from .triton_xent import cross_entropy_rows_triton
-        except ImportError as err:
-            raise RuntimeError(f"kernels.cross_entropy_rows on a CUDA tensor needs Triton ({err}); "
-                               "install mamba-train[gpu]") from err
-        return cross_entropy_rows_triton(logits, labels, grad_scale)
-    return _reference.cross_entropy_rows(logits, labels, grad_scale)
+    return _implementation("cross_entropy_rows", logits, "triton_xent", _reference.cross_entropy_rows)(
+        logits, labels, grad_scale)
 
 
 __all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows"]
