@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # On a 2-GPU machine (device tool, kind nvidia-h200-x2): the parallel trainer itself, as users
-# launch it (torchrun; DeepSpeed ZeRO-1 over megatron-core's groups; NCCL; eager steps), on the
+# launch it (torchrun; DeepSpeed ZeRO-1 over megatron-core's groups; NCCL), on the
 # quickstart data beside one GPU. MODEL (130m or 1.3b; ngroups 2 so that TP splits groups),
 # STEPS steps a run, and the runs named in RUNS:
 #   one     one GPU                       dp2, tp2, cp2   two GPUs in that layout
 #   resume  DP=2 for STEPS, then a second launch resumes its sharded checkpoint for STEPS/2 more
+#   NAME-graph  the same run with train.cuda_graph=true (one-graph: one GPU, graphed)
 # bench/train_parallel_report.py then prints tokens/s per GPU against one GPU from the runs'
 # metrics.jsonl and writes bench/results/train-parallel-<gpu>-<model>.json.
 #   carry: .devwheels (megatron-core, DeepSpeed 0.19.8's pure-Python wheel and its deps, …, for
 #          Python 3.12: ../shared/GPU.md), data/quickstart
-#   usage: MODEL=1.3b STEPS=12 RUNS="one tp2 cp2" bash bench/device_train_parallel.sh
+#   usage: MODEL=1.3b STEPS=12 RUNS="one tp2 cp2 one-graph tp2-graph" bash bench/device_train_parallel.sh
 set -uo pipefail
 source bench/device_env.sh
 export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse the image's 9.0a (GPU.md)
@@ -31,11 +32,12 @@ run() {   # run name, log name, seconds, command...: metrics and checkpoints in 
 names=()
 for r in $RUNS; do
   rm -rf "/tmp/ckpt-$r" "$OUT/$r"   # a run starts afresh (a warm machine keeps the last call's)
-  case $r in
-    one) run one one 240 $train1 $common train.steps=$STEPS; names+=(one) ;;
-    dp2) run dp2 dp2 180 $train2 $common train.steps=$STEPS; names+=(dp2) ;;
-    tp2) run tp2 tp2 180 $train2 $common train.steps=$STEPS parallel.tp=2; names+=(tp2) ;;
-    cp2) run cp2 cp2 180 $train2 $common train.steps=$STEPS parallel.cp=2; names+=(cp2) ;;
+  graph=train.cuda_graph=false; [[ $r == *-graph ]] && graph=train.cuda_graph=true
+  case ${r%-graph} in
+    one) run $r $r 240 $train1 $common train.steps=$STEPS $graph; names+=($r) ;;
+    dp2) run $r $r 180 $train2 $common train.steps=$STEPS $graph; names+=($r) ;;
+    tp2) run $r $r 180 $train2 $common train.steps=$STEPS parallel.tp=2 $graph; names+=($r) ;;
+    cp2) run $r $r 180 $train2 $common train.steps=$STEPS parallel.cp=2 $graph; names+=($r) ;;
     resume) run resume resume 180 $train2 $common train.steps=$STEPS
             run resume resume-2 150 $train2 $common train.steps=$((STEPS + STEPS / 2)) --resume auto ;;
     *) echo "unknown run $r"; status=1 ;;

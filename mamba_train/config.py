@@ -170,10 +170,10 @@ class TrainConfig:
     # checkpointing): memory for one block's activations instead of all, for about one more
     # forward of compute. For a micro-batch or sequence that does not fit otherwise.
     recompute: bool = False
-    # Replay each micro-batch's forward and backward from a CUDA graph (one process on a GPU):
-    # the CPU launches one graph instead of thousands of kernels, for steps the CPU would
-    # otherwise bound (train/cuda_graph.py). Fixed batch shapes; the graph keeps its own memory;
-    # not with train.recompute yet.
+    # Replay each micro-batch's forward and backward from a CUDA graph (on GPUs; in parallel
+    # runs DeepSpeed's reduction and step stay eager): the CPU launches one graph instead of
+    # thousands of kernels, for steps the CPU would otherwise bound (train/cuda_graph.py).
+    # Fixed batch shapes; the graph keeps its own memory; not with train.recompute yet.
     cuda_graph: bool = False
 
     def validate(self) -> None:

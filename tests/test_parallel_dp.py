@@ -10,7 +10,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is in the [dev] extra")
 from distributed import run_workers, tiny_batch, tiny_config
 from mamba_train.config import OptimConfig
 from mamba_train.model import Mamba2LM, param_groups
-from mamba_train.parallel import init_parallel, parallelize_model, setup_parallel, validate_layout
+from mamba_train.parallel import destroy_parallel, init_parallel, parallelize_model, setup_parallel, validate_layout
 from mamba_train.parallel.data_parallel import build_engine, deepspeed_config
 
 SEQ_LEN = 32
@@ -46,7 +46,7 @@ def _reference_losses(cfg, steps: int, rows: int, tp_size: int) -> list[float]:
     return losses
 
 
-def _train(rank, world, tp, cp, zero_stage, steps, sequence_parallel, grad_accum=1):
+def _train(rank, world, tp, cp, zero_stage, steps, sequence_parallel, grad_accum=1, handed_over=False):
     cfg = tiny_config(ngroups=2)
     micro_batch = 1
     optim = OptimConfig(lr=OPTIM["lr"], beta1=OPTIM["betas"][0], beta2=OPTIM["betas"][1], eps=OPTIM["eps"],
@@ -66,6 +66,8 @@ def _train(rank, world, tp, cp, zero_stage, steps, sequence_parallel, grad_accum
             rows_of = slice(first, first + micro_batch)
             batch = run.piece({"input_ids": input_ids[rows_of], "labels": labels[rows_of],
                                "seq_idx": seq_idx[rows_of]})
+            if handed_over and step == micro == 0:
+                run.graph_loss(batch, capture=False)  # train.cuda_graph's hand-over, without the graph
             loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
             run.engine.backward(loss)   # scales by 1 / grad_accum; steps only at the boundary
             run.engine.step()
@@ -77,6 +79,9 @@ def _train(rank, world, tp, cp, zero_stage, steps, sequence_parallel, grad_accum
     if rank == 0:
         print(f"tp={tp} cp={cp} dp={dims.layout.dp} zero={zero_stage} accum={grad_accum}: "
               f"worst relative loss difference {worst:.1e}")
+    weights = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    destroy_parallel()
+    return losses, weights
 
 
 def _zero_worker(rank, world):
@@ -98,6 +103,24 @@ def _tp_cp_dp_worker(rank, world):
 @pytest.mark.distributed
 def test_tp2_cp2_dp2_trains_like_one_process_for_20_steps():
     run_workers(_tp_cp_dp_worker, 8)
+
+
+def _handed_over_worker(rank, world):
+    # TP2 (sequence parallel: the norms' gradient hooks) × CP2, accumulation 2, ZeRO-1 and -2
+    for stage in (1, 2):
+        plain = _train(rank, world, tp=2, cp=2, zero_stage=stage, steps=3, sequence_parallel=True, grad_accum=2)
+        handed = _train(rank, world, tp=2, cp=2, zero_stage=stage, steps=3, sequence_parallel=True, grad_accum=2,
+                        handed_over=True)
+        assert handed[0] == plain[0], f"ZeRO-{stage}: losses {handed[0]} vs {plain[0]}"
+        for name, weight in plain[1].items():
+            assert torch.equal(handed[1][name], weight), f"ZeRO-{stage}: {name} differs after 3 steps"
+
+
+@pytest.mark.distributed
+def test_gradients_handed_over_to_deepspeed_train_bit_for_bit_as_its_backward():
+    """train.cuda_graph's path without the graph: the loss and its gradients computed first, then
+    handed to the engine's backward (1/accum, hooks, ZeRO reduction), equal a plain backward."""
+    run_workers(_handed_over_worker, 4)
 
 
 def _bf16_worker(rank, world):

@@ -229,3 +229,31 @@ def test_a_hung_collective_raises_a_clear_error(markov_data, tmp_path):
     waiting = (tmp_path / "rank0.txt").read_text()
     assert "rank 0: a collective did not complete within parallel.timeout_minutes=0.02" in waiting, waiting
     assert "another rank" in (tmp_path / "rank1.txt").read_text()
+
+
+def _graph_worker(rank, world, data, root):
+    # eager steps and train.cuda_graph's replays of every layout, with accumulation over 2
+    # micro-batches and an evaluation between steps 3 and 4 (eager, on the same weights)
+    results = {}
+    for name, overrides in LAYOUTS.items():
+        for graph in ("false", "true"):
+            run = train(tiny_config(data, root / f"{name}-graph-{graph}", *COMMON, *overrides, "train.device=cuda",
+                                    "train.grad_accum=2", f"train.cuda_graph={graph}"))
+            results[f"{name}-graph-{graph}"] = {"losses": run.losses, "eval": run.eval["overall"]["loss"]}
+    save_rank_results(root, rank, results)
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+def test_gpu_cuda_graph_of_tp2_cp2_dp2_trains_exactly_as_eager(markov_data, tmp_path):
+    """The parallel trainer's graph: the model's loss and backward (collectives, and the
+    sequence-parallel norms' gradient sum, inside) replayed, then handed to DeepSpeed's engine,
+    whose reduction and step stay eager: the same losses, bit for bit, on two NCCL ranks."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    run_workers(_graph_worker, 2, markov_data, tmp_path, backend="nccl")
+    ranks = load_rank_results(tmp_path, 2)
+    for layout in LAYOUTS:
+        eager, graphed = ranks[0][f"{layout}-graph-false"], ranks[0][f"{layout}-graph-true"]
+        assert graphed == eager, f"{layout}: graphed {graphed} vs eager {eager}"
+        assert ranks[1][f"{layout}-graph-true"] == graphed, layout

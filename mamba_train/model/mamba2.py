@@ -32,12 +32,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x, self.weight)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # The gated norm without a gate (one Triton kernel each way on a GPU). Under autocast
         # the output is written in the autocast dtype, which the next matmul reads anyway:
         # the fp32 residual stream's norm then never exists in fp32, nor its cast.
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return rmsnorm_gated(x, None, self.weight, eps=self.eps, group_size=x.shape[-1], out_dtype=out_dtype)
+        return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1], out_dtype=out_dtype)
 
 
 class Mamba2Mixer(nn.Module):

@@ -15,11 +15,11 @@ gradient of the mean over the global batch, as all pieces hold the same number o
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mamba_train.model import Mamba2LM
+from mamba_train.model.mamba2 import RMSNorm
 from mamba_train.parallel.context_parallel import ContextParallel
 from mamba_train.parallel.groups import ParallelDims, model_parallel_config
 from mamba_train.parallel.tensor_parallel import _no_init, mark_tensor_parallel, shard_mixer, shard_state_dict
@@ -52,16 +52,9 @@ class ParallelMamba2LM(nn.Module):
             shard_mixer(layer.mixer, dims, mp_config)
             layer.mixer.context_parallel = self.context_parallel
         if self.sequence_parallel:
-            # Norm weights see only this rank's slice of the sequence: their gradient is a
-            # partial sum over the TP group (megatron's `sequence_parallel` parameters).
-            for param in [layer.norm.weight for layer in self.layers] + [self.norm_f.weight]:
-                param.sequence_parallel = True
-                param.register_hook(self._sum_over_tp)
-
-    def _sum_over_tp(self, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=self.dims.tp_group)
-        return grad
+            for layer in self.layers:
+                layer.norm = SequenceParallelRMSNorm(layer.norm, dims.tp_group)
+            self.norm_f = SequenceParallelRMSNorm(self.norm_f, dims.tp_group)
 
     def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         # input_ids, seq_idx: (batch, local_len) → (local_len, batch, d_model) after norm_f, the
@@ -106,6 +99,26 @@ class ParallelMamba2LM(nn.Module):
         if reduction == "none":
             return losses
         return losses.mean() if reduction == "mean" else losses.sum()
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """A block norm under sequence parallelism: each TP rank normalises its slice of the
+    sequence, so its weight's gradient is a partial sum over the TP group. The weight enters
+    through megatron's copy_to_tensor_model_parallel_region (identity forward, all-reduce
+    backward): the sum is part of the autograd graph, so it runs once wherever the backward
+    runs (eagerly, or inside train.cuda_graph's captured one). A tensor hook on the weight
+    would run again when the captured gradients are handed to the parameters."""
+
+    def __init__(self, norm: RMSNorm, tp_group):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight   # the same parameter: same key, same initialisation
+        self.weight.sequence_parallel = True   # megatron's mark for such parameters
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return self._norm(x, copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group))
 
 
 def parallelize_model(model: Mamba2LM, dims: ParallelDims) -> ParallelMamba2LM:

@@ -7,6 +7,9 @@ layout check → megatron groups → model (same seed on every rank) → shard �
     loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
     run.engine.backward(loss); run.engine.step()   # steps at the accumulation boundary
     logged = run.average(loss)                      # the global batch's mean loss, on every rank
+
+With `run.graph_loss(batch)` (train.cuda_graph) the engine call replays the loss and its
+backward from a CUDA graph from then on; the rest of the step is unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +41,33 @@ class ParallelRun:
         total = loss.detach().float().clone()
         dist.all_reduce(total, group=self.dims.dp_cp_group)
         return total.item() / dist.get_world_size(self.dims.dp_cp_group)
+
+    def graph_loss(self, example: dict[str, torch.Tensor], capture: bool = True) -> None:
+        """From now on `engine(input_ids, seq_idx, labels=)` in training computes this rank's
+        loss and gradients from one CUDA graph captured on `example` (a piece, as `piece`
+        returns it; later batches must have its shapes), collectives included, and hands the
+        gradients to the engine's backward (`GraphedLoss`): DeepSpeed's hooks, reduction and
+        step stay eager. capture=False hands over without a graph (the CPU tests).
+
+        The engine calls its module's forward; as torch.cuda.make_graphed_callables does, the
+        model's forward becomes the replay (an instance attribute). Evaluation calls
+        `model.loss` and stays eager."""
+        from mamba_train.train.cuda_graph import GraphedLoss
+
+        model = self.model
+        if "forward" in vars(model):
+            raise RuntimeError("graph_loss: this run's loss is already replayed from a graph")
+        params = [p for p in model.parameters() if p.requires_grad]
+        graphed = GraphedLoss(lambda b: model.loss(b["input_ids"], b["labels"], b["seq_idx"]), params, example,
+                              capture=capture)
+        eager = model.forward
+
+        def forward(input_ids, seq_idx=None, labels=None):
+            if labels is None or not model.training:
+                return eager(input_ids, seq_idx, labels)
+            return graphed({"input_ids": input_ids, "labels": labels, "seq_idx": seq_idx})
+
+        model.forward = forward
 
 
 def setup_parallel(model_cfg: ModelConfig, seq_len: int, optim: OptimConfig, micro_batch: int, grad_accum: int,

@@ -1,15 +1,21 @@
-"""Forward and backward of one micro-batch replayed from a CUDA graph (train.cuda_graph).
+"""A micro-batch's forward and backward replayed from a CUDA graph (train.cuda_graph).
 
 An eager step enqueues a few thousand kernels, and at 370m their Python launch path takes
 almost as long as the GPU runs them (bench/results/train-*.json: ours_enqueue_ms); a replay
 is one launch. The recipe is PyTorch's for whole networks: warm-up calls on a side stream
-(Triton compiles, the allocator settles), then the capture; every replay reads its batch
-from static input buffers.
+(Triton compiles, the allocator settles, NCCL's communicators start), then the capture;
+every replay reads its batch from static input buffers.
 
-The gradients exist (zeroed) before the capture, so the captured backward adds into them:
-replays accumulate over micro-batches as eager backward does, and the trainer zeroes them in
-place after each optimizer step. Setting them to None would orphan the buffers the graph
-writes.
+Two ways to hand the captured gradients on:
+- `GraphedMicroStep` (one process): the gradients exist, zeroed, before the capture, so the
+  captured backward adds into them. Replays accumulate over micro-batches as eager backward
+  does, and the trainer zeroes them in place after each optimizer step (setting them to None
+  would orphan the buffers the graph writes). Nothing runs outside the graph.
+- `GraphedLoss` (a DeepSpeed engine): the graph computes the loss and the gradients into
+  buffers of its own, and an autograd op over the parameters hands them on when the engine's
+  backward runs. Every parameter then receives its gradient as after an eager backward, so
+  the engine's gradient hooks, accumulation, reduction and step run unchanged, eagerly,
+  outside the graph: nothing in DeepSpeed has to be capturable.
 """
 
 from __future__ import annotations
@@ -18,6 +24,32 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+
+def _capture(fn: Callable[[dict], object], static: dict, warmup: int, before_capture: Callable[[], None] = None):
+    """(graph, fn(static) as captured): fn warmed up on a side stream, then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static)
+    return graph, out
+
+
+def _copy_into(static: dict, batch: dict) -> None:
+    for key, value in batch.items():
+        buffer = static[key]
+        if value.shape != buffer.shape:
+            raise ValueError(f"train.cuda_graph: batch {key!r} has shape {tuple(value.shape)}, the captured step "
+                             f"{tuple(buffer.shape)}; a graph replays fixed shapes (turn train.cuda_graph off for "
+                             "batches that vary)")
+        buffer.copy_(value, non_blocking=True)
 
 
 class GraphedMicroStep:
@@ -32,25 +64,63 @@ class GraphedMicroStep:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                forward_backward(self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        torch._foreach_zero_([p.grad for p in params])
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = forward_backward(self.static)
+        self.graph, self.loss = _capture(forward_backward, self.static, warmup,
+                                         before_capture=lambda: torch._foreach_zero_([p.grad for p in params]))
 
     def __call__(self, batch: dict) -> torch.Tensor:
         """Replay on `batch`; returns the loss tensor the graph overwrites on its next replay."""
-        for key, value in batch.items():
-            static = self.static[key]
-            if value.shape != static.shape:
-                raise ValueError(f"train.cuda_graph: batch {key!r} has shape {tuple(value.shape)}, the captured step "
-                                 f"{tuple(static.shape)}; a graph replays fixed shapes (turn train.cuda_graph off for "
-                                 "batches that vary)")
-            static.copy_(value, non_blocking=True)
+        _copy_into(self.static, batch)
         self.graph.replay()
         return self.loss
+
+
+class GraphedLoss:
+    """`loss_fn(batch)` (a scalar) and its gradients for `params`, computed together on each
+    call, from one CUDA graph captured on `example` (or eagerly with capture=False: the same
+    hand-over without a graph, which the CPU tests check against a plain backward).
+
+    The call returns the loss as the output of one autograd op over `params`; its backward
+    gives each parameter the computed gradient times the incoming one (an engine's 1/accum).
+    Backward must run before the next call, whose replay overwrites the gradients."""
+
+    def __init__(self, loss_fn: Callable[[dict], torch.Tensor], params: list[torch.Tensor], example: dict,
+                 capture: bool = True, warmup: int = 3):
+        self.loss_fn, self.params, self.capture = loss_fn, list(params), capture
+        self.calls = 0   # which call's gradients the buffers hold
+        if capture:
+            self.static = {k: v.clone() for k, v in example.items()}
+            self.graph, (self.loss, self.grads) = _capture(self._loss_and_grads, self.static, warmup)
+
+    def _loss_and_grads(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = self.loss_fn(batch)
+        # autograd.grad, not backward: the parameters' .grad and their hooks stay untouched
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.capture:
+            _copy_into(self.static, batch)
+            self.graph.replay()
+            loss, grads = self.loss, self.grads
+        else:
+            loss, grads = self._loss_and_grads(batch)
+        self.calls += 1
+        return _HandOver.apply(self, self.calls, loss, grads, *self.params)
+
+
+class _HandOver(torch.autograd.Function):
+    """loss (already computed, with its gradients) → the same loss as a function of the
+    parameters, whose backward returns those gradients."""
+
+    @staticmethod
+    def forward(ctx, graphed: GraphedLoss, call: int, loss: torch.Tensor, grads: list[torch.Tensor], *params):
+        ctx.graphed, ctx.call, ctx.grads = graphed, call, grads
+        return loss.clone()   # the graph overwrites its own loss on the next replay
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.graphed.calls != ctx.call:
+            raise RuntimeError("train.cuda_graph: a micro-batch's backward ran after the next micro-batch's forward, "
+                               "which overwrote its gradients (call backward once after each forward)")
+        # new tensors: the parameters' .grad may keep what they are given, and the buffers are reused
+        return (None, None, None, None, *torch._foreach_mul(ctx.grads, grad_loss))

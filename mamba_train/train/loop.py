@@ -81,6 +81,9 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after_steps: int | Non
     would: checkpoint and return). `resume`: None, "auto" or a checkpoint directory."""
     resolve_vocab(cfg)
     device = pick_device(cfg)
+    if cfg.train.cuda_graph and device.type != "cuda":
+        raise TrainingError(f"train.cuda_graph replays CUDA graphs, and this run is on {device}: turn it off or "
+                            "run on a GPU")
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.train.seed)
@@ -228,9 +231,6 @@ class SingleProcessTrainer:
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        if cfg.train.cuda_graph and device.type != "cuda":
-            raise TrainingError(f"train.cuda_graph replays CUDA graphs, and this run is on {device}: turn it off or "
-                                "run on a GPU")
         self.amp_dtype = autocast_dtype(cfg, device)
         # a CUDA graph must not carry autocast's cached weight casts across its capture
         self.amp = ((lambda: torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=not cfg.train.cuda_graph))

@@ -8,6 +8,8 @@ What differs from one process:
 - DeepSpeed averages gradients over DP × CP, clips by the whole model's norm and steps;
   under bf16 the weights are bf16 with fp32 masters in the optimizer (no autocast), and
   a step whose gradient norm is not finite is skipped by DeepSpeed itself;
+- with train.cuda_graph, the model's loss and backward replay from a CUDA graph, the
+  engine's hooks, reduction and step stay eager (`ParallelRun.graph_loss`);
 - the logged loss is the global batch's mean (one all-reduce per step), logged by rank 0;
 - validation is the token-mean loss over packed windows of the validation data (each DP
   rank its windows, each CP rank its piece), not the per-document evaluation of one
@@ -67,9 +69,6 @@ class ParallelTrainer:
                                           sequence_parallel=parallel.sequence_parallel)
         except LayoutError as err:
             raise TrainingError(f"parallel layout: {err}") from err
-        if cfg.train.cuda_graph:
-            raise TrainingError(f"train.cuda_graph is for one process (this run has {world}): DeepSpeed's engine "
-                                "runs its gradient hooks and communication eagerly")
         self.cfg = cfg
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -89,6 +88,7 @@ class ParallelTrainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.run = None
+        self.graphed = False   # train.cuda_graph: the loss is replayed from a graph made on the first batch
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -156,6 +156,9 @@ class ParallelTrainer:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
             batch = self.run.piece({k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()})
+            if self.cfg.train.cuda_graph and not self.graphed:
+                self.run.graph_loss(batch)
+                self.graphed = True
             loss = engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])  # mean over this piece
             engine.backward(loss)  # scaled by 1 / grad_accum inside
             engine.step()  # the optimizer steps at the accumulation boundary only
