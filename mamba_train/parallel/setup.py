@@ -57,8 +57,7 @@ class ParallelRun:
         model = self.model
         if "forward" in vars(model):
             raise RuntimeError("graph_loss: this run's loss is already replayed from a graph")
-        params = [p for p in model.parameters() if p.requires_grad]
-        graphed = GraphedLoss(lambda b: model.loss(b["input_ids"], b["labels"], b["seq_idx"]), params, example,
+        graphed = GraphedLoss(model, lambda m, b: m.loss(b["input_ids"], b["labels"], b["seq_idx"]), example,
                               capture=capture)
         eager = model.forward
 

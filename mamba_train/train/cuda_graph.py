@@ -75,26 +75,35 @@ class GraphedMicroStep:
 
 
 class GraphedLoss:
-    """`loss_fn(batch)` (a scalar) and its gradients for `params`, computed together on each
-    call, from one CUDA graph captured on `example` (or eagerly with capture=False: the same
-    hand-over without a graph, which the CPU tests check against a plain backward).
+    """`loss_fn(module, batch)` (a scalar) and its gradients for the module's trainable
+    parameters, computed together on each call, from one CUDA graph captured on `example` (or
+    eagerly with capture=False: the same hand-over without a graph, which the CPU tests check
+    against a plain backward).
 
-    The call returns the loss as the output of one autograd op over `params`; its backward
-    gives each parameter the computed gradient times the incoming one (an engine's 1/accum).
-    Backward must run before the next call, whose replay overwrites the gradients."""
+    The call returns the loss as the output of one autograd op over the parameters; its
+    backward gives each parameter the computed gradient times the incoming one (an engine's
+    1/accum). Backward must run before the next call, whose replay overwrites the gradients."""
 
-    def __init__(self, loss_fn: Callable[[dict], torch.Tensor], params: list[torch.Tensor], example: dict,
+    def __init__(self, module: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor], example: dict,
                  capture: bool = True, warmup: int = 3):
-        self.loss_fn, self.params, self.capture = loss_fn, list(params), capture
+        self.module, self.loss_fn, self.capture = module, loss_fn, capture
+        self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
         self.calls = 0   # which call's gradients the buffers hold
         if capture:
             self.static = {k: v.clone() for k, v in example.items()}
             self.graph, (self.loss, self.grads) = _capture(self._loss_and_grads, self.static, warmup)
 
     def _loss_and_grads(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        loss = self.loss_fn(batch)
-        # autograd.grad, not backward: the parameters' .grad and their hooks stay untouched
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        # The gradients are taken with respect to views of the parameters, which the module
+        # computes with in their place (autograd.grad, not backward, also leaves .grad and the
+        # parameters' hooks alone). A backward that reached the parameters themselves would end in
+        # their gradient accumulators: DeepSpeed keeps those alive from its setup, tied to the
+        # default stream, and a captured backward that fed them would make the default stream
+        # wait on the capture, which CUDA refuses.
+        views = {name: p.view_as(p) for name, p in zip(self.names, self.params)}
+        with torch.nn.utils.stateless._reparametrize_module(self.module, views):
+            loss = self.loss_fn(self.module, batch)
+        grads = torch.autograd.grad(loss, list(views.values()), allow_unused=True)
         return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
     def __call__(self, batch: dict) -> torch.Tensor:
