@@ -80,6 +80,9 @@ def _train(rank, world, tp, cp, zero_stage, steps, sequence_parallel, grad_accum
         print(f"tp={tp} cp={cp} dp={dims.layout.dp} zero={zero_stage} accum={grad_accum}: "
               f"worst relative loss difference {worst:.1e}")
     weights = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    if handed_over:
+        run.release_graph()   # what the trainer's close does before the groups go
+        assert "forward" not in vars(run.model) and run.graphed is None
     destroy_parallel()
     return losses, weights
 

@@ -31,6 +31,7 @@ class ParallelRun:
     dims: ParallelDims
     model: ParallelMamba2LM
     engine: object  # deepspeed.DeepSpeedEngine
+    graphed: object = None  # the GraphedLoss the engine's calls replay (graph_loss), if any
 
     def piece(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{"input_ids", "labels", "seq_idx"}: (micro, seq_len) → (micro, seq_len / cp)."""
@@ -55,7 +56,7 @@ class ParallelRun:
         from mamba_train.train.cuda_graph import GraphedLoss
 
         model = self.model
-        if "forward" in vars(model):
+        if self.graphed is not None:
             raise RuntimeError("graph_loss: this run's loss is already replayed from a graph")
         graphed = GraphedLoss(model, lambda m, b: m.loss(b["input_ids"], b["labels"], b["seq_idx"]), example,
                               capture=capture)
@@ -67,6 +68,14 @@ class ParallelRun:
             return graphed({"input_ids": input_ids, "labels": labels, "seq_idx": seq_idx})
 
         model.forward = forward
+        self.graphed = graphed
+
+    def release_graph(self) -> None:
+        """Back to eager steps, the graph freed (before the process groups are destroyed)."""
+        if self.graphed is not None:
+            self.graphed.release()
+            del self.model.forward   # the class's forward again
+            self.graphed = None
 
 
 def setup_parallel(model_cfg: ModelConfig, seq_len: int, optim: OptimConfig, micro_batch: int, grad_accum: int,

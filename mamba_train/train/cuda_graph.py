@@ -106,6 +106,16 @@ class GraphedLoss:
         grads = torch.autograd.grad(loss, list(views.values()), allow_unused=True)
         return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
+    def release(self) -> None:
+        """Free the graph. Before its process group is destroyed: NCCL cannot destroy a
+        communicator that a live graph has captured, and destroy_process_group hangs
+        (pytorch/pytorch#115388)."""
+        if self.capture:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.capture = False
+        self.static = self.loss = self.grads = None
+
     def __call__(self, batch: dict) -> torch.Tensor:
         if self.capture:
             _copy_into(self.static, batch)

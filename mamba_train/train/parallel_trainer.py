@@ -88,7 +88,6 @@ class ParallelTrainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.run = None
-        self.graphed = False   # train.cuda_graph: the loss is replayed from a graph made on the first batch
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -156,9 +155,8 @@ class ParallelTrainer:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
             batch = self.run.piece({k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()})
-            if self.cfg.train.cuda_graph and not self.graphed:
+            if self.cfg.train.cuda_graph and self.run.graphed is None:   # captured on the first batch
                 self.run.graph_loss(batch)
-                self.graphed = True
             loss = engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])  # mean over this piece
             engine.backward(loss)  # scaled by 1 / grad_accum inside
             engine.step()  # the optimizer steps at the accumulation boundary only
@@ -197,6 +195,7 @@ class ParallelTrainer:
 
     def close(self) -> None:
         if self.run is not None:
+            self.run.release_graph()   # a live graph of NCCL calls would hang the groups' destruction
             destroy_parallel()
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
