@@ -152,3 +152,36 @@ def _bf16_worker(rank, world):
 @pytest.mark.distributed
 def test_bf16_zero1_with_fp32_master_weights_tracks_fp32_under_tp2():
     run_workers(_bf16_worker, 2)
+
+
+def _grad_norm_worker(rank, world, tp, cp, bf16):
+    cfg = tiny_config(ngroups=2)
+    run = setup_parallel(cfg, SEQ_LEN, OptimConfig(grad_clip=CLIP), 1, 1, tp=tp, cp=cp, bf16=bf16, seed=0)
+    dims = run.dims
+    input_ids, labels, seq_idx = _global_batch(cfg, 0, dims.layout.dp)
+    rows = slice(dims.dp_rank, dims.dp_rank + 1)
+    batch = run.piece({"input_ids": input_ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]})
+    loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
+    run.engine.backward(loss)
+    run.engine.step()
+    reported = float(run.engine.get_global_grad_norm())
+    torch.manual_seed(0)   # the same initial weights, rounded as the engine holds them
+    model = Mamba2LM(cfg, tp_size=tp)
+    if bf16:
+        model = model.to(torch.bfloat16).float()
+    model.loss(input_ids, labels, seq_idx).backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    # measured within 1e-3 relative with bf16 gradients (tp, cp or dp 2), 1e-6 in fp32
+    assert abs(reported - expected) <= (3e-3 if bf16 else 1e-5) * expected, \
+        f"tp={tp} cp={cp} bf16={bf16}: reported {reported:.6f}, one process {expected:.6f}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tp, cp", [(1, 1), (2, 1), (1, 2)])
+def test_reported_grad_norm_is_the_whole_models_on_every_layout(tp, cp, bf16):
+    """DeepSpeed's reported norm (bf16 ZeRO-1 over megatron's groups) is the whole model's: a
+    gradient summed instead of averaged over DP/CP, or a TP shard counted twice, shows here as a
+    factor of the world size, which the loss tests cannot see when every step is clipped (a
+    clipped Adam step does not depend on the gradient's scale)."""
+    run_workers(_grad_norm_worker, 2, tp, cp, bf16)
