@@ -1,6 +1,8 @@
 """Data parallelism: DeepSpeed ZeRO-1/2 on gloo over megatron's groups, alone and under
 TP × CP, trains exactly like one process with AdamW on the same global batch."""
 
+import math
+
 import pytest
 import torch
 
@@ -185,3 +187,51 @@ def test_reported_grad_norm_is_the_whole_models_on_every_layout(tp, cp, bf16):
     factor of the world size, which the loss tests cannot see when every step is clipped (a
     clipped Adam step does not depend on the gradient's scale)."""
     run_workers(_grad_norm_worker, 2, tp, cp, bf16)
+
+
+def _non_finite_worker(rank, world, tp, bf16):
+    cfg = tiny_config(ngroups=2)
+    run = setup_parallel(cfg, SEQ_LEN, OptimConfig(grad_clip=CLIP), 1, 1, tp=tp, bf16=bf16, seed=0)
+    dims = run.dims
+    norms, changed = [], []
+    for step in range(3):
+        input_ids, labels, seq_idx = _global_batch(cfg, step, dims.layout.dp)
+        rows = slice(dims.dp_rank, dims.dp_rank + 1)
+        batch = run.piece({"input_ids": input_ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]})
+        before = [p.detach().clone() for p in run.model.parameters()]
+        loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
+        if step == 1 and rank == 1:   # one rank's gradient overflows (inf · 0 = nan in places)
+            loss = loss * float("inf")
+        run.engine.backward(loss)
+        if step == 0:
+            _check_fused_overflow_check(run.engine.optimizer)
+        run.engine.step()
+        norms.append(float(run.engine.get_global_grad_norm()))
+        changed.append(any(not torch.equal(p, b) for p, b in zip(run.model.parameters(), before)))
+    destroy_parallel()
+    assert changed == [True, False, True], f"rank {rank} tp={tp} bf16={bf16}: weights changed at steps {changed}"
+    assert math.isfinite(norms[0]) and not math.isfinite(norms[1]) and math.isfinite(norms[2]), norms
+
+
+def _check_fused_overflow_check(optimizer):
+    # data_parallel._fuse_overflow_check's answer on this rank's reduced gradients, before the
+    # step: none of them overflows; then one element of one of them is inf, then nan
+    grads = [g for group in optimizer.averaged_gradients.values() for g in group if g is not None and g.numel()]
+    assert grads, "no reduced gradients to check"
+    assert not optimizer.has_overflow_partitioned_grads_serial().item()
+    flat, kept = grads[-1].view(-1), grads[-1].view(-1)[0].clone()
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        flat[0] = bad
+        assert optimizer.has_overflow_partitioned_grads_serial().item(), bad
+    flat[0] = kept
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tp, bf16):
+    """DeepSpeed's overflow check: a non-finite gradient on one rank (before the DP reduction
+    with tp=1, in one TP shard with tp=2) leaves every rank's weights as they were, reports a
+    non-finite norm (the trainer counts the step as skipped), and the next step trains. (The
+    norm alone already catches it: the fused per-tensor check is tested on its own too.)"""
+    run_workers(_non_finite_worker, 2, tp, bf16)
