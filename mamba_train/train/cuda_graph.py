@@ -99,7 +99,8 @@ class GraphedLoss:
         # parameters' hooks alone). A backward that reached the parameters themselves would end in
         # their gradient accumulators: DeepSpeed keeps those alive from its setup, tied to the
         # default stream, and a captured backward that fed them would make the default stream
-        # wait on the capture, which CUDA refuses.
+        # wait on the capture, which CUDA refuses. (_reparametrize_module is the context manager
+        # behind torch.func.functional_call, which would call the module's forward, not loss_fn.)
         views = {name: p.view_as(p) for name, p in zip(self.names, self.params)}
         with torch.nn.utils.stateless._reparametrize_module(self.module, views):
             loss = self.loss_fn(self.module, batch)
