@@ -204,7 +204,7 @@ def _non_finite_worker(rank, world, tp, bf16):
             loss = loss * float("inf")
         run.engine.backward(loss)
         if step == 0:
-            _check_fused_overflow_check(run.engine.optimizer)
+            _check_fused_gradient_checks(run.engine.optimizer)
         run.engine.step()
         norms.append(float(run.engine.get_global_grad_norm()))
         changed.append(any(not torch.equal(p, b) for p, b in zip(run.model.parameters(), before)))
@@ -213,13 +213,20 @@ def _non_finite_worker(rank, world, tp, bf16):
     assert math.isfinite(norms[0]) and not math.isfinite(norms[1]) and math.isfinite(norms[2]), norms
 
 
-def _check_fused_overflow_check(optimizer):
-    # data_parallel._fuse_overflow_check's answer on this rank's reduced gradients, before the
-    # step: none of them overflows; then one element of one of them is inf, then nan
-    grads = [g for group in optimizer.averaged_gradients.values() for g in group if g is not None and g.numel()]
-    assert grads, "no reduced gradients to check"
+def _check_fused_gradient_checks(optimizer):
+    # data_parallel._fuse_gradient_checks on this rank's reduced gradients, before the step.
+    # The norm: as DeepSpeed's own per-tensor fp64 one (which tensors count under TP included).
+    groups = [i for i in range(len(optimizer.bit16_groups)) if optimizer.averaged_gradients.get(i)]
+    assert groups, "no reduced gradients to check"
+    for i in groups:
+        grads, params = optimizer.averaged_gradients[i], optimizer.params_in_partition[i]
+        fused = optimizer.get_grad_norm_direct(grads, params).item()
+        per_tensor = type(optimizer).get_grad_norm_direct(optimizer, grads, params).item()
+        assert abs(fused - per_tensor) <= 1e-6 * per_tensor, f"group {i}: norm {fused} vs DeepSpeed's {per_tensor}"
+    # The overflow check: none, then one element of one gradient is inf, -inf, nan
     assert not optimizer.has_overflow_partitioned_grads_serial().item()
-    flat, kept = grads[-1].view(-1), grads[-1].view(-1)[0].clone()
+    flat = [g for i in groups for g in optimizer.averaged_gradients[i] if g.numel()][-1].view(-1)
+    kept = flat[0].clone()
     for bad in (float("inf"), float("-inf"), float("nan")):
         flat[0] = bad
         assert optimizer.has_overflow_partitioned_grads_serial().item(), bad
@@ -233,5 +240,6 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tp, bf16
     """DeepSpeed's overflow check: a non-finite gradient on one rank (before the DP reduction
     with tp=1, in one TP shard with tp=2) leaves every rank's weights as they were, reports a
     non-finite norm (the trainer counts the step as skipped), and the next step trains. (The
-    norm alone already catches it: the fused per-tensor check is tested on its own too.)"""
+    norm alone already catches it: the fused overflow check and norm are tested on their own
+    too, against planted inf/nan and against DeepSpeed's per-tensor norm.)"""
     run_workers(_non_finite_worker, 2, tp, bf16)

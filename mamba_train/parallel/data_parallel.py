@@ -122,20 +122,26 @@ def build_engine(model: nn.Module, dims: ParallelDims, config: dict, param_group
                   * config["gradient_accumulation_steps"] * dist.get_world_size(dims.dp_cp_group))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups or list(model.parameters()),
                                            config=config, mpu=MegatronMPU(dims), dist_init_required=False)
-    _fuse_overflow_check(engine.optimizer)
+    _fuse_gradient_checks(engine.optimizer)
     return engine
 
 
-def _fuse_overflow_check(optimizer) -> None:
-    """DeepSpeed's ZeRO-1/2 step first asks whether any gradient is inf or NaN, one gradient
-    tensor at a time: amax, amin, two isfinite (four kernels each) and the sums of their
-    answers, about a dozen kernels per tensor, launched while the GPU waits. With 434 tensors
-    on a 1.3b TP=2 rank that is over 5,000 launches a step (a profile:
-    docs/design-notes.md). The same question asked of all of them at once: the norm of every
-    gradient (torch's fused multi-tensor kernel), which is finite exactly when the gradient
-    is, as torch's clip_grad_norm_(error_if_nonfinite=True) decides (a finite gradient whose
-    norm overflows fp32, above ~1e19, counts as an overflow too). The rest of the check (the
-    all-reduce over the groups, the host read) is DeepSpeed's."""
+def _fuse_gradient_checks(optimizer) -> None:
+    """DeepSpeed's ZeRO-1/2 step examines the gradients one tensor at a time, in kernels
+    launched while the GPU waits (a profile: docs/design-notes.md). With 434 gradient tensors on
+    a 1.3b TP=2 rank:
+    - its overflow check runs amax, amin and two isfinite (four kernels each) per tensor: over
+      5,000 launches a step. Asked of all tensors at once instead: the norm of every gradient
+      (torch's multi-tensor kernel), finite exactly when the gradient is, as torch's
+      clip_grad_norm_(error_if_nonfinite=True) decides (a finite gradient whose norm
+      overflows fp32, above ~1e19, counts as an overflow too);
+    - its L2 norm copies each gradient to fp64 and takes its norm there. Instead the same
+      multi-tensor norms (fp32 accumulation), with DeepSpeed's choice of which tensors count:
+      no alignment padding, no pipeline replicas, and replicas across TP counted on TP rank 0.
+    The reductions across the groups and the host reads around both stay DeepSpeed's."""
+    from deepspeed import comm
+    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+
     if not hasattr(optimizer, "has_overflow_partitioned_grads_serial") or getattr(optimizer, "cpu_offload", False):
         return
 
@@ -144,6 +150,26 @@ def _fuse_overflow_check(optimizer) -> None:
                  if grad is not None]
         if not grads:
             return torch.zeros(1, dtype=torch.bool)
-        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().logical_not().reshape(1)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        return torch.isfinite(torch.stack(norms)).all().logical_not().reshape(1)
+
+    per_tensor_norm = optimizer.get_grad_norm_direct
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0:
+            return per_tensor_norm(gradients, params, norm_type)
+        unpadded = (grad for grad in gradients if not getattr(grad, "_zero_padding", False))
+        counted = [grad for grad, param in zip(unpadded, params) if not getattr(param, "ds_pipe_replicated", False)
+                   and (is_model_parallel_parameter(param) or optimizer.model_parallel_rank == 0)]
+        if counted:
+            total = torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32)).square().sum()
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
+        comm.all_reduce(total, op=comm.ReduceOp.SUM, group=optimizer.dp_process_group)
+        optimizer._model_parallel_all_reduce(tensor=total, op=comm.ReduceOp.SUM)
+        total = total.sqrt()
+        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)  # DeepSpeed's -1 for "not finite"
+        return total
 
     optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
