@@ -43,9 +43,9 @@ for r in $RUNS; do
     *) echo "unknown run $r"; status=1 ;;
   esac
 done
-# the report compares with the one-GPU run: RUNS must start with `one` and name a parallel run
-if [ ${#names[@]} -gt 1 ] && [ "${names[0]}" = one ]; then
-  python3 bench/train_parallel_report.py "$OUT" "${names[@]}" --model "$MODEL" | tee "$OUT/report.txt" || status=1
+# the report compares with the one-GPU runs: RUNS must start with `one` or `one-graph`
+if [ ${#names[@]} -gt 1 ] && [ "${names[0]%-graph}" = one ]; then
+  python3 bench/train_parallel_report.py "$OUT" one "${names[@]:1}" --model "$MODEL" | tee "$OUT/report.txt" || status=1
 fi
 cp bench/results/train-parallel-*.json "$OUT/" 2>/dev/null
 exit $status

@@ -54,7 +54,9 @@ def main():
     for name in [*singles, *(r for r in args.runs if r not in singles)]:
         run = summarize(args.out / name)
         world = 1 if name in singles else 2
-        baseline = f"{args.single}-graph" if name.endswith("-graph") and f"{args.single}-graph" in singles else args.single
+        graphed = f"{args.single}-graph"
+        baseline = graphed if graphed in singles and (name.endswith("-graph") or args.single not in singles) \
+            else args.single
         one = singles[baseline]
         per_gpu = run["tokens_per_s"] / world
         row = {"run": name, "world": world, "dp": world // (run["tp"] * run["cp"]), **run,
