@@ -111,10 +111,11 @@ def test_tp2_cp2_dp2_trains_like_one_process_for_20_steps():
 
 
 def _handed_over_worker(rank, world):
-    # TP2 (sequence parallel: the norms' gradient hooks) × CP2, accumulation 2, ZeRO-1 and -2
+    # TP2 (sequence parallel: the norms' gradient sum) × CP2, accumulation 3 (a scale 1/3 that is
+    # not a power of two), ZeRO-1 and -2
     for stage in (1, 2):
-        plain = _train(rank, world, tp=2, cp=2, zero_stage=stage, steps=3, sequence_parallel=True, grad_accum=2)
-        handed = _train(rank, world, tp=2, cp=2, zero_stage=stage, steps=3, sequence_parallel=True, grad_accum=2,
+        plain = _train(rank, world, tp=2, cp=2, zero_stage=stage, steps=3, sequence_parallel=True, grad_accum=3)
+        handed = _train(rank, world, tp=2, cp=2, zero_stage=stage, steps=3, sequence_parallel=True, grad_accum=3,
                         handed_over=True)
         assert handed[0] == plain[0], f"ZeRO-{stage}: losses {handed[0]} vs {plain[0]}"
         for name, weight in plain[1].items():

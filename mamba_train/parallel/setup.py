@@ -59,7 +59,7 @@ class ParallelRun:
         if self.graphed is not None:
             raise RuntimeError("graph_loss: this run's loss is already replayed from a graph")
         graphed = GraphedLoss(model, lambda m, b: m.loss(b["input_ids"], b["labels"], b["seq_idx"]), example,
-                              capture=capture)
+                              capture=capture, scale=1 / self.engine.gradient_accumulation_steps())
         eager = model.forward
 
         def forward(input_ids, seq_idx=None, labels=None):

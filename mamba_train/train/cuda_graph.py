@@ -81,12 +81,16 @@ class GraphedLoss:
     against a plain backward).
 
     The call returns the loss as the output of one autograd op over the parameters; its
-    backward gives each parameter the computed gradient times the incoming one (an engine's
-    1/accum). Backward must run before the next call, whose replay overwrites the gradients."""
+    backward gives each parameter the computed gradient times the incoming one. `scale` is the
+    incoming gradient expected (an engine's 1/accum): the graph's backward starts from it, as
+    the engine's own backward would, and the hand-over then multiplies by incoming / scale,
+    exactly 1 in the gradients' dtype, which keeps torch's multi-tensor kernel on its fast
+    path (a float32 factor on bf16 gradients would take one kernel per tensor). Backward must
+    run before the next call, whose replay overwrites the gradients."""
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor], example: dict,
-                 capture: bool = True, warmup: int = 3):
-        self.module, self.loss_fn, self.capture = module, loss_fn, capture
+                 capture: bool = True, warmup: int = 3, scale: float = 1.0):
+        self.module, self.loss_fn, self.capture, self.scale = module, loss_fn, capture, scale
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
         self.calls = 0   # which call's gradients the buffers hold
         if capture:
@@ -104,7 +108,8 @@ class GraphedLoss:
         views = {name: p.view_as(p) for name, p in zip(self.names, self.params)}
         with torch.nn.utils.stateless._reparametrize_module(self.module, views):
             loss = self.loss_fn(self.module, batch)
-        grads = torch.autograd.grad(loss, list(views.values()), allow_unused=True)
+        scaled = loss if self.scale == 1 else loss * self.scale
+        grads = torch.autograd.grad(scaled, list(views.values()), allow_unused=True)
         return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
     def release(self) -> None:
@@ -143,4 +148,5 @@ class _HandOver(torch.autograd.Function):
             raise RuntimeError("train.cuda_graph: a micro-batch's backward ran after the next micro-batch's forward, "
                                "which overwrote its gradients (call backward once after each forward)")
         # new tensors: the parameters' .grad may keep what they are given, and the buffers are reused
-        return (None, None, None, None, *torch._foreach_mul(ctx.grads, grad_loss))
+        factor = (grad_loss / ctx.graphed.scale).to(ctx.grads[0].dtype)
+        return (None, None, None, None, *torch._foreach_mul(ctx.grads, factor))
