@@ -259,3 +259,27 @@ def test_cuda_graph_trains_exactly_as_eager(markov_data, tmp_path):
     graphed = train(tiny_config(markov_data, tmp_path / "graphed", *steps, "train.cuda_graph=true"))
     assert graphed.losses == eager.losses
     assert_same_weights(eager, graphed)
+
+
+def test_graphed_loss_hands_its_gradients_to_backward_once():
+    # GraphedLoss without a graph (train.cuda_graph's hand-over, as parallel runs use it): the
+    # gradients reach the parameters as an eager backward from loss / 3 gives them, bit for bit,
+    # and a backward after the next call, whose gradients overwrote its own, is refused
+    from mamba_train.train.cuda_graph import GraphedLoss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    batch = {"x": torch.randn(5, 4)}
+
+    def loss_fn(module, b):
+        return module(b["x"]).square().mean()
+
+    expected = torch.autograd.grad(loss_fn(model, batch) / 3, list(model.parameters()))
+    graphed = GraphedLoss(model, loss_fn, batch, capture=False, scale=1 / 3)
+    (graphed(batch) / 3).backward()
+    for param, grad in zip(model.parameters(), expected):
+        assert torch.equal(param.grad, grad)
+    first = graphed(batch)
+    graphed(batch)
+    with pytest.raises(RuntimeError, match="backward ran after the next micro-batch's forward"):
+        first.backward()
