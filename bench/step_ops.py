@@ -1,6 +1,7 @@
 """Operators per parameter tensor in DeepSpeed's optimizer step (ZeRO-1, bf16, TP=2 on two gloo
 processes, CPU), with DeepSpeed's own per-tensor gradient checks and with ours
-(`data_parallel._fuse_gradient_checks`). On a GPU the CPU launches these while the GPU waits
+(`data_parallel._fuse_gradient_checks`); and in the engine's backward after train.cuda_graph's
+hand-over (`ParallelRun.graph_loss`, here without a graph), which is DeepSpeed's part alone. On a GPU the CPU launches these while the GPU waits
 (docs/design-notes.md), so their count per tensor is what a rank with hundreds of gradient
 tensors pays each step. Counted as the operators the step calls (a TorchDispatchMode: a
 multi-tensor op counts once, as it launches once on a GPU), leaving out views, which launch
@@ -50,13 +51,17 @@ def _ops_in_step(rank, world, port, n_layer, fused, out):
         del run.engine.optimizer.has_overflow_partitioned_grads_serial, run.engine.optimizer.get_grad_norm_direct
     ids = torch.randint(0, 50, (1, 33), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "seq_idx": torch.zeros(1, 32, dtype=torch.int32)}
+    if fused:   # train.cuda_graph's hand-over (without the graph): the engine's backward is DeepSpeed's part alone
+        run.graph_loss(batch, capture=False)
     for _ in range(3):   # the last step is counted
         loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
-        run.engine.backward(loss)
-        with _CountOps() as counter:
+        with _CountOps() as in_backward:
+            run.engine.backward(loss)
+        with _CountOps() as in_step:
             run.engine.step()
     if rank == 0:
-        out[(n_layer, fused)] = (sum(1 for _ in run.model.parameters()), counter.count)
+        out[(n_layer, fused)] = (sum(1 for _ in run.model.parameters()), in_step.count, in_backward.count)
+    run.release_graph()
     destroy_parallel()
     dist.destroy_process_group()
 
@@ -69,12 +74,15 @@ def main():
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             mp.start_processes(_ops_in_step, args=(2, port, n_layer, fused, counts), nprocs=2, start_method="fork")
-    print(f"{'gradient checks':>16} {'layers':>6} {'tensors':>8} {'ops in step':>12} {'ops per tensor':>15}")
+    print(f"{'step':>16} {'layers':>6} {'tensors':>8} {'ops in step':>12} {'per tensor':>11}")
     for fused, name in ((False, "DeepSpeed's"), (True, "fused")):
-        (t0, o0), (t1, o1) = (counts[(d, fused)] for d in DEPTHS)
+        (t0, o0, _), (t1, o1, _) = (counts[(d, fused)] for d in DEPTHS)
         for depth in DEPTHS:
-            tensors, ops = counts[(depth, fused)]
-            print(f"{name:>16} {depth:>6} {tensors:>8} {ops:>12} {(o1 - o0) / (t1 - t0):>15.1f}")
+            tensors, ops, _ = counts[(depth, fused)]
+            print(f"{name:>16} {depth:>6} {tensors:>8} {ops:>12} {(o1 - o0) / (t1 - t0):>11.1f}")
+    (t0, _, b0), (t1, _, b1) = (counts[(d, True)] for d in DEPTHS)
+    print(f"\nthe engine's backward after the hand-over (its hooks and ZeRO's reduction): {b0} and {b1} ops at "
+          f"{t0} and {t1} tensors, {(b1 - b0) / (t1 - t0):.1f} per tensor")
 
 
 if __name__ == "__main__":
