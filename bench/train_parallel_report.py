@@ -32,7 +32,9 @@ def summarize(run_dir: Path, skip: int = 5) -> dict:
         raise SystemExit(f"{run_dir}: no logged step after step {skip} to time (train longer)")
     parallel = cfg.get("parallel", {})
     tp, cp = parallel.get("tp", 1), parallel.get("cp", 1)
-    return {"tp": tp, "cp": cp, "cuda_graph": bool(cfg.get("train", {}).get("cuda_graph", False)), "steps": max(last), "tokens_per_s": statistics.median(s["tokens_per_s"] for s in timed),
+    graphed = bool(cfg.get("train", {}).get("cuda_graph", False))
+    return {"tp": tp, "cp": cp, "cuda_graph": graphed, "steps": max(last),
+            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in timed),
             "mfu": statistics.median(s.get("mfu", 0.0) for s in timed), "loss_at_last_step": last[max(last)]["loss"],
             "peak_mem_gib": max(s.get("peak_mem_gib", 0.0) for s in timed)}
 

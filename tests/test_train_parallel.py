@@ -232,13 +232,13 @@ def test_a_hung_collective_raises_a_clear_error(markov_data, tmp_path):
 
 
 def _graph_worker(rank, world, data, root):
-    # eager steps and train.cuda_graph's replays of every layout, with accumulation over 2
-    # micro-batches and an evaluation between steps 3 and 4 (eager, on the same weights)
+    # eager steps and train.cuda_graph's replays of every layout, with accumulation over 3
+    # micro-batches (an engine scale of 1/3) and an evaluation between steps 3 and 4 (eager)
     results = {}
     for name, overrides in LAYOUTS.items():
         for graph in ("false", "true"):
             run = train(tiny_config(data, root / f"{name}-graph-{graph}", *COMMON, *overrides, "train.device=cuda",
-                                    "train.grad_accum=2", f"train.cuda_graph={graph}"))
+                                    "train.grad_accum=3", f"train.cuda_graph={graph}"))
             results[f"{name}-graph-{graph}"] = {"losses": run.losses, "eval": run.eval["overall"]["loss"]}
     save_rank_results(root, rank, results)
 
