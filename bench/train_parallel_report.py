@@ -49,6 +49,7 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     singles = {name: summarize(args.out / name) for name in (args.single, f"{args.single}-graph")
                if (args.out / name).exists()}
+    graphed = f"{args.single}-graph"
     rows = []
     print(f"# {gpu}: the trainer's median tokens/s after step 5")
     print(f"{'run':>10} {'tp':>3} {'cp':>3} {'dp':>3} {'tok/s/gpu':>10} {'one GPU':>10} {'efficiency':>10} {'MFU':>6} "
@@ -56,7 +57,6 @@ def main():
     for name in [*singles, *(r for r in args.runs if r not in singles)]:
         run = summarize(args.out / name)
         world = 1 if name in singles else 2
-        graphed = f"{args.single}-graph"
         baseline = graphed if graphed in singles and (name.endswith("-graph") or args.single not in singles) \
             else args.single
         one = singles[baseline]

@@ -406,8 +406,8 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     halo = None if context_parallel is None else context_parallel.halo(xBC[:, l - (conv_weight.shape[1] - 1):])
     xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", initial_state=halo, seq_idx=seq_idx)
     x, B, C = xBC.split((s.d_inner, ngroups * s.d_state, ngroups * s.d_state), dim=-1)
-    x, B, C = x.reshape(b, l, s.nheads, s.headdim), B.reshape(b, l, ngroups, s.d_state), C.reshape(b, l, ngroups,
-                                                                                                    s.d_state)
+    x = x.reshape(b, l, s.nheads, s.headdim)
+    B, C = B.reshape(b, l, ngroups, s.d_state), C.reshape(b, l, ngroups, s.d_state)
     ssd_args = dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, seq_idx=seq_idx)
     state_in = None
     if context_parallel is not None:
