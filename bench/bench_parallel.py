@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import capture_forward_backward, results_path  # noqa: E402
+from bench.common import capture_forward_backward, cuda_time_by_kernel, results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model,  # noqa: E402
@@ -107,17 +107,38 @@ def build_step(graph, model, input_ids, labels, seq_idx, amp, accum=1, after_bac
     return make_step(model, input_ids, labels, seq_idx, amp, accum, after_backward)
 
 
-def print_profile(step, what, rank, steps=2):
-    """Where the parallel step's time goes: CPU and CUDA time, the top kernels (printed by rank 0).
-    Every rank profiles: the step's collectives need them all."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    if rank == 0:
-        print(f"# profile of {steps} steps, {what}")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+def kernel_kind(name: str) -> str:
+    """A kernel's family, for the profile's summary."""
+    lowered = name.lower()
+    if "nccl" in lowered:
+        return "nccl"
+    if any(key in lowered for key in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
+        return "matmul"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copy"
+    if lowered.startswith("void at::") or lowered.startswith("void (anonymous namespace)") or "at::native" in lowered:
+        return "torch"
+    return "triton"
+
+
+def print_excess(parallel_ms: dict, single_ms: dict, world: int, what: str, top: int = 25):
+    """Where a TP/CP step loses its efficiency: each kernel's CUDA ms per step on one parallel
+    rank beside the one-GPU step's share (its ms / world), sorted by the excess."""
+    def short(name):
+        return name.replace("void ", "").split("(")[0].split("<")[0][:70]
+
+    print(f"# profile, {what}: CUDA ms per step by kernel family, one-GPU share (ms / {world}) -> rank 0")
+    for kind in ("matmul", "triton", "torch", "copy", "nccl"):
+        one = sum(ms for name, ms in single_ms.items() if kernel_kind(name) == kind) / world
+        par = sum(ms for name, ms in parallel_ms.items() if kernel_kind(name) == kind)
+        print(f"  {kind:>7} {one:8.2f} -> {par:8.2f}  ({par - one:+.2f})")
+    print(f"  {'all':>7} {sum(single_ms.values()) / world:8.2f} -> {sum(parallel_ms.values()):8.2f}")
+    excess = sorted(((parallel_ms.get(k, 0.0) - single_ms.get(k, 0.0) / world, k)
+                     for k in set(parallel_ms) | set(single_ms)), reverse=True)
+    print(f"# the {top} kernels with the largest excess (ms per step: one-GPU share -> rank 0)")
+    for delta, name in excess[:top]:
+        print(f"  {delta:+7.2f}  {single_ms.get(name, 0.0) / world:7.2f} -> {parallel_ms.get(name, 0.0):7.2f}  "
+              f"{short(name)}")
 
 
 def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
@@ -154,8 +175,7 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     step = build_step(graph, model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
     seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
-    if args.profile:
-        print_profile(step, f"{mode}:{seqlen}:{accum}, rank 0", rank)
+    parallel_kernels = cuda_time_by_kernel(step) if args.profile else None   # every rank: collectives
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step
@@ -164,8 +184,13 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
         try:
             model = Mamba2LM(cfg.model).to(device)
             one = [t[:batch] for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-            seconds, _ = time_steps(build_step(graph, model, *one, amp, accum), device, args.warmup, args.steps)
+            one_step = build_step(graph, model, *one, amp, accum)
+            seconds, _ = time_steps(one_step, device, args.warmup, args.steps)
             single = accum * batch * seqlen / seconds
+            if args.profile:
+                print_excess(parallel_kernels, cuda_time_by_kernel(one_step), world,
+                             f"{mode}:{seqlen}:{accum}{':graph' if graph else ''}")
+            del one_step
             del model
         except torch.OutOfMemoryError:
             single = None  # the one-GPU run does not fit: the row reports the parallel figure alone
@@ -192,7 +217,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print a profile of each parallel step (rank 0)")
+    parser.add_argument("--profile", action="store_true", help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
     parser.add_argument("--runs", nargs="*", default=None,
                         help="mode:seqlen[:accum][:graph] (after the overrides), e.g. tp:2048 dp:2048:8 "
                              "cp:16384:1:graph")
@@ -204,6 +229,8 @@ def main():
         cfg.model.vocab_size = 50277  # GPT-NeoX's, the Pile tokenizer's
     args.micro_batch = args.micro_batch or cfg.train.micro_batch
     runs = [_parse_run(r) for r in args.runs] if args.runs else RUNS
+    if args.device == "cpu" and args.profile:
+        parser.error("--profile reads CUDA kernel times: it needs --device cuda")
     if args.device == "cpu" and any(graph for *_, graph in runs):
         parser.error("CUDA-graph runs (...:graph, and the default runs) need CUDA: pass --runs")
     backend = "nccl" if args.device == "cuda" else "gloo"

@@ -50,6 +50,21 @@ def cuda_kernel_events(prof):
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
+def cuda_time_by_kernel(step, steps=2):
+    """{kernel name: CUDA ms per step} over `steps` calls of step() (CUDA activity only: quick
+    to collect; kernels replayed from a CUDA graph are listed one by one too)."""
+    from collections import defaultdict
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in cuda_kernel_events(prof):
+        times[event.key] += event.self_device_time_total / 1e3 / steps
+    return dict(times)
+
+
 def copy_bandwidth(nbytes):
     """Bytes read + written per second by a device copy moving `nbytes` in all."""
     src = torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16)   # 2 bytes read + 2 written each

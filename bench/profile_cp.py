@@ -15,7 +15,6 @@ bench/results/profile-cp-<gpu>.json.
 import argparse
 import json
 import sys
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,24 +23,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_parallel import build_step, time_steps  # noqa: E402
-from bench.common import cuda_kernel_events, results_path  # noqa: E402
+from bench.common import cuda_time_by_kernel, results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import init_parallel, parallelize_model, validate_layout  # noqa: E402
 from mamba_train.parallel.context_parallel import ContextParallel  # noqa: E402
-
-
-def cuda_time_by_kernel(step, steps=2):
-    """{kernel name: CUDA ms per step} over `steps` steps (CUDA activity only: quick to collect)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    times = defaultdict(float)
-    for event in cuda_kernel_events(prof):
-        times[event.key] += event.self_device_time_total / 1e3 / steps
-    return times
 
 
 def main():
