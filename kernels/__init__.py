@@ -4,7 +4,8 @@ cross-entropy of logit rows.
 The public ops take the same arguments wherever they run:
 - `ssd`: on CUDA tensors the Triton kernels (`kernels.triton_ssd`), elsewhere the torch
   reference (`kernels.reference`). No silent fallback: on a GPU without Triton it raises.
-- `causal_conv1d`, `rmsnorm_gated`, `cross_entropy_rows`: likewise, on CUDA tensors the
+- `causal_conv1d`, `rmsnorm_gated`, `cross_entropy_rows` (and its two passes for a vocabulary
+  split over ranks, `logsumexp_rows` and `softmax_grad_rows`): likewise, on CUDA tensors the
   Triton kernels (`kernels.triton_conv`, `kernels.triton_norm`, `kernels.triton_xent`),
   elsewhere the torch reference.
 - `mixer_body`: a Mamba-2 mixer from in_proj's output to out_proj's (conv, SSD, gated norm,
@@ -75,4 +76,18 @@ def cross_entropy_rows(logits, labels, grad_scale=None):
         logits, labels, grad_scale)
 
 
-__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows"]
+def logsumexp_rows(logits, labels):
+    """Per row of (rows, vocab) logits: log-sum-exp and the logit at the label where this
+    vocabulary holds it; see `kernels.reference.logsumexp_rows`."""
+    return _implementation("logsumexp_rows", logits, "triton_xent", _reference.logsumexp_rows)(logits, labels)
+
+
+def softmax_grad_rows(logits, labels, lse, grad_scale):
+    """(softmax − one-hot) · grad_scale written over the logits, from a given lse; see
+    `kernels.reference.softmax_grad_rows`."""
+    return _implementation("softmax_grad_rows", logits, "triton_xent", _reference.softmax_grad_rows)(
+        logits, labels, lse, grad_scale)
+
+
+__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows",
+           "logsumexp_rows", "softmax_grad_rows"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ssd_chunked", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows",
+    "logsumexp_rows", "softmax_grad_rows",
     "chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_scan",
 ]
 
@@ -439,3 +440,27 @@ def cross_entropy_rows(logits, labels, grad_scale=None):
         grad *= grad_scale.to(cdt)[:, None] * (labels >= 0).to(cdt)[:, None]
         logits.copy_(grad)
     return loss
+
+
+def logsumexp_rows(logits, labels):
+    """The first half of cross_entropy_rows, for a vocabulary split over ranks: per row the
+    log-sum-exp (fp32 or wider) and the logit at the label where 0 <= label < vocab, else 0.
+
+    logits: (rows, vocab); labels: (rows,) → lse, target: (rows,)."""
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    values = logits.to(cdt)
+    here = (labels >= 0) & (labels < logits.shape[1])
+    target = values.gather(1, torch.where(here, labels, 0).long()[:, None]).squeeze(1)
+    return torch.logsumexp(values, dim=-1), torch.where(here, target, 0.0)
+
+
+def softmax_grad_rows(logits, labels, lse, grad_scale):
+    """The second half: logits (rows, vocab) overwritten by (exp(logit − lse) − one-hot(label))
+    · grad_scale per row, lse being the whole vocabulary's; a label outside [0, vocab) adds
+    no one-hot (another rank holds it)."""
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    grad = torch.exp(logits.to(cdt) - lse.to(cdt)[:, None])
+    here = (labels >= 0) & (labels < logits.shape[1])
+    grad.scatter_add_(1, torch.where(here, labels, 0).long()[:, None], -here.to(cdt)[:, None])
+    grad *= grad_scale.to(cdt)[:, None]
+    logits.copy_(grad)

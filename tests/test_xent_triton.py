@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernels import reference  # noqa: E402
 from kernels.reference import cross_entropy_rows  # noqa: E402
-from kernels.triton_xent import cross_entropy_rows_triton  # noqa: E402
+from kernels.triton_xent import cross_entropy_rows_triton, logsumexp_rows_triton, softmax_grad_rows_triton  # noqa: E402
 from kernels.triton_xent import rows as xent_stage  # noqa: E402
 from triton_device import triton_device  # noqa: E402
 
@@ -74,16 +75,53 @@ def test_extreme_logits_stay_finite():
     assert rel(loss.cpu(), ref_loss) < FP32_BOUND and rel(logits.cpu(), ref) < FP32_BOUND
 
 
+def split_vocabulary_loss(logits, labels, scale, shards, logsumexp_rows, softmax_grad_rows):
+    """What tensor parallelism does with the two passes: each shard of the vocabulary gives
+    its lse and its part of the label's logit; the combined lse drives each shard's gradient."""
+    pieces = logits.chunk(shards, dim=1)
+    starts = [sum(p.shape[1] for p in pieces[:i]) for i in range(shards)]
+    stats = [logsumexp_rows(p, labels - start) for p, start in zip(pieces, starts)]
+    lse = torch.logsumexp(torch.stack([s[0] for s in stats]), dim=0)
+    target = torch.stack([s[1] for s in stats]).sum(0)
+    for piece, start in zip(pieces, starts):
+        softmax_grad_rows(piece, labels - start, lse, scale)
+    return lse - target
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("vocab", [64, 5000])
+def test_split_vocabulary_equals_whole_row(shards, vocab):
+    # the two passes over shards of the vocabulary (labels in one shard, ignored rows too)
+    # give the whole row's loss and gradient: Triton kernels and torch references both
+    logits, labels, scale = make(9, vocab, torch.float32)
+    ref_logits = logits.double().cpu()
+    ref_loss = cross_entropy_rows(ref_logits, labels.cpu(), scale.double().cpu())
+    kept = labels.cpu() >= 0
+    for passes, data in (((logsumexp_rows_triton, softmax_grad_rows_triton), (logits, labels, scale)),
+                         ((reference.logsumexp_rows, reference.softmax_grad_rows),
+                          (logits.double().cpu(), labels.cpu(), scale.double().cpu()))):
+        values = data[0].clone()   # the original logits again for each implementation
+        loss = split_vocabulary_loss(values, data[1], data[2], shards, *passes)
+        assert rel(loss.cpu()[kept], ref_loss[kept]) < FP32_BOUND
+        assert rel(values.cpu(), ref_logits) < FP32_BOUND
+        assert torch.all(values.cpu()[~kept] == 0)
+
+
 @pytest.mark.gpu
-def test_gpu_bf16_real_slice_matches_fp32_reference(capsys):
+@pytest.mark.parametrize("shards", [1, 2])   # 1: the fused kernel; 2: the two passes, as TP=2 runs them
+def test_gpu_bf16_real_slice_matches_fp32_reference(shards, capsys):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (run on the GPU machine: see bench/README.md)")
     logits, labels, scale = make(5336, 50304, torch.bfloat16, device="cuda")
     ref = logits.float()
     ref_loss = cross_entropy_rows(ref, labels, scale)
-    loss = cross_entropy_rows_triton(logits, labels, scale)
+    if shards == 1:
+        loss = cross_entropy_rows_triton(logits, labels, scale)
+    else:
+        loss = split_vocabulary_loss(logits, labels, scale, shards, logsumexp_rows_triton, softmax_grad_rows_triton)
     kept = labels >= 0
     errors = {"loss": rel(loss[kept], ref_loss[kept]), "grad": rel(logits, ref)}
     with capsys.disabled():
-        print("\ncross_entropy_rows 5336x50304 bf16 vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+        print(f"\ncross_entropy_rows 5336x50304 bf16 vs fp32, {shards} shard(s): "
+              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     assert errors["loss"] < HALF_BOUND and errors["grad"] < HALF_BOUND

@@ -4,7 +4,7 @@ torchtitan's split: the model file knows nothing of process groups; this functio
 its weights, swaps in megatron-core's parallel linears and embedding, and hangs the
 context-parallel hook on each mixer. The blocks run unchanged. What changes at the ends
 of the network lives in ParallelMamba2LM: the vocab-parallel embedding and tied head, and
-vocab-parallel cross-entropy (megatron's: logits never gathered over the vocabulary).
+the cross-entropy over the vocabulary shards (logits never gathered over the vocabulary).
 
 Inputs are this rank's piece: (batch, seq_len / cp) of input_ids, labels and seq_idx
 (`context_parallel_piece` cuts it). `loss` is the mean over that piece; averaging the
@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cross_entropy_rows, logsumexp_rows, softmax_grad_rows
 from mamba_train.model import Mamba2LM
+from mamba_train.model.loss import linear_cross_entropy
 from mamba_train.model.mamba2 import RMSNorm
-from mamba_train.parallel.context_parallel import ContextParallel
+from mamba_train.parallel.context_parallel import ContextParallel, _all_gather_plain
 from mamba_train.parallel.groups import ParallelDims, model_parallel_config
 from mamba_train.parallel.tensor_parallel import _no_init, mark_tensor_parallel, shard_mixer, shard_state_dict
 
@@ -57,8 +59,8 @@ class ParallelMamba2LM(nn.Module):
             self.norm_f = SequenceParallelRMSNorm(self.norm_f, dims.tp_group)
 
     def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids, seq_idx: (batch, local_len) → (local_len, batch, d_model) after norm_f, the
-        # whole local piece on every TP rank (seq-first: megatron's layout for the head)
+        # input_ids, seq_idx: (batch, local_len) → (batch, local_len, d_model) after norm_f, the
+        # whole local piece on every TP rank
         from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                                    gather_from_sequence_parallel_region)
 
@@ -70,9 +72,10 @@ class ParallelMamba2LM(nn.Module):
         hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))   # the fp32 residual stream
         for layer in self.layers:
             hidden = layer(hidden, seq_idx=seq_idx)
-        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype)).transpose(0, 1)
-        if self.sequence_parallel:  # all-gather the sequence for the head; backward reduce-scatters
-            return gather_from_sequence_parallel_region(hidden, group=self.dims.tp_group)
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        if self.sequence_parallel:  # all-gather the sequence (megatron gathers dim 0); backward reduce-scatters
+            return gather_from_sequence_parallel_region(hidden.transpose(0, 1), group=self.dims.tp_group
+                                                        ).transpose(0, 1)
         # the head's input is replicated: backward sums its gradient over the vocab shards
         return copy_to_tensor_model_parallel_region(hidden, group=self.dims.tp_group)
 
@@ -82,23 +85,39 @@ class ParallelMamba2LM(nn.Module):
         # labels, the mean loss instead (so a DeepSpeed engine can be called like the model)
         if labels is not None:
             return self.loss(input_ids, labels, seq_idx)
-        return F.linear(self.hidden_states(input_ids, seq_idx), self.embedding.weight).transpose(0, 1)
+        return F.linear(self.hidden_states(input_ids, seq_idx), self.embedding.weight)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
-        # labels: (batch, local_len) → mean (or sum / per-token) cross-entropy over this piece
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        # labels: (batch, local_len) → mean (or sum) cross-entropy over this piece. The head and
+        # the loss go a slice of tokens at a time, as on one GPU (model/loss.py); over a
+        # vocabulary split by TP each row is completed by one small all-gather a slice
+        hidden = self.hidden_states(input_ids, seq_idx)
+        rows_loss = cross_entropy_rows if self.dims.layout.tp == 1 else \
+            _VocabParallelRows(self.dims.tp_group, self.embedding.vocab_start_index)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.embedding.weight, labels.flatten(), reduction,
+                                    rows_loss=rows_loss)
 
-        logits = F.linear(self.hidden_states(input_ids, seq_idx), self.embedding.weight).float()   # (l, b, v / tp)
-        targets = labels.transpose(0, 1)
-        if self.dims.layout.tp == 1:  # the whole vocabulary is here: no collectives needed
-            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        else:
-            losses = vocab_parallel_cross_entropy(logits, targets.contiguous())
-        losses = losses.transpose(0, 1)
-        if reduction == "none":
-            return losses
-        return losses.mean() if reduction == "mean" else losses.sum()
+
+class _VocabParallelRows:
+    """`kernels.cross_entropy_rows`'s contract over a vocabulary split across the TP group:
+    each rank's pass gives its rows' log-sum-exp and the label's logit where it holds the
+    label; one all-gather of those (2 numbers a row) completes every row on every rank, and
+    the gradient pass runs from the whole row's log-sum-exp. Megatron's vocab-parallel
+    cross-entropy does the same with three all-reduces and fp32 copies of the logits."""
+
+    def __init__(self, group, vocab_start: int):
+        self.group, self.vocab_start = group, vocab_start
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+        # logits: (rows, vocab / tp), this rank's columns; labels: (rows,) ids of the whole vocabulary
+        local = labels - self.vocab_start   # outside [0, vocab / tp): another rank's (or ignored)
+        lse, target = logsumexp_rows(logits, local)
+        every = _all_gather_plain(torch.stack([lse, target]), self.group)          # (tp, 2, rows)
+        lse, target = torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(dim=0)
+        if grad_scale is not None:
+            softmax_grad_rows(logits, local, lse, grad_scale)
+        return lse - target
 
 
 class SequenceParallelRMSNorm(RMSNorm):
