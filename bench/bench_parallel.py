@@ -3,8 +3,9 @@
 For each mode the parallel run and the one-GPU run process the same tokens per step: TP
 and CP split one model step over the GPUs (one GPU runs the whole step alone), DP runs one
 micro-batch per GPU (one GPU runs one micro-batch). efficiency = parallel tokens/s per GPU
-/ one-GPU tokens/s (1.0: perfect). Forward + backward + gradient all-reduce, bf16 autocast,
-median of timed steps after warm-up. Writes bench/results/parallel-<gpu>.json with rows
+/ one-GPU tokens/s (1.0: perfect). Forward + backward, the gradient all-reduce over DP × CP
+bucketed and overlapped with the backward as DDP does (data_parallel.GradientBuckets), bf16
+autocast, median of timed steps after warm-up. Writes bench/results/parallel-<gpu>.json with rows
 {"mode", "world", "seqlen", "tokens_per_s_per_gpu", "single_gpu_tokens_per_s", "efficiency"},
 plus "grad_accum" and rank 0's "step_ms" and "enqueue_ms" (the CPU's part of the step: when it
 is close to the step, TP and CP are bound by launching kernels, not by the GPU).
@@ -17,13 +18,13 @@ TP needs ngroups divisible by tp (1.3b's mamba_ssm default is ngroups 1: pass mo
 or 8, as the Mamba-2 paper does for TP). Not run by the tests.
 
 A run is `mode:seqlen[:accum][:graph]`: with accum > 1 each step runs that many micro-batches
-before the one gradient all-reduce, as training with `train.grad_accum` does (the one-GPU run
-does the same micro-batches). With `graph`, the forward and backward of all micro-batches,
-collectives included, replay from one CUDA graph on both sides (the gradient all-reduce stays
-eager): the CPU then launches one graph per step instead of every kernel, which is what a TP or
-CP rank, with half the GPU work of one GPU and all of its launches, otherwise waits on. The
-all-reduce bus bandwidth of the GPUs (nccl-tests' definition) is measured first and written
-beside the rows: TP and CP efficiency depend on it.
+and only the last one's backward all-reduces the gradients, as training with `train.grad_accum`
+does (the one-GPU run does the same micro-batches). With `graph`, the forward and backward of
+all micro-batches, collectives included (the gradient all-reduce too, on its side stream),
+replay from one CUDA graph on both sides: the CPU then launches one graph per step instead of
+every kernel, which is what a TP or CP rank, with half the GPU work of one GPU and all of its
+launches, otherwise waits on. The all-reduce bus bandwidth of the GPUs (nccl-tests' definition)
+is measured first and written beside the rows: TP and CP efficiency depend on it.
 """
 
 import argparse
@@ -44,7 +45,7 @@ from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model,  # noqa: E402
                                   validate_layout)
-from mamba_train.parallel.data_parallel import allreduce_gradients  # noqa: E402
+from mamba_train.parallel.data_parallel import GradientBuckets  # noqa: E402
 
 # (mode, seqlen, accumulation, CUDA graph): the issue's runs at 2 GPUs, TP and CP also
 # graphed (their eager steps wait on the CPU), and DP as training runs it
@@ -73,22 +74,36 @@ def time_steps(step, device, warmup: int, steps: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(enqueue)
 
 
-def make_step(model, input_ids, labels, seq_idx, amp, accum=1, after_backward=lambda: None):
+def make_step(model, input_ids, labels, seq_idx, amp, accum=1, buckets=None):
+    """accum micro-batches of forward+backward. With `buckets` (a GradientBuckets over model) the
+    last backward all-reduces the gradients as it goes, and the step zeroes them through it: the
+    gradients stay views of its buckets (model.zero_grad would set them to None)."""
+    zero_grad = buckets.zero_grad if buckets is not None else lambda: model.zero_grad(set_to_none=True)
+
     def step():
-        for _ in range(accum):
+        for micro in range(accum):
+            if buckets is not None:
+                buckets.sync = micro == accum - 1
             with amp():
                 loss = model.loss(input_ids, labels, seq_idx)
             loss.backward()
-        after_backward()
-        model.zero_grad(set_to_none=True)
+        zero_grad()
     return step
 
 
-def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, after_backward=lambda: None):
+def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, buckets=None):
     """make_step's step with forward+backward, collectives included, replayed from one CUDA
-    graph (bench.common.capture_forward_backward); after_backward stays eager."""
+    graph (bench.common.capture_forward_backward). Without buckets the graph owns the gradients
+    (each replay's first accumulation writes them). With buckets the graph writes into them: it
+    opens with their zero_grad (captured: one fill per bucket, and in Python the views put back
+    after capture_forward_backward's warm-up set the gradients to None), and the last
+    micro-batch's backward captures the all-reduces, side stream included."""
     def forward_backward():
-        for _ in range(accum):
+        if buckets is not None:
+            buckets.zero_grad()
+        for micro in range(accum):
+            if buckets is not None:
+                buckets.sync = micro == accum - 1
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 loss = model.loss(input_ids, labels, seq_idx)
             loss.backward()
@@ -97,14 +112,13 @@ def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, after_backward
 
     def step():
         graph.replay()
-        after_backward()
     return step
 
 
-def build_step(graph, model, input_ids, labels, seq_idx, amp, accum=1, after_backward=lambda: None):
+def build_step(graph, model, input_ids, labels, seq_idx, amp, accum=1, buckets=None):
     if graph:
-        return make_graphed_step(model, input_ids, labels, seq_idx, accum, after_backward)
-    return make_step(model, input_ids, labels, seq_idx, amp, accum, after_backward)
+        return make_graphed_step(model, input_ids, labels, seq_idx, accum, buckets)
+    return make_step(model, input_ids, labels, seq_idx, amp, accum, buckets)
 
 
 def kernel_kind(name: str) -> str:
@@ -171,14 +185,15 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     rows = slice(dims.dp_rank * batch, (dims.dp_rank + 1) * batch)
     full = Mamba2LM(cfg.model, tp_size=tp)
     model = parallelize_model(full, dims).to(device)
+    buckets = GradientBuckets(model, dims.dp_cp_group)   # TP (a group of one): a no-op
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
-    step = build_step(graph, model, *piece, amp, accum, after_backward=lambda: allreduce_gradients(model, dims))
+    step = build_step(graph, model, *piece, amp, accum, buckets)
     seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
     parallel_kernels = cuda_time_by_kernel(step) if args.profile else None   # every rank: collectives
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
-    del model, full, step
+    del model, full, step, buckets
     single = None
     if rank == 0:  # the same per-step work on one GPU, no groups involved
         try:
