@@ -185,7 +185,6 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     rows = slice(dims.dp_rank * batch, (dims.dp_rank + 1) * batch)
     full = Mamba2LM(cfg.model, tp_size=tp)
     model = parallelize_model(full, dims).to(device)
-    model.set_overlap_halves(args.overlap_halves and mode == "tp")
     buckets = GradientBuckets(model, dims.dp_cp_group)   # TP (a group of one): a no-op
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
     step = build_step(graph, model, *piece, amp, accum, buckets)
@@ -233,8 +232,6 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--overlap-halves", action="store_true",
-                        help="TP runs: two halves of the micro-batch on two streams, collectives overlapping compute")
     parser.add_argument("--profile", action="store_true", help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
     parser.add_argument("--runs", nargs="*", default=None,
                         help="mode:seqlen[:accum][:graph] (after the overrides), e.g. tp:2048 dp:2048:8 "
@@ -283,7 +280,6 @@ def main():
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"device": gpu, "config": args.config, "overrides": args.overrides,
                                    "sequence_parallel": args.sequence_parallel,
-                                   "overlap_halves": args.overlap_halves,
                                    "allreduce_busbw_gbs": busbw, "rows": rows}, indent=1))
         print(f"wrote {out}")
     dist.destroy_process_group()

@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ import torch.distributed as dist
 
 from distributed import assert_close, assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
 from mamba_train.model import Mamba2LM
-from mamba_train.parallel import (ParallelMamba2LM, init_parallel, merge_state_dicts, parallelize_model,
-                                  shard_state_dict, validate_layout)
+from mamba_train.parallel import init_parallel, merge_state_dicts, parallelize_model, shard_state_dict, validate_layout
 
 SEQ_LEN = 32
 
@@ -111,36 +109,6 @@ def _tp_worker(rank, world, ngroups):
         _check_tp(rank, world, ngroups, sequence_parallel)
 
 
-def _halves_worker(rank, world):
-    # the blocks on two halves of the batch (on CUDA, two streams): the same loss and gradients
-    cfg = tiny_config(ngroups=2)
-    torch.manual_seed(0)
-    reference = Mamba2LM(cfg, tp_size=world)
-    dims = init_parallel(validate_layout(cfg, SEQ_LEN, world, tp=world))
-    model = parallelize_model(copy.deepcopy(reference), dims)
-    model.set_overlap_halves(True)
-    input_ids, labels, seq_idx = tiny_batch(cfg, 4, SEQ_LEN, [[5, 20], [], [30], []])
-    loss = model.loss(input_ids, labels, seq_idx)
-    expected = reference.loss(input_ids, labels, seq_idx)
-    assert_close(loss.detach(), expected.detach(), what="loss")
-    loss.backward()
-    expected.backward()
-    grads = shard_state_dict({name: p.grad for name, p in reference.named_parameters()}, cfg, world, rank)
-    assert_grads_close({name: param.grad for name, param in model.named_parameters()}, grads)
-
-
-@pytest.mark.distributed
-def test_tp2_on_two_halves_of_the_batch_equals_one_process():
-    run_workers(_halves_worker, 2)
-
-
-@pytest.mark.parametrize("sequence_parallel, context_parallel", [(True, None), (False, object())])
-def test_overlap_halves_refuses_sequence_and_context_parallelism(sequence_parallel, context_parallel):
-    model = SimpleNamespace(sequence_parallel=sequence_parallel, context_parallel=context_parallel)
-    with pytest.raises(ValueError, match="overlap_halves"):
-        ParallelMamba2LM.set_overlap_halves(model, True)
-
-
 @pytest.mark.distributed
 def test_tp2_equals_one_process_with_and_without_sequence_parallel():
     run_workers(_tp_worker, 2, 2)
@@ -152,11 +120,9 @@ def test_tp4_with_four_groups_equals_one_process_with_and_without_sequence_paral
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap_halves", [False, True])
-def test_gpu_parallel_model_on_one_nccl_rank_matches_the_plain_model(monkeypatch, overlap_halves):
+def test_gpu_parallel_model_on_one_nccl_rank_matches_the_plain_model(monkeypatch):
     """On CUDA both models run kernels.mixer_body's Triton Function; the parallel one wraps it
-    in megatron's linears and runs the row-parallel collective (one NCCL rank) after it; with
-    overlap_halves, on two streams."""
+    in megatron's linears and runs the row-parallel collective (one NCCL rank) after it."""
     import socket
 
     from megatron.core import parallel_state
@@ -176,7 +142,6 @@ def test_gpu_parallel_model_on_one_nccl_rank_matches_the_plain_model(monkeypatch
         reference = Mamba2LM(cfg)
         dims = init_parallel(validate_layout(cfg, 64, 1, tp=1))
         model = parallelize_model(copy.deepcopy(reference), dims).cuda()   # sharded on the CPU, as the trainer does
-        model.set_overlap_halves(overlap_halves)
         reference = reference.cuda()
         input_ids, labels, seq_idx = (t.cuda() for t in tiny_batch(cfg, 2, 64, [[5, 40], []]))
         with linear_inputs() as linear_calls:

@@ -50,8 +50,6 @@ class ParallelMamba2LM(nn.Module):
         self.layers = model.layers
         self.norm_f = model.norm_f
         self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv) if layout.cp > 1 else None
-        self.overlap_halves = False   # set_overlap_halves
-        self._half_streams = None
         for layer in self.layers:
             shard_mixer(layer.mixer, dims, mp_config)
             layer.mixer.context_parallel = self.context_parallel
@@ -72,54 +70,14 @@ class ParallelMamba2LM(nn.Module):
         if self.sequence_parallel:
             hidden = hidden.transpose(0, 1)
         hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))   # the fp32 residual stream
-        if self.overlap_halves and hidden.shape[0] % 2 == 0:
-            hidden = self._layers_in_halves(hidden, seq_idx)
-        else:
-            for layer in self.layers:
-                hidden = layer(hidden, seq_idx=seq_idx)
+        for layer in self.layers:
+            hidden = layer(hidden, seq_idx=seq_idx)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
         if self.sequence_parallel:  # all-gather the sequence (megatron gathers dim 0); backward reduce-scatters
             return gather_from_sequence_parallel_region(hidden.transpose(0, 1), group=self.dims.tp_group
                                                         ).transpose(0, 1)
         # the head's input is replicated: backward sums its gradient over the vocab shards
         return copy_to_tensor_model_parallel_region(hidden, group=self.dims.tp_group)
-
-    def set_overlap_halves(self, enabled: bool) -> None:
-        """Run the blocks on two halves of the micro-batch, each on a CUDA stream of its own and
-        interleaved block by block, so that one half's collectives (TP's all-reduce per block,
-        forward and backward) run while the other half computes. Needs an even micro-batch;
-        not with sequence parallelism or context parallelism (their per-forward state is
-        for the whole batch)."""
-        if enabled and (self.sequence_parallel or self.context_parallel is not None):
-            raise ValueError("overlap_halves: supported with tensor parallelism without sequence parallelism, "
-                             "and not with context parallelism")
-        self.overlap_halves = enabled
-
-    def _layers_in_halves(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        # hidden: (batch, local_len, d) → the same after every block. Autograd runs each op's
-        # backward on the stream its forward ran on, so the backward overlaps the same way;
-        # both ranks enqueue their collectives in the same order (half 0, half 1, block by block).
-        # Off CUDA the halves run one after the other (what the CPU tests compare).
-        halves = list(hidden.chunk(2))
-        docs = [None, None] if seq_idx is None else list(seq_idx.chunk(2))
-        if not hidden.is_cuda:
-            for layer in self.layers:
-                halves = [layer(half, seq_idx=doc) for half, doc in zip(halves, docs)]
-            return torch.cat(halves)
-        main = torch.cuda.current_stream(hidden.device)
-        if self._half_streams is None:
-            self._half_streams = (torch.cuda.Stream(hidden.device), torch.cuda.Stream(hidden.device))
-        for stream in self._half_streams:
-            stream.wait_stream(main)
-            hidden.record_stream(stream)   # read there: not reused before that stream is done
-        for layer in self.layers:
-            for i, stream in enumerate(self._half_streams):
-                with torch.cuda.stream(stream):
-                    halves[i] = layer(halves[i], seq_idx=docs[i])
-        for stream, half in zip(self._half_streams, halves):
-            main.wait_stream(stream)
-            half.record_stream(main)   # made there, read here
-        return torch.cat(halves)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
