@@ -194,6 +194,10 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step, buckets
+    if device.type == "cuda":
+        # the parallel run's cached blocks (its graph's pool, the gradient buckets) would
+        # otherwise crowd the one-GPU run: after three earlier runs its 32768 tokens did not fit
+        torch.cuda.empty_cache()
     single = None
     if rank == 0:  # the same per-step work on one GPU, no groups involved
         try:
