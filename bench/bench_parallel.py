@@ -132,27 +132,38 @@ def kernel_kind(name: str) -> str:
         return "copy"
     if lowered.startswith("void at::") or lowered.startswith("void (anonymous namespace)") or "at::native" in lowered:
         return "torch"
-    return "triton"
+    return "triton/other"   # our Triton kernels (named _…), and anything not matched above
 
 
-def print_excess(parallel_ms: dict, single_ms: dict, world: int, what: str, top: int = 25):
-    """Where a TP/CP step loses its efficiency: each kernel's CUDA ms per step on one parallel
-    rank beside the one-GPU step's share (its ms / world), sorted by the excess."""
-    def short(name):
-        return name.replace("void ", "").split("(")[0].split("<")[0][:70]
+def kernel_label(name: str, width: int = 100) -> str:
+    """A kernel's name without `void` and its argument list, template arguments kept (torch's
+    elementwise kernels differ only there)."""
+    name, depth = name.removeprefix("void "), 0
+    for i, char in enumerate(name):
+        depth += (char == "<") - (char == ">")
+        if char == "(" and depth == 0 and not name.startswith("(anonymous namespace)", i):
+            name = name[:i]
+            break
+    return name[:width]
 
-    print(f"# profile, {what}: CUDA ms per step by kernel family, one-GPU share (ms / {world}) -> rank 0")
-    for kind in ("matmul", "triton", "torch", "copy", "nccl"):
-        one = sum(ms for name, ms in single_ms.items() if kernel_kind(name) == kind) / world
+
+def print_excess(parallel_ms: dict, single_ms: dict, share: int, what: str, top: int = 25):
+    """Where a parallel step loses its efficiency: each kernel's CUDA ms per step on one parallel
+    rank beside the one-GPU step's share of it (its ms / share: the world for TP and CP, whose
+    one-GPU step does every rank's work; 1 for DP, whose one-GPU step is one rank's), sorted by
+    the excess."""
+    print(f"# profile, {what}: CUDA ms per step by kernel family, one-GPU share (ms / {share}) -> rank 0")
+    for kind in ("matmul", "triton/other", "torch", "copy", "nccl"):
+        one = sum(ms for name, ms in single_ms.items() if kernel_kind(name) == kind) / share
         par = sum(ms for name, ms in parallel_ms.items() if kernel_kind(name) == kind)
-        print(f"  {kind:>7} {one:8.2f} -> {par:8.2f}  ({par - one:+.2f})")
-    print(f"  {'all':>7} {sum(single_ms.values()) / world:8.2f} -> {sum(parallel_ms.values()):8.2f}")
-    excess = sorted(((parallel_ms.get(k, 0.0) - single_ms.get(k, 0.0) / world, k)
+        print(f"  {kind:>12} {one:8.2f} -> {par:8.2f}  ({par - one:+.2f})")
+    print(f"  {'all':>12} {sum(single_ms.values()) / share:8.2f} -> {sum(parallel_ms.values()):8.2f}")
+    excess = sorted(((parallel_ms.get(k, 0.0) - single_ms.get(k, 0.0) / share, k)
                      for k in set(parallel_ms) | set(single_ms)), reverse=True)
     print(f"# the {top} kernels with the largest excess (ms per step: one-GPU share -> rank 0)")
     for delta, name in excess[:top]:
-        print(f"  {delta:+7.2f}  {single_ms.get(name, 0.0) / world:7.2f} -> {parallel_ms.get(name, 0.0):7.2f}  "
-              f"{short(name)}")
+        print(f"  {delta:+7.2f}  {single_ms.get(name, 0.0) / share:7.2f} -> {parallel_ms.get(name, 0.0):7.2f}  "
+              f"{kernel_label(name)}")
 
 
 def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
@@ -207,7 +218,7 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
             seconds, _ = time_steps(one_step, device, args.warmup, args.steps)
             single = accum * batch * seqlen / seconds
             if args.profile:
-                print_excess(parallel_kernels, cuda_time_by_kernel(one_step), world,
+                print_excess(parallel_kernels, cuda_time_by_kernel(one_step), world if mode in ("tp", "cp") else 1,
                              f"{mode}:{seqlen}:{accum}{':graph' if graph else ''}")
             del one_step
             del model

@@ -71,7 +71,8 @@ def main():
     out = results_path("train-parallel", f"{gpu}-{args.model}")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "model": args.model,
-                               "command": f"MODEL={args.model} bash bench/device_train_parallel.sh",
+                               "command": f"MODEL={args.model} STEPS={rows[0]['steps']} "
+                                          f"RUNS='{' '.join([*singles, *args.runs])}' bash bench/device_train_parallel.sh",
                                "rows": rows}, indent=1) + "\n")
     print(f"# wrote {out}")
 

@@ -81,7 +81,10 @@ class GradientBuckets:
     On CPU (gloo has no AVG) a bucket is summed, then divided, synchronously. With a group of one
     rank nothing is bucketed or hooked: zero_grad sets the gradients to None, as
     model.zero_grad does. Keep the object as long as the model trains (the hooks refer to it
-    weakly, so dropping both frees them without a reference cycle)."""
+    weakly, so dropping both frees them without a reference cycle). Assumed, not checked: one
+    GradientBuckets per model (a second would add its hooks and reduce again), a bucket's
+    gradients written on one stream, and every rank reaching at least one parameter in a
+    syncing backward (as with DDP, a rank that reaches none leaves the others waiting)."""
 
     _ALIGN_BYTES = 64   # each view starts on a 64-byte boundary: vectorized kernels stay vectorized
 

@@ -7,9 +7,11 @@ of the network lives in ParallelMamba2LM: the vocab-parallel embedding and tied 
 the cross-entropy over the vocabulary shards (logits never gathered over the vocabulary).
 
 Inputs are this rank's piece: (batch, seq_len / cp) of input_ids, labels and seq_idx
-(`context_parallel_piece` cuts it). `loss` is the mean over that piece; averaging the
-gradients over the DP×CP group (DeepSpeed, or `allreduce_gradients`) then gives the
-gradient of the mean over the global batch, as all pieces hold the same number of tokens.
+(`context_parallel_piece` cuts it). `loss` is the mean over that piece's counted labels (not
+IGNORE_INDEX); averaging the gradients over the DP×CP group (DeepSpeed, or `GradientBuckets`)
+then gives the gradient of the mean over the global batch, as all pieces hold the same number
+of counted labels (the data pipeline masks none: were labels ever masked, the pieces would
+need the global count instead).
 """
 
 from __future__ import annotations
