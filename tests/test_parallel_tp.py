@@ -109,6 +109,37 @@ def _tp_worker(rank, world, ngroups):
         _check_tp(rank, world, ngroups, sequence_parallel)
 
 
+def _ignored_labels_worker(rank, world):
+    # ignored labels, and slices small enough that the loss runs several (each with its own
+    # all-gather over the vocabulary shards): the same loss and gradients as one process
+    import mamba_train.model.loss as loss_module
+
+    loss_module._SLICE_BYTES = 4 * 7 * 256   # a few rows of fp32 logits a slice: several slices a loss
+    cfg = tiny_config(ngroups=2)
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg, tp_size=world)
+    for sequence_parallel in (False, True):
+        dims = init_parallel(validate_layout(cfg, SEQ_LEN, world, tp=world, sequence_parallel=sequence_parallel))
+        model = parallelize_model(copy.deepcopy(reference), dims)
+        input_ids, labels, seq_idx = tiny_batch(cfg, 2, SEQ_LEN, [[5, 20], []])
+        labels = labels.clone()
+        labels[0, :9] = -100
+        labels[1, -4:] = -100
+        loss = model.loss(input_ids, labels, seq_idx)
+        expected = reference.loss(input_ids, labels, seq_idx)
+        assert_close(loss.detach(), expected.detach(), what="loss")
+        loss.backward()
+        expected.backward()
+        grads = shard_state_dict({name: p.grad for name, p in reference.named_parameters()}, cfg, world, rank)
+        assert_grads_close({name: param.grad for name, param in model.named_parameters()}, grads)
+        reference.zero_grad(set_to_none=True)
+
+
+@pytest.mark.distributed
+def test_tp2_ignored_labels_and_several_loss_slices_equal_one_process():
+    run_workers(_ignored_labels_worker, 2)
+
+
 @pytest.mark.distributed
 def test_tp2_equals_one_process_with_and_without_sequence_parallel():
     run_workers(_tp_worker, 2, 2)
