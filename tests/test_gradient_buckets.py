@@ -19,7 +19,7 @@ from torch import nn
 
 pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
 
-from distributed import count_collectives, run_workers, tiny_batch, tiny_config
+from distributed import assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
 from mamba_train.model import Mamba2LM
 from mamba_train.parallel import destroy_parallel, init_parallel, validate_layout
 from mamba_train.parallel.data_parallel import GradientBuckets, allreduce_gradients
@@ -255,3 +255,48 @@ def _one_rank_worker(rank, world):
 @pytest.mark.distributed
 def test_a_group_of_one_rank_buckets_nothing():
     run_workers(_one_rank_worker, 1)
+
+
+# ----------------------------------------------------------------------------- on two GPUs
+
+
+def _gpu_worker(rank, world):
+    # NCCL: AVG on the side stream, eagerly and replayed from a CUDA graph (the bench's use),
+    # against the flat all-reduce; the model's Triton kernels may accumulate in any order
+    dims = _dims(world)
+    device = torch.device("cuda", rank)
+    batch = [t.to(device) for t in tiny_batch(tiny_config(), 1, SEQ_LEN, [[5 + rank]], seed=10 * rank)]
+    reference = _tiny_model().to(device)
+    reference.loss(*batch).backward()
+    allreduce_gradients(reference, dims)
+    expected = _grads(reference)
+    model = _tiny_model().to(device)
+    buckets = GradientBuckets(model, dims.dp_cp_group, bucket_mb=BUCKET_MB)
+
+    def forward_backward():
+        buckets.zero_grad()
+        model.loss(*batch).backward()
+
+    forward_backward()
+    torch.cuda.synchronize()
+    assert_grads_close(_grads(model), expected)
+    side = torch.cuda.Stream()   # warm-up off the default stream, as capture wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+    for _ in range(2):   # each replay zeroes, accumulates and reduces again: the same gradients
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_grads_close(_grads(model), expected)
+    destroy_parallel()
+
+
+@pytest.mark.gpu
+def test_gpu_bucketed_gradients_on_two_nccl_ranks_eager_and_graphed():
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    run_workers(_gpu_worker, 2, backend="nccl")
