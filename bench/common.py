@@ -23,23 +23,16 @@ def graph_ms(fn, grad_to_none=None):
 
 
 def capture_forward_backward(forward_backward, model, warmup=3):
-    """(CUDA graph of forward_backward(), its return value during the capture): PyTorch's
-    whole-network recipe. Warm-up calls on a side stream (Triton compiles, NCCL connects and
-    the allocator settles outside the capture), then the capture with the gradients unset, so
+    """(CUDA graph of forward_backward(), its return value during the capture): the trainer's
+    recipe (`mamba_train.train.cuda_graph.capture`: warm-up calls on a side stream, where Triton
+    compiles, NCCL connects and the allocator settles), captured with the gradients unset, so
     that the graph owns them: each replay rewrites them, and nothing may zero them between
     replays. forward_backward must run autocast with cache_enabled=False: the cache must not
     hold casts across the capture's boundary."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            forward_backward()
-            model.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = forward_backward()
-    return graph, captured
+    from mamba_train.train.cuda_graph import capture
+
+    return capture(lambda _: forward_backward(), {}, warmup,
+                   before_capture=lambda: model.zero_grad(set_to_none=True))
 
 
 def cuda_kernel_events(prof):

@@ -31,6 +31,12 @@ def _global_batch(cfg, step: int, rows: int):
     return tiny_batch(cfg, rows, SEQ_LEN, [[5, 16], [], [11, 27], [16]][:rows], seed=step)
 
 
+def _rank_piece(run, input_ids, labels, seq_idx) -> dict:
+    # a global batch of one row per DP rank → this rank's row, cut to its CP piece
+    rows = slice(run.dims.dp_rank, run.dims.dp_rank + 1)
+    return run.piece({"input_ids": input_ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]})
+
+
 def _reference_losses(cfg, steps: int, rows: int, tp_size: int) -> list[float]:
     torch.manual_seed(0)
     model = Mamba2LM(cfg, tp_size=tp_size)
@@ -162,8 +168,7 @@ def _grad_norm_worker(rank, world, tp, cp, bf16):
     run = setup_parallel(cfg, SEQ_LEN, OptimConfig(grad_clip=CLIP), 1, 1, tp=tp, cp=cp, bf16=bf16, seed=0)
     dims = run.dims
     input_ids, labels, seq_idx = _global_batch(cfg, 0, dims.layout.dp)
-    rows = slice(dims.dp_rank, dims.dp_rank + 1)
-    batch = run.piece({"input_ids": input_ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]})
+    batch = _rank_piece(run, input_ids, labels, seq_idx)
     loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
     run.engine.backward(loss)
     run.engine.step()
@@ -196,9 +201,7 @@ def _non_finite_worker(rank, world, tp, bf16):
     dims = run.dims
     norms, changed = [], []
     for step in range(3):
-        input_ids, labels, seq_idx = _global_batch(cfg, step, dims.layout.dp)
-        rows = slice(dims.dp_rank, dims.dp_rank + 1)
-        batch = run.piece({"input_ids": input_ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]})
+        batch = _rank_piece(run, *_global_batch(cfg, step, dims.layout.dp))
         before = [p.detach().clone() for p in run.model.parameters()]
         loss = run.engine(batch["input_ids"], batch["seq_idx"], labels=batch["labels"])
         if step == 1 and rank == 1:   # one rank's gradient overflows (inf · 0 = nan in places)

@@ -42,7 +42,7 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, piece, group):
         # piece: (...) → gathered: (world, ...)
         ctx.group = group
-        return _all_gather_plain(piece, group)
+        return all_gather_plain(piece, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -55,7 +55,7 @@ def all_gather_pieces(piece: torch.Tensor, group) -> torch.Tensor:
     return _AllGather.apply(piece, group)
 
 
-def _all_gather_plain(piece: torch.Tensor, group) -> torch.Tensor:
+def all_gather_plain(piece: torch.Tensor, group) -> torch.Tensor:
     # (...) → (world, ...) outside autograd. gloo wants the output concatenated along dim 0,
     # not stacked: gather, then view
     world = dist.get_world_size(group)
@@ -177,7 +177,7 @@ class ContextParallel:
     def final_state_grad(self, dstate_in: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
         # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone →
         # the gradient of this piece's true final state (h_in of the next piece, and on)
-        dstates, log_totals = self._gather(dstate_in, log_decay, _all_gather_plain)
+        dstates, log_totals = self._gather(dstate_in, log_decay, all_gather_plain)
         return torch.einsum("tbh,tbhpn->bhpn", self._weights(log_totals, source=self.rank), dstates)
 
     def _gather(self, state, log_decay, all_gather):

@@ -24,7 +24,7 @@ from kernels import cross_entropy_rows, logsumexp_rows, softmax_grad_rows
 from mamba_train.model import Mamba2LM
 from mamba_train.model.loss import linear_cross_entropy
 from mamba_train.model.mamba2 import RMSNorm
-from mamba_train.parallel.context_parallel import ContextParallel, _all_gather_plain
+from mamba_train.parallel.context_parallel import ContextParallel, all_gather_plain
 from mamba_train.parallel.groups import ParallelDims, model_parallel_config
 from mamba_train.parallel.tensor_parallel import _no_init, mark_tensor_parallel, shard_mixer, shard_state_dict
 
@@ -49,6 +49,9 @@ class ParallelMamba2LM(nn.Module):
         with torch.no_grad():
             self.embedding.weight.copy_(full["embedding.weight"])
         mark_tensor_parallel(self.embedding.weight, dim=0)
+        # the loss per row of logits: over this rank's vocabulary shard, completed over the TP group
+        self._rows_loss = cross_entropy_rows if layout.tp == 1 else \
+            _VocabParallelRows(dims.tp_group, self.embedding.vocab_start_index)
         self.layers = model.layers
         self.norm_f = model.norm_f
         self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv) if layout.cp > 1 else None
@@ -95,10 +98,8 @@ class ParallelMamba2LM(nn.Module):
         # the loss go a slice of tokens at a time, as on one GPU (model/loss.py); over a
         # vocabulary split by TP each row is completed by one small all-gather a slice
         hidden = self.hidden_states(input_ids, seq_idx)
-        rows_loss = cross_entropy_rows if self.dims.layout.tp == 1 else \
-            _VocabParallelRows(self.dims.tp_group, self.embedding.vocab_start_index)
         return linear_cross_entropy(hidden.flatten(0, 1), self.embedding.weight, labels.flatten(), reduction,
-                                    rows_loss=rows_loss)
+                                    rows_loss=self._rows_loss)
 
 
 class _VocabParallelRows:
@@ -115,7 +116,7 @@ class _VocabParallelRows:
         # logits: (rows, vocab / tp), this rank's columns; labels: (rows,) ids of the whole vocabulary
         local = labels - self.vocab_start   # outside [0, vocab / tp): another rank's (or ignored)
         lse, target = logsumexp_rows(logits, local)
-        every = _all_gather_plain(torch.stack([lse, target]), self.group)          # (tp, 2, rows)
+        every = all_gather_plain(torch.stack([lse, target]), self.group)          # (tp, 2, rows)
         lse, target = torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(dim=0)
         if grad_scale is not None:
             softmax_grad_rows(logits, local, lse, grad_scale)
