@@ -29,6 +29,10 @@ from kernels.triton_ssd import bmm, chunk_cumsum, chunk_scan, chunk_state, combi
 from kernels.triton_ssd import state_passing  # noqa: E402
 
 _DEFAULT_BLOCK = launch.block
+# the SSD of each bench_train.py model's layer at its micro-batch (issue 9): 130m, 370m, 1.3b
+TRAINING_SHAPES = {"b16_L2048_h24": (16, 2048, 24, 64, 1, 128), "b8_L2048_h32": SHAPES["b8_L2048_h32"],
+                   "b4_L2048_h64": SHAPES["b4_L2048_h64"]}
+ALL_SHAPES = {**SHAPES, **TRAINING_SHAPES}
 
 
 def cap_tiles(cap):
@@ -121,7 +125,7 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="b8_L2048_h32", choices=list(SHAPES))
+    parser.add_argument("--shape", default="b8_L2048_h32", choices=list(ALL_SHAPES))
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[256, 128])
     parser.add_argument("--tiles", type=int, nargs="*", default=None,
                         help="tile caps: the stage table's columns (default: the shipped settings), "
@@ -137,7 +141,7 @@ def main():
     parser.add_argument("--tile-k", type=int, nargs="*", default=[],
                         help="--sweep also these steps of the causal loops (launch.K_LAUNCHERS)")
     args = parser.parse_args()
-    shape = SHAPES[args.shape]
+    shape = ALL_SHAPES[args.shape]
     if args.sweep:
         print(f"# launch-settings sweep, {args.shape} {shape}, chunk {args.chunk_sizes[0]}, "
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")

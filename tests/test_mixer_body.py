@@ -183,3 +183,29 @@ def test_gpu_bf16_layer_shape_matches_fp32_reference_and_chained_ops(monkeypatch
     errors = check_all(ours, ref, BF16_BOUND, "bf16 vs fp32 reference")
     print("mixer_body bf16 vs fp32:", " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     check_all(ours, chained, BF16_BOUND, "bf16 vs the chained Triton ops")
+
+
+def test_rows_padded_input_gives_the_same_results_and_gradient_in_its_layout():
+    """in_proj's output may come with rows padded to 16 elements (mamba_train/model/padded_rows.py):
+    the op reads it in place, gives what it gives on the contiguous tensor, bit for bit, and
+    hands back the gradient in the same padded layout (in_proj's backward reads it so)."""
+    b, l, h, p, g, n, d_model, chunk, options, kwargs = CASES["g2_channel_D_docs_dt_limit"]
+    inputs = make_inputs(b, l, h, p, g, n, d_model, **options)
+    width = inputs["zxbcdt"].shape[-1]
+    padded = torch.zeros(b, l, width + 16 - width % 16, device=DEVICE)
+    padded[..., :width] = inputs["zxbcdt"]
+    leaf = padded.requires_grad_(True)
+    rows = leaf[..., :width]
+    grad_strides = []
+    rows.register_hook(lambda grad: grad_strides.append(grad.stride()))
+    out = mixer_body_triton(**(inputs | {"zxbcdt": rows}), ngroups=g, chunk_size=chunk, norm_eps=1e-5, **kwargs)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    (out * g_out).sum().backward()
+    contiguous = inputs["zxbcdt"].clone().requires_grad_(True)
+    expected = mixer_body_triton(**(inputs | {"zxbcdt": contiguous}), ngroups=g, chunk_size=chunk, norm_eps=1e-5,
+                                 **kwargs)
+    (expected * g_out).sum().backward()
+    assert torch.equal(out, expected)
+    assert grad_strides == [rows.stride()]
+    assert torch.equal(leaf.grad[..., :width], contiguous.grad)
+    assert not leaf.grad[..., width:].any()

@@ -97,7 +97,8 @@ class MixerBodyFunction(torch.autograd.Function):
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
         z = z.reshape(b * l, s.d_inner)
-        dzxbcdt = torch.empty_like(zxbcdt)
+        # in zxbcdt's layout: in_proj's backward reads it with the same (16-aligned) row stride
+        dzxbcdt = torch.empty_strided(zxbcdt.shape, zxbcdt.stride(), dtype=zxbcdt.dtype, device=zxbcdt.device)
         dz, dxBC_in, ddt_slot = dzxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
 
         # out_proj, then the gated norm, its output recomputed for out_proj's weight gradient
@@ -132,8 +133,12 @@ def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight
     `kernels.reference.mixer_body`."""
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
     _check_chunk_size(chunk_size)
-    # the kernels read every row of zxbcdt with unit stride along channels, and A, D, dt_bias
-    # with unit stride along heads
-    zxbcdt, A, D, dt_bias, seq_idx = (_contiguous(t) for t in (zxbcdt, A, D, dt_bias, seq_idx))
+    # the kernels read A, D, dt_bias with unit stride along heads, and zxbcdt by rows with unit
+    # stride along channels: rows may be padded (mamba_train/model/padded_rows.py), but
+    # (batch, seqlen) must flatten to rows without a copy, since the gradients of z and of the
+    # conv's input are written through such views
+    A, D, dt_bias, seq_idx = (_contiguous(t) for t in (A, D, dt_bias, seq_idx))
+    if zxbcdt.stride(-1) != 1 or zxbcdt.stride(0) != zxbcdt.shape[1] * zxbcdt.stride(1):
+        zxbcdt = zxbcdt.contiguous()
     return MixerBodyFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, s,
                                    chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit), context_parallel)

@@ -1,0 +1,72 @@
+"""What the row stride of in_proj's output costs the kernels that read its column slices.
+
+The mixer's conv reads x|B|C, and the gated norm z, as column slices of in_proj's output
+(b, l, W) with W = 2·d_inner + 2·ngroups·d_state + nheads; their backward kernels write into the
+same layout. Triton proves a row's loads contiguous and aligned, and so issues 16-byte vector
+loads, only when it knows the row stride is divisible by 16 elements (it specialises integer
+arguments on that). At 130m W = 3352 (24 heads) is not, at 1.3b W = 8512 is. This times each
+kernel on slices of a (b, l, W) buffer beside the same slices of a buffer padded to W rounded up
+to 16, bf16, `do_bench` medians.
+
+    python bench/bench_row_stride.py [--shape 130m]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_ms  # noqa: E402
+from kernels.triton_conv.conv1d import conv1d_bwd, conv1d_fwd  # noqa: E402
+from kernels.triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd  # noqa: E402
+
+# name: (batch, seqlen, d_inner, nheads, ngroups · d_state) at bench_train.py's micro-batch
+SHAPES = {"130m": (16, 2048, 1536, 24, 128), "1.3b": (4, 2048, 4096, 64, 128)}
+
+
+def kernel_times(b, l, d_inner, nheads, bc, width):
+    """{kernel: ms} on the column slices of a (b, l, width) buffer."""
+    conv_dim = d_inner + 2 * bc
+    buf = torch.randn(b, l, width, device="cuda", dtype=torch.bfloat16)
+    grad = torch.empty_like(buf)
+    z, xBC = buf[..., :d_inner], buf[..., d_inner:d_inner + conv_dim]
+    dz, dxBC = grad[..., :d_inner], grad[..., d_inner:d_inner + conv_dim]
+    weight = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
+    dconv = torch.randn(b, l, conv_dim, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(b * l, d_inner, device="cuda", dtype=torch.bfloat16)
+    dnormed = torch.randn_like(y)
+    norm_weight = torch.ones(d_inner, device="cuda")
+    z_rows, dz_rows = z.reshape(b * l, d_inner), dz.reshape(b * l, d_inner)
+    assert z_rows.data_ptr() == z.data_ptr() and dz_rows.stride(0) == width, "row views, not copies"
+    return {
+        "conv fwd (x|B|C)": bench_ms(lambda: conv1d_fwd(xBC, weight, bias)),
+        "conv bwd (dx into the slice)": bench_ms(lambda: conv1d_bwd(dconv, None, xBC, weight, bias, dx_out=dxBC)),
+        "gated norm fwd (z)": bench_ms(lambda: rmsnorm_gated_fwd(y, z_rows, norm_weight, 1e-5, d_inner)),
+        "gated norm bwd (dz into the slice)": bench_ms(
+            lambda: rmsnorm_gated_bwd(dnormed, y, z_rows, norm_weight, 1e-5, d_inner, dz_out=dz_rows)),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, ms (do_bench median)")
+    for name in args.shape:
+        b, l, d_inner, nheads, bc = SHAPES[name]
+        width = 2 * d_inner + 2 * bc + nheads
+        padded = -(-width // 16) * 16
+        widths = [width] if padded == width else [width, padded]
+        times = [kernel_times(b, l, d_inner, nheads, bc, w) for w in widths]
+        print(f"## {name}: b{b} L{l}, row stride " + " vs ".join(str(w) for w in widths))
+        for kernel in times[0]:
+            row = "  ".join(f"{t[kernel]:8.3f}" for t in times)
+            print(f"  {kernel:36s} {row}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""in_proj's matmul written with its rows padded to a multiple of 16 elements.
+
+The mixer's kernels read in_proj's output (b, l, W) by column slices (z, x|B|C, dt) and write
+its gradient the same way. Triton issues 16-byte vector loads and stores of a row only when it
+can prove the row stride divisible by 16 elements, which it learns by specialising integer
+arguments on exactly that. W = 2·d_inner + 2·ngroups·d_state + nheads is not always so: at 130m
+(24 heads) W = 3352, and there the conv's forward took 0.219 ms against 0.117 on rows of 3360,
+the gated norm's backward 0.345 against 0.236 (H100, b16 L2048: bench/bench_row_stride.py).
+
+So when W is not a multiple of 16 the product is taken with the weight padded by zero rows and
+the output is the first W columns of each padded row: the same values, 16-aligned rows, and a
+few more FLOPs (8 of 3352 rows at 130m). Backward reads the gradient in the same padded layout
+(`kernels.mixer_body` writes it so) and never materialises the padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROW_MULTIPLE = 16   # elements: what Triton's integer specialisation proves about a stride
+
+
+class _PaddedRowsLinear(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, weight, dtype):
+        out_features = weight.shape[0]
+        u = u.to(dtype)
+        ctx.save_for_backward(u, weight)
+        padded = F.pad(weight.to(dtype), (0, 0, 0, -out_features % ROW_MULTIPLE))
+        return F.linear(u, padded)[..., :out_features]
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, weight = ctx.saved_tensors
+        dout = dout.to(u.dtype)
+        du = dout @ weight.to(u.dtype) if ctx.needs_input_grad[0] else None
+        # the weight's gradient in the compute dtype, then in the weight's, as autocast's
+        # cast of the weight would hand it back
+        dweight = (dout.flatten(0, -2).t() @ u.flatten(0, -2)).to(weight.dtype)
+        return du, dweight, None
+
+
+def padded_rows_linear(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(u, weight)` (no bias; under autocast in its dtype, as F.linear runs) whose
+    output rows have a stride that is a multiple of ROW_MULTIPLE: a view of a padded tensor when
+    the weight's rows are not, else the plain product."""
+    if weight.shape[0] % ROW_MULTIPLE == 0:
+        return F.linear(u, weight)
+    device, dtype = u.device.type, u.dtype
+    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:   # autocast leaves float64 be
+        dtype = torch.get_autocast_dtype(device)
+    return _PaddedRowsLinear.apply(u, weight, dtype)

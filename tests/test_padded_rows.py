@@ -1,0 +1,57 @@
+"""in_proj's product with 16-aligned output rows (mamba_train/model/padded_rows.py): the same
+values and gradients as F.linear, in a padded layout, and the model's mixer handing that layout on."""
+
+import torch
+import torch.nn.functional as F
+
+import mamba_train.model.mamba2 as mamba2
+from mamba_train.config import ModelConfig
+from mamba_train.model import Mamba2Mixer
+from mamba_train.model.padded_rows import ROW_MULTIPLE, padded_rows_linear
+
+
+def _both(u, weight, fn):
+    u, weight = u.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = fn(u, weight)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+    (out * g).sum().backward()
+    return out, u.grad, weight.grad
+
+
+def test_values_and_gradients_equal_linear_in_a_padded_layout():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 5, 24, generator=gen, dtype=torch.float64)
+    weight = torch.randn(50, 24, generator=gen, dtype=torch.float64)
+    out, du, dweight = _both(u, weight, padded_rows_linear)
+    ref_out, ref_du, ref_dweight = _both(u, weight, F.linear)
+    assert out.shape == (2, 5, 50) and out.stride() == (5 * 64, 64, 1)
+    for ours, ref in ((out, ref_out), (du, ref_du), (dweight, ref_dweight)):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert padded_rows_linear(u, weight[:48]).is_contiguous()   # already a multiple of 16: the plain product
+
+
+def test_under_autocast_computes_as_linear_does():
+    gen = torch.Generator().manual_seed(0)
+    u, weight = torch.randn(3, 7, 32, generator=gen), torch.randn(40, 32, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, du, dweight = _both(u, weight, padded_rows_linear)
+        ref_out, ref_du, ref_dweight = _both(u, weight, F.linear)
+    assert out.dtype == ref_out.dtype == torch.bfloat16 and dweight.dtype == torch.float32
+    assert du.dtype == ref_du.dtype
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(du, ref_du, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dweight, ref_dweight, rtol=2e-2, atol=2e-2)
+
+
+def test_mixer_hands_padded_rows_to_the_mixer_body(monkeypatch):
+    # 6 heads: in_proj's width 2·48 + 2·16 + 6 = 134 is not a multiple of 16
+    cfg = ModelConfig(d_model=24, n_layer=1, vocab_size=64, d_state=16, headdim=8, ngroups=1, chunk_size=16)
+    mixer = Mamba2Mixer(cfg)
+    seen = []
+    body = mamba2.mixer_body
+    monkeypatch.setattr(mamba2, "mixer_body", lambda zxbcdt, *a, **k: seen.append(zxbcdt.stride()) or body(zxbcdt, *a, **k))
+    out = mixer(torch.randn(2, 20, cfg.d_model))
+    width = sum(mixer.split_sizes)
+    assert width % ROW_MULTIPLE and seen == [(20 * 144, 144, 1)]
+    out.sum().backward()
+    assert mixer.in_proj.weight.grad.shape == (width, cfg.d_model)
