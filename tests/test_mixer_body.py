@@ -21,8 +21,9 @@ from triton_device import triton_device  # noqa: E402
 
 DEVICE = triton_device(_stage._chunk_cumsum_fwd_kernel, "kernels.triton_ssd")
 # fp32 inputs through conv, SSD, norm and a matmul, each measured near 1e-7 under the
-# interpreter; a GPU runs fp32 dots in tf32
-FP32_BOUND = 1e-5 if DEVICE == "cpu" else 5e-3
+# interpreter; a GPU runs fp32 dots in tf32: on an H100 the case with documents and dt_limit
+# measured up to 9.7e-3 (ddt_bias, a sum of cancelling terms over every token)
+FP32_BOUND = 1e-5 if DEVICE == "cpu" else 2e-2
 BF16_BOUND = 2e-2
 GRADS = ("zxbcdt", "conv_weight", "conv_bias", "dt_bias", "A", "D", "norm_weight", "out_weight")
 

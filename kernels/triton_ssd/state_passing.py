@@ -79,8 +79,8 @@ def _state_passing_bwd_kernel(
     stride_seq_b, stride_seq_l,
     HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # dstates_in, dstates: (b, c, h, p·n) fp32, states_in likewise in fp32 or the forward's
-    # narrower dtype; ddA_cumsum (b, h, c, q) gets d a_c · a_c
+    # dstates_in: (b, c, h, p·n) fp32; states_in and dstates likewise in fp32 or the forward's
+    # narrower dtype (the recurrence itself runs in fp32); ddA_cumsum (b, h, c, q) gets d a_c · a_c
     # at each chunk's last token (atomically: the p·n blocks of one head share it)
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
@@ -142,8 +142,9 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
 
 def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal=None,
                       seq_idx=None, need_dinit=False):
-    # dstates_in, states_in: (b, c, h, p, n) fp32  dfinal: (b, h, p, n)
-    # ->  dstates (gradient of each chunk's own state): (b, c, h, p, n) fp32, dinit (b, h, p, n) or None
+    # dstates_in: (b, c, h, p, n) fp32  states_in: likewise, fp32 or the forward's narrower dtype
+    # dfinal: (b, h, p, n)  ->  dstates (gradient of each chunk's own state): (b, c, h, p, n) in
+    # states_in's dtype (its readers cast it to that for their dots), dinit (b, h, p, n) fp32 or None
     _, opts = launch.settings("state_passing_bwd")
     b, nchunks, h, p, n = states_in.shape
     chunk_size = dA_cumsum.shape[-1]
