@@ -1,6 +1,7 @@
 """in_proj's product with 16-aligned output rows (mamba_train/model/padded_rows.py): the same
 values and gradients as F.linear, in a padded layout, and the model's mixer handing that layout on."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +56,32 @@ def test_mixer_hands_padded_rows_to_the_mixer_body(monkeypatch):
     assert width % ROW_MULTIPLE and seen == [(20 * 144, 144, 1)]
     out.sum().backward()
     assert mixer.in_proj.weight.grad.shape == (width, cfg.d_model)
+
+
+def _parallel_in_proj_worker(rank, world, tp, cp):
+    import copy
+
+    from distributed import tiny_config
+    from mamba_train.model import Mamba2LM
+    from mamba_train.parallel import init_parallel, parallelize_model, validate_layout
+
+    cfg = tiny_config(ngroups=2)   # in_proj's width 2·32 + 2·2·8 + 4 = 100: not a multiple of 16
+    dims = init_parallel(validate_layout(cfg, 16, world, tp=tp, cp=cp))
+    model = parallelize_model(copy.deepcopy(Mamba2LM(cfg)), dims)
+    in_proj = model.layers[0].mixer.in_proj
+    assert in_proj.pads_rows == (tp == 1)
+    u = torch.randn(2, 8, cfg.d_model)
+    out = in_proj(u)
+    width = in_proj.weight.shape[0]
+    assert out.stride(1) == (112 if tp == 1 else width)
+    torch.testing.assert_close(out, F.linear(u, in_proj.weight))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, cp", [(1, 2), (2, 1)])
+def test_parallel_in_proj_pads_rows_when_its_tensor_parallel_group_has_one_rank(tp, cp):
+    # CP and DP runs keep the one-process layout; under TP megatron's layer runs its own product
+    pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
+    from distributed import run_workers
+
+    run_workers(_parallel_in_proj_worker, 2, tp, cp)

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import causal_conv1d, mixer_body, rmsnorm_gated, ssd
 from mamba_train.config import ModelConfig
-from mamba_train.model.padded_rows import padded_rows_linear
+from mamba_train.model.padded_rows import PaddedRowsLinear
 
 
 class MixerState(NamedTuple):
@@ -52,9 +52,10 @@ class Mamba2Mixer(nn.Module):
         # one rank's whole heads and groups; forward reads only these, never cfg's totals.
         self.nheads, self.ngroups, self.d_inner = cfg.nheads, cfg.ngroups, cfg.d_inner
         d_inner, nheads, bc_dim = cfg.d_inner, cfg.nheads, cfg.ngroups * cfg.d_state
-        # One fused projection, laid out [z | x | B | C | dt] as in mamba_ssm.
+        # One fused projection, laid out [z | x | B | C | dt] as in mamba_ssm, its output rows
+        # padded so that the mixer's kernels load them as aligned vectors (model/padded_rows.py)
         self.split_sizes = (d_inner, d_inner + 2 * bc_dim, nheads)
-        self.in_proj = nn.Linear(cfg.d_model, sum(self.split_sizes), bias=False)
+        self.in_proj = PaddedRowsLinear(cfg.d_model, sum(self.split_sizes))
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
                                 padding=cfg.d_conv - 1, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(nheads))
@@ -79,20 +80,13 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty(cfg.nheads).uniform_(*cfg.A_init_range)))
         self.D.fill_(1.0)
 
-    def _project_in(self, u: torch.Tensor) -> torch.Tensor:
-        # the one-process in_proj writes rows the mixer's kernels load as aligned vectors
-        # (mamba_train/model/padded_rows.py); tensor parallelism's layer keeps its own matmul
-        if type(self.in_proj) is nn.Linear:
-            return padded_rows_linear(u, self.in_proj.weight)
-        return self.in_proj(u)
-
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None, state: MixerState | None = None,
                 return_state: bool = False):
         # u: (batch, seqlen, d_model); seq_idx: (batch, seqlen) document ids. With sequence
         # parallelism u holds a slice of the sequence and in_proj gathers it: seqlen is
         # read after the projection.
         cfg, nheads, ngroups, d_inner = self.cfg, self.nheads, self.ngroups, self.d_inner
-        zxbcdt = self._project_in(u)
+        zxbcdt = self.in_proj(u)
         D = self.D.view(nheads, cfg.headdim) if cfg.D_has_hdim else self.D
         A = -torch.exp(self.A_log.float())
         if state is None and not return_state:

@@ -10,13 +10,16 @@ the gated norm's backward 0.345 against 0.236 (H100, b16 L2048: bench/bench_row_
 So when W is not a multiple of 16 the product is taken with the weight padded by zero rows and
 the output is the first W columns of each padded row: the same values, 16-aligned rows, and a
 few more FLOPs (8 of 3352 rows at 130m). Backward reads the gradient in the same padded layout
-(`kernels.mixer_body` writes it so) and never materialises the padding.
+(`kernels.mixer_body` writes it so) and never materialises the padding. The one-process model's
+in_proj is a `PaddedRowsLinear`; the parallel model's column-parallel in_proj takes the same
+product when its tensor-parallel group has one rank (mamba_train/parallel/tensor_parallel.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ROW_MULTIPLE = 16   # elements: what Triton's integer specialisation proves about a stride
 
@@ -52,3 +55,14 @@ def padded_rows_linear(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:   # autocast leaves float64 be
         dtype = torch.get_autocast_dtype(device)
     return _PaddedRowsLinear.apply(u, weight, dtype)
+
+
+class PaddedRowsLinear(nn.Linear):
+    """A bias-free nn.Linear whose output rows are padded (`padded_rows_linear`); the same
+    parameter and state-dict key as nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return padded_rows_linear(u, self.weight)

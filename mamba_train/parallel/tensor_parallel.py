@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mamba_train.config import ModelConfig
+from mamba_train.model.padded_rows import padded_rows_linear
 
 # ----------------------------------------------------------------------------- index maps
 
@@ -119,6 +120,12 @@ def _batch_first(linear_cls):
         # the keys those of the TP=1 model (its load hook and set_extra_state stay).
         get_extra_state = nn.Module.get_extra_state
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # in_proj over a TP group of one (CP and DP runs): no collective in either direction
+            self.pads_rows = (linear_cls.__name__ == "ColumnParallelLinear" and self.bias is None
+                              and self.tp_group.size() == 1)
+
         def forward(self, x):
             # x: (batch, seqlen, in) → (batch, seqlen', out); bias is off, skip_bias_add keeps it out.
             if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
@@ -127,6 +134,10 @@ def _batch_first(linear_cls):
                 # Under CUDA autocast a cast here would only add two copies.
                 x = x.to(self.weight.dtype)
             if not self.sequence_parallel:
+                if self.pads_rows:
+                    # one rank: megatron's layer is a plain product, taken with the output rows
+                    # the mixer's kernels load as aligned vectors (model/padded_rows.py)
+                    return padded_rows_linear(x, self.weight)
                 # Only SP's gather and scatter care which dim is the sequence. A transposed
                 # input would also make the matmul a batch of one tiny product per token
                 # (measured on an H100 at 1.3b: 3.6x slower steps).
