@@ -24,15 +24,15 @@ def graph_ms(fn, grad_to_none=None):
 
 def capture_forward_backward(forward_backward, model, warmup=3):
     """(CUDA graph of forward_backward(), its return value during the capture): the trainer's
-    recipe (`mamba_train.train.cuda_graph.capture`: warm-up calls on a side stream, where Triton
+    recipe (`mamba_train.train.cuda_graph.capture_graph`: warm-up calls on a side stream, where Triton
     compiles, NCCL connects and the allocator settles), captured with the gradients unset, so
     that the graph owns them: each replay rewrites them, and nothing may zero them between
     replays. forward_backward must run autocast with cache_enabled=False: the cache must not
     hold casts across the capture's boundary."""
-    from mamba_train.train.cuda_graph import capture
+    from mamba_train.train.cuda_graph import capture_graph
 
-    return capture(lambda _: forward_backward(), {}, warmup,
-                   before_capture=lambda: model.zero_grad(set_to_none=True))
+    return capture_graph(lambda _: forward_backward(), {}, warmup,
+                         before_capture=lambda: model.zero_grad(set_to_none=True))
 
 
 def cuda_kernel_events(prof):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 
-def capture(fn: Callable[[dict], object], static: dict, warmup: int, before_capture: Callable[[], None] = None):
+def capture_graph(fn: Callable[[dict], object], static: dict, warmup: int, before_capture: Callable[[], None] = None):
     """(graph, fn(static) as captured): fn warmed up on a side stream, then captured.
     before_capture runs between the two (on the capturing stream's side of the join)."""
     side = torch.cuda.Stream()
@@ -65,7 +65,7 @@ class GraphedMicroStep:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.graph, self.loss = capture(forward_backward, self.static, warmup,
+        self.graph, self.loss = capture_graph(forward_backward, self.static, warmup,
                                         before_capture=lambda: torch._foreach_zero_([p.grad for p in params]))
 
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -96,7 +96,7 @@ class GraphedLoss:
         self.calls = 0   # which call's gradients the buffers hold
         if capture:
             self.static = {k: v.clone() for k, v in example.items()}
-            self.graph, (self.loss, self.grads) = capture(self._loss_and_grads, self.static, warmup)
+            self.graph, (self.loss, self.grads) = capture_graph(self._loss_and_grads, self.static, warmup)
 
     def _loss_and_grads(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # The gradients are taken with respect to views of the parameters, which the module
