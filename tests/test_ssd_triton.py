@@ -137,12 +137,22 @@ def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
     for name in launch.HEAD_SPLIT_LAUNCHERS:
         monkeypatch.setitem(launch.SETTINGS, name, {**launch.SETTINGS.get(name, {}),
                                                    "heads_per_program": heads_per_program, "tile": 16})
-    assert launch.head_split("bmm_bwd_dcb", 3) == ((3, 1) if heads_per_program == 1 else (2, 2))
+    assert launch.head_split("bmm_bwd_dcb", 3, 8) == ((3, 1) if heads_per_program == 1 else (2, 2))
     inputs = make_inputs(1, 50, 6, 24, 2, 20, dtype=dtype, D="channel", docs=2)
     ours = run(ssd_triton, inputs, chunk_size=32)
     ref = run(ssd_chunked, upcast(inputs), chunk_size=32)
     check_all(ours, ref, FP32_BOUND if dtype == torch.float32 else BF16_BOUND,
               f"heads_per_program={heads_per_program} {dtype}")
+
+
+def test_head_split_fills_the_grid_to_its_target_evenly(monkeypatch):
+    monkeypatch.setitem(launch.SETTINGS, "bmm_bwd_dcb", {"grid_programs": 2048})
+    assert launch.head_split("bmm_bwd_dcb", 64, 512) == (4, 16)     # 1.3b: b4, 8 chunks, 16 tiles
+    assert launch.head_split("bmm_bwd_dcb", 24, 2048) == (1, 24)    # 130m: b16 fills the grid alone
+    assert launch.head_split("bmm_bwd_dcb", 24, 4096) == (1, 24)    # never fewer than one split
+    assert launch.head_split("bmm_bwd_dcb", 24, 300) == (6, 4)      # 6 splits asked, 4 heads each
+    assert launch.head_split("bmm_bwd_dcb", 24, 400) == (5, 5)      # 5 asked: 5 + 5 + 5 + 5 + 4
+    assert launch.head_split("bmm_bwd_dcb", 3, 1) == (3, 1)         # at most one head a program
 
 
 def poison_unread_cb(monkeypatch):

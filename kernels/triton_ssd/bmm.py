@@ -154,10 +154,11 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None, factor_decay
     nchunks, chunk_size = dt.shape[2:]
     assert dy.stride() == x.stride(), "dy and x must share strides"
     assert cb.is_contiguous(), "each split's dcb is written with cb's strides (bmm_fwd's cb is contiguous)"
-    splits, heads_per_split = launch.head_split("bmm_bwd_dcb", h // g)
-    dcb = launch.split_output(splits, cb.shape, cb)
     block_m = block_n = launch.block(chunk_size, tile)
-    grid = (cdiv(chunk_size, block_m) * cdiv(chunk_size, block_n), b * nchunks, g * splits)
+    tiles = cdiv(chunk_size, block_m) * cdiv(chunk_size, block_n)
+    splits, heads_per_split = launch.head_split("bmm_bwd_dcb", h // g, tiles * b * nchunks * g)
+    dcb = launch.split_output(splits, cb.shape, cb)
+    grid = (tiles, b * nchunks, g * splits)
     _bmm_bwd_dcb_kernel[grid](
         dy, x, cb, dt, dA_cumsum, seq_idx, dcb, ddA_cumsum,
         l, nchunks, chunk_size, p, h // g, splits, heads_per_split,

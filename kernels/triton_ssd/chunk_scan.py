@@ -476,10 +476,12 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
-    B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g)
     block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
-    grid = (cdiv(chunk_size, block_m) * cdiv(n, block_n), b * nchunks, g * splits)
+    tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
+    B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g,
+                                                                         tiles * b * nchunks * g)
+    grid = (tiles, b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,
         l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,

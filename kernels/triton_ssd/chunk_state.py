@@ -182,10 +182,12 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
-    B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g)
     block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_state_bwd_db", n)
-    grid = (cdiv(chunk_size, block_m) * cdiv(n, block_n), b * nchunks, g * splits)
+    tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
+    B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g,
+                                                                         tiles * b * nchunks * g)
+    grid = (tiles, b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,
         l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,

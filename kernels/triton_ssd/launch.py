@@ -18,8 +18,8 @@ BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
 K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
 # Each launcher-specific setting and the launchers that take it (`settings` strips them from
 # the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
-SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "tile_dstate": DSTATE_LAUNCHERS,
-                     "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS}
+SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS,
+                     "tile_dstate": DSTATE_LAUNCHERS, "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS}
 
 # Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
 # (num_warps, num_stages) and the launcher-specific keys above. Chosen from
@@ -37,11 +37,17 @@ SETTINGS: dict[str, dict] = {
     "chunk_scan_bwd_dc": {"num_stages": 1},
     "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128},   # 0.071 → 0.067
     "chunk_cumsum_bwd": {"num_warps": 8, "num_stages": 3, "block_h": 8},  # 0.026 → 0.020
-    # a group's heads over several programs (launch.head_split). b4 L2048 h64 g1, ms: bmm_bwd_dcb
-    # 0.499 → 0.327 split, → 0.275 at 3 stages once its head loop became the innermost loop
-    # (launch.whole); chunk_state_bwd_db 0.173 → 0.144
-    "chunk_state_bwd_db": {"num_stages": 1, "heads_per_program": 16},
-    "bmm_bwd_dcb": {"num_stages": 3, "heads_per_program": 16},
+    # A group's heads over several programs (head_split), as many as keep the grid within
+    # "grid_programs". b4 L2048 h64 g1 (1.3b), ms: bmm_bwd_dcb 0.499 → 0.327 split, → 0.275 at
+    # 3 stages once its head loop became the innermost loop (launch.whole). How far to split
+    # depends on the grid: the sweep's best bmm_bwd_dcb split 1.3b's 64 heads 4 ways (512 → 2048
+    # programs) but 130m's 24 heads (b16 L2048 h24: already 2048 programs) not at all (0.374 ms
+    # as 12 + 12 → 0.312); chunk_scan_bwd_dc and chunk_state_bwd_db ran best as 128-wide tiles
+    # at 8 warps and 3 stages split to about 128 programs: 1.3b 0.117 → 0.089 and 0.135 →
+    # 0.096 (2 splits), 130m 0.154 → 0.117 and 0.215 → 0.141 (none)
+    "chunk_scan_bwd_dc": {"tile": 128, "num_warps": 8, "num_stages": 3, "grid_programs": 128},
+    "chunk_state_bwd_db": {"tile": 128, "num_warps": 8, "num_stages": 3, "grid_programs": 128},
+    "bmm_bwd_dcb": {"num_stages": 3, "grid_programs": 2048},
 }
 
 
@@ -67,15 +73,23 @@ def k_block(launcher, chunk_size):
     return _capped_block(launcher, "tile_k", chunk_size)
 
 
-def head_split(launcher, heads_per_group):
+def head_split(launcher, heads_per_group, programs):
     """(splits, heads per split) for a launcher whose programs loop over a group's heads.
 
-    A group's heads may be spread over `splits` programs (setting "heads_per_program"), each
-    writing its own fp32 partial that the launcher sums: more programs in flight when a group
-    has many heads (h64 g1: 64 dependent iterations per program otherwise).
+    A group's heads may be spread over `splits` programs, each writing its own fp32 partial
+    that the launcher sums: more programs in flight when the grid is small and a group has many
+    heads (1.3b's 64 heads a group: 64 dependent iterations per program otherwise). The setting
+    "grid_programs" splits as far as keeps the grid, `programs` without a split, within that
+    many programs; "heads_per_program" (tests, sweeps) caps the heads a program instead. Either
+    way the heads are shared out as evenly as the split count allows.
     """
-    heads_per_split = min(SETTINGS.get(launcher, {}).get("heads_per_program") or heads_per_group, heads_per_group)
-    return cdiv(heads_per_group, heads_per_split), heads_per_split
+    options = SETTINGS.get(launcher, {})
+    if options.get("heads_per_program"):
+        splits = cdiv(heads_per_group, min(options["heads_per_program"], heads_per_group))
+    else:
+        splits = max(1, min(heads_per_group, options.get("grid_programs", 0) // programs))
+    per_split = cdiv(heads_per_group, splits)
+    return cdiv(heads_per_group, per_split), per_split
 
 
 def split_output(splits, shape, like):
@@ -85,11 +99,12 @@ def split_output(splits, shape, like):
     return torch.empty((splits, *shape), device=like.device, dtype=dtype)
 
 
-def group_grad_output(launcher, B, C, heads_per_group):
+def group_grad_output(launcher, B, C, heads_per_group, programs):
     """What the dB and dC launchers share: B and C contiguous (each split's output takes their
-    strides), the head split, and where the splits write. -> B, C, partials, splits, heads per split"""
+    strides), the head split of a grid of `programs` without it, and where the splits write.
+    -> B, C, partials, splits, heads per split"""
     assert B.stride() == C.stride(), "B and C must share strides"
-    splits, heads_per_split = head_split(launcher, heads_per_group)
+    splits, heads_per_split = head_split(launcher, heads_per_group, programs)
     B, C = B.contiguous(), C.contiguous()
     return B, C, split_output(splits, B.shape, B), splits, heads_per_split
 
