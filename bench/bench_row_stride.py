@@ -27,7 +27,7 @@ from kernels.triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd  # 
 SHAPES = {"130m": (16, 2048, 1536, 24, 128), "1.3b": (4, 2048, 4096, 64, 128)}
 
 
-def kernel_times(b, l, d_inner, nheads, bc, width):
+def kernel_times(b, l, d_inner, bc, width):
     """{kernel: ms} on the column slices of a (b, l, width) buffer."""
     conv_dim = d_inner + 2 * bc
     buf = torch.randn(b, l, width, device="cuda", dtype=torch.bfloat16)
@@ -61,7 +61,7 @@ def main():
         width = 2 * d_inner + 2 * bc + nheads
         padded = -(-width // 16) * 16
         widths = [width] if padded == width else [width, padded]
-        times = [kernel_times(b, l, d_inner, nheads, bc, w) for w in widths]
+        times = [kernel_times(b, l, d_inner, bc, w) for w in widths]
         print(f"## {name}: b{b} L{l}, row stride " + " vs ".join(str(w) for w in widths))
         for kernel in times[0]:
             row = "  ".join(f"{t[kernel]:8.3f}" for t in times)

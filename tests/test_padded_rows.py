@@ -48,9 +48,13 @@ def test_mixer_hands_padded_rows_to_the_mixer_body(monkeypatch):
     # 6 heads: in_proj's width 2·48 + 2·16 + 6 = 134 is not a multiple of 16
     cfg = ModelConfig(d_model=24, n_layer=1, vocab_size=64, d_state=16, headdim=8, ngroups=1, chunk_size=16)
     mixer = Mamba2Mixer(cfg)
-    seen = []
-    body = mamba2.mixer_body
-    monkeypatch.setattr(mamba2, "mixer_body", lambda zxbcdt, *a, **k: seen.append(zxbcdt.stride()) or body(zxbcdt, *a, **k))
+    seen, body = [], mamba2.mixer_body
+
+    def recording_body(zxbcdt, *args, **kwargs):
+        seen.append(zxbcdt.stride())
+        return body(zxbcdt, *args, **kwargs)
+
+    monkeypatch.setattr(mamba2, "mixer_body", recording_body)
     out = mixer(torch.randn(2, 20, cfg.d_model))
     width = sum(mixer.split_sizes)
     assert width % ROW_MULTIPLE and seen == [(20 * 144, 144, 1)]

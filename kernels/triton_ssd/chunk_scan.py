@@ -479,8 +479,8 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
     tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
-    B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g,
-                                                                         tiles * b * nchunks * g)
+    unsplit_programs = tiles * b * nchunks * g
+    B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g, unsplit_programs)
     grid = (tiles, b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,

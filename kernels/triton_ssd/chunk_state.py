@@ -185,8 +185,8 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     block_m = block_k = launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_state_bwd_db", n)
     tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
-    B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g,
-                                                                         tiles * b * nchunks * g)
+    unsplit_programs = tiles * b * nchunks * g
+    B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g, unsplit_programs)
     grid = (tiles, b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,

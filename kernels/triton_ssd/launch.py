@@ -34,7 +34,6 @@ SETTINGS: dict[str, dict] = {
     # is one dot), chunk_scan_bwd_dx 0.273 → 0.224 stepping its causal loop by 32
     "chunk_scan_fwd": {"num_stages": 1, "tile_dstate": 128},
     "chunk_scan_bwd_dx": {"num_stages": 1, "tile_k": 32},
-    "chunk_scan_bwd_dc": {"num_stages": 1},
     "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128},   # 0.071 → 0.067
     "chunk_cumsum_bwd": {"num_warps": 8, "num_stages": 3, "block_h": 8},  # 0.026 → 0.020
     # A group's heads over several programs (head_split), as many as keep the grid within

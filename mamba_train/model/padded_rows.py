@@ -39,9 +39,11 @@ class _PaddedRowsLinear(torch.autograd.Function):
         u, weight = ctx.saved_tensors
         dout = dout.to(u.dtype)
         du = dout @ weight.to(u.dtype) if ctx.needs_input_grad[0] else None
-        # the weight's gradient in the compute dtype, then in the weight's, as autocast's
-        # cast of the weight would hand it back
-        dweight = (dout.flatten(0, -2).t() @ u.flatten(0, -2)).to(weight.dtype)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            # in the compute dtype, then in the weight's, as autocast's cast of the weight
+            # would hand it back
+            dweight = (dout.flatten(0, -2).t() @ u.flatten(0, -2)).to(weight.dtype)
         return du, dweight, None
 
 

@@ -66,7 +66,7 @@ class GraphedMicroStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.graph, self.loss = capture_graph(forward_backward, self.static, warmup,
-                                        before_capture=lambda: torch._foreach_zero_([p.grad for p in params]))
+                                              before_capture=lambda: torch._foreach_zero_([p.grad for p in params]))
 
     def __call__(self, batch: dict) -> torch.Tensor:
         """Replay on `batch`; returns the loss tensor the graph overwrites on its next replay."""
