@@ -133,13 +133,18 @@ def _run_pool(todo: list[ShardTask], workers: int, meter: "_Meter") -> dict[int,
                                initargs=(reports,))
     try:
         pending = {pool.submit(_tokenize_shard_in_worker, task): task for task in todo}
+        sent = received = 0
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(reports, meter)
+            received += _drain(reports, meter)
             for future in done:
                 task = pending.pop(future)
-                results[task.index] = future.result()  # re-raises a worker's error here
-        _drain(reports, meter)
+                results[task.index], reports_sent = future.result()  # re-raises a worker's error here
+                sent += reports_sent
+        # A worker's last reports can still be on their way through the queue's pipe when its
+        # future is done (a feeder thread writes them): wait for them, so that the bar ends at
+        # the full counts. Bounded: the counts only feed the display.
+        _drain(reports, meter, wanted=sent - received, timeout=30.0)
     except BaseException:
         # Fail now, not when the other running shards end (an hour for a Pile shard): stop
         # the workers; their unfinished shards are redone on resume, finished ones kept.
@@ -152,12 +157,20 @@ def _run_pool(todo: list[ShardTask], workers: int, meter: "_Meter") -> dict[int,
     return results
 
 
-def _drain(reports, meter: "_Meter") -> None:
+def _drain(reports, meter: "_Meter", wanted: int = 0, timeout: float = 0.0) -> int:
+    """Apply the reports that have arrived, first waiting up to `timeout` s for `wanted` of
+    them; returns how many were applied."""
+    deadline, applied = time.monotonic() + timeout, 0
     while True:
         try:
-            meter.update(*reports.get_nowait())
+            if applied < wanted:
+                counts = reports.get(timeout=max(deadline - time.monotonic(), 1e-3))
+            else:
+                counts = reports.get_nowait()
         except queue.Empty:
-            return
+            return applied
+        meter.update(*counts)
+        applied += 1
 
 
 _reports = None
@@ -171,8 +184,16 @@ def _init_worker(reports) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _tokenize_shard_in_worker(task: ShardTask) -> dict:
-    return _tokenize_shard(task, lambda *counts: _reports.put(counts))
+def _tokenize_shard_in_worker(task: ShardTask) -> tuple[dict, int]:
+    """The shard's summary, and how many progress reports it put on the queue."""
+    sent = 0
+
+    def report(*counts):
+        nonlocal sent
+        _reports.put(counts)
+        sent += 1
+
+    return _tokenize_shard(task, report), sent
 
 
 _tokenizers: dict[str, object] = {}  # one loaded tokenizer per worker process, reused across shards
