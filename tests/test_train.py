@@ -285,25 +285,73 @@ def test_graphed_loss_hands_its_gradients_to_backward_once():
         first.backward()
 
 
-def test_graphed_loss_captures_through_capture_graph_and_replays(monkeypatch):
-    # The captured path's wiring on CPU: capture_graph stands in for a CUDA graph whose replay
-    # recomputes into the captured outputs. (A parameter named like the recipe once shadowed it,
-    # and only the GPU runs found that.)
-    from mamba_train.train import cuda_graph
+def _tensors(tree):
+    return [tree] if isinstance(tree, torch.Tensor) else [t for item in tree for t in _tensors(item)]
 
-    def fake_capture_graph(fn, static, warmup, before_capture=None):
+
+def _stand_in_capture_graph(touched_by_capture=()):
+    """capture_graph on the CPU: fn runs at the capture, but a real capture only records, so the
+    tensors in `touched_by_capture` get back the values they had before it; replay runs fn again
+    and copies its outputs into the captured ones (tensors, or a (tensor, [tensors]) pair)."""
+
+    def capture_graph(fn, static, warmup, before_capture=None):
+        for _ in range(warmup):
+            fn(static)
+        if before_capture is not None:
+            before_capture()
+        before = [t.clone() for t in touched_by_capture]
         out = fn(static)
+        for t, value in zip(touched_by_capture, before):
+            t.copy_(value)
 
         class Replay:
             def replay(self):
-                loss, grads = fn(static)
-                out[0].copy_(loss)
-                for buffer, grad in zip(out[1], grads):
-                    buffer.copy_(grad)
+                new = fn(static)
+                for buffer, value in zip(_tensors(out), _tensors(new)):
+                    buffer.copy_(value)
 
         return Replay(), out
 
-    monkeypatch.setattr(cuda_graph, "capture_graph", fake_capture_graph)
+    return capture_graph
+
+
+def test_graphed_micro_step_accumulates_replays_as_eager_backward_does(monkeypatch):
+    # GraphedMicroStep's wiring on CPU: gradients allocated and zeroed before the capture, each
+    # batch copied into the captured inputs, replays adding into .grad as eager backward does
+    from mamba_train.train import cuda_graph
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    batches = [{"x": torch.randn(5, 4)} for _ in range(3)]
+
+    def forward_backward(b):
+        loss = model(b["x"]).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    for p in model.parameters():   # the buffers the graph adds into exist before the capture
+        p.grad = torch.zeros_like(p)
+    monkeypatch.setattr(cuda_graph, "capture_graph", _stand_in_capture_graph([p.grad for p in model.parameters()]))
+    graphed = cuda_graph.GraphedMicroStep(forward_backward, model, batches[0])
+    losses = [graphed(b).item() for b in batches[1:]]
+    expected = torch.nn.Linear(4, 3)
+    expected.load_state_dict(model.state_dict())
+    expected_losses = []
+    for b in batches[1:]:
+        loss = expected(b["x"]).square().mean()
+        loss.backward()
+        expected_losses.append(loss.item())
+    assert losses == expected_losses
+    for ours, theirs in zip(model.parameters(), expected.parameters()):
+        assert torch.equal(ours.grad, theirs.grad)
+
+
+def test_graphed_loss_captures_through_capture_graph_and_replays(monkeypatch):
+    # The captured path's wiring on CPU, through a stand-in for the CUDA graph. (A parameter
+    # named like the recipe once shadowed it, and only the GPU runs found that.)
+    from mamba_train.train import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "capture_graph", _stand_in_capture_graph())
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     first, second = {"x": torch.randn(5, 4)}, {"x": torch.randn(5, 4)}
