@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import capture_forward_backward, cuda_time_by_kernel, results_path  # noqa: E402
+from bench.common import capture_forward_backward, cuda_time_by_kernel, is_matmul_kernel, results_path  # noqa: E402
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model,  # noqa: E402
@@ -126,7 +126,7 @@ def kernel_kind(name: str) -> str:
     lowered = name.lower()
     if "nccl" in lowered:
         return "nccl"
-    if any(key in lowered for key in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
+    if is_matmul_kernel(name):
         return "matmul"
     if "memcpy" in lowered or "memset" in lowered:
         return "copy"
@@ -247,7 +247,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
     parser.add_argument("--runs", nargs="*", default=None,
                         help="mode:seqlen[:accum][:graph] (after the overrides), e.g. tp:2048 dp:2048:8 "
                              "cp:16384:1:graph")

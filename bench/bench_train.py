@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import cuda_kernel_events, results_path  # noqa: E402
+from bench.common import MATMUL_KERNELS, cuda_kernel_events, results_path  # noqa: E402
 from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
@@ -266,7 +266,7 @@ def cpu_profile(name, warmup=3, steps=3, rows=45):
 def _kind(kernel):
     k = kernel.lower()
     for label, needles in (("ssd", ("_chunk_", "_bmm_", "_state_passing", "_gate_bwd")),
-                           ("conv1d", ("conv",)), ("matmul", ("gemm", "cutlass", "sm90", "xmma", "matmul")),
+                           ("conv1d", ("conv",)), ("matmul", MATMUL_KERNELS),
                            ("cross-entropy/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
                            ("optimizer", ("adam", "multi_tensor", "foreach")),
                            ("norm (rms, gated)", ("rms", "norm", "layer_norm")),

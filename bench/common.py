@@ -43,6 +43,15 @@ def cuda_kernel_events(prof):
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
+# substrings of the CUDA kernels that are matrix products (cuBLAS's, CUTLASS's, nvjet's)
+MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90", "matmul")
+
+
+def is_matmul_kernel(name: str) -> bool:
+    lowered = name.lower()
+    return any(key in lowered for key in MATMUL_KERNELS)
+
+
 def cuda_time_by_kernel(step, steps=2):
     """{kernel name: CUDA ms per step} over `steps` calls of step() (CUDA activity only: quick
     to collect; kernels replayed from a CUDA graph are listed one by one too)."""

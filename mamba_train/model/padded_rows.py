@@ -31,7 +31,11 @@ class _PaddedRowsLinear(torch.autograd.Function):
         out_features = weight.shape[0]
         u = u.to(dtype)
         ctx.save_for_backward(u, weight)
-        padded = F.pad(weight.to(dtype), (0, 0, 0, -out_features % ROW_MULTIPLE))
+        # the cast and the padding in one copy of the weight
+        rows = -(-out_features // ROW_MULTIPLE) * ROW_MULTIPLE
+        padded = weight.new_empty((rows, weight.shape[1]), dtype=dtype)
+        padded[:out_features].copy_(weight)
+        padded[out_features:].zero_()
         return F.linear(u, padded)[..., :out_features]
 
     @staticmethod

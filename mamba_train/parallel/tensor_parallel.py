@@ -111,9 +111,11 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -
 # ----------------------------------------------------------------------------- modules
 
 
-def _batch_first(linear_cls):
+def _batch_first(linear_cls, pads_rows_alone: bool = False):
     """megatron's linears take (seq, batch, hidden) so that sequence parallelism gathers and
-    scatters dim 0; the model is batch-first, so with SP on it transposes around them."""
+    scatters dim 0; the model is batch-first, so with SP on it transposes around them.
+    pads_rows_alone: over a TP group of one, take the product with padded output rows
+    (in_proj's, model/padded_rows.py)."""
 
     class BatchFirst(linear_cls):
         # megatron's empty `_extra_state` would add a None entry to every state dict; keep
@@ -123,8 +125,7 @@ def _batch_first(linear_cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             # in_proj over a TP group of one (CP and DP runs): no collective in either direction
-            self.pads_rows = (linear_cls.__name__ == "ColumnParallelLinear" and self.bias is None
-                              and self.tp_group.size() == 1)
+            self.pads_rows = pads_rows_alone and self.bias is None and self.tp_group.size() == 1
 
         def forward(self, x):
             # x: (batch, seqlen, in) → (batch, seqlen', out); bias is off, skip_bias_add keeps it out.
@@ -165,7 +166,7 @@ def _batch_first(linear_cls):
 def _linears():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    return _batch_first(ColumnParallelLinear), _batch_first(RowParallelLinear)
+    return _batch_first(ColumnParallelLinear, pads_rows_alone=True), _batch_first(RowParallelLinear)
 
 
 def _no_init(weight):  # weights are copied in from the TP=1 model
