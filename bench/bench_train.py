@@ -18,7 +18,8 @@ path) each train N steps from the same init rule and seed on the same batches of
 Megatron-indexed dataset, under the 130m config's optimizer and a warm-up + cosine schedule;
 it prints both loss curves every 25 steps and the largest relative gap of their 20-step
 moving averages (the issue asks < 1%), and writes bench/results/train-curves-<gpu>.json.
-`--recompute` runs ours with train.recompute (activation checkpointing). `--cpu-profile` prints
+Ours runs with the train.recompute of the model's shipped config (configs/<model>.yaml: 'none',
+keeping every activation, where memory allows), or with `--recompute MODE`. `--cpu-profile` prints
 where the CPU's time to enqueue ours' eager step goes (cProfile).
 """
 
@@ -40,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import MATMUL_KERNELS, cuda_kernel_events, results_path  # noqa: E402
-from mamba_train.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
+from mamba_train.config import RECOMPUTE_MODES, DataConfig, ModelConfig, OptimConfig, load_config  # noqa: E402
 from mamba_train.data import TrainLoader, build_train_samples, load_tokenizer  # noqa: E402
 from mamba_train.model import Mamba2LM, param_groups, set_recompute  # noqa: E402
 from mamba_train.model.flops import training_flops_per_token  # noqa: E402
@@ -95,9 +96,17 @@ class AnchorLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def ours(d_model, n_layer, vocab=VOCAB):
-    cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)
-    return Mamba2LM(cfg), cfg
+def ours(name, recompute=None):
+    """Our LM at issue 9's size `name`, recomputing in backward what train.recompute says: the
+    given mode, else the one configs/<name>.yaml trains with."""
+    d_model, n_layer, _ = MODELS[name]
+    model = Mamba2LM(ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB))
+    set_recompute(model, recompute or shipped_recompute(name))
+    return model
+
+
+def shipped_recompute(name):
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").train.recompute
 
 
 def make_optimizer(groups, device_type):
@@ -193,12 +202,12 @@ def run_one(build, batch, warmup, steps, graphed=False):
         torch.cuda.empty_cache()
 
 
-def profile(name, with_anchor, warmup=3):
+def profile(name, with_anchor, recompute=None, warmup=3):
     """Where one step's CUDA time goes, by kind, for ours and (with_anchor) the anchor's unfused
     path at the same shapes: the side-by-side says which kinds a slower step loses in."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d_model, n_layer, micro = MODELS[name]
-    builders = {"ours": lambda: ours(d_model, n_layer)[0]}
+    builders = {"ours": lambda: ours(name, recompute)}
     if with_anchor:
         builders["anchor"] = lambda: AnchorLM(d_model, n_layer, 50304, fused=False)
     by_kind, tables = {}, {}
@@ -234,14 +243,14 @@ def profile(name, with_anchor, warmup=3):
         print(tables[side])
 
 
-def cpu_profile(name, warmup=3, steps=3, rows=45):
+def cpu_profile(name, recompute=None, warmup=3, steps=3, rows=45):
     """Where the CPU's time to enqueue ours' eager step goes (cProfile, after warm-up): the
     Python behind each launch, which bounds a step whenever the GPU's share per rank is small
     (tensor or context parallel, small models)."""
     import cProfile
     import pstats
-    d_model, n_layer, micro = MODELS[name]
-    model = ours(d_model, n_layer)[0].cuda()
+    micro = MODELS[name][2]
+    model = ours(name, recompute).cuda()
     step, batch = make_step(model, param_groups(model, 0.1)), random_batch(micro)
     for _ in range(warmup):
         step(*batch)
@@ -365,8 +374,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--graph", action="store_true", help="also ours with forward+backward in a CUDA graph")
-    parser.add_argument("--recompute", action="store_true",
-                        help="ours with train.recompute (each block rerun in backward): its memory and speed")
+    parser.add_argument("--recompute", choices=RECOMPUTE_MODES,
+                        help="ours with this train.recompute (default: each model's shipped config's)")
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel profile of ours and the anchor (unfused) at the first model")
     parser.add_argument("--cpu-profile", action="store_true",
@@ -383,9 +392,9 @@ def main():
         parser.error(f"--curve-steps: the summary reads steps 50..N, found {args.curve_steps}")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.cpu_profile:
-        return cpu_profile(args.models[0])
+        return cpu_profile(args.models[0], args.recompute)
     if args.profile:
-        return profile(args.models[0], with_anchor=not args.no_anchor)
+        return profile(args.models[0], with_anchor=not args.no_anchor, recompute=args.recompute)
     gpu = torch.cuda.get_device_name()
     if args.curves:
         return write_curves(args, gpu)
@@ -409,8 +418,7 @@ def main():
         tokens = micro * SEQ
 
         def build_ours():
-            model, _ = ours(d_model, n_layer)
-            set_recompute(model, args.recompute)
+            model = ours(name, args.recompute)
             return model.cuda(), param_groups(model, 0.1)
 
         results = {"ours": run_one(build_ours, random_batch(micro), args.warmup, args.steps)}
@@ -428,7 +436,7 @@ def main():
         cpu = {k: (1e3 * v[2] if isinstance(v, tuple) else None) for k, v in results.items()}
         best_anchor = max((rate[p] for p in anchor_paths if rate.get(p)), default=None)
         row = dict(model=name, micro_batch=micro, seqlen=SEQ, gpu=gpu, peak_tflops=peak / 1e12,
-                   ours_recompute=args.recompute, ours_tokens_per_s=rate["ours"],
+                   ours_recompute=args.recompute or shipped_recompute(name), ours_tokens_per_s=rate["ours"],
                    anchor_tokens_per_s=rate.get("unfused"), anchor_fused_tokens_per_s=rate.get("fused"),
                    ours_mfu=rate["ours"] and flops / tokens * rate["ours"] / peak,
                    anchor_mfu=best_anchor and flops / tokens * best_anchor / peak,

@@ -387,7 +387,8 @@ def check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
 
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
-               norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None):
+               norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None,
+               keep_activations=False):
     """A Mamba-2 mixer from in_proj's output to out_proj's, as mamba_ssm's `Mamba2` computes it:
     split [z | x | B | C | dt], causal conv + SiLU over [x | B | C], SSD with softplus(dt +
     dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype.
@@ -398,7 +399,11 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     state entering it, from this piece's state run from zero and its total log decay Σ A·dt.
     Here autograd differentiates both; the Triton op runs its own backward and also calls
     `halo_grad(dhalo)` (the gradient of this piece's tail) and `final_state_grad(dstate_in,
-    log_decay)` (the gradient of this piece's final state, from the pieces after it)."""
+    log_decay)` (the gradient of this piece's final state, from the pieces after it).
+
+    keep_activations: whether backward may keep the conv's and the gated norm's outputs rather
+    than recompute them (the Triton op's choice of memory against time). These chained ops are
+    differentiated by autograd, which keeps them either way."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
     # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)

@@ -44,6 +44,11 @@ def test_invalid_value_names_the_allowed_values():
         load_config(None, ["model.ngroups=5"])
     with pytest.raises(ConfigError, match=r"train\.precision: expected 'auto', 'bf16' or 'fp32'"):
         load_config(None, ["train.precision=fp8"])
+    # train.recompute was a flag: `true` is now 'block', and is refused with the field's type
+    with pytest.raises(ConfigError, match=r"train\.recompute: expected 'none', 'mixer' or 'block', found 'all'"):
+        load_config(None, ["train.recompute=all"])
+    with pytest.raises(ConfigError, match=r"train\.recompute: expected str, found bool True"):
+        load_config(None, ["train.recompute=true"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):

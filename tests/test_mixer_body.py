@@ -135,6 +135,23 @@ def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward(monkeypatch):
     assert chained >= zxbcdt_bytes + y_bytes + states_bytes + token_bytes * (h * p + 2 * g * n) + token_bytes * h * p
 
 
+def test_keep_activations_keeps_conv_and_norm_outputs_and_changes_no_result():
+    # train.recompute="none": backward reads the conv's output (x, B, C) and the gated norm's
+    # output kept from forward instead of recomputing them: the same kernels on the same inputs,
+    # so every output and gradient is bit for bit the same
+    b, l, h, p, g, n, d_model, chunk, options, kwargs = CASES["g2_channel_D_docs_dt_limit"]
+    inputs = make_inputs(b, l, h, p, g, n, d_model, **options)
+    kwargs = kwargs | dict(ngroups=g, chunk_size=chunk, norm_eps=1e-5)
+    recomputed = run(mixer_body_triton, inputs, **kwargs)
+    kept = run(mixer_body_triton, inputs, keep_activations=True, **kwargs)
+    for name, value in recomputed.items():
+        assert torch.equal(kept[name], value), name
+    token_bytes = 4 * b * l
+    extra = _saved_activation_bytes(mixer_body_triton, inputs, keep_activations=True, **kwargs) \
+        - _saved_activation_bytes(mixer_body_triton, inputs, **kwargs)
+    assert extra == token_bytes * (h * p + 2 * g * n) + token_bytes * h * p
+
+
 def test_rejects_inconsistent_sizes():
     inputs = make_inputs(1, 16, 2, 8, 1, 8, 16)
     inputs["zxbcdt"] = inputs["zxbcdt"][..., :-1]

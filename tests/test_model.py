@@ -104,7 +104,7 @@ def _saved_bytes_and_grads(model, input_ids, labels, seq_idx):
 
 
 def test_recompute_gives_the_same_gradients_and_keeps_far_less():
-    # train.recompute: each block keeps only its input and runs again in backward
+    # train.recompute='block': each block keeps only its input and runs again in backward
     cfg = ModelConfig(d_model=32, n_layer=4, d_state=16, headdim=16, chunk_size=16, vocab_size=64)
     torch.manual_seed(0)
     model = Mamba2LM(cfg)
@@ -113,7 +113,7 @@ def test_recompute_gives_the_same_gradients_and_keeps_far_less():
     seq_idx[:, 30:] = 1
     plain = _saved_bytes_and_grads(model, input_ids, input_ids.roll(-1, 1), seq_idx)
     model.zero_grad(set_to_none=True)
-    set_recompute(model, True)
+    set_recompute(model, "block")
     assert all(layer.recompute for layer in model.layers)
     recomputed = _saved_bytes_and_grads(model, input_ids, input_ids.roll(-1, 1), seq_idx)
     assert torch.equal(plain[0], recomputed[0])
@@ -121,3 +121,9 @@ def test_recompute_gives_the_same_gradients_and_keeps_far_less():
         assert torch.equal(grad, recomputed[1][name]), name   # the same ops again, on the CPU bit for bit
     # the blocks' activations are gone but for their inputs: under a fifth of the bytes (here 3.5%)
     assert recomputed[2] < plain[2] / 5, (recomputed[2], plain[2])
+    # the other modes only tell each mixer body whether to keep its conv and norm outputs
+    for mode, keeps in (("none", True), ("mixer", False)):
+        set_recompute(model, mode)
+        assert all(not layer.recompute and layer.mixer.keep_activations == keeps for layer in model.layers)
+    with pytest.raises(ValueError, match="recompute: expected one of"):
+        set_recompute(model, True)

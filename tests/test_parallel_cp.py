@@ -79,14 +79,14 @@ def test_cp4_equals_one_process_across_document_borders():
 
 
 def _cp_recompute_worker(rank, world):
-    # train.recompute under CP: backward reruns each block, its halo exchange and state
+    # train.recompute='block' under CP: backward reruns each block, its halo exchange and state
     # all-gather included, in the same order on every rank; gradients as one process's
     cfg = tiny_config(ngroups=2)
     torch.manual_seed(0)
     reference = Mamba2LM(cfg)
     dims = init_parallel(validate_layout(cfg, 32, world, cp=world))
     model = parallelize_model(copy.deepcopy(reference), dims)
-    set_recompute(model, True)
+    set_recompute(model, "block")
     input_ids, labels, seq_idx = tiny_batch(cfg, 3, 32, _doc_starts(32, world))
     model.loss(*[context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]).backward()
     allreduce_gradients(model, dims)
@@ -228,7 +228,7 @@ def _triton_model_worker(rank, world, tp, recompute, with_docs):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp, world, recompute, with_docs", [(2, 4, False, True), (1, 2, True, False)],
+@pytest.mark.parametrize("tp, world, recompute, with_docs", [(2, 4, "none", True), (1, 2, "block", False)],
                          ids=["tp2_cp2_docs", "cp2_recompute_one_document"])
 def test_parallel_model_with_the_triton_mixer_body_equals_one_process(tp, world, recompute, with_docs):
     if not _interpreted_triton():

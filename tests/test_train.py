@@ -55,7 +55,7 @@ def test_recompute_trains_exactly_as_without(markov_data, tmp_path):
     # weights, bit for bit, on the CPU
     steps = ["train.steps=6", "checkpoint.every=6"]
     plain = train(tiny_config(markov_data, tmp_path / "plain", *steps))
-    recomputed = train(tiny_config(markov_data, tmp_path / "recomputed", *steps, "train.recompute=true"))
+    recomputed = train(tiny_config(markov_data, tmp_path / "recomputed", *steps, "train.recompute=block"))
     assert recomputed.losses == plain.losses
     assert_same_weights(plain, recomputed)
 
@@ -243,8 +243,8 @@ def test_cuda_graph_is_refused_on_the_cpu_and_with_recompute(markov_data, tmp_pa
 
     with pytest.raises(ConfigError, match="train.cuda_graph"):
         tiny_config(markov_data, tmp_path, "train.device=cpu", "train.cuda_graph=true")
-    with pytest.raises(ConfigError, match="train.cuda_graph: expected false with train.recompute"):
-        tiny_config(markov_data, tmp_path, "train.recompute=true", "train.cuda_graph=true")
+    with pytest.raises(ConfigError, match="train.cuda_graph: expected false with train.recompute='block'"):
+        tiny_config(markov_data, tmp_path, "train.recompute=block", "train.cuda_graph=true")
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="train.cuda_graph replays CUDA graphs, and this run is on cpu"):
             train(tiny_config(markov_data, tmp_path, "train.cuda_graph=true"))

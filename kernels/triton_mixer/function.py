@@ -5,7 +5,9 @@ chunk (half of y's bytes at chunk 256, n 128: kernels/triton_ssd/combined.py).
 Chained op by op (conv, SSD, gated norm, out_proj), autograd would keep the conv's output
 (x, B, C) for the SSD and the gated norm's output for out_proj: two more activations of
 d_inner channels a token, about 6 GiB of a 1.3b step at batch 4 × 2048. Backward recomputes
-both (one conv and one norm forward), as mamba_ssm's fused path does.
+both (one conv and one norm forward), as mamba_ssm's fused path does. With `keep_activations`
+it keeps them instead (train.recompute="none"): the same results bit for bit, about 5% less
+time a step at 130m where memory is plentiful (docs/design-notes.md).
 
 Owning the layout also drops the chained ops' copies: the conv runs as two depthwise convs (x's
 channels, then B|C's) so that x comes out contiguous for the SSD, and every gradient of
@@ -67,7 +69,7 @@ class MixerBodyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, sizes,
-                chunk_size, norm_eps, dt_limit, context_parallel):
+                chunk_size, norm_eps, dt_limit, context_parallel, keep_activations):
         s = sizes
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
@@ -81,8 +83,9 @@ class MixerBodyFunction(torch.autograd.Function):
         normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups)
         # out_proj in y's dtype, as autocast would run it (the weight cast, not cached)
         out = normed @ out_weight.to(normed.dtype).t()
+        kept = (x, B, C, normed) if keep_activations else (None,) * 4
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
-                              states_in, halo)
+                              states_in, halo, *kept)
         ctx.sizes, ctx.chunk_size, ctx.norm_eps, ctx.dt_limit = s, chunk_size, norm_eps, dt_limit
         # a shallow copy: the hook's document masks as they are now (a later forward's begin()
         # replaces them, and this backward must use the ones this forward used)
@@ -92,7 +95,7 @@ class MixerBodyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y, states_in,
-         halo) = ctx.saved_tensors
+         halo, x, B, C, normed) = ctx.saved_tensors
         s, group_size, context_parallel = ctx.sizes, ctx.sizes.d_inner // ctx.sizes.ngroups, ctx.context_parallel
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
@@ -101,9 +104,10 @@ class MixerBodyFunction(torch.autograd.Function):
         dzxbcdt = torch.empty_strided(zxbcdt.shape, zxbcdt.stride(), dtype=zxbcdt.dtype, device=zxbcdt.device)
         dz, dxBC_in, ddt_slot = dzxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
 
-        # out_proj, then the gated norm, its output recomputed for out_proj's weight gradient
+        # out_proj, then the gated norm, its output recomputed (unless kept) for out_proj's weight gradient
         dout = dout.reshape(b * l, -1).to(y.dtype)
-        normed = rmsnorm_gated_fwd(y, z, norm_weight, ctx.norm_eps, group_size)
+        if normed is None:
+            normed = rmsnorm_gated_fwd(y, z, norm_weight, ctx.norm_eps, group_size)
         dout_weight = (dout.t() @ normed).to(out_weight.dtype)
         del normed
         dnormed = dout @ out_weight.to(y.dtype)
@@ -111,8 +115,9 @@ class MixerBodyFunction(torch.autograd.Function):
                                                 dz_out=dz.reshape(b * l, s.d_inner))
         del dnormed
 
-        # the SSD, its inputs recomputed by the conv
-        x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s)
+        # the SSD, its inputs recomputed by the conv unless kept
+        if x is None:
+            x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s)
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = ssd_bwd(
             dy.view(b, l, s.nheads, s.headdim), None, x, dt.contiguous(), A, B, C, ctx.chunk_size, D, None, dt_bias,
             None, seq_idx, None, states_in, True, ctx.dt_limit, need_dinit=False, context_parallel=context_parallel)
@@ -124,13 +129,16 @@ class MixerBodyFunction(torch.autograd.Function):
             # the halo is the previous piece's tail: the next piece's halo gradient is this one's
             dxBC_in[:, l - dhalo.shape[1]:] += context_parallel.halo_grad(dhalo)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, dout_weight,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
-                      norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None):
+                      norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None,
+                      keep_activations=False):
     """The mixer from in_proj's output to out_proj's (Triton); same signature and result as
-    `kernels.reference.mixer_body`."""
+    `kernels.reference.mixer_body`. keep_activations: backward reads the conv's and the gated
+    norm's outputs kept from forward instead of recomputing them ((conv_dim + d_inner) · 2 bytes
+    a token more in bf16)."""
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
     _check_chunk_size(chunk_size)
     # the kernels read A, D, dt_bias with unit stride along heads, and zxbcdt by rows with unit
@@ -141,4 +149,5 @@ def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight
     if zxbcdt.stride(-1) != 1 or zxbcdt.stride(0) != zxbcdt.shape[1] * zxbcdt.stride(1):
         zxbcdt = zxbcdt.contiguous()
     return MixerBodyFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, s,
-                                   chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit), context_parallel)
+                                   chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit), context_parallel,
+                                   keep_activations)

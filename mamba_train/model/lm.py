@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba_train.config import ModelConfig
+from mamba_train.config import RECOMPUTE_MODES, ModelConfig
 from mamba_train.model.loss import linear_cross_entropy
 from mamba_train.model.mamba2 import Mamba2Block, MixerState, RMSNorm
 
@@ -71,11 +71,15 @@ class Mamba2LM(nn.Module):
         return hidden
 
 
-def set_recompute(model: nn.Module, enabled: bool) -> None:
-    """Recompute every block's activations in backward instead of keeping them (train.recompute):
-    for a Mamba2LM or the parallel LM that wraps its blocks."""
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """What backward recomputes instead of keeping (train.recompute), for a Mamba2LM or the
+    parallel LM that wraps its blocks: "none" keeps every activation, "mixer" recomputes each
+    mixer's conv and gated-norm outputs (kernels.mixer_body), "block" reruns whole blocks."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute: expected one of {RECOMPUTE_MODES}, found {mode!r}")
     for layer in model.layers:
-        layer.recompute = enabled
+        layer.recompute = mode == "block"
+        layer.mixer.keep_activations = mode == "none"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -67,6 +67,9 @@ class Mamba2Mixer(nn.Module):
         # before this rank's piece of the sequence and the state entering it. None on one
         # process. The hook holds the process groups; this module holds none.
         self.context_parallel = None
+        # train.recompute="none" (set_recompute): backward keeps the conv's and the gated norm's
+        # outputs instead of recomputing them (kernels.mixer_body)
+        self.keep_activations = False
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -96,7 +99,7 @@ class Mamba2Mixer(nn.Module):
             out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
                              self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
                              norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
-                             context_parallel=self.context_parallel)
+                             context_parallel=self.context_parallel, keep_activations=self.keep_activations)
             # a row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
             # weight: the op gave this rank's partial sum, and the layer's collective is still due
             reduce_partial = getattr(self.out_proj, "reduce_partial", None)
@@ -129,7 +132,7 @@ class Mamba2Block(nn.Module):
     """Pre-norm residual block; the residual stream is kept in fp32 (mamba_ssm's
     residual_in_fp32) so that bf16 rounding does not accumulate over depth.
 
-    With `recompute` set (train.recompute, via `set_recompute`) a training forward keeps only
+    With `recompute` set (train.recompute="block", via `set_recompute`) a training forward keeps only
     the block's input, and backward runs the block again for what its own backward needs
     (activation checkpointing): about one more forward of compute, and one block's activations
     alive at a time instead of every block's."""
