@@ -4,7 +4,8 @@ cross-entropy of logit rows.
 The public ops take the same arguments wherever they run:
 - `ssd`: on CUDA tensors the Triton kernels (`kernels.triton_ssd`), elsewhere the torch
   reference (`kernels.reference`). No silent fallback: on a GPU without Triton it raises.
-- `causal_conv1d`, `rmsnorm_gated`, `cross_entropy_rows` (and its two passes for a vocabulary
+- `causal_conv1d`, `rmsnorm_gated`, `add_rmsnorm` (a block's residual add fused with the
+  next norm), `cross_entropy_rows` (and its two passes for a vocabulary
   split over ranks, `logsumexp_rows` and `softmax_grad_rows`): likewise, on CUDA tensors the
   Triton kernels (`kernels.triton_conv`, `kernels.triton_norm`, `kernels.triton_xent`),
   elsewhere the torch reference.
@@ -59,6 +60,13 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
         x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
 
 
+def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
+    """(residual + update, RMSNorm of the sum times weight in out_dtype); see
+    `kernels.reference.add_rmsnorm`."""
+    return _implementation("add_rmsnorm", residual, "triton_norm", _reference.add_rmsnorm)(
+        residual, update, weight, eps=eps, out_dtype=out_dtype)
+
+
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
                norm_eps=1e-5, dt_limit=(0.0, float("inf")), seq_idx=None, context_parallel=None,
                keep_activations=False):
@@ -90,5 +98,5 @@ def softmax_grad_rows(logits, labels, lse, grad_scale):
         logits, labels, lse, grad_scale)
 
 
-__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "mixer_body", "cross_entropy_rows",
+__all__ = ["ssd", "ssd_sequential", "causal_conv1d", "rmsnorm_gated", "add_rmsnorm", "mixer_body", "cross_entropy_rows",
            "logsumexp_rows", "softmax_grad_rows"]

@@ -349,6 +349,24 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     return (groups.reshape(x.shape) * weight.to(cdt)).to(out_dtype or x.dtype)
 
 
+def _check_add_norm_inputs(residual, update, weight):
+    """add_rmsnorm's argument checks, shared with the Triton path."""
+    _expect_shape("update", update, residual.shape, "(like residual)")
+    _expect_shape("weight", weight, (residual.shape[-1],), "(dim,)")
+
+
+def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
+    """A pre-norm block's residual add fused with the next norm: (residual + update, in their
+    promoted dtype, and the RMSNorm of that sum times weight, in out_dtype (default the sum's)).
+
+    The model adds each block's mixer output to the residual stream here, at the next block's
+    norm (mamba_ssm's fused_add_norm), so that the stream is read and written once for both."""
+    # residual, update, both outputs: (..., d)  weight: (d,)
+    _check_add_norm_inputs(residual, update, weight)
+    total = residual + update
+    return total, rmsnorm_gated(total, None, weight, eps, out_dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------- the mixer body
 
 class MixerSizes(NamedTuple):

@@ -15,10 +15,10 @@ import torch
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels.reference import causal_conv1d, rmsnorm_gated  # noqa: E402
+from kernels.reference import add_rmsnorm, causal_conv1d, rmsnorm_gated  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
-from kernels.triton_norm import rmsnorm_gated_triton  # noqa: E402
+from kernels.triton_norm import add_rmsnorm_triton, rmsnorm_gated_triton  # noqa: E402
 from triton_device import triton_device  # noqa: E402
 
 DEVICE = triton_device(conv_stage._conv1d_fwd_kernel, "kernels.triton_conv")
@@ -270,6 +270,71 @@ def test_norm_rejects_what_the_reference_rejects():
         rmsnorm_gated_triton(**dict(inputs, weight=inputs["weight"][:4]))
 
 
+# ----------------------------------------------------------------------------- residual add + RMSNorm
+
+def add_norm_inputs(shape, *, update_dtype=torch.float32, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    residual = torch.randn(shape, generator=gen).to(device=device)
+    update = torch.randn(shape, generator=gen).to(device=device, dtype=update_dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(device=device)
+    return dict(residual=residual, update=update, weight=weight)
+
+
+def run_add_norm(fn, inputs, use_total=True, **kwargs):
+    """Both outputs of fn and the gradients of <out, g> (+ <total, g_total> when the sum is
+    used further, as every block's is but the last's)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    total, out = fn(**leaves, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    g_out, g_total = (torch.randn(t.shape, generator=gen).to(t) for t in (out, total))
+    loss = (out.double() * g_out.double()).sum()
+    if use_total:
+        loss = loss + (total.double() * g_total.double()).sum()
+    loss.backward()
+    return {"total": total, "out": out} | {"d" + k: leaves[k].grad for k in inputs}
+
+
+@pytest.mark.parametrize("use_total", [True, False], ids=["sum_used_further", "last_norm"])
+@pytest.mark.parametrize("shape", [(3, 7, 24), (3, 100, 16)], ids=["few_rows", "several_programs"])
+def test_add_norm_forward_and_every_gradient_match_float64_reference(shape, use_total):
+    inputs = add_norm_inputs(shape)
+    ours = run_add_norm(add_rmsnorm_triton, inputs, use_total, eps=1e-5)
+    ref = run_add_norm(add_rmsnorm, upcast(inputs), use_total, eps=1e-5)
+    check_all(ours, ref, FP32_BOUND, f"{shape} use_total={use_total}")
+
+
+def test_add_norm_is_the_add_then_the_norm_bit_for_bit():
+    # the model's case: fp32 stream, bf16 mixer output, bf16 norm output. Fused, the same fp32
+    # math as the add then the Triton norm: the same bits out, and the same gradients (the
+    # norm's input gradient plus the sum's, written in the residual's dtype and the update's)
+    inputs = add_norm_inputs((4, 33, 32), update_dtype=torch.bfloat16)
+
+    def unfused(residual, update, weight, eps, out_dtype):
+        total = residual + update
+        return total, rmsnorm_gated_triton(total, None, weight, eps, out_dtype=out_dtype)
+
+    fused = run_add_norm(add_rmsnorm_triton, inputs, eps=1e-5, out_dtype=torch.bfloat16)
+    apart = run_add_norm(unfused, inputs, eps=1e-5, out_dtype=torch.bfloat16)
+    assert (fused["out"].dtype, fused["dresidual"].dtype, fused["dupdate"].dtype) == \
+        (torch.bfloat16, torch.float32, torch.bfloat16)
+    for name in ("total", "out", "dresidual", "dweight"):
+        assert torch.equal(fused[name], apart[name]), name
+    # the update's gradient is the residual's cast to bf16: torch and a GPU round to nearest,
+    # Triton's interpreter truncates
+    expected = apart["dresidual"]
+    if DEVICE == "cpu":
+        expected = (expected.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    assert torch.equal(fused["dupdate"], expected.to(torch.bfloat16))
+
+
+def test_add_norm_rejects_mismatched_shapes():
+    inputs = add_norm_inputs((2, 8))
+    with pytest.raises(ValueError, match=r"update: expected shape \(2, 8\)"):
+        add_rmsnorm_triton(**dict(inputs, update=inputs["update"][:1]))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8,\)"):
+        add_rmsnorm_triton(**dict(inputs, weight=inputs["weight"][:4]))
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 
 @pytest.mark.gpu
@@ -278,6 +343,9 @@ def test_gpu_dispatch_runs_triton_on_cuda_tensors():
     assert torch.equal(kernels.causal_conv1d(**inputs), causal_conv1d_triton(**inputs))
     norm = norm_inputs((64, 32), device="cuda")
     assert torch.equal(kernels.rmsnorm_gated(**norm), rmsnorm_gated_triton(**norm))
+    add_norm = add_norm_inputs((64, 32), update_dtype=torch.bfloat16, device="cuda")
+    for ours, triton_op in zip(kernels.add_rmsnorm(**add_norm), add_rmsnorm_triton(**add_norm)):
+        assert torch.equal(ours, triton_op)
 
 
 @pytest.mark.gpu

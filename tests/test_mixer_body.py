@@ -138,14 +138,18 @@ def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward(monkeypatch):
 def test_keep_activations_keeps_conv_and_norm_outputs_and_changes_no_result():
     # train.recompute="none": backward reads the conv's output (x, B, C) and the gated norm's
     # output kept from forward instead of recomputing them: the same kernels on the same inputs,
-    # so every output and gradient is bit for bit the same
+    # so every output and gradient is bit for bit the same (on a GPU the backward's atomic sums
+    # add in any order: there two runs of either mode differ in the last bits)
     b, l, h, p, g, n, d_model, chunk, options, kwargs = CASES["g2_channel_D_docs_dt_limit"]
     inputs = make_inputs(b, l, h, p, g, n, d_model, **options)
     kwargs = kwargs | dict(ngroups=g, chunk_size=chunk, norm_eps=1e-5)
     recomputed = run(mixer_body_triton, inputs, **kwargs)
     kept = run(mixer_body_triton, inputs, keep_activations=True, **kwargs)
     for name, value in recomputed.items():
-        assert torch.equal(kept[name], value), name
+        if DEVICE == "cpu" or name == "out":
+            assert torch.equal(kept[name], value), name
+        else:
+            assert rel_err(kept[name], value) < 1e-5, name
     token_bytes = 4 * b * l
     extra = _saved_activation_bytes(mixer_body_triton, inputs, keep_activations=True, **kwargs) \
         - _saved_activation_bytes(mixer_body_triton, inputs, **kwargs)

@@ -1,8 +1,9 @@
-"""The public gated grouped RMSNorm on Triton: the forward and backward kernels as one autograd Function."""
+"""The public gated grouped RMSNorm on Triton, and the residual add fused with the norm after it:
+the forward and backward kernels of each as one autograd Function."""
 
 import torch
 
-from ..reference import _check_norm_inputs
+from ..reference import _check_add_norm_inputs, _check_norm_inputs
 from .rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 
 
@@ -34,3 +35,34 @@ def rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=None, out_dtype=None
     # x, z, out: (..., d)  weight: (d,)
     group_size = _check_norm_inputs(x, z, weight, group_size)
     return RMSNormGatedFunction.apply(x, z, weight, float(eps), int(group_size), out_dtype)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, residual, update, weight, eps, out_dtype):
+        dim = residual.shape[-1]
+        total, out = rmsnorm_gated_fwd(residual.reshape(-1, dim), None, weight, eps, dim, out_dtype,
+                                       update=update.reshape(-1, dim))
+        ctx.save_for_backward(total, weight)
+        ctx.eps, ctx.update_dtype = eps, update.dtype
+        return total.view(residual.shape), out.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, dtotal, dout):
+        total, weight = ctx.saved_tensors
+        # dtotal: the sum's gradient from the rest of the stream; None where nothing else reads
+        # it (the last norm)
+        (dresidual, dupdate), _, dweight = rmsnorm_gated_bwd(
+            dout.reshape(total.shape), total, None, weight, ctx.eps, total.shape[1],
+            dsum=None if dtotal is None else dtotal.reshape(total.shape), update_dtype=ctx.update_dtype)
+        shape = dout.shape
+        return dresidual.view(shape), dupdate.view(shape), dweight, None, None
+
+
+def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None):
+    """residual + update and the RMSNorm of it, times weight, in one kernel each way (Triton);
+    same signature and result as `kernels.reference.add_rmsnorm`."""
+    _check_add_norm_inputs(residual, update, weight)
+    total, out = AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype)
+    return total, out

@@ -7,6 +7,13 @@ Backward, with g = weight · dout:
     dx = dh · silu(z),   dz = dh · x · silu'(z),   dweight = sum_rows dout · h · r
 All math in fp32; nothing is saved but the inputs (backward recomputes h and r, which costs
 no extra memory traffic: it reads x and z anyway). A tile is BLOCK_M rows of one group.
+
+With an update (the residual add fused into the norm after it, kernels.add_rmsnorm; no gate):
+forward reads the residual stream x and the update u, writes x + u and the norm of that;
+backward adds the gradient arriving at x + u from later blocks to the norm's, and writes the
+sum twice: for the residual (its dtype, fp32) and for the update (its dtype, bf16). An add
+and a norm apart move 44 bytes an element over forward and backward (fp32 stream, bf16
+update and norm); fused, 28.
 """
 
 import torch
@@ -36,17 +43,23 @@ def _gate(x, z, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _rmsnorm_gated_fwd_kernel(
-    x_ptr, z_ptr, weight_ptr, out_ptr, n_rows, group_size, eps,
-    stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_out_row, stride_out_col,
-    HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    x_ptr, z_ptr, update_ptr, weight_ptr, out_ptr, sum_ptr, n_rows, group_size, eps,
+    stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_u_row, stride_u_col,
+    stride_out_row, stride_out_col, stride_sum_row, stride_sum_col,
+    HAS_Z: tl.constexpr, HAS_UPDATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    # x, z, out: (m, d)  weight: (d,); one program per (BLOCK_M rows, group)
+    # x, z, update, out, sum: (m, d)  weight: (d,); one program per (BLOCK_M rows, group)
     pid_m, group = tl.program_id(0), tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     in_group = tl.arange(0, BLOCK_G)
     cols = group * group_size + in_group
     mask = (rows < n_rows)[:, None] & (in_group < group_size)[None, :]
     x = _load(x_ptr, rows, cols, mask, stride_x_row, stride_x_col)
+    if HAS_UPDATE:
+        # the norm reads the sum as stored (rounded to its dtype), as the unfused ops would
+        x = (x.to(tl.float32) + _load(update_ptr, rows, cols, mask, stride_u_row, stride_u_col).to(tl.float32)
+             ).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows[:, None] * stride_sum_row + cols[None, :] * stride_sum_col, x, mask=mask)
     z = x
     if HAS_Z:
         z = _load(z_ptr, rows, cols, mask, stride_z_row, stride_z_col)
@@ -60,12 +73,17 @@ def _rmsnorm_gated_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_gated_bwd_kernel(
-    x_ptr, z_ptr, weight_ptr, dout_ptr, dx_ptr, dz_ptr, dweight_part_ptr, n_rows, dim, group_size, eps,
+    x_ptr, z_ptr, weight_ptr, dout_ptr, dsum_ptr, dx_ptr, dz_ptr, dupdate_ptr, dweight_part_ptr,
+    n_rows, dim, group_size, eps,
     stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_dout_row, stride_dout_col,
-    stride_dx_row, stride_dx_col, stride_dz_row, stride_dz_col,
-    HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
+    stride_dsum_row, stride_dsum_col, stride_dx_row, stride_dx_col, stride_dz_row, stride_dz_col,
+    stride_du_row, stride_du_col,
+    HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_DUPDATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr, TILES: tl.constexpr,
 ):
-    # dout, dx, dz: (m, d)  dweight_part: (programs along m, d) fp32. One program takes
+    # dout, dsum, dx, dz, dupdate: (m, d)  dweight_part: (programs along m, d) fp32. dsum: the
+    # gradient of the residual sum x from later uses, added to dx; dupdate: dx again, in the
+    # update's dtype. One program takes
     # TILES · BLOCK_M consecutive rows of one group and writes one dweight partial, so the
     # partials stay small next to the tensors read.
     pid_m, group = tl.program_id(0), tl.program_id(1)
@@ -81,8 +99,11 @@ def _rmsnorm_gated_bwd_kernel(
     if HAS_Z:
         next_z = _load(z_ptr, next_rows, cols, next_mask, stride_z_row, stride_z_col)
     next_dout = _load(dout_ptr, next_rows, cols, next_mask, stride_dout_row, stride_dout_col)
+    next_dsum = next_dout
+    if HAS_DSUM:
+        next_dsum = _load(dsum_ptr, next_rows, cols, next_mask, stride_dsum_row, stride_dsum_col)
     for tile in range(TILES):
-        rows, mask, x, z, dout = next_rows, next_mask, next_x, next_z, next_dout
+        rows, mask, x, z, dout, dsum = next_rows, next_mask, next_x, next_z, next_dout, next_dsum
         # issue the next tile's loads before this tile's math: one or two programs fit an SM,
         # so nothing else would hide the load latency
         next_rows = rows + BLOCK_M
@@ -91,6 +112,8 @@ def _rmsnorm_gated_bwd_kernel(
         if HAS_Z:
             next_z = _load(z_ptr, next_rows, cols, next_mask, stride_z_row, stride_z_col)
         next_dout = _load(dout_ptr, next_rows, cols, next_mask, stride_dout_row, stride_dout_col)
+        if HAS_DSUM:
+            next_dsum = _load(dsum_ptr, next_rows, cols, next_mask, stride_dsum_row, stride_dsum_col)
 
         x, z, h, sig = _gate(x, z, HAS_Z)
         dout = dout.to(tl.float32)
@@ -106,8 +129,13 @@ def _rmsnorm_gated_bwd_kernel(
                      dz.to(dz_ptr.dtype.element_ty), mask=mask)
         else:
             dx = dh
+        if HAS_DSUM:
+            dx += dsum.to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx_row + cols[None, :] * stride_dx_col,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DUPDATE:
+            tl.store(dupdate_ptr + rows[:, None] * stride_du_row + cols[None, :] * stride_du_col,
+                     dx.to(dupdate_ptr.dtype.element_ty), mask=mask)
     tl.store(dweight_part_ptr + pid_m * dim + cols, dweight, mask=col_ok)
 
 
@@ -135,24 +163,37 @@ def _programs_per_sm(device):
     return 4 * sms
 
 
-def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None):
-    # x, z: (m, d)  weight: (d,)  ->  out: (m, d) in out_dtype (default x's)
+def _strides(t):
+    return t.stride() if t is not None else (0, 0)
+
+
+def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None):
+    # x, z, update: (m, d)  weight: (d,)  ->  out: (m, d) in out_dtype (default x's); with an
+    # update (and no z), (x + update in their promoted dtype, out) instead, out the norm of the sum
     n_rows, dim = x.shape
     block_m, block_g, num_warps, _, _ = _blocks(n_rows, group_size)
     out = torch.empty(n_rows, dim, device=x.device, dtype=out_dtype or x.dtype)
+    total = None
+    if update is not None:
+        assert z is None, "the residual add goes with the plain norm (no gate)"
+        total = torch.empty(n_rows, dim, device=x.device, dtype=torch.promote_types(x.dtype, update.dtype))
     grid = (cdiv(n_rows, block_m), dim // group_size)
     _rmsnorm_gated_fwd_kernel[grid](
-        x, z, weight, out, n_rows, group_size, eps,
-        *x.stride(), *(z.stride() if z is not None else (0, 0)), *out.stride(),
-        HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=num_warps,
+        x, z, update, weight, out, total, n_rows, group_size, eps,
+        *x.stride(), *_strides(z), *_strides(update), *out.stride(), *_strides(total),
+        HAS_Z=z is not None, HAS_UPDATE=update is not None, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=num_warps,
     )
-    return out
+    return out if update is None else (total, out)
 
 
-def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None):
+def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None,
+                      dsum=None, update_dtype=None):
     # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype)
     # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
     # dz_out: where to write dz (any strides, e.g. a column slice of a larger gradient)
+    # With the residual add fused in (rmsnorm_gated_fwd's update; x is then the sum): dsum, the
+    # sum's gradient from its other uses (or None), is added to dx, and with update_dtype the
+    # result is also written in that dtype: -> (dx, dupdate), None, dweight
     n_rows, dim = x.shape
     ngroups = dim // group_size
     _, block_g, _, default_m, default_warps = _blocks(n_rows, group_size)
@@ -163,12 +204,14 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None and dz_out is None else dz_out
     assert dz is None or (dz.shape == z.shape and dz.dtype == z.dtype), "dz_out must match z's shape and dtype"
+    dupdate = None if update_dtype is None else torch.empty(n_rows, dim, device=x.device, dtype=update_dtype)
     programs_m = cdiv(row_tiles, tiles)
     dweight_part = torch.empty(programs_m, dim, device=x.device, dtype=torch.float32)
     _rmsnorm_gated_bwd_kernel[(programs_m, ngroups)](
-        x, z, weight, dout, dx, dz, dweight_part, n_rows, dim, group_size, eps,
-        *x.stride(), *(z.stride() if z is not None else (0, 0)), *dout.stride(), *dx.stride(),
-        *(dz.stride() if dz is not None else (0, 0)),
-        HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles, num_warps=num_warps,
+        x, z, weight, dout, dsum, dx, dz, dupdate, dweight_part, n_rows, dim, group_size, eps,
+        *x.stride(), *_strides(z), *dout.stride(), *_strides(dsum), *dx.stride(), *_strides(dz), *_strides(dupdate),
+        HAS_Z=z is not None, HAS_DSUM=dsum is not None, HAS_DUPDATE=dupdate is not None, BLOCK_M=block_m,
+        BLOCK_G=block_g, TILES=tiles, num_warps=num_warps,
     )
-    return dx, dz, dweight_part.sum(dim=0).to(weight.dtype)
+    dweight = dweight_part.sum(dim=0).to(weight.dtype)
+    return (dx if update_dtype is None else (dx, dupdate)), dz, dweight

@@ -10,7 +10,7 @@ from torch import nn
 
 from mamba_train.config import RECOMPUTE_MODES, ModelConfig
 from mamba_train.model.loss import linear_cross_entropy
-from mamba_train.model.mamba2 import Mamba2Block, MixerState, RMSNorm
+from mamba_train.model.mamba2 import Mamba2Block, MixerState, RMSNorm, run_blocks
 
 
 class Mamba2LM(nn.Module):
@@ -39,16 +39,8 @@ class Mamba2LM(nn.Module):
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 states: list[MixerState] | None = None, return_states: bool = False):
         # input_ids, seq_idx: (batch, seqlen) → logits (batch, seqlen, padded vocab)
-        hidden = self._embed(input_ids)
-        new_states = []
-        for i, layer in enumerate(self.layers):
-            if return_states or states is not None:
-                hidden, state = layer(hidden, seq_idx=seq_idx, state=None if states is None else states[i],
-                                      return_state=True)
-                new_states.append(state)
-            else:
-                hidden = layer(hidden, seq_idx=seq_idx)
-        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        hidden = run_blocks(self.layers, self.norm_f, self._embed(input_ids), seq_idx, states, return_states)
+        hidden, new_states = hidden if return_states else (hidden, None)
         logits = F.linear(hidden, self.embedding.weight)
         return (logits, new_states) if return_states else logits
 
@@ -56,19 +48,13 @@ class Mamba2LM(nn.Module):
              reduction: str = "mean") -> torch.Tensor:
         # the head and the cross-entropy together, a slice of tokens at a time (model/loss.py):
         # the full logits never exist in fp32
-        hidden = self.norm_f(self._residual_stream(input_ids, seq_idx).to(self.norm_f.weight.dtype))
+        hidden = run_blocks(self.layers, self.norm_f, self._embed(input_ids), seq_idx)
         return linear_cross_entropy(hidden.flatten(0, 1), self.embedding.weight, labels.flatten(), reduction)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # the residual stream in fp32 at least (float64 models stay float64: the tests' oracle)
         embedded = self.embedding(input_ids)
         return embedded.to(torch.promote_types(embedded.dtype, torch.float32))
-
-    def _residual_stream(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        hidden = self._embed(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, seq_idx=seq_idx)
-        return hidden
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:

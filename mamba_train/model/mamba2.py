@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import causal_conv1d, mixer_body, rmsnorm_gated, ssd
+from kernels import add_rmsnorm, causal_conv1d, mixer_body, rmsnorm_gated, ssd
 from mamba_train.config import ModelConfig
 from mamba_train.model.padded_rows import PaddedRowsLinear
 
@@ -32,16 +32,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x, self.weight)
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
+        """norm(x); with `update` (the previous block's mixer output), (x + update, norm of
+        that): the residual add and this norm as one kernel each way (kernels.add_rmsnorm)."""
+        return self._norm(x, self.weight, update)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # The gated norm without a gate (one Triton kernel each way on a GPU). Under autocast
-        # the output is written in the autocast dtype, which the next matmul reads anyway:
-        # the fp32 residual stream's norm then never exists in fp32, nor its cast.
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, update: torch.Tensor | None = None):
+        # The gated norm without a gate (one Triton kernel each way on a GPU), written in the
+        # dtype the next matmul reads: autocast's, else the weight's (DeepSpeed's bf16 weights).
+        # The fp32 residual stream's norm then never exists in fp32, nor its cast.
         device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1], out_dtype=out_dtype)
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        if update is None:
+            return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1], out_dtype=out_dtype)
+        return add_rmsnorm(x, update, weight, eps=self.eps, out_dtype=out_dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -132,8 +136,13 @@ class Mamba2Block(nn.Module):
     """Pre-norm residual block; the residual stream is kept in fp32 (mamba_ssm's
     residual_in_fp32) so that bf16 rounding does not accumulate over depth.
 
-    With `recompute` set (train.recompute="block", via `set_recompute`) a training forward keeps only
-    the block's input, and backward runs the block again for what its own backward needs
+    A block takes the stream and the previous block's mixer output not yet added to it, and
+    returns its own mixer output and the stream with that update added: the add happens in the
+    norm's kernel (mamba_ssm's fused_add_norm; `run_blocks` chains the blocks). The first block
+    gets no update.
+
+    With `recompute` set (train.recompute="block", via `set_recompute`) a training forward keeps
+    only the block's inputs, and backward runs the block again for what its own backward needs
     (activation checkpointing): about one more forward of compute, and one block's activations
     alive at a time instead of every block's."""
 
@@ -143,20 +152,42 @@ class Mamba2Block(nn.Module):
         self.mixer = Mamba2Mixer(cfg)
         self.recompute = False
 
-    def forward(self, residual: torch.Tensor, seq_idx=None, state: MixerState | None = None,
-                return_state: bool = False):
+    def forward(self, residual: torch.Tensor, update: torch.Tensor | None = None, seq_idx=None,
+                state: MixerState | None = None, return_state: bool = False):
+        # -> (mixer output, residual + update), and with return_state the mixer's state last
         if self.recompute and torch.is_grad_enabled() and state is None and not return_state:
             # non-reentrant: the recomputation runs under the forward's autocast state, and a
             # context-parallel block repeats its collectives in the same order on every rank
-            return checkpoint(self._residual_block, residual, seq_idx, use_reentrant=False)
-        return self._residual_block(residual, seq_idx, state, return_state)
+            return checkpoint(self._residual_block, residual, update, seq_idx, use_reentrant=False)
+        return self._residual_block(residual, update, seq_idx, state, return_state)
 
-    def _residual_block(self, residual: torch.Tensor, seq_idx=None, state: MixerState | None = None,
-                        return_state: bool = False):
-        out = self.mixer(self.norm(residual), seq_idx=seq_idx, state=state, return_state=return_state)
+    def _residual_block(self, residual: torch.Tensor, update: torch.Tensor | None = None, seq_idx=None,
+                        state: MixerState | None = None, return_state: bool = False):
+        if update is None:
+            normed = self.norm(residual)
+        else:
+            # update is in residual's dtype or a narrower one (bf16 under autocast): the sum
+            # promotes it inside the kernel
+            residual, normed = self.norm(residual, update)
+        out = self.mixer(normed, seq_idx=seq_idx, state=state, return_state=return_state)
         if return_state:
             out, state = out
-        # out is in residual's dtype or a narrower one (bf16 under autocast): the add promotes it
-        # inside its one kernel, where .to(residual.dtype) first would write an fp32 copy of out
-        residual = residual + out
-        return (residual, state) if return_state else residual
+            return out, residual, state
+        return out, residual
+
+
+def run_blocks(layers, norm_f: RMSNorm, residual: torch.Tensor, seq_idx=None,
+               states: list[MixerState] | None = None, return_states: bool = False):
+    """The residual stream from the embedding through the blocks to the final norm -> norm_f's
+    output, and with states or return_states also each block's new state. Each block's mixer
+    output joins the stream at the next norm, the last one's at norm_f."""
+    update, new_states = None, []
+    for i, layer in enumerate(layers):
+        if return_states or states is not None:
+            update, residual, state = layer(residual, update, seq_idx=seq_idx,
+                                            state=None if states is None else states[i], return_state=True)
+            new_states.append(state)
+        else:
+            update, residual = layer(residual, update, seq_idx=seq_idx)
+    hidden = norm_f(residual) if update is None else norm_f(residual, update)[1]
+    return (hidden, new_states) if return_states else hidden

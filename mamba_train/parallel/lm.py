@@ -23,7 +23,7 @@ from torch import nn
 from kernels import cross_entropy_rows, logsumexp_rows, softmax_grad_rows
 from mamba_train.model import Mamba2LM
 from mamba_train.model.loss import linear_cross_entropy
-from mamba_train.model.mamba2 import RMSNorm
+from mamba_train.model.mamba2 import RMSNorm, run_blocks
 from mamba_train.parallel.context_parallel import ContextParallel, all_gather_plain
 from mamba_train.parallel.groups import ParallelDims, model_parallel_config
 from mamba_train.parallel.tensor_parallel import _no_init, mark_tensor_parallel, shard_mixer, shard_state_dict
@@ -75,9 +75,7 @@ class ParallelMamba2LM(nn.Module):
         if self.sequence_parallel:
             hidden = hidden.transpose(0, 1)
         hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))   # the fp32 residual stream
-        for layer in self.layers:
-            hidden = layer(hidden, seq_idx=seq_idx)
-        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        hidden = run_blocks(self.layers, self.norm_f, hidden, seq_idx)
         if self.sequence_parallel:  # all-gather the sequence (megatron gathers dim 0); backward reduce-scatters
             return gather_from_sequence_parallel_region(hidden.transpose(0, 1), group=self.dims.tp_group
                                                         ).transpose(0, 1)
@@ -137,10 +135,10 @@ class SequenceParallelRMSNorm(RMSNorm):
         self.weight.sequence_parallel = True   # megatron's mark for such parameters
         self.tp_group = tp_group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-        return self._norm(x, copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group))
+        return self._norm(x, copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group), update)
 
 
 def parallelize_model(model: Mamba2LM, dims: ParallelDims) -> ParallelMamba2LM:
