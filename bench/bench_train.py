@@ -374,6 +374,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--graph", action="store_true", help="also ours with forward+backward in a CUDA graph")
+    parser.add_argument("--micro-batch", type=int,
+                        help="every model at this micro-batch instead of issue 9's (memory allowing larger ones)")
     parser.add_argument("--recompute", choices=RECOMPUTE_MODES,
                         help="ours with this train.recompute (default: each model's shipped config's)")
     parser.add_argument("--profile", action="store_true",
@@ -415,6 +417,7 @@ def main():
     rows = []
     for name in args.models:
         d_model, n_layer, micro = MODELS[name]
+        micro = args.micro_batch or micro
         tokens = micro * SEQ
 
         def build_ours():
