@@ -8,7 +8,11 @@ arguments on that). At 130m W = 3352 (24 heads) is not, at 1.3b W = 8512 is. Thi
 kernel on slices of a (b, l, W) buffer beside the same slices of a buffer padded to W rounded up
 to 16, bf16, `do_bench` medians.
 
-    python bench/bench_row_stride.py [--shape 130m]
+    python bench/bench_row_stride.py [--shape 130m] [--sweep-conv]
+
+`--sweep-conv` times the conv's tiles in the layout the mixer runs it (padded rows): its x
+channels and its B|C channels as two launches, as kernels.mixer_body does, and the whole x|B|C
+slice as one.
 """
 
 import argparse
@@ -51,9 +55,45 @@ def kernel_times(b, l, d_inner, bc, width):
     }
 
 
+FWD_TILES = [(32, 64, 4), (16, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 4), (32, 128, 8), (64, 128, 8),
+             (16, 256, 8)]
+BWD_TILES = [(4, 128, 4, 64), (4, 128, 4, 32), (2, 256, 4, 64), (8, 64, 4, 64), (4, 64, 2, 64), (2, 128, 2, 64)]
+
+
+def sweep_conv(b, l, d_inner, bc, width):
+    """ms of the conv's forward and backward per tile setting, on the x, B|C and x|B|C slices."""
+    conv_dim = d_inner + 2 * bc
+    buf = torch.randn(b, l, width, device="cuda", dtype=torch.bfloat16)
+    grad = torch.empty_like(buf)
+    weight = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
+    parts = {"x": (d_inner, d_inner + d_inner), "B|C": (2 * d_inner, 2 * d_inner + 2 * bc),
+             "x|B|C": (d_inner, d_inner + conv_dim)}
+    print("  forward (block_l, block_d, warps): " + "  ".join(parts))
+    for tile in FWD_TILES:
+        ms = []
+        for start, stop in parts.values():
+            xs, w, bias_part = buf[..., start:stop], weight[start - d_inner:stop - d_inner], bias[start - d_inner:
+                                                                                                    stop - d_inner]
+            ms.append(bench_ms(lambda: conv1d_fwd(xs, w, bias_part, block_l=tile[0], block_d=tile[1],
+                                                  num_warps=tile[2])))
+        print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
+    print("  backward (block_l, block_d, warps, steps): " + "  ".join(parts))
+    for tile in BWD_TILES:
+        ms = []
+        for start, stop in parts.values():
+            xs, dxs = buf[..., start:stop], grad[..., start:stop]
+            w, bias_part = weight[start - d_inner:stop - d_inner], bias[start - d_inner:stop - d_inner]
+            dout = torch.randn(b, l, stop - start, device="cuda", dtype=torch.bfloat16)
+            ms.append(bench_ms(lambda: conv1d_bwd(dout, None, xs, w, bias_part, block_l=tile[0], block_d=tile[1],
+                                                  num_warps=tile[2], steps=tile[3], dx_out=dxs)))
+        print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--sweep-conv", action="store_true", help="the conv's tiles in the mixer's layout")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, ms (do_bench median)")
     for name in args.shape:
@@ -61,6 +101,10 @@ def main():
         width = 2 * d_inner + 2 * bc + nheads
         padded = -(-width // 16) * 16
         widths = [width] if padded == width else [width, padded]
+        if args.sweep_conv:
+            print(f"## {name}: b{b} L{l}, row stride {padded}, ms")
+            sweep_conv(b, l, d_inner, bc, padded)
+            continue
         times = [kernel_times(b, l, d_inner, bc, w) for w in widths]
         print(f"## {name}: b{b} L{l}, row stride " + " vs ".join(str(w) for w in widths))
         for kernel in times[0]:
