@@ -327,17 +327,21 @@ def _conv1d_bwd_kernel(
 
 
 # Tile sizes, read at each call (tests shrink them to span several tiles at small lengths).
-# Forward: 32 x 64 tiles at 4 warps, 16 values per thread (about 80 registers on sm_90).
+# Forward: 32 x 128 tiles at 4 warps, 32 values per thread. `bench/bench_kernels.py --sweep` on
+# an H100 at contiguous (8, 2048, 8448) first chose 32 x 64 (0.257 ms, 72% of copy bandwidth;
+# 64 x 64 at 8 warps: 0.284); in the mixer's layout (column slices of in_proj's output,
+# `bench/bench_row_stride.py --sweep-conv`) 32 x 128 is faster: x's channels 0.101 → 0.091 ms at
+# 130m (b16 L2048), 0.069 → 0.063 at 1.3b (b4 L2048); 64-row, 8-warp and 256-wide tiles were slower.
 # Backward: 4 x 128 tiles at 4 warps, 4 values per thread per tile; ~16 tiles are live (x and
 # dpre of the w-1 window rows, w dweight and a dbias accumulator, two prefetched steps, the
 # step's math). The sm_90 compile gives 112 registers at width 4 with bias (121 with
 # seq_idx), no spills: 4 CTAs, 16 warps per SM; 8 values per thread would take 208 registers.
 # 64 steps: programs of 256 rows, 3/64 more math at stretch ends, dweight/dbias partials ~1%
-# of the bytes moved. Chosen by `bench/bench_kernels.py --sweep` on an H100 at (8, 2048, 8448):
-# forward 0.257 ms (72% of copy bandwidth; 64 x 64 at 8 warps: 0.284), backward 0.455 ms
-# (61%; 32 steps: 0.504, 16 steps: 0.554, 1 x 512 tiles: 0.475); the previous backward
-# (128 x 16 tiles, dpre shifted by tl.gather) took about 1.6 ms.
-FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 32, 64, 4
+# of the bytes moved. Chosen by the same sweep at (8, 2048, 8448): 0.455 ms (61%; 32 steps:
+# 0.504, 16 steps: 0.554, 1 x 512 tiles: 0.475); the previous backward (128 x 16 tiles, dpre
+# shifted by tl.gather) took about 1.6 ms. In the mixer's layout no other backward tile was
+# faster by more than 5% (--sweep-conv).
+FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_STEPS = 4, 128, 4, 64
 
 
