@@ -53,3 +53,24 @@ def test_unknown_reduction_is_refused():
     hidden, weight, labels = _inputs()
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, labels, "none")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_slices_sum_the_head_gradient_in_fp32(monkeypatch):
+    # the model's case on a GPU: bf16 hidden states, fp32 head weight, bf16 autocast; each
+    # slice's weight gradient is added into the fp32 sum by one cuBLAS product (bf16 inputs,
+    # fp32 output), not rounded to bf16 first
+    hidden, weight, labels = _inputs(tokens=4096, d=64, vocab=1000)
+    hidden = hidden.detach().cuda().to(torch.bfloat16).requires_grad_()
+    weight = weight.detach().cuda().float().requires_grad_()
+    labels = labels.cuda()
+    monkeypatch.setattr(loss_module, "_SLICE_BYTES", 4 * weight.shape[0] * 512)   # 8 slices
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, labels)
+    dh, dw = torch.autograd.grad(ours, (hidden, weight))
+    assert (dh.dtype, dw.dtype) == (torch.bfloat16, torch.float32)
+    ref = F.cross_entropy(F.linear(hidden.double(), weight.double()), labels, ignore_index=IGNORE_INDEX)
+    dh_ref, dw_ref = torch.autograd.grad(ref, (hidden, weight))
+    for ours_grad, ref_grad in ((dh, dh_ref), (dw, dw_ref)):
+        err = ((ours_grad.double() - ref_grad.double()).norm() / ref_grad.double().norm()).item()
+        assert err < 1e-2, err   # bf16 logits and products: ~3 significant digits

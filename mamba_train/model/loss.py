@@ -41,6 +41,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return _LinearCrossEntropy.apply(hidden, weight, labels, reduction, compute_dtype, rows, rows_loss)
 
 
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. On a GPU a bf16 slice's head gradient goes straight into the fp32 sum
+    (cuBLAS: bf16 inputs, fp32 output) rather than being rounded to bf16, written, read back
+    and added: 8 bytes an element moved instead of 12, and no rounding per slice."""
+    if acc.is_cuda and a.dtype != acc.dtype:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
@@ -66,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += torch.where(keep, losses.to(total.dtype), 0.0).sum()
                 if want_grad:
                     dhidden[start:start + rows] = logits @ w
-                    dweight += logits.T @ h
+                    _accumulate_product(dweight, logits.T, h)
         ctx.save_for_backward(dhidden, dweight)
         return total * scale
 
