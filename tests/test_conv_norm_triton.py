@@ -280,27 +280,27 @@ def add_norm_inputs(shape, *, update_dtype=torch.float32, device=DEVICE, seed=0)
     return dict(residual=residual, update=update, weight=weight)
 
 
-def run_add_norm(fn, inputs, use_total=True, **kwargs):
-    """Both outputs of fn and the gradients of <out, g> (+ <total, g_total> when the sum is
-    used further, as every block's is but the last's)."""
+def run_add_norm(fn, inputs, uses=("total", "out"), **kwargs):
+    """Both outputs of fn and the gradients of the sum of <output, g> over the outputs `uses`
+    names: both in every block but the last, whose sum nothing else reads."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-    total, out = fn(**leaves, **kwargs)
+    outputs = dict(zip(("total", "out"), fn(**leaves, **kwargs)))
     gen = torch.Generator().manual_seed(1)
-    g_out, g_total = (torch.randn(t.shape, generator=gen).to(t) for t in (out, total))
-    loss = (out.double() * g_out.double()).sum()
-    if use_total:
-        loss = loss + (total.double() * g_total.double()).sum()
+    loss = sum((outputs[name].double() * torch.randn(outputs[name].shape, generator=gen).double()).sum()
+               for name in uses)
     loss.backward()
-    return {"total": total, "out": out} | {"d" + k: leaves[k].grad for k in inputs}
+    return outputs | {"d" + k: leaves[k].grad for k in inputs}
 
 
-@pytest.mark.parametrize("use_total", [True, False], ids=["sum_used_further", "last_norm"])
+@pytest.mark.parametrize("uses", [("total", "out"), ("out",), ("total",)], ids=["both", "last_norm", "sum_only"])
 @pytest.mark.parametrize("shape", [(3, 7, 24), (3, 100, 16)], ids=["few_rows", "several_programs"])
-def test_add_norm_forward_and_every_gradient_match_float64_reference(shape, use_total):
+def test_add_norm_forward_and_every_gradient_match_float64_reference(shape, uses):
     inputs = add_norm_inputs(shape)
-    ours = run_add_norm(add_rmsnorm_triton, inputs, use_total, eps=1e-5)
-    ref = run_add_norm(add_rmsnorm, upcast(inputs), use_total, eps=1e-5)
-    check_all(ours, ref, FP32_BOUND, f"{shape} use_total={use_total}")
+    ours = run_add_norm(add_rmsnorm_triton, inputs, uses, eps=1e-5)
+    ref = run_add_norm(add_rmsnorm, upcast(inputs), uses, eps=1e-5)
+    if uses == ("total",):   # no gradient reaches the weight: autograd leaves it None, ours zero
+        assert ref.pop("dweight") is None and not ours.pop("dweight").any()
+    check_all(ours, ref, FP32_BOUND, f"{shape} uses={uses}")
 
 
 def test_add_norm_is_the_add_then_the_norm_bit_for_bit():

@@ -45,19 +45,22 @@ class AddRMSNormFunction(torch.autograd.Function):
         total, out = rmsnorm_gated_fwd(residual.reshape(-1, dim), None, weight, eps, dim, out_dtype,
                                        update=update.reshape(-1, dim))
         ctx.save_for_backward(total, weight)
-        ctx.eps, ctx.update_dtype = eps, update.dtype
+        ctx.eps, ctx.update_dtype, ctx.out_dtype, ctx.shape = eps, update.dtype, out.dtype, residual.shape
+        # an unused output's gradient arrives as None, not as a tensor of zeros to read
+        ctx.set_materialize_grads(False)
         return total.view(residual.shape), out.view(residual.shape)
 
     @staticmethod
     def backward(ctx, dtotal, dout):
         total, weight = ctx.saved_tensors
-        # dtotal: the sum's gradient from the rest of the stream; None where nothing else reads
-        # it (the last norm)
+        # dtotal: the sum's gradient from the rest of the stream, None where nothing else reads
+        # it (the last norm); dout: the norm's, None only if its output went unused
+        if dout is None:
+            dout = total.new_zeros(total.shape, dtype=ctx.out_dtype)
         (dresidual, dupdate), _, dweight = rmsnorm_gated_bwd(
             dout.reshape(total.shape), total, None, weight, ctx.eps, total.shape[1],
             dsum=None if dtotal is None else dtotal.reshape(total.shape), update_dtype=ctx.update_dtype)
-        shape = dout.shape
-        return dresidual.view(shape), dupdate.view(shape), dweight, None, None
+        return dresidual.view(ctx.shape), dupdate.view(ctx.shape), dweight, None, None
 
 
 def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None):

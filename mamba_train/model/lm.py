@@ -39,8 +39,8 @@ class Mamba2LM(nn.Module):
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 states: list[MixerState] | None = None, return_states: bool = False):
         # input_ids, seq_idx: (batch, seqlen) → logits (batch, seqlen, padded vocab)
-        hidden = run_blocks(self.layers, self.norm_f, self._embed(input_ids), seq_idx, states, return_states)
-        hidden, new_states = hidden if return_states else (hidden, None)
+        out = run_blocks(self.layers, self.norm_f, self._embed(input_ids), seq_idx, states, return_states)
+        hidden, new_states = out if return_states else (out, None)
         logits = F.linear(hidden, self.embedding.weight)
         return (logits, new_states) if return_states else logits
 
