@@ -286,7 +286,7 @@ def run_add_norm(fn, inputs, uses=("total", "out"), **kwargs):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     outputs = dict(zip(("total", "out"), fn(**leaves, **kwargs)))
     gen = torch.Generator().manual_seed(1)
-    loss = sum((outputs[name].double() * torch.randn(outputs[name].shape, generator=gen).double()).sum()
+    loss = sum((outputs[name].double() * torch.randn(outputs[name].shape, generator=gen).to(outputs[name])).sum()
                for name in uses)
     loss.backward()
     return outputs | {"d" + k: leaves[k].grad for k in inputs}
