@@ -196,8 +196,8 @@ def test_conv_half_precision_inputs(dtype):
 
 
 def test_conv_default_tiles():
-    # the tile sizes the GPU runs: 32 x 128 forward tiles; backward tiles of 4 rows walking 32
-    # steps (programs of 128 rows, stretches of 32); documents start on borders of each
+    # the tile sizes the GPU runs: 32 x 128 forward tiles; backward tiles of 4 rows walking 64
+    # steps (stretches of 64 rows, programs of 256); documents start on stretch borders and off them
     inputs = conv_inputs(1, 260, 40, 4, doc_starts=[[32, 64, 100, 127, 128, 250]])
     ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
     ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
