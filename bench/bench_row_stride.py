@@ -67,26 +67,23 @@ def sweep_conv(b, l, d_inner, bc, width):
     grad = torch.empty_like(buf)
     weight = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
-    parts = {"x": (d_inner, d_inner + d_inner), "B|C": (2 * d_inner, 2 * d_inner + 2 * bc),
-             "x|B|C": (d_inner, d_inner + conv_dim)}
+    # name: (input slice, dx slice, weight rows, bias rows, output gradient), by buffer columns
+    parts = {}
+    for name, (start, stop) in {"x": (d_inner, 2 * d_inner), "B|C": (2 * d_inner, 2 * d_inner + 2 * bc),
+                                "x|B|C": (d_inner, d_inner + conv_dim)}.items():
+        channels = slice(start - d_inner, stop - d_inner)
+        parts[name] = (buf[..., start:stop], grad[..., start:stop], weight[channels], bias[channels],
+                       torch.randn(b, l, stop - start, device="cuda", dtype=torch.bfloat16))
     print("  forward (block_l, block_d, warps): " + "  ".join(parts))
     for tile in FWD_TILES:
-        ms = []
-        for start, stop in parts.values():
-            xs, w, bias_part = buf[..., start:stop], weight[start - d_inner:stop - d_inner], bias[start - d_inner:
-                                                                                                    stop - d_inner]
-            ms.append(bench_ms(lambda: conv1d_fwd(xs, w, bias_part, block_l=tile[0], block_d=tile[1],
-                                                  num_warps=tile[2])))
+        ms = [bench_ms(lambda: conv1d_fwd(xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2]))
+              for xs, _, w, bs, _ in parts.values()]
         print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
     print("  backward (block_l, block_d, warps, steps): " + "  ".join(parts))
     for tile in BWD_TILES:
-        ms = []
-        for start, stop in parts.values():
-            xs, dxs = buf[..., start:stop], grad[..., start:stop]
-            w, bias_part = weight[start - d_inner:stop - d_inner], bias[start - d_inner:stop - d_inner]
-            dout = torch.randn(b, l, stop - start, device="cuda", dtype=torch.bfloat16)
-            ms.append(bench_ms(lambda: conv1d_bwd(dout, None, xs, w, bias_part, block_l=tile[0], block_d=tile[1],
-                                                  num_warps=tile[2], steps=tile[3], dx_out=dxs)))
+        ms = [bench_ms(lambda: conv1d_bwd(dout, None, xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2],
+                                          steps=tile[3], dx_out=dxs))
+              for xs, dxs, w, bs, dout in parts.values()]
         print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
 
 

@@ -420,8 +420,10 @@ def main():
         micro = args.micro_batch or micro
         tokens = micro * SEQ
 
+        recompute = args.recompute or shipped_recompute(name)
+
         def build_ours():
-            model = ours(name, args.recompute)
+            model = ours(name, recompute)
             return model.cuda(), param_groups(model, 0.1)
 
         results = {"ours": run_one(build_ours, random_batch(micro), args.warmup, args.steps)}
@@ -439,7 +441,7 @@ def main():
         cpu = {k: (1e3 * v[2] if isinstance(v, tuple) else None) for k, v in results.items()}
         best_anchor = max((rate[p] for p in anchor_paths if rate.get(p)), default=None)
         row = dict(model=name, micro_batch=micro, seqlen=SEQ, gpu=gpu, peak_tflops=peak / 1e12,
-                   ours_recompute=args.recompute or shipped_recompute(name), ours_tokens_per_s=rate["ours"],
+                   ours_recompute=recompute, ours_tokens_per_s=rate["ours"],
                    anchor_tokens_per_s=rate.get("unfused"), anchor_fused_tokens_per_s=rate.get("fused"),
                    ours_mfu=rate["ours"] and flops / tokens * rate["ours"] / peak,
                    anchor_mfu=best_anchor and flops / tokens * best_anchor / peak,

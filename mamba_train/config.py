@@ -188,7 +188,8 @@ class TrainConfig:
         _require(self.steps > 0, "train.steps", "a positive integer", self.steps)
         _require(not (self.cuda_graph and self.device == "cpu"), "train.cuda_graph",
                  "false when train.device is 'cpu' (it replays CUDA graphs)", self.cuda_graph)
-        _require(self.recompute in RECOMPUTE_MODES, "train.recompute", "'none', 'mixer' or 'block'", self.recompute)
+        modes = ", ".join(map(repr, RECOMPUTE_MODES[:-1])) + f" or {RECOMPUTE_MODES[-1]!r}"
+        _require(self.recompute in RECOMPUTE_MODES, "train.recompute", modes, self.recompute)
         _require(not (self.cuda_graph and self.recompute == "block"), "train.cuda_graph",
                  "false with train.recompute='block' (block recomputation inside a captured graph is not "
                  "supported yet)", self.cuda_graph)

@@ -67,5 +67,4 @@ def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None):
     """residual + update and the RMSNorm of it, times weight, in one kernel each way (Triton);
     same signature and result as `kernels.reference.add_rmsnorm`."""
     _check_add_norm_inputs(residual, update, weight)
-    total, out = AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype)
-    return total, out
+    return AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype)
