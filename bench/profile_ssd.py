@@ -4,6 +4,7 @@
     python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256] [--tiles 64]
                                 [--launchers bmm_bwd_dcb ...] [--heads-per-program 16 8 4]
                                 [--tile-dstate 128] [--block-h 1 2 4 8] [--tile-k 32]
+                                [--around-shipped]   (only those values, on top of the shipped settings)
 
 Without `--tiles` each launcher runs its shipped settings (`launch.SETTINGS`); `--tiles` caps
 the tile edge every launcher picks instead (each cap a column, overriding tile_dstate / tile_k
@@ -89,10 +90,11 @@ def stage_times(shape, chunk_size):
     return times, fwd, bench_ms(forward_backward, grad_to_none=leaves)
 
 
-def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
+def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None, around_shipped=False):
     """Each launcher alone over tile caps × num_warps × num_stages, and over the values in
     `extra` ({setting: values}) of the launcher-specific settings that launcher takes (None:
-    unset); prints launch.SETTINGS to keep."""
+    unset); prints launch.SETTINGS to keep. `around_shipped`: only the `extra` values, each
+    on top of the launcher's shipped settings."""
     stages, *_ = stage_calls(shape, chunk_size)
     chosen = {}
     print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
@@ -102,10 +104,13 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
         cand_tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else tiles
         own = {key: (None, *values) for key, values in (extra or {}).items() if values and name in launch.SPECIFIC_SETTINGS[key]}
         grid = []
-        for tile, warps, pipeline in itertools.product(cand_tiles, (4, 8), (1, 2, 3)):
+        shipped = dict(launch.SETTINGS.get(name, {}))
+        bases = [shipped] if around_shipped else [
+            dict(tile=tile, num_warps=warps, num_stages=pipeline)
+            for tile, warps, pipeline in itertools.product(cand_tiles, (4, 8), (1, 2, 3))]
+        for base in bases:
             for picks in itertools.product(*own.values()):
-                grid.append(dict(tile=tile, num_warps=warps, num_stages=pipeline,
-                                 **{key: v for key, v in zip(own, picks) if v is not None}))
+                grid.append({**base, **{key: v for key, v in zip(own, picks) if v is not None}})
         launch.SETTINGS.pop(name, None)
         default = bench_ms(fn)
         timings = []
@@ -120,6 +125,8 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None):
         if best_ms < default:
             chosen[name] = best
         print(f"{name:24s} {default:8.3f} {best_ms:8.3f}  {best}", flush=True)
+        if around_shipped:
+            print("    " + "  ".join(f"{ms:.3f} {settings}" for ms, settings in timings), flush=True)
     print("SETTINGS =", chosen)
 
 
@@ -132,6 +139,8 @@ def main():
                              "the sweep's candidates (default: 64 128)")
     parser.add_argument("--sweep", action="store_true", help="search launch settings per launcher (first chunk size)")
     parser.add_argument("--launchers", nargs="*", help="--sweep only these launchers")
+    parser.add_argument("--around-shipped", action="store_true",
+                        help="--sweep only the launcher-specific values given, on top of the shipped settings")
     parser.add_argument("--heads-per-program", type=int, nargs="*", default=[],
                         help="--sweep also these heads per program (launch.HEAD_SPLIT_LAUNCHERS)")
     parser.add_argument("--tile-dstate", type=int, nargs="*", default=[],
@@ -147,7 +156,8 @@ def main():
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
         return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles or (64, 128),
                      {"heads_per_program": args.heads_per_program, "tile_dstate": args.tile_dstate,
-                      "block_h": args.block_h, "tile_k": args.tile_k})
+                      "block_h": args.block_h, "tile_k": args.tile_k},
+                     args.around_shipped)
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")
     columns, results = [], []
