@@ -4,7 +4,7 @@
     python bench/profile_ssd.py --sweep [--shape ...] [--chunk-sizes 256] [--tiles 64]
                                 [--launchers bmm_bwd_dcb ...] [--heads-per-program 16 8 4]
                                 [--tile-dstate 128] [--block-h 1 2 4 8] [--tile-k 32]
-                                [--around-shipped]   (only those values, on top of the shipped settings)
+                                [--heads-fastest] [--around-shipped]   (only those values, on top of the shipped settings)
 
 Without `--tiles` each launcher runs its shipped settings (`launch.SETTINGS`); `--tiles` caps
 the tile edge every launcher picks instead (each cap a column, overriding tile_dstate / tile_k
@@ -149,6 +149,8 @@ def main():
                         help="--sweep also these heads per program of chunk_cumsum (launch.BLOCK_H_LAUNCHERS)")
     parser.add_argument("--tile-k", type=int, nargs="*", default=[],
                         help="--sweep also these steps of the causal loops (launch.K_LAUNCHERS)")
+    parser.add_argument("--heads-fastest", action="store_true",
+                        help="--sweep also the grid with heads innermost (launch.HEAD_GRID_LAUNCHERS)")
     args = parser.parse_args()
     shape = ALL_SHAPES[args.shape]
     if args.sweep:
@@ -156,7 +158,8 @@ def main():
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
         return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles or (64, 128),
                      {"heads_per_program": args.heads_per_program, "tile_dstate": args.tile_dstate,
-                      "block_h": args.block_h, "tile_k": args.tile_k},
+                      "block_h": args.block_h, "tile_k": args.tile_k,
+                      "heads_fastest": [True] if args.heads_fastest else []},
                      args.around_shipped)
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "
           f"triton {triton.__version__}")

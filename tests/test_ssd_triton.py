@@ -174,16 +174,18 @@ def poison_unread_cb(monkeypatch):
     monkeypatch.setattr(combined, "bmm_fwd", poisoned_bmm_fwd)
 
 
-@pytest.mark.parametrize("tile, tile_k", [(16, 32), (32, 16)])
-def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k):
+@pytest.mark.parametrize("tile, tile_k, heads_fastest", [(16, 32, True), (32, 16, False)])
+def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k, heads_fastest):
     # the settings a sweep may pick change tiles, not maths: narrow tiles everywhere, dstate in
-    # two tiles ("tile_dstate"), one head per chunk_cumsum program ("block_h"), and causal loops
+    # two tiles ("tile_dstate"), one head per chunk_cumsum program ("block_h"), causal loops
     # stepping wider than their row tiles (reading CB tiles that bmm_fwd never wrote, which
-    # the causal select must drop) or narrower ("tile_k")
+    # the causal select must drop) or narrower ("tile_k"), and grids either way round
+    # ("heads_fastest")
     for name in ("chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_state_fwd", "state_passing_fwd", "bmm_fwd",
                  "chunk_scan_fwd", "chunk_scan_bwd_dstates", "state_passing_bwd", "chunk_scan_bwd_dx",
                  "bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db"):
-        monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_dstate": 16, "block_h": 1, "tile_k": tile_k})
+        monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_dstate": 16, "block_h": 1, "tile_k": tile_k,
+                                                   "heads_fastest": heads_fastest})
     assert launch.dstate_block("chunk_scan_fwd", 20) == 16
     assert launch.k_block("chunk_scan_fwd", 32) == tile_k
     poison_unread_cb(monkeypatch)

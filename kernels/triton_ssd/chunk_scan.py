@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..host_math import cdiv
 from . import launch
-from .tiles import cb_tile
+from .tiles import cb_tile, head_program_ids
 
 
 @triton.jit
@@ -38,9 +38,10 @@ def _chunk_scan_fwd_kernel(
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
     FACTOR_DECAY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
     # one program per (t block × p block, batch × chunk, head); x, z, y, y_pregate share strides
-    pid_mn, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_mn, pid_bc, pid_h = head_program_ids(HEADS_FASTEST)
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(hdim, BLOCK_N)
     pid_m = pid_mn // num_n
@@ -156,9 +157,10 @@ def _chunk_scan_bwd_dstates_kernel(
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     stride_seq_b, stride_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
     # one program per (p block × n block, batch × chunk, head): d states_in[b, c, h]
-    pid_pn, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_pn, pid_bc, pid_h = head_program_ids(HEADS_FASTEST)
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(dstate, BLOCK_N)
     offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -204,10 +206,11 @@ def _chunk_scan_bwd_dx_kernel(
     stride_seq_b, stride_seq_l, stride_D_h,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr, FACTOR_DECAY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
     # one program per (s block × p block, batch × chunk, head); dy, x, dx share strides.
     # ddt (b, h, c, q) and dD (h, p) fp32 are accumulated atomically (p blocks share them).
-    pid_mn, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_mn, pid_bc, pid_h = head_program_ids(HEADS_FASTEST)
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(hdim, BLOCK_N)
     pid_m = pid_mn // num_n
@@ -400,7 +403,8 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     D_ptr, stride_D, per_channel = _D_args(D)
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
     block_k = launch.k_block("chunk_scan_fwd", chunk_size)
-    grid = (cdiv(chunk_size, block_m) * cdiv(p, block_n), b * nchunks, h)
+    grid, heads_fastest = launch.head_grid("chunk_scan_fwd", cdiv(chunk_size, block_m) * cdiv(p, block_n),
+                                           b * nchunks, h)
     _chunk_scan_fwd_kernel[grid](
         cb, x, z, dt, dA_cumsum, C, states_in, D_ptr, seq_idx, y, y_pregate,
         l, nchunks, chunk_size, p, n, h // g,
@@ -409,7 +413,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
         FACTOR_DECAY=factor_decay,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n),
-        **opts,
+        HEADS_FASTEST=heads_fastest, **opts,
     )
     return y, y_pregate
 
@@ -431,13 +435,14 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     dstates_in = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=torch.float32)
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_scan_bwd_dstates", n)
-    grid = (cdiv(p, block_p) * cdiv(n, block_n), b * nchunks, h)
+    grid, heads_fastest = launch.head_grid("chunk_scan_bwd_dstates", cdiv(p, block_p) * cdiv(n, block_n),
+                                           b * nchunks, h)
     _chunk_scan_bwd_dstates_kernel[grid](
         dy, C, dA_cumsum, seq_idx, dstates_in,
         l, nchunks, chunk_size, p, n, h // g,
         *dy.stride(), *C.stride(), *dA_cumsum.stride(), *dstates_in.stride(), *launch.seq_strides(seq_idx),
         HAS_SEQ=seq_idx is not None, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
-        **opts,
+        HEADS_FASTEST=heads_fastest, **opts,
     )
     return dstates_in
 
@@ -456,7 +461,8 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     D_ptr, stride_D, per_channel = _D_args(D)
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
     block_k = launch.k_block("chunk_scan_bwd_dx", chunk_size)
-    grid = (cdiv(chunk_size, block_m) * cdiv(p, block_n), b * nchunks, h)
+    grid, heads_fastest = launch.head_grid("chunk_scan_bwd_dx", cdiv(chunk_size, block_m) * cdiv(p, block_n),
+                                           b * nchunks, h)
     _chunk_scan_bwd_dx_kernel[grid](
         cb, dy, x, B, dstates, dt, dA_cumsum, D_ptr, seq_idx, dx, ddt, dD,
         l, nchunks, chunk_size, p, n, h // g,
@@ -464,7 +470,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None, FACTOR_DECAY=factor_decay,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n),
-        **opts,
+        HEADS_FASTEST=heads_fastest, **opts,
     )
     return dx, dD
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..host_math import cdiv
 from . import launch
+from .tiles import head_program_ids
 
 
 @triton.jit
@@ -28,9 +29,10 @@ def _chunk_state_fwd_kernel(
     stride_seq_b, stride_seq_l,
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
     # one program per (p block × n block, batch × chunk, head): states[b, c, h, p-block, n-block]
-    pid_pn, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_pn, pid_bc, pid_h = head_program_ids(HEADS_FASTEST)
     pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
     num_n = tl.cdiv(dstate, BLOCK_N)
     offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -163,14 +165,14 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=torch.float32)
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
     block_n = launch.dstate_block("chunk_state_fwd", n)
-    grid = (cdiv(p, block_p) * cdiv(n, block_n), b * nchunks, h)
+    grid, heads_fastest = launch.head_grid("chunk_state_fwd", cdiv(p, block_p) * cdiv(n, block_n), b * nchunks, h)
     _chunk_state_fwd_kernel[grid](
         x, B, dt, dA_cumsum, seq_idx, states,
         l, nchunks, chunk_size, p, n, h // g,
         *x.stride(), *B.stride(), *dt.stride(),
         *launch.seq_strides(seq_idx), *states.stride(),
         HAS_SEQ=seq_idx is not None, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k,
-        **opts,
+        HEADS_FASTEST=heads_fastest, **opts,
     )
     return states
 

@@ -16,10 +16,14 @@ BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
 # Launchers with a causal loop over the chunk's tokens, whose step "tile_k" caps apart from
 # "tile" (chunk_scan_bwd_dx is faster stepping by 32 under 64-row tiles).
 K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
+# Launchers with one program per (tile, batch × chunk, head), whose "heads_fastest" orders the
+# grid with the heads innermost (launch.head_grid, tiles.head_program_ids).
+HEAD_GRID_LAUNCHERS = ("chunk_state_fwd", "chunk_scan_fwd", "chunk_scan_bwd_dstates", "chunk_scan_bwd_dx")
 # Each launcher-specific setting and the launchers that take it (`settings` strips them from
 # the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
 SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS,
-                     "tile_dstate": DSTATE_LAUNCHERS, "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS}
+                     "tile_dstate": DSTATE_LAUNCHERS, "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS,
+                     "heads_fastest": HEAD_GRID_LAUNCHERS}
 
 # Per launcher: the cap on its tile edges ("tile", default 64), Triton launch options
 # (num_warps, num_stages) and the launcher-specific keys above. Chosen from
@@ -32,9 +36,14 @@ SETTINGS: dict[str, dict] = {
     # shared memory (b8 L2048 h32, ms: 0.359 → 0.222, 0.397 → 0.271). After the bounds-only
     # CB loads, at b4 L2048 h64: chunk_scan_fwd 0.203 → 0.167 with dstate in one tile (C·states
     # is one dot), chunk_scan_bwd_dx 0.273 → 0.224 stepping its causal loop by 32
+    # "heads_fastest" (b16 L2048 h24, 130m / b4 L2048 h64, 1.3b; ms): chunk_scan_bwd_dx 0.417 →
+    # 0.295 / 0.203 → 0.197, chunk_scan_bwd_dstates 0.103 → 0.093 / 0.068 → 0.065,
+    # chunk_state_fwd 0.114 → 0.107 / 0.077 → 0.075; chunk_scan_fwd 0.322 → 0.293 but
+    # 0.158 → 0.196, so not there
     "chunk_scan_fwd": {"num_stages": 1, "tile_dstate": 128},
-    "chunk_scan_bwd_dx": {"num_stages": 1, "tile_k": 32},
-    "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128},   # 0.071 → 0.067
+    "chunk_scan_bwd_dx": {"num_stages": 1, "tile_k": 32, "heads_fastest": True},
+    "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128, "heads_fastest": True},   # 0.071 → 0.067
+    "chunk_state_fwd": {"heads_fastest": True},
     "chunk_cumsum_bwd": {"num_warps": 8, "num_stages": 3, "block_h": 8},  # 0.026 → 0.020
     # A group's heads over several programs (head_split), as many as keep the grid within
     # "grid_programs". b4 L2048 h64 g1 (1.3b), ms: bmm_bwd_dcb 0.499 → 0.327 split, → 0.275 at
@@ -70,6 +79,14 @@ def dstate_block(launcher, dstate):
 def k_block(launcher, chunk_size):
     """Step of a causal loop over source tokens: capped by the launcher's "tile_k", else by its "tile"."""
     return _capped_block(launcher, "tile_k", chunk_size)
+
+
+def head_grid(launcher, tiles, batch_chunks, heads):
+    """(grid, HEADS_FASTEST) of a HEAD_GRID_LAUNCHERS launcher: (tiles, batch × chunks, heads),
+    or with its "heads_fastest" the heads first (tiles.head_program_ids reads either)."""
+    if SETTINGS.get(launcher, {}).get("heads_fastest"):
+        return (heads, tiles, batch_chunks), True
+    return (tiles, batch_chunks, heads), False
 
 
 def head_split(launcher, heads_per_group, programs):
