@@ -155,6 +155,17 @@ def test_head_split_fills_the_grid_to_its_target_evenly(monkeypatch):
     assert launch.head_split("bmm_bwd_dcb", 3, 1) == (3, 1)         # at most one head a program
 
 
+def test_heads_go_first_where_the_setting_says(monkeypatch):
+    # launch.head_grid: True always; a fraction of the L2 when the tensor every head re-reads is larger
+    cb = torch.empty(4, 8, 1, 16, 16)   # 32 KiB of fp32
+    monkeypatch.setattr(launch, "l2_bytes", lambda device: 48 * 1024)
+    for option, first in ((None, False), (True, True), (0.5, True), (0.75, False)):
+        monkeypatch.setitem(launch.SETTINGS, "chunk_scan_fwd", {"heads_fastest": option})
+        grid, heads_first = launch.head_grid("chunk_scan_fwd", 3, 32, 6, shared=cb)
+        assert (grid, heads_first) == (((6, 3, 32), True) if first else ((3, 32, 6), False)), option
+    assert launch.head_grid("chunk_scan_fwd", 3, 32, 6)[1] is False   # a fraction needs the tensor
+
+
 def poison_unread_cb(monkeypatch):
     """CB above the diagonal and past the last chunk's end made NaN: the kernels load CB tiles
     whole (bounds-only masks) and must drop those entries by select, never by multiplying

@@ -404,7 +404,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
     block_k = launch.k_block("chunk_scan_fwd", chunk_size)
     grid, heads_fastest = launch.head_grid("chunk_scan_fwd", cdiv(chunk_size, block_m) * cdiv(p, block_n),
-                                           b * nchunks, h)
+                                           b * nchunks, h, shared=cb)
     _chunk_scan_fwd_kernel[grid](
         cb, x, z, dt, dA_cumsum, C, states_in, D_ptr, seq_idx, y, y_pregate,
         l, nchunks, chunk_size, p, n, h // g,

@@ -1,6 +1,9 @@
 """Launch-side helpers shared by the stage launchers: tile sizes, launch settings, and the split
 of a group's heads over programs (with the partial outputs it needs)."""
 
+import functools
+import math
+
 import torch
 
 from ..host_math import cdiv, next_power_of_2
@@ -38,9 +41,12 @@ SETTINGS: dict[str, dict] = {
     # is one dot), chunk_scan_bwd_dx 0.273 → 0.224 stepping its causal loop by 32
     # "heads_fastest" (b16 L2048 h24, 130m / b4 L2048 h64, 1.3b; ms): chunk_scan_bwd_dx 0.417 →
     # 0.295 / 0.203 → 0.197, chunk_scan_bwd_dstates 0.103 → 0.093 / 0.068 → 0.065,
-    # chunk_state_fwd 0.114 → 0.107 / 0.077 → 0.075; chunk_scan_fwd 0.322 → 0.293 but
-    # 0.158 → 0.196, so not there
-    "chunk_scan_fwd": {"num_stages": 1, "tile_dstate": 128},
+    # chunk_state_fwd 0.114 → 0.107 / 0.077 → 0.075. chunk_scan_fwd only where CB outgrows
+    # half the L2: 130m's CB (33.5 MB fp32 at b16) did not stay in an H100's 50 MB beside the
+    # x it streams, so each head read it from memory again (0.321 ms against 0.162 at b8 L2048
+    # h32, 2/3 of the work and a 16.8 MB CB); heads first, 0.321 → 0.296, but at b8 h32 0.162 →
+    # 0.198 and at b4 h64 0.157 → 0.196
+    "chunk_scan_fwd": {"num_stages": 1, "tile_dstate": 128, "heads_fastest": 0.5},
     "chunk_scan_bwd_dx": {"num_stages": 1, "tile_k": 32, "heads_fastest": True},
     "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128, "heads_fastest": True},   # 0.071 → 0.067
     "chunk_state_fwd": {"heads_fastest": True},
@@ -81,12 +87,24 @@ def k_block(launcher, chunk_size):
     return _capped_block(launcher, "tile_k", chunk_size)
 
 
-def head_grid(launcher, tiles, batch_chunks, heads):
+def head_grid(launcher, tiles, batch_chunks, heads, shared=None):
     """(grid, HEADS_FASTEST) of a HEAD_GRID_LAUNCHERS launcher: (tiles, batch × chunks, heads),
-    or with its "heads_fastest" the heads first (tiles.head_program_ids reads either)."""
-    if SETTINGS.get(launcher, {}).get("heads_fastest"):
+    or the heads first (tiles.head_program_ids reads either) where its "heads_fastest" says:
+    True always; a fraction f when `shared`, the group tensor every head re-reads (CB), is
+    larger than f × the GPU's L2, so that head after head would read it from memory again."""
+    option = SETTINGS.get(launcher, {}).get("heads_fastest")
+    if option is True or (option and shared is not None
+                          and shared.numel() * shared.element_size() > option * l2_bytes(shared.device)):
         return (heads, tiles, batch_chunks), True
     return (tiles, batch_chunks, heads), False
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes(device):
+    """The L2 cache of a CUDA device in bytes (infinite elsewhere: the interpreter has none)."""
+    if device.type != "cuda":
+        return math.inf
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def head_split(launcher, heads_per_group, programs):
