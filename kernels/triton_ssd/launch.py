@@ -1,5 +1,6 @@
-"""Launch-side helpers shared by the stage launchers: tile sizes, launch settings, and the split
-of a group's heads over programs (with the partial outputs it needs)."""
+"""Launch-side helpers shared by the stage launchers: tile sizes, launch settings, the order of
+the per-head grids, and the split of a group's heads over programs (with the partial outputs
+it needs)."""
 
 import functools
 import math
