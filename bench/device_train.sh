@@ -7,7 +7,8 @@
 #   profile 130m        CUDA time of one training step by kind, ours beside the anchor, and per kernel
 #   cpu-profile 1.3b    cProfile of ours' eager step: the Python behind its launches
 #   bench 130m 370m     bench/bench_train.py (ours beside the mamba_ssm-block LM) for those models
-#   curves 130m         300-step loss curves of ours and the anchor on data/quickstart (issue 9: within 1%)
+#   curves 130m         300-step loss curves of ours and the anchor on data/quickstart (issue 9: within 1%);
+#                       CURVE_REPEATS=2 runs each side twice and shows their run-to-run spread
 set -o pipefail
 source bench/device_env.sh
 status=0
@@ -23,7 +24,8 @@ while [ $# -gt 0 ]; do
              python3 bench/bench_train.py --graph --models "${models[@]}" 2>&1 | tee -a "$OUT/train-bench.log" || status=1
              cp bench/results/train-*.json "$OUT/" 2>/dev/null ;;
     curves)  python3 bench/bench_train.py --curves --models "$2" --data data/quickstart/train \
-               --tokenizer data/quickstart/tokenizer.model 2>&1 | tee -a "$OUT/train-curves.log" || status=1
+               --tokenizer data/quickstart/tokenizer.model --curve-repeats "${CURVE_REPEATS:-1}" 2>&1 \
+               | tee -a "$OUT/train-curves.log" || status=1
              cp bench/results/train-curves-*.json "$OUT/" 2>/dev/null; shift 2 ;;
     *) echo "unknown step $1"; status=1; shift ;;
   esac
