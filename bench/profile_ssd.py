@@ -108,9 +108,14 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None, around
         bases = [shipped] if around_shipped else [
             dict(tile=tile, num_warps=warps, num_stages=pipeline)
             for tile, warps, pipeline in itertools.product(cand_tiles, (4, 8), (1, 2, 3))]
-        for base in bases:
-            for picks in itertools.product(*own.values()):
-                grid.append({**base, **{key: v for key, v in zip(own, picks) if v is not None}})
+        for base, picks in itertools.product(bases, itertools.product(*own.values())):
+            settings = dict(base)
+            for key, value in zip(own, picks):
+                if value is None:   # unset, even where the shipped settings set it
+                    settings.pop(key, None)
+                else:
+                    settings[key] = value
+            grid.append(settings)
         launch.SETTINGS.pop(name, None)
         default = bench_ms(fn)
         timings = []
