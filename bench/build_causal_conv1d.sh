@@ -4,7 +4,7 @@
 # minutes on 16 cores. The wheel (25.5 MB) is over what a device call returns, so build it in
 # the call that benches the anchor (`bash bench/device_train.sh anchor-fused bench …`), or bench
 # in a call sent at once after it, while the machine is still warm and /tmp keeps the wheel.
-#   here, once: pip download --no-deps --no-binary :all: causal-conv1d==1.6.2.post1 -d .anchor-src
+#   here, once: bash bench/fetch_device_deps.sh (puts the sdist in .anchor-src)
 #   carry: .anchor-src (the sdist)
 set -euo pipefail
 dest="${1:-${OUT:-/tmp}/wheels}"
