@@ -314,6 +314,11 @@ def moving_average(values, window=20):
     return [statistics.fmean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
 
 
+def mean_curve(runs):
+    """The step-by-step mean of one side's loss curves."""
+    return [statistics.fmean(step) for step in zip(*runs)]
+
+
 def max_gap(curve, reference, start=50):
     """The largest |curve - reference| / reference of the 20-step moving averages from step `start`
     on (1-based), and the step where it is."""
@@ -327,8 +332,7 @@ def compare_curves(ours_runs, anchor_runs, start=50):
     mean curves, and with repeats, the largest gap between two runs of one side. Both backward
     passes sum with atomics in no fixed order, so two runs of one model differ too: the gap
     between the sides means something only beside that spread."""
-    mean = lambda runs: [statistics.fmean(step) for step in zip(*runs)]  # noqa: E731
-    gap, step = max_gap(mean(ours_runs), mean(anchor_runs), start)
+    gap, step = max_gap(mean_curve(ours_runs), mean_curve(anchor_runs), start)
     result = dict(max_rel_diff_ma20=gap, max_rel_diff_step=step)
     for side, runs in (("ours", ours_runs), ("anchor", anchor_runs)):
         if len(runs) > 1:
@@ -363,7 +367,7 @@ def curves(name, prefix, tokenizer, steps, lr, gpu, repeats=1):
             del model
             gc.collect()
             torch.cuda.empty_cache()
-    losses = {side: [statistics.fmean(step) for step in zip(*side_runs)] for side, side_runs in runs.items()}
+    losses = {side: mean_curve(side_runs) for side, side_runs in runs.items()}
     ours_ma, anchor_ma = moving_average(losses["ours"]), moving_average(losses["anchor"])
     print(f"{'step':>5s} | {'ours':>7s} {'anchor':>7s} | {'ma20 rel diff':>13s}" + ("   (means of the runs)" if repeats > 1 else ""))
     for i in range(24, steps, 25):
