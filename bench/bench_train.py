@@ -157,9 +157,8 @@ def make_graphed_step(model, groups, batch):
     graphed = GraphedMicroStep(forward_backward, model, dict(input_ids=batch[0], labels=batch[1]))
 
     def step(input_ids, labels):
-        loss = graphed(dict(input_ids=input_ids, labels=labels))
+        loss = graphed(dict(input_ids=input_ids, labels=labels))   # writes the gradients: no zero_grad
         clip_and_step(optimizer, model)
-        optimizer.zero_grad(set_to_none=False)   # the graph adds into the gradients it was captured with
         return loss
 
     return step

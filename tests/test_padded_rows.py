@@ -14,7 +14,7 @@ from mamba_train.model.padded_rows import ROW_MULTIPLE, padded_rows_linear
 def _both(u, weight, fn):
     u, weight = u.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     out = fn(u, weight)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.device, out.dtype)
     (out * g).sum().backward()
     return out, u.grad, weight.grad
 
@@ -31,9 +31,10 @@ def test_values_and_gradients_equal_linear_in_a_padded_layout():
     assert padded_rows_linear(u, weight[:48]).is_contiguous()   # already a multiple of 16: the plain product
 
 
-def test_under_autocast_computes_as_linear_does():
+@pytest.mark.parametrize("rows", [40, 48])   # padded, and already a multiple of 16 (autocast's cast, taken here)
+def test_under_autocast_computes_as_linear_does(rows):
     gen = torch.Generator().manual_seed(0)
-    u, weight = torch.randn(3, 7, 32, generator=gen), torch.randn(40, 32, generator=gen)
+    u, weight = torch.randn(3, 7, 32, generator=gen), torch.randn(rows, 32, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, du, dweight = _both(u, weight, padded_rows_linear)
         ref_out, ref_du, ref_dweight = _both(u, weight, F.linear)
@@ -42,6 +43,21 @@ def test_under_autocast_computes_as_linear_does():
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(du, ref_du, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dweight, ref_dweight, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [3352, 8512])   # 130m's in_proj (padded) and 1.3b's (not), at 8 × 512 tokens
+def test_gpu_autocast_weight_gradient_comes_in_fp32_from_cublas(rows):
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(8, 512, 256, generator=gen).cuda()
+    weight = (torch.randn(rows, 256, generator=gen) / 16).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, du, dweight = _both(u, weight, padded_rows_linear)
+    assert out.dtype == torch.bfloat16 and dweight.dtype == torch.float32
+    ref_out, ref_du, ref_dweight = _both(u.double(), weight.double(), F.linear)
+    for ours, ref in ((out, ref_out), (du, ref_du), (dweight, ref_dweight)):
+        err = ((ours.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, err   # bf16 operands: ~3 significant digits
 
 
 def test_mixer_hands_padded_rows_to_the_mixer_body(monkeypatch):

@@ -289,20 +289,16 @@ def _tensors(tree):
     return [tree] if isinstance(tree, torch.Tensor) else [t for item in tree for t in _tensors(item)]
 
 
-def _stand_in_capture_graph(touched_by_capture=()):
-    """capture_graph on the CPU: fn runs at the capture, but a real capture only records, so the
-    tensors in `touched_by_capture` get back the values they had before it; replay runs fn again
-    and copies its outputs into the captured ones (tensors, or a (tensor, [tensors]) pair)."""
+def _stand_in_capture_graph():
+    """capture_graph on the CPU: fn runs at the capture; replay runs fn again and copies its
+    outputs into the captured ones (tensors, or a (tensor, [tensors]) pair)."""
 
-    def capture_graph(fn, static, warmup, before_capture=None):
+    def capture_graph(fn, static, warmup, before_capture=None, pool=None):
         for _ in range(warmup):
             fn(static)
         if before_capture is not None:
             before_capture()
-        before = [t.clone() for t in touched_by_capture]
         out = fn(static)
-        for t, value in zip(touched_by_capture, before):
-            t.copy_(value)
 
         class Replay:
             def replay(self):
@@ -315,35 +311,75 @@ def _stand_in_capture_graph(touched_by_capture=()):
     return capture_graph
 
 
-def test_graphed_micro_step_accumulates_replays_as_eager_backward_does(monkeypatch):
-    # GraphedMicroStep's wiring on CPU: gradients allocated and zeroed before the capture, each
-    # batch copied into the captured inputs, replays adding into .grad as eager backward does
+def test_graphed_micro_step_writes_then_adds_gradients_as_eager_backward_does(monkeypatch):
+    # GraphedMicroStep's wiring on CPU, through a stand-in for CUDA graphs that replays the
+    # captured ops on the captured buffers: the first graph is captured with no gradients, so
+    # its backward writes them (every first replay overwrites the last step's); the second,
+    # captured with them, adds into them. Over two optimizer steps of two micro-batches each,
+    # the gradients equal eager backward's after zero_grad(set_to_none=True), and stay the
+    # tensors the first graph created.
     from mamba_train.train import cuda_graph
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    batches = [{"x": torch.randn(5, 4)} for _ in range(3)]
+    params = list(model.parameters())
+    batches = [{"x": torch.randn(5, 4)} for _ in range(5)]
 
     def forward_backward(b):
         loss = model(b["x"]).square().mean()
         loss.backward()
         return loss.detach()
 
-    for p in model.parameters():   # the buffers the graph adds into exist before the capture
-        p.grad = torch.zeros_like(p)
-    monkeypatch.setattr(cuda_graph, "capture_graph", _stand_in_capture_graph([p.grad for p in model.parameters()]))
-    graphed = cuda_graph.GraphedMicroStep(forward_backward, model, batches[0])
-    losses = [graphed(b).item() for b in batches[1:]]
+    def capture_graph(fn, static, warmup, before_capture=None, pool=None):
+        for _ in range(warmup):
+            fn(static)
+        if before_capture is not None:
+            before_capture()
+        writes = all(p.grad is None for p in params)
+        out = fn(static)
+        grads = [p.grad for p in params]
+
+        class Replay:
+            def replay(self):
+                if writes:   # the captured backward created the gradients: replays write them
+                    for p in params:
+                        p.grad = None
+                new = fn(static)
+                if writes:
+                    for p, g in zip(params, grads):
+                        g.copy_(p.grad)
+                        p.grad = g
+                out.copy_(new)
+
+            def pool(self):
+                return None
+
+        return Replay(), out
+
+    monkeypatch.setattr(cuda_graph, "capture_graph", capture_graph)
+    graphed = cuda_graph.GraphedMicroStep(forward_backward, model, batches[0], accumulation=True)
+    captured = [p.grad for p in params]
     expected = torch.nn.Linear(4, 3)
     expected.load_state_dict(model.state_dict())
-    expected_losses = []
-    for b in batches[1:]:
-        loss = expected(b["x"]).square().mean()
-        loss.backward()
-        expected_losses.append(loss.item())
-    assert losses == expected_losses
-    for ours, theirs in zip(model.parameters(), expected.parameters()):
-        assert torch.equal(ours.grad, theirs.grad)
+    for first, second in (batches[1:3], batches[3:5]):
+        losses = [graphed(first).item(), graphed(second, accumulate=True).item()]
+        expected.zero_grad(set_to_none=True)
+        expected_losses = []
+        for b in (first, second):
+            loss = expected(b["x"]).square().mean()
+            loss.backward()
+            expected_losses.append(loss.item())
+        assert losses == expected_losses
+        for ours, theirs, buffer in zip(params, expected.parameters(), captured):
+            assert ours.grad is buffer
+            assert torch.equal(ours.grad, theirs.grad)
+
+    without_second = cuda_graph.GraphedMicroStep(forward_backward, model, batches[0])
+    with pytest.raises(ValueError, match="accumulate=True needs the accumulating graph"):
+        without_second(batches[1], accumulate=True)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"\.grad was replaced or set to None after the capture"):
+        without_second(batches[1])
 
 
 def test_graphed_loss_captures_through_capture_graph_and_replays(monkeypatch):

@@ -28,6 +28,7 @@ from ..reference import _check_chunk_size, check_mixer_inputs
 from ..triton_conv.conv1d import conv1d_bwd, conv1d_fwd
 from ..triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 from ..triton_ssd.combined import _contiguous, ssd_bwd, ssd_fwd
+from ..wide_matmul import matmul_in_dtype
 
 
 def _channels(t, start, stop):
@@ -108,7 +109,7 @@ class MixerBodyFunction(torch.autograd.Function):
         dout = dout.reshape(b * l, -1).to(y.dtype)
         if normed is None:
             normed = rmsnorm_gated_fwd(y, z, norm_weight, ctx.norm_eps, group_size)
-        dout_weight = (dout.t() @ normed).to(out_weight.dtype)
+        dout_weight = matmul_in_dtype(dout.t(), normed, out_weight.dtype)   # fp32 straight from cuBLAS
         del normed
         dnormed = dout @ out_weight.to(y.dtype)
         dy, _, dnorm_weight = rmsnorm_gated_bwd(dnormed, y, z, norm_weight, ctx.norm_eps, group_size,

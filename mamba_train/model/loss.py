@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cross_entropy_rows
+from kernels.wide_matmul import add_matmul_
 
 IGNORE_INDEX = -100
 _SLICE_BYTES = 1 << 30   # fp32 logits of one slice
@@ -39,16 +40,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                      else hidden.dtype)
     rows = max(1, _SLICE_BYTES // (4 * weight.shape[0]))
     return _LinearCrossEntropy.apply(hidden, weight, labels, reduction, compute_dtype, rows, rows_loss)
-
-
-def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b. On a GPU a bf16 slice's head gradient goes straight into the fp32 sum
-    (cuBLAS: bf16 inputs, fp32 output) rather than being rounded to bf16, written, read back
-    and added: 8 bytes an element moved instead of 12, and no rounding per slice."""
-    if acc.is_cuda and a.dtype != acc.dtype:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += a @ b
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -76,7 +67,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += torch.where(keep, losses.to(total.dtype), 0.0).sum()
                 if want_grad:
                     dhidden[start:start + rows] = logits @ w
-                    _accumulate_product(dweight, logits.T, h)
+                    # straight into the fp32 sum: no bf16 product per slice written and added
+                    add_matmul_(dweight, logits.T, h)
         ctx.save_for_backward(dhidden, dweight)
         return total * scale
 

@@ -7,10 +7,16 @@ is one launch. The recipe is PyTorch's for whole networks: warm-up calls on a si
 every replay reads its batch from static input buffers.
 
 Two ways to hand the captured gradients on:
-- `GraphedMicroStep` (one process): the gradients exist, zeroed, before the capture, so the
-  captured backward adds into them. Replays accumulate over micro-batches as eager backward
-  does, and the trainer zeroes them in place after each optimizer step (setting them to None
-  would orphan the buffers the graph writes). Nothing runs outside the graph.
+- `GraphedMicroStep` (one process): the captured backward leaves the gradients in `.grad`,
+  as eager backward does. The first micro-batch of an optimizer step replays a graph captured
+  with every `.grad` None, so its backward writes the gradients (into tensors of the graph's
+  pool, which then stay the parameters' `.grad`); later micro-batches replay a second graph,
+  captured with those gradients present, that adds into them. So nothing zeroes them between
+  steps and nothing reads them before the first backward: at 1.3b a zeroing pass and an add
+  pass over 5.4 GB of fp32 gradients a step (about 7 ms on an H100), and the gradients are
+  allocated as the activations die, as after eager backward with set_to_none, instead of
+  beside them (bench/results/train-*.json: ours_graph_peak_gib). The two graphs share one
+  memory pool: they never run at once.
 - `GraphedLoss` (a DeepSpeed engine): the graph computes the loss and the gradients into
   buffers of its own, and an autograd op over the parameters hands them on when the engine's
   backward runs. Every parameter then receives its gradient as after an eager backward, so
@@ -26,9 +32,11 @@ import torch
 from torch import nn
 
 
-def capture_graph(fn: Callable[[dict], object], static: dict, warmup: int, before_capture: Callable[[], None] = None):
-    """(graph, fn(static) as captured): fn warmed up on a side stream, then captured.
-    before_capture runs between the two (on the capturing stream's side of the join)."""
+def capture_graph(fn: Callable[[dict], object], static: dict, warmup: int, before_capture: Callable[[], None] = None,
+                  pool=None):
+    """(graph, fn(static) as captured): fn warmed up on a side stream, then captured, into the
+    memory pool of an earlier graph where `pool` (its `pool()`) is given. before_capture runs
+    between the two (on the capturing stream's side of the join)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -38,7 +46,7 @@ def capture_graph(fn: Callable[[dict], object], static: dict, warmup: int, befor
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn(static)
     return graph, out
 
@@ -54,25 +62,46 @@ def _copy_into(static: dict, batch: dict) -> None:
 
 
 class GraphedMicroStep:
-    """`forward_backward(batch) -> detached loss` captured once on `example` and replayed for
-    every later batch of the same shapes. `forward_backward` must run autocast with
-    cache_enabled=False: the cache must not hold casts across the capture's boundary."""
+    """`forward_backward(batch) -> detached loss` captured on `example` and replayed for every
+    later batch of the same shapes: the first micro-batch of an optimizer step writes the
+    parameters' gradients, later ones (`accumulate=True`; captured only where `accumulation`
+    says they will come) add into them, as eager backward does. The optimizer steps on them
+    and must leave them in place (no zero_grad: the next first replay overwrites them).
+    `forward_backward` must run autocast with cache_enabled=False: the cache must not hold
+    casts across the capture's boundary."""
 
     def __init__(self, forward_backward: Callable[[dict], torch.Tensor], model: nn.Module, example: dict,
-                 warmup: int = 3):
+                 accumulation: bool = False, warmup: int = 3):
         self.static = {k: v.clone() for k, v in example.items()}
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.graph, self.loss = capture_graph(forward_backward, self.static, warmup,
-                                              before_capture=lambda: torch._foreach_zero_([p.grad for p in params]))
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, batch: dict) -> torch.Tensor:
-        """Replay on `batch`; returns the loss tensor the graph overwrites on its next replay."""
+        def drop_grads():   # so that the captured backward creates them
+            for p in self.params:
+                p.grad = None
+
+        self.first, first_loss = capture_graph(forward_backward, self.static, warmup, before_capture=drop_grads)
+        # the gradients the first graph writes (None where a parameter gets none): the
+        # parameters must keep these very tensors, or the replays write where nothing reads
+        self.grads = [p.grad for p in self.params]
+        self.losses = {False: first_loss}
+        self.accumulating = None
+        if accumulation:   # its warm-up adds into the first graph's gradients: any values are overwritten
+            self.accumulating, self.losses[True] = capture_graph(forward_backward, self.static, 1,
+                                                                 pool=self.first.pool())
+
+    def __call__(self, batch: dict, accumulate: bool = False) -> torch.Tensor:
+        """Replay on `batch`, writing the gradients, or adding into them with `accumulate`; returns
+        the loss tensor that the next replay (of either graph) overwrites."""
+        if accumulate and self.accumulating is None:
+            raise ValueError("GraphedMicroStep: accumulate=True needs the accumulating graph, captured with "
+                             "accumulation=True")
+        if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise RuntimeError("train.cuda_graph: a parameter's .grad was replaced or set to None after the capture "
+                               "(zero_grad?); the captured backward writes into the gradients it created, so they "
+                               "must stay in place")
         _copy_into(self.static, batch)
-        self.graph.replay()
-        return self.loss
+        (self.accumulating if accumulate else self.first).replay()
+        return self.losses[accumulate]
 
 
 class GraphedLoss:

@@ -284,14 +284,14 @@ class SingleProcessTrainer:
         # the losses stay on the device until the step's one host sync (with the gradient
         # norm's), so that the CPU enqueues the next micro-batch while the GPU runs this one
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        for _ in range(accum):
+        for micro in range(accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(loader).items()}
             if not self.cfg.train.cuda_graph:
                 loss_sum += self._forward_backward(batch)
                 continue
             if self.graphed is None:
-                self.graphed = GraphedMicroStep(self._forward_backward, model, batch)
-            loss_sum += self.graphed(batch)
+                self.graphed = GraphedMicroStep(self._forward_backward, model, batch, accumulation=accum > 1)
+            loss_sum += self.graphed(batch, accumulate=micro > 0)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         params = [p for p in model.parameters() if p.grad is not None]
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # on the device
@@ -300,8 +300,8 @@ class SingleProcessTrainer:
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:  # else no clip and no step: the loop counts the step as skipped
             clipped_step(optimizer, params, total_norm, clip)
-        # a captured step adds into the gradients it was captured with: zero them, keep them
-        optimizer.zero_grad(set_to_none=self.graphed is None)
+        if self.graphed is None:   # a captured step's first micro-batch overwrites its gradients, in place
+            optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm if applied else None
 
     def _forward_backward(self, batch: dict) -> torch.Tensor:
