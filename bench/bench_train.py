@@ -204,9 +204,11 @@ def run_one(build, batch, warmup, steps, graphed=False):
         torch.cuda.empty_cache()
 
 
-def profile(name, with_anchor, recompute=None, warmup=3):
+def profile(name, with_anchor, recompute=None, warmup=3, trace_dir=None):
     """Where one step's CUDA time goes, by kind, for ours and (with_anchor) the anchor's unfused
-    path at the same shapes: the side-by-side says which kinds a slower step loses in."""
+    path at the same shapes: the side-by-side says which kinds a slower step loses in. With
+    trace_dir, each side's Chrome trace is written there too (`bench/trace_summary.py --by-op`
+    names the operator behind every kernel)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d_model, n_layer, micro = MODELS[name]
     builders = {"ours": lambda: ours(name, recompute)}
@@ -224,6 +226,8 @@ def profile(name, with_anchor, recompute=None, warmup=3):
             for _ in range(2):
                 step(*batch)
             torch.cuda.synchronize()
+        if trace_dir is not None:
+            prof.export_chrome_trace(str(Path(trace_dir) / f"trace-{name}-{side}.json"))
         kinds = defaultdict(float)
         for e in cuda_kernel_events(prof):
             kinds[_kind(e.key)] += e.self_device_time_total / 2e3   # ms per step
@@ -418,6 +422,7 @@ def main():
                         help="ours with this train.recompute (default: each model's shipped config's)")
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel profile of ours and the anchor (unfused) at the first model")
+    parser.add_argument("--trace-dir", help="with --profile: write each side's Chrome trace there")
     parser.add_argument("--cpu-profile", action="store_true",
                         help="cProfile of ours' eager step at the first model: the Python behind its launches")
     parser.add_argument("--curves", action="store_true",
@@ -438,7 +443,8 @@ def main():
     if args.cpu_profile:
         return cpu_profile(args.models[0], args.recompute)
     if args.profile:
-        return profile(args.models[0], with_anchor=not args.no_anchor, recompute=args.recompute)
+        return profile(args.models[0], with_anchor=not args.no_anchor, recompute=args.recompute,
+                       trace_dir=args.trace_dir)
     gpu = torch.cuda.get_device_name()
     if args.curves:
         return write_curves(args, gpu)
