@@ -31,7 +31,7 @@ def kernels_by_op(events, depth=3):
     """{(launching ops, kernel name): (GPU ms, count)}: each kernel tied to its launch (the
     runtime call with the same correlation id) and the CPU ops open on that thread then."""
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ops_at = {}   # correlation -> names of the ops enclosing its launch, innermost first
     by_thread = defaultdict(list)
     for e in events:
