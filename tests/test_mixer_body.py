@@ -121,13 +121,14 @@ def _chained_triton_ops(monkeypatch):
     return reference.mixer_body
 
 
-def test_keeps_only_in_proj_output_y_and_chunk_states_for_backward(monkeypatch):
+def test_keeps_only_in_proj_output_y_chunk_states_and_norm_rstd_for_backward(monkeypatch):
     b, l, h, p, g, n, d_model, chunk = 2, 40, 4, 8, 1, 16, 24, 16
     inputs = make_inputs(b, l, h, p, g, n, d_model)
     kwargs = dict(ngroups=g, chunk_size=chunk, norm_eps=1e-5)
     token_bytes = 4 * b * l
     zxbcdt_bytes, y_bytes = inputs["zxbcdt"].numel() * 4, token_bytes * h * p
     states_bytes = 4 * b * math.ceil(l / chunk) * h * p * n   # the state entering each chunk
+    states_bytes += token_bytes * g   # and the gated norm's 1/rms, fp32 per row and group
     assert _saved_activation_bytes(mixer_body_triton, inputs, **kwargs) == zxbcdt_bytes + y_bytes + states_bytes
     # the chained ops also keep the conv's output (x copied for the SSD, B, C) and the norm's
     # output (out_proj's input), and a copy of dt

@@ -5,9 +5,11 @@ chunk (half of y's bytes at chunk 256, n 128: kernels/triton_ssd/combined.py).
 Chained op by op (conv, SSD, gated norm, out_proj), autograd would keep the conv's output
 (x, B, C) for the SSD and the gated norm's output for out_proj: two more activations of
 d_inner channels a token, about 6 GiB of a 1.3b step at batch 4 × 2048. Backward recomputes
-both (one conv and one norm forward), as mamba_ssm's fused path does. With `keep_activations`
-it keeps them instead (train.recompute="none"): the same results bit for bit, about 5% less
-time a step at 130m where memory is plentiful (docs/design-notes.md).
+both, as mamba_ssm's fused path does: the conv by a forward, the norm's output inside the
+norm's backward kernel, which reads its inputs anyway and takes each row's 1/rms kept from
+forward (so the output comes back bit for bit). With `keep_activations` it keeps them instead
+(train.recompute="none"): the same results bit for bit, about 5% less time a step at 130m
+where memory is plentiful (docs/design-notes.md).
 
 Owning the layout also drops the chained ops' copies: the conv runs as two depthwise convs (x's
 channels, then B|C's) so that x comes out contiguous for the SSD, and every gradient of
@@ -81,12 +83,16 @@ class MixerBodyFunction(torch.autograd.Function):
         y, _, _, states_in = ssd_fwd(x, dt.contiguous(), A, B, C, chunk_size, D, None, dt_bias, None, seq_idx, True,
                                      dt_limit, context_parallel)
         y = y.view(b * l, s.d_inner)
-        normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups)
+        # each row's 1 / rms, kept (4 bytes a row and group): backward reads it rather than
+        # recomputing it, and so gets the forward's normed output back bit for bit
+        rstd = torch.empty(s.ngroups, b * l, device=y.device, dtype=torch.float32)
+        normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups,
+                                   rstd=rstd)
         # out_proj in y's dtype, as autocast would run it (the weight cast, not cached)
         out = normed @ out_weight.to(normed.dtype).t()
         kept = (x, B, C, normed) if keep_activations else (None,) * 4
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
-                              states_in, halo, *kept)
+                              states_in, rstd, halo, *kept)
         ctx.sizes, ctx.chunk_size, ctx.norm_eps, ctx.dt_limit = s, chunk_size, norm_eps, dt_limit
         # a shallow copy: the hook's document masks as they are now (a later forward's begin()
         # replaces them, and this backward must use the ones this forward used)
@@ -95,7 +101,7 @@ class MixerBodyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y, states_in,
+        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y, states_in, rstd,
          halo, x, B, C, normed) = ctx.saved_tensors
         s, group_size, context_parallel = ctx.sizes, ctx.sizes.d_inner // ctx.sizes.ngroups, ctx.context_parallel
         b, l = zxbcdt.shape[:2]
@@ -105,16 +111,17 @@ class MixerBodyFunction(torch.autograd.Function):
         dzxbcdt = torch.empty_strided(zxbcdt.shape, zxbcdt.stride(), dtype=zxbcdt.dtype, device=zxbcdt.device)
         dz, dxBC_in, ddt_slot = dzxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
 
-        # out_proj, then the gated norm, its output recomputed (unless kept) for out_proj's weight gradient
+        # out_proj's input gradient, the gated norm's backward, then out_proj's weight gradient
+        # from the norm's output: kept, or written again by the norm's backward from the x and z
+        # it reads anyway (no second pass over them)
         dout = dout.reshape(b * l, -1).to(y.dtype)
-        if normed is None:
-            normed = rmsnorm_gated_fwd(y, z, norm_weight, ctx.norm_eps, group_size)
-        dout_weight = matmul_in_dtype(dout.t(), normed, out_weight.dtype)   # fp32 straight from cuBLAS
-        del normed
         dnormed = dout @ out_weight.to(y.dtype)
+        recomputed = torch.empty_like(y) if normed is None else None
         dy, _, dnorm_weight = rmsnorm_gated_bwd(dnormed, y, z, norm_weight, ctx.norm_eps, group_size,
-                                                dz_out=dz.reshape(b * l, s.d_inner))
+                                                dz_out=dz.reshape(b * l, s.d_inner), rstd=rstd, out=recomputed)
         del dnormed
+        dout_weight = matmul_in_dtype(dout.t(), normed if recomputed is None else recomputed, out_weight.dtype)
+        del normed, recomputed
 
         # the SSD, its inputs recomputed by the conv unless kept
         if x is None:

@@ -43,12 +43,14 @@ def _gate(x, z, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _rmsnorm_gated_fwd_kernel(
-    x_ptr, z_ptr, update_ptr, weight_ptr, out_ptr, sum_ptr, n_rows, group_size, eps,
+    x_ptr, z_ptr, update_ptr, weight_ptr, out_ptr, sum_ptr, rstd_ptr, n_rows, group_size, eps,
     stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_u_row, stride_u_col,
     stride_out_row, stride_out_col, stride_sum_row, stride_sum_col,
-    HAS_Z: tl.constexpr, HAS_UPDATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_UPDATE: tl.constexpr, HAS_RSTD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
-    # x, z, update, out, sum: (m, d)  weight: (d,); one program per (BLOCK_M rows, group)
+    # x, z, update, out, sum: (m, d)  weight: (d,)  rstd: (groups, m) fp32, written with
+    # HAS_RSTD; one program per (BLOCK_M rows, group)
     pid_m, group = tl.program_id(0), tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     in_group = tl.arange(0, BLOCK_G)
@@ -65,6 +67,8 @@ def _rmsnorm_gated_fwd_kernel(
         z = _load(z_ptr, rows, cols, mask, stride_z_row, stride_z_col)
     _, _, h, _ = _gate(x, z, HAS_Z)
     rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / group_size + eps)
+    if HAS_RSTD:
+        tl.store(rstd_ptr + group * n_rows + rows, rstd, mask=rows < n_rows)
     weight = tl.load(weight_ptr + cols, mask=in_group < group_size, other=0.0).to(tl.float32)
     out = h * rstd[:, None] * weight[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out_row + cols[None, :] * stride_out_col,
@@ -73,17 +77,18 @@ def _rmsnorm_gated_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_gated_bwd_kernel(
-    x_ptr, z_ptr, weight_ptr, dout_ptr, dsum_ptr, dx_ptr, dz_ptr, dupdate_ptr, dweight_part_ptr,
+    x_ptr, z_ptr, weight_ptr, dout_ptr, dsum_ptr, rstd_ptr, dx_ptr, dz_ptr, dupdate_ptr, out_ptr, dweight_part_ptr,
     n_rows, dim, group_size, eps,
     stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_dout_row, stride_dout_col,
     stride_dsum_row, stride_dsum_col, stride_dx_row, stride_dx_col, stride_dz_row, stride_dz_col,
-    stride_du_row, stride_du_col,
-    HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_DUPDATE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_G: tl.constexpr, TILES: tl.constexpr,
+    stride_du_row, stride_du_col, stride_out_row, stride_out_col,
+    HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_DUPDATE: tl.constexpr, HAS_RSTD: tl.constexpr,
+    HAS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
 ):
-    # dout, dsum, dx, dz, dupdate: (m, d)  dweight_part: (programs along m, d) fp32. dsum: the
-    # gradient of the residual sum x from later uses, added to dx; dupdate: dx again, in the
-    # update's dtype. One program takes
+    # dout, dsum, dx, dz, dupdate, out: (m, d)  dweight_part: (programs along m, d) fp32. dsum:
+    # the gradient of the residual sum x from later uses, added to dx; dupdate: dx again, in
+    # the update's dtype. rstd (groups, m): the forward's, read instead of recomputed; out: the
+    # forward's output again (the same bits with the forward's rstd). One program takes
     # TILES · BLOCK_M consecutive rows of one group and writes one dweight partial, so the
     # partials stay small next to the tensors read.
     pid_m, group = tl.program_id(0), tl.program_id(1)
@@ -117,7 +122,14 @@ def _rmsnorm_gated_bwd_kernel(
 
         x, z, h, sig = _gate(x, z, HAS_Z)
         dout = dout.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / group_size + eps)
+        if HAS_RSTD:
+            rstd = tl.load(rstd_ptr + group * n_rows + rows, mask=rows < n_rows, other=1.0)
+        else:
+            rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / group_size + eps)
+        if HAS_OUT:   # the forward's expression on the forward's values
+            out = h * rstd[:, None] * weight[None, :]
+            tl.store(out_ptr + rows[:, None] * stride_out_row + cols[None, :] * stride_out_col,
+                     out.to(out_ptr.dtype.element_ty), mask=mask)
         dweight += tl.sum(dout * h * rstd[:, None], axis=0)
         g = dout * weight[None, :]
         mean_hg = tl.sum(h * g, axis=1) / group_size
@@ -167,30 +179,37 @@ def _strides(t):
     return t.stride() if t is not None else (0, 0)
 
 
-def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None):
+def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None, rstd=None):
     # x, z, update: (m, d)  weight: (d,)  ->  out: (m, d) in out_dtype (default x's); with an
-    # update (and no z), (x + update in their promoted dtype, out) instead, out the norm of the sum
+    # update (and no z), (x + update in their promoted dtype, out) instead, out the norm of the sum.
+    # rstd: a (groups, m) fp32 tensor to write each row's 1 / rms into, for rmsnorm_gated_bwd
     n_rows, dim = x.shape
     block_m, block_g, num_warps, _, _ = _blocks(n_rows, group_size)
     out = torch.empty(n_rows, dim, device=x.device, dtype=out_dtype or x.dtype)
+    assert rstd is None or (rstd.shape == (dim // group_size, n_rows) and rstd.dtype == torch.float32
+                            and rstd.is_contiguous()), "rstd: a contiguous (groups, rows) fp32 tensor"
     total = None
     if update is not None:
         assert z is None, "the residual add goes with the plain norm (no gate)"
         total = torch.empty(n_rows, dim, device=x.device, dtype=torch.promote_types(x.dtype, update.dtype))
     grid = (cdiv(n_rows, block_m), dim // group_size)
     _rmsnorm_gated_fwd_kernel[grid](
-        x, z, update, weight, out, total, n_rows, group_size, eps,
+        x, z, update, weight, out, total, rstd, n_rows, group_size, eps,
         *x.stride(), *_strides(z), *_strides(update), *out.stride(), *_strides(total),
-        HAS_Z=z is not None, HAS_UPDATE=update is not None, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=num_warps,
+        HAS_Z=z is not None, HAS_UPDATE=update is not None, HAS_RSTD=rstd is not None, BLOCK_M=block_m,
+        BLOCK_G=block_g, num_warps=num_warps,
     )
     return out if update is None else (total, out)
 
 
 def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None,
-                      dsum=None, update_dtype=None):
+                      dsum=None, update_dtype=None, rstd=None, out=None):
     # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype)
     # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
     # dz_out: where to write dz (any strides, e.g. a column slice of a larger gradient)
+    # rstd: the forward's (rmsnorm_gated_fwd's rstd), read instead of recomputed; with it, out
+    # (m, d) receives the forward's output again, bit for bit, from the values read anyway (a
+    # caller that recomputes it for a weight gradient saves the forward's second read of x, z)
     # With the residual add fused in (rmsnorm_gated_fwd's update; x is then the sum): dsum, the
     # sum's gradient from its other uses (or None), is added to dx, and with update_dtype the
     # result is also written in that dtype: -> (dx, dupdate), None, dweight
@@ -205,13 +224,16 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None and dz_out is None else dz_out
     assert dz is None or (dz.shape == z.shape and dz.dtype == z.dtype), "dz_out must match z's shape and dtype"
     dupdate = None if update_dtype is None else torch.empty(n_rows, dim, device=x.device, dtype=update_dtype)
+    assert out is None or rstd is not None, "out (the forward's output again) needs the forward's rstd"
+    assert rstd is None or (rstd.shape == (ngroups, n_rows) and rstd.dtype == torch.float32 and rstd.is_contiguous())
     programs_m = cdiv(row_tiles, tiles)
     dweight_part = torch.empty(programs_m, dim, device=x.device, dtype=torch.float32)
     _rmsnorm_gated_bwd_kernel[(programs_m, ngroups)](
-        x, z, weight, dout, dsum, dx, dz, dupdate, dweight_part, n_rows, dim, group_size, eps,
+        x, z, weight, dout, dsum, rstd, dx, dz, dupdate, out, dweight_part, n_rows, dim, group_size, eps,
         *x.stride(), *_strides(z), *dout.stride(), *_strides(dsum), *dx.stride(), *_strides(dz), *_strides(dupdate),
-        HAS_Z=z is not None, HAS_DSUM=dsum is not None, HAS_DUPDATE=dupdate is not None, BLOCK_M=block_m,
-        BLOCK_G=block_g, TILES=tiles, num_warps=num_warps,
+        *_strides(out),
+        HAS_Z=z is not None, HAS_DSUM=dsum is not None, HAS_DUPDATE=dupdate is not None, HAS_RSTD=rstd is not None,
+        HAS_OUT=out is not None, BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles, num_warps=num_warps,
     )
     dweight = dweight_part.sum(dim=0).to(weight.dtype)
     return (dx if update_dtype is None else (dx, dupdate)), dz, dweight
