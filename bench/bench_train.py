@@ -460,7 +460,7 @@ def main():
           f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; anchor paths: {anchor_paths or 'none'}")
     print(f"{'model':6s} {'micro':>5s} | {'ours tok/s':>10s} {'MFU':>6s} {'GiB':>6s} | "
           f"{'anchor tok/s':>12s} {'GiB':>6s} | {'fused tok/s':>11s} {'GiB':>6s} | {'x best':>6s}"
-          + (f" | {'graph tok/s':>10s} {'GiB':>6s}" if args.graph else ""))
+          + (f" | {'graph tok/s':>10s} {'MFU':>6s} {'GiB':>6s} {'x best':>6s}" if args.graph else ""))
     out = results_path("train", gpu)
     rows = []
     for name in args.models:
@@ -496,6 +496,8 @@ def main():
                    ours_peak_gib=mem["ours"], anchor_peak_gib=mem.get("unfused"),
                    ours_enqueue_ms=cpu.get("ours"), ours_graph_tokens_per_s=rate.get("graph"),
                    ours_graph_peak_gib=mem.get("graph"),
+                   ours_graph_mfu=rate.get("graph") and flops / tokens * rate["graph"] / peak,
+                   graph_over_best_anchor=best_anchor and rate.get("graph") and rate["graph"] / best_anchor,
                    anchor_fused_peak_gib=mem.get("fused"),
                    errors={k: v for k, v in results.items() if not isinstance(v, tuple)} or None)
         rows.append(row)
@@ -504,7 +506,8 @@ def main():
               f"{f(mem['ours'], 6, 1)} | {f(rate.get('unfused'), 12)} {f(mem.get('unfused'), 6, 1)} | "
               f"{f(rate.get('fused'), 11)} {f(mem.get('fused'), 6, 1)} | "
               f"{f(best_anchor and rate['ours'] and rate['ours'] / best_anchor, 6, 2)}"
-              + (f" | {f(rate.get('graph'), 10)} {f(mem.get('graph'), 6, 1)}" if args.graph else ""), flush=True)
+              + (f" | {f(rate.get('graph'), 10)} {f(row['ours_graph_mfu'] and 100 * row['ours_graph_mfu'], 5, 1)}% "
+                 f"{f(mem.get('graph'), 6, 1)} {f(row['graph_over_best_anchor'], 6, 2)}" if args.graph else ""), flush=True)
         print(f"#   {name}: ours' CPU time to enqueue a step {f(cpu['ours'], 0, 1)} ms of "
               f"{f(results['ours'][0] * 1e3 if cpu['ours'] else None, 0, 1)} ms", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
