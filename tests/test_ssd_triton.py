@@ -145,6 +145,34 @@ def test_group_heads_split_over_programs(heads_per_program, dtype, monkeypatch):
               f"heads_per_program={heads_per_program} {dtype}")
 
 
+@pytest.mark.parametrize("heads_per_program", [3, 1], ids=["one_split", "three_splits"])
+def test_db_and_dc_written_into_strided_outputs(heads_per_program, monkeypatch):
+    # the mixer body's case: B and C views of one conv output, and dB, dC written into the two
+    # halves of one tensor (its conv's gradient, no cat), directly or from the splits' sum:
+    # the same values as the contiguous outputs
+    from kernels.triton_ssd.combined import ssd_bwd, ssd_fwd
+
+    for name in ("chunk_state_bwd_db", "chunk_scan_bwd_dc"):
+        monkeypatch.setitem(launch.SETTINGS, name, {**launch.SETTINGS.get(name, {}),
+                                                   "heads_per_program": heads_per_program})
+    inputs = make_inputs(1, 50, 6, 24, 2, 20, D="channel", docs=2)
+    b, l, g, n = inputs["B"].shape
+    BC = torch.cat([inputs["B"].flatten(2), inputs["C"].flatten(2)], dim=-1)
+    B, C = (t.view(b, l, g, n) for t in BC.split(g * n, dim=-1))
+    args = (inputs["x"], inputs["dt"], inputs["A"], B, C, 32, inputs["D"], None, inputs["dt_bias"], None,
+            inputs["seq_idx"])
+    y, _, _, states_in = ssd_fwd(*args, True, (0.0, math.inf))
+    dout = torch.randn_like(y)
+    grads = ssd_bwd(dout, None, *args, None, states_in, True, (0.0, math.inf), need_dinit=False)
+    dBC = torch.full_like(BC, float("nan"))
+    dB, dC = (t.view(b, l, g, n) for t in dBC.split(g * n, dim=-1))
+    into = ssd_bwd(dout, None, *args, None, states_in, True, (0.0, math.inf), need_dinit=False,
+                   dB_out=dB, dC_out=dC)
+    assert into[3].data_ptr() == dB.data_ptr() and into[4].data_ptr() == dC.data_ptr()
+    torch.testing.assert_close(dB, grads[3], rtol=1e-6, atol=1e-6)   # atomics add in no fixed order
+    torch.testing.assert_close(dC, grads[4], rtol=1e-6, atol=1e-6)
+
+
 def test_head_split_fills_the_grid_to_its_target_evenly(monkeypatch):
     monkeypatch.setitem(launch.SETTINGS, "bmm_bwd_dcb", {"grid_programs": 2048})
     assert launch.head_split("bmm_bwd_dcb", 64, 512) == (4, 16)     # 1.3b: b4, 8 chunks, 16 tiles

@@ -53,10 +53,11 @@ def _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s):
     return x.view(b, l, s.nheads, s.headdim), B, C
 
 
-def _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, halo, seq_idx, s, dxBC_in):
-    # the SSD's input gradients -> the conv's, written into dxBC_in; -> dweight, dbias, dhalo
+def _conv_bwd(dx, dBC, xBC_in, conv_weight, conv_bias, halo, seq_idx, s, dxBC_in):
+    # the SSD's input gradients (dx, and dB|dC in one tensor) -> the conv's, written into
+    # dxBC_in; -> dweight, dbias, dhalo
     b, l = xBC_in.shape[:2]
-    douts = (dx.view(b, l, s.d_inner), torch.cat([dB.view(b, l, -1), dC.view(b, l, -1)], dim=-1))
+    douts = (dx.view(b, l, s.d_inner), dBC)
     grads = [conv1d_bwd(dout, None, _channels(xBC_in, *part), _channels(conv_weight, *part),
                         _channels(conv_bias, *part), _channels(halo, *part), seq_idx, "silu",
                         dx_out=_channels(dxBC_in, *part))
@@ -126,12 +127,16 @@ class MixerBodyFunction(torch.autograd.Function):
         # the SSD, its inputs recomputed by the conv unless kept
         if x is None:
             x, B, C = _conv_fwd(xBC_in, conv_weight, conv_bias, halo, seq_idx, s)
-        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = ssd_bwd(
+        # dB and dC written side by side, as the conv's B|C channels lie: its gradient, no cat
+        dBC = torch.empty(b, l, 2 * s.ngroups * s.d_state, device=B.device, dtype=B.dtype)
+        dB, dC = (t.view(b, l, s.ngroups, s.d_state) for t in dBC.split(s.ngroups * s.d_state, dim=-1))
+        dx, ddt, dA, _, _, dD, _, ddt_bias, _ = ssd_bwd(
             dy.view(b, l, s.nheads, s.headdim), None, x, dt.contiguous(), A, B, C, ctx.chunk_size, D, None, dt_bias,
-            None, seq_idx, None, states_in, True, ctx.dt_limit, need_dinit=False, context_parallel=context_parallel)
-        del x, B, C, dy, states_in
+            None, seq_idx, None, states_in, True, ctx.dt_limit, need_dinit=False, context_parallel=context_parallel,
+            dB_out=dB, dC_out=dC)
+        del x, B, C, dy, states_in, dB, dC
         ddt_slot.copy_(ddt)
-        dconv_weight, dconv_bias, dhalo = _conv_bwd(dx, dB, dC, xBC_in, conv_weight, conv_bias, halo, seq_idx, s,
+        dconv_weight, dconv_bias, dhalo = _conv_bwd(dx, dBC, xBC_in, conv_weight, conv_bias, halo, seq_idx, s,
                                                     dxBC_in)
         if context_parallel is not None:
             # the halo is the previous piece's tail: the next piece's halo gradient is this one's

@@ -315,7 +315,7 @@ def _chunk_scan_bwd_dc_kernel(
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
-    stride_seq_b, stride_seq_l, stride_dC_split,
+    stride_seq_b, stride_seq_l, stride_dC_split, stride_dC_b, stride_dC_l, stride_dC_g, stride_dC_n,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_HDIM: tl.constexpr,
 ):
@@ -377,8 +377,8 @@ def _chunk_scan_bwd_dc_kernel(
         # d y_offdiag[t] / d dA_cumsum[t] = y_offdiag[t], so the gradient is dy[t]·y_offdiag[t]
         tl.atomic_add(ddA_cumsum_ptr + dA_h + offs_m * stride_dt_q, tl.sum(acc_h * C_t, axis=1), mask=m_ok,
                       sem="relaxed")
-    dC_ptr += pid_split * stride_dC_split + group_offs
-    tl.store(dC_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+    dC_ptr += pid_split * stride_dC_split + pid_b * stride_dC_b + chunk_start * stride_dC_l + pid_g * stride_dC_g
+    tl.store(dC_ptr + offs_m[:, None] * stride_dC_l + offs_n[None, :] * stride_dC_n,
              acc.to(dC_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -475,9 +475,10 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     return dx, dD
 
 
-def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=None):
+def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=None, out=None):
     # dcb: (b, c, g, q, q)  B, C: (b, l, g, n)  dy: (b, l, h, p)  states_in: (b, c, h, p, n)
-    # dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dC like C
+    # dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dC like C,
+    # written into `out` (C's shape and dtype, any strides) where given
     tile, opts = launch.settings("chunk_scan_bwd_dc")
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
@@ -486,15 +487,15 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
     tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
     unsplit_programs = tiles * b * nchunks * g
-    B, C, dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g, unsplit_programs)
+    dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g, unsplit_programs, out)
     grid = (tiles, b * nchunks, g * splits)
     _chunk_scan_bwd_dc_kernel[grid](
         dcb, B, C, dy, states_in, dA_cumsum, seq_idx, dC, ddA_cumsum,
         l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,
         *dy.stride(), *C.stride(), *dcb.stride(), *dA_cumsum.stride(), *states_in.stride(),
-        *launch.seq_strides(seq_idx), dC.stride(0),
+        *launch.seq_strides(seq_idx), *dC.stride(),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_HDIM=launch.whole(p),
         **opts,
     )
-    return launch.sum_splits(dC, C.dtype)
+    return launch.sum_splits(dC, C.dtype, out)

@@ -80,13 +80,13 @@ def _chunk_state_bwd_db_kernel(
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_t, stride_cb_s,
     stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
-    stride_seq_b, stride_seq_l, stride_dB_split,
+    stride_seq_b, stride_seq_l, stride_dB_split, stride_dB_b, stride_dB_l, stride_dB_g, stride_dB_n,
     HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_HDIM: tl.constexpr,
 ):
     # one program per (s block × n block, batch × chunk, group × split of its heads):
     # dB[split, b, s-block, g, n-block]; the first split also adds the intra-chunk part.
-    # B, C and each split's dB share strides; dcb: (b, c, g, t, s) fp32 is zero where t < s
+    # B and C share strides, dB has its own; dcb: (b, c, g, t, s) fp32 is zero where t < s
     # only inside tiles that bmm.py wrote, so the causal mask is applied again on load.
     pid_mn, pid_bc, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_g, pid_split = pid_gs // splits, pid_gs % splits
@@ -102,7 +102,7 @@ def _chunk_state_bwd_db_kernel(
     group_offs = pid_b * stride_B_b + chunk_start * stride_B_l + pid_g * stride_B_g
     B_ptr += group_offs
     C_ptr += group_offs
-    dB_ptr += pid_split * stride_dB_split + group_offs
+    dB_ptr += pid_split * stride_dB_split + pid_b * stride_dB_b + chunk_start * stride_dB_l + pid_g * stride_dB_g
     dcb_ptr += pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
 
     # intra-chunk part: dB[s] += sum_{t>=s} dCB[t, s] · C[t]  (dCBᵀ loaded as (s, t))
@@ -152,7 +152,7 @@ def _chunk_state_bwd_db_kernel(
         ddA_h = ddA_cumsum_ptr + pid_b * stride_dt_b + head * stride_dt_h + pid_c * stride_dt_c
         tl.atomic_add(ddA_h + offs_m * stride_dt_q, -term, mask=m_ok, sem="relaxed")
         tl.atomic_add(ddA_h + (chunk_len - 1) * stride_dt_q, tl.sum(term, axis=0), sem="relaxed")
-    tl.store(dB_ptr + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+    tl.store(dB_ptr + offs_m[:, None] * stride_dB_l + offs_n[None, :] * stride_dB_n,
              acc.to(dB_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -177,9 +177,10 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     return states
 
 
-def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx=None):
+def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx=None, out=None):
     # x: (b, l, h, p)  B, C: (b, l, g, n)  dcb: (b, c, g, q, q)  dstates: (b, c, h, p, n)
-    # dt, dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dB like B
+    # dt, dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dB like B,
+    # written into `out` (B's shape and dtype, any strides) where given
     tile, opts = launch.settings("chunk_state_bwd_db")
     b, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -188,15 +189,15 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     block_n = launch.dstate_block("chunk_state_bwd_db", n)
     tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
     unsplit_programs = tiles * b * nchunks * g
-    B, C, dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g, unsplit_programs)
+    dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g, unsplit_programs, out)
     grid = (tiles, b * nchunks, g * splits)
     _chunk_state_bwd_db_kernel[grid](
         x, B, C, dcb, dstates, dt, dA_cumsum, seq_idx, dB, ddA_cumsum,
         l, nchunks, chunk_size, p, n, h // g, splits, heads_per_split,
         *x.stride(), *B.stride(), *dcb.stride(), *dstates.stride(), *dt.stride(),
-        *launch.seq_strides(seq_idx), dB.stride(0),
+        *launch.seq_strides(seq_idx), *dB.stride(),
         HAS_SEQ=seq_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_HDIM=launch.whole(p),
         **opts,
     )
-    return launch.sum_splits(dB, B.dtype)
+    return launch.sum_splits(dB, B.dtype, out)

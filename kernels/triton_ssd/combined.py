@@ -81,11 +81,12 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
 
 
 def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-            y_pregate, states_in, dt_softplus, dt_limit, need_dinit, context_parallel=None):
+            y_pregate, states_in, dt_softplus, dt_limit, need_dinit, context_parallel=None, dB_out=None, dC_out=None):
     """The reverse stages, from the forward's states_in and recomputed cumsums and CB -> the
     gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype
     (None where the input is None, and dinit None unless `need_dinit`). dout or dfinal_states
-    may be None. With context_parallel (as in ssd_fwd) the final states' gradient comes from
+    may be None. dB and dC are written into dB_out and dC_out where given (any strides: the
+    mixer body passes the two halves of one tensor, its conv's gradient). With context_parallel (as in ssd_fwd) the final states' gradient comes from
     the pieces after this one, given the gradient of this piece's initial states through y."""
     factor_decay = dt_nonnegative(dt_softplus, dt_limit)
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
@@ -110,8 +111,8 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     ddt_out = torch.zeros_like(dt_out)
     dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, factor_decay)
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
-    dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx)
-    dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx)
+    dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)
+    dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx, out=dB_out)
     ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)
     if dD is not None:
         dD = (dD if D.dim() == 2 else dD.sum(dim=1)).to(D.dtype)

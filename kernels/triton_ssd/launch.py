@@ -134,19 +134,27 @@ def split_output(splits, shape, like):
     return torch.empty((splits, *shape), device=like.device, dtype=dtype)
 
 
-def group_grad_output(launcher, B, C, heads_per_group, programs):
-    """What the dB and dC launchers share: B and C contiguous (each split's output takes their
-    strides), the head split of a grid of `programs` without it, and where the splits write.
-    -> B, C, partials, splits, heads per split"""
+def group_grad_output(launcher, B, C, heads_per_group, programs, out=None):
+    """What the dB and dC launchers share: the head split of a grid of `programs` without it,
+    and where the splits write: straight into `out` (B's shape, any strides: the kernels take
+    the output's strides) when there is one split, else into fp32 partials.
+    -> (splits, b, l, g, n) target, splits, heads per split"""
     assert B.stride() == C.stride(), "B and C must share strides"
     splits, heads_per_split = head_split(launcher, heads_per_group, programs)
-    B, C = B.contiguous(), C.contiguous()
-    return B, C, split_output(splits, B.shape, B), splits, heads_per_split
+    if splits == 1 and out is not None:
+        assert out.shape == B.shape and out.dtype == B.dtype, "out must have B's shape and dtype"
+        return out.unsqueeze(0), splits, heads_per_split
+    return split_output(splits, B.shape, B), splits, heads_per_split
 
 
-def sum_splits(partials, dtype):
-    """The output from split_output's partials: the one slice as it is, or their sum in dtype."""
-    return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
+def sum_splits(partials, dtype, out=None):
+    """The output from split_output's partials: the one slice as it is, or their sum in dtype
+    (written into `out` where given; group_grad_output's one slice is already `out`)."""
+    if partials.shape[0] == 1:
+        return partials[0]
+    if out is not None:
+        return out.copy_(partials.sum(0))
+    return partials.sum(0).to(dtype)
 
 
 def block(dim, cap=64):
