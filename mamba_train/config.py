@@ -181,7 +181,7 @@ class TrainConfig:
     # Replay each micro-batch's forward and backward from a CUDA graph (on GPUs; in parallel
     # runs DeepSpeed's reduction and step stay eager): the CPU launches one graph instead of
     # thousands of kernels, for steps the CPU would otherwise bound (train/cuda_graph.py).
-    # Fixed batch shapes; the graph keeps its own memory; not with train.recompute yet.
+    # Fixed batch shapes; its memory is about an eager step's; not with train.recompute='block'.
     cuda_graph: bool = False
 
     def validate(self) -> None:
