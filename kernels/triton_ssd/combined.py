@@ -86,8 +86,9 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states), each in its input's dtype
     (None where the input is None, and dinit None unless `need_dinit`). dout or dfinal_states
     may be None. dB and dC are written into dB_out and dC_out where given (any strides: the
-    mixer body passes the two halves of one tensor, its conv's gradient). With context_parallel (as in ssd_fwd) the final states' gradient comes from
-    the pieces after this one, given the gradient of this piece's initial states through y."""
+    mixer body passes the two halves of one tensor, its conv's gradient). With
+    context_parallel (as in ssd_fwd) the final states' gradient comes from the pieces after
+    this one, given the gradient of this piece's initial states through y."""
     factor_decay = dt_nonnegative(dt_softplus, dt_limit)
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     cb = bmm_fwd(C, B, chunk_size)
