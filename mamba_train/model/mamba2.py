@@ -32,20 +32,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
-        """norm(x); with `update` (the previous block's mixer output), (x + update, norm of
-        that): the residual add and this norm as one kernel each way (kernels.add_rmsnorm)."""
-        return self._norm(x, self.weight, update)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """norm(x), in the dtype the next matmul reads (`_out_dtype`)."""
+        weight = self._weight()
+        return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1], out_dtype=self._out_dtype(x, weight))
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor, update: torch.Tensor | None = None):
+    def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + update, norm of that), `update` the previous block's mixer output: the residual
+        add and this norm as one kernel each way (kernels.add_rmsnorm)."""
+        weight = self._weight()
+        return add_rmsnorm(x, update, weight, eps=self.eps, out_dtype=self._out_dtype(x, weight))
+
+    def _weight(self) -> torch.Tensor:
+        # the weight as the norm uses it (sequence parallelism routes it through a collective)
+        return self.weight
+
+    @staticmethod
+    def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
         # The gated norm without a gate (one Triton kernel each way on a GPU), written in the
         # dtype the next matmul reads: autocast's, else the weight's (DeepSpeed's bf16 weights).
         # The fp32 residual stream's norm then never exists in fp32, nor its cast.
         device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        if update is None:
-            return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1], out_dtype=out_dtype)
-        return add_rmsnorm(x, update, weight, eps=self.eps, out_dtype=out_dtype)
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 class Mamba2Mixer(nn.Module):
@@ -168,7 +176,7 @@ class Mamba2Block(nn.Module):
         else:
             # update is in residual's dtype or a narrower one (bf16 under autocast): the sum
             # promotes it inside the kernel
-            residual, normed = self.norm(residual, update)
+            residual, normed = self.norm.add_and_norm(residual, update)
         out = self.mixer(normed, seq_idx=seq_idx, state=state, return_state=return_state)
         if return_state:
             out, state = out
@@ -189,5 +197,5 @@ def run_blocks(layers, norm_f: RMSNorm, residual: torch.Tensor, seq_idx=None,
             new_states.append(state)
         else:
             update, residual = layer(residual, update, seq_idx=seq_idx)
-    hidden = norm_f(residual) if update is None else norm_f(residual, update)[1]
+    hidden = norm_f(residual) if update is None else norm_f.add_and_norm(residual, update)[1]
     return (hidden, new_states) if return_states else hidden

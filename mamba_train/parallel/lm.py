@@ -135,10 +135,10 @@ class SequenceParallelRMSNorm(RMSNorm):
         self.weight.sequence_parallel = True   # megatron's mark for such parameters
         self.tp_group = tp_group
 
-    def forward(self, x: torch.Tensor, update: torch.Tensor | None = None):
+    def _weight(self) -> torch.Tensor:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-        return self._norm(x, copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group), update)
+        return copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
 
 
 def parallelize_model(model: Mamba2LM, dims: ParallelDims) -> ParallelMamba2LM:
