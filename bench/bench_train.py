@@ -347,8 +347,8 @@ def compare_curves(ours_runs, anchor_runs, start=50):
 
 
 def curves(name, prefix, tokenizer, steps, lr, gpu, repeats=1):
-    """Train ours and the anchor (unfused) on the same batches, `repeats` runs each from the same
-    seed; print and return the comparison (compare_curves)."""
+    """Train ours and the anchor (unfused) on the same batches, `repeats` times, each time both
+    from one new draw of the initial weights; print and return the comparison (compare_curves)."""
     d_model, n_layer, micro = MODELS[name]
     # the 130m config's optimizer (configs/130m.yaml) with a warm-up scaled to the short run
     optim = OptimConfig(lr=lr, min_lr=1e-5, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
@@ -368,11 +368,10 @@ def curves(name, prefix, tokenizer, steps, lr, gpu, repeats=1):
         # same seed could not tell from the draw's luck; shared, the curves differ by the
         # implementations alone, and each repeat draws a new start.
         torch.manual_seed(SEED + repeat)
-        start = AnchorLM(d_model, n_layer, vocab, fused=False).state_dict()
+        models = {"anchor": AnchorLM(d_model, n_layer, vocab, fused=False), "ours": Mamba2LM(cfg)}
+        models["ours"].load_state_dict(models["anchor"].state_dict())   # copies: the anchor trains after ours
         for side in runs:
-            model = Mamba2LM(cfg) if side == "ours" else AnchorLM(d_model, n_layer, vocab, fused=False)
-            model.load_state_dict(start)
-            model = model.cuda()
+            model = models.pop(side).cuda()   # only the model in training held: freed after it
             started = time.perf_counter()
             runs[side].append(train_curve(model, batches, optim))
             print(f"# {side}, run {repeat + 1}: {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)

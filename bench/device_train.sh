@@ -8,7 +8,7 @@
 #   cpu-profile 1.3b    cProfile of ours' eager step: the Python behind its launches
 #   bench 130m 370m     bench/bench_train.py (ours beside the mamba_ssm-block LM) for those models
 #   curves 130m         300-step loss curves of ours and the anchor on data/quickstart (issue 9: within 1%);
-#                       CURVE_REPEATS=2 runs each side twice and shows their run-to-run spread
+#                       CURVE_REPEATS=2: from two draws of the shared initial weights, their means compared
 set -o pipefail
 source bench/device_env.sh
 status=0

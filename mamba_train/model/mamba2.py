@@ -35,7 +35,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """norm(x), in the dtype the next matmul reads (`_out_dtype`)."""
         weight = self._weight()
-        return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1], out_dtype=self._out_dtype(x, weight))
+        return rmsnorm_gated(x, None, weight, eps=self.eps, group_size=x.shape[-1],
+                             out_dtype=self._out_dtype(x, weight))
 
     def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + update, norm of that), `update` the previous block's mixer output: the residual
