@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: build the causal_conv1d 1.6.2.post1 CUDA extension (the anchor's fused
 # path in bench/bench_train.py) for sm_90 only, as a wheel in $1 (default $OUT/wheels); 5 to 8
-# minutes on 16 cores. The wheel (25.5 MB) is over what a device call returns, so build it in
-# the call that benches the anchor (`bash bench/device_train.sh anchor-fused bench …`), or bench
-# in a call sent at once after it, while the machine is still warm and /tmp keeps the wheel.
+# minutes on 16 cores. `bash bench/device_train.sh anchor-fused` calls it and sends the wheel
+# (25.5 MB) back in parts; bench/join_device_wheel.sh puts it in .anchor-src for later calls.
 #   here, once: bash bench/fetch_device_deps.sh (puts the sdist in .anchor-src)
 #   carry: .anchor-src (the sdist)
 set -euo pipefail

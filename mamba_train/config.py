@@ -173,7 +173,7 @@ class TrainConfig:
     # What backward recomputes instead of keeping (RECOMPUTE_MODES). "mixer": each mixer's conv
     # and gated-norm outputs, (conv_dim + d_inner) · 2 bytes a token a layer less for a conv and
     # a norm forward more (on GPUs; the CPU's ops keep them regardless). "none": nothing, the
-    # fastest where memory allows (130m and 370m at their configs' micro-batches on an H100).
+    # fastest where memory allows (130m at its config's micro-batch on an H100).
     # "block": every block's activations (activation checkpointing): memory for one block's
     # activations instead of all, for about one more forward; for a micro-batch or sequence
     # that does not fit otherwise.
