@@ -113,28 +113,25 @@ def sweep(shape):
     # (tile rows, channels, warps, steps a program walks): the default first; then fewer / more
     # steps (stretch-end work and dweight partials against programs per wave), 256- and 64-thread
     # CTAs (16 / 18 warps per SM), 8 values a thread (16-byte loads, 208 registers), 512 B rows,
-    # and one-row tiles of 1 KB (no cross-warp reduction); reads 3 and 4 steps ahead
-    for cfg in [(4, 128, 4, 64, 2), (4, 128, 4, 32, 2), (4, 128, 4, 16, 2), (8, 128, 8, 32, 2), (2, 128, 2, 32, 2),
-                (8, 128, 4, 16, 2), (2, 256, 4, 32, 2), (1, 512, 4, 64, 2), (4, 128, 4, 64, 3), (4, 128, 4, 64, 4),
-                (8, 128, 8, 64, 4)]:
+    # and one-row tiles of 1 KB (no cross-warp reduction)
+    for cfg in [(4, 128, 4, 64), (4, 128, 4, 32), (4, 128, 4, 16), (8, 128, 8, 32), (2, 128, 2, 32),
+                (8, 128, 4, 16), (2, 256, 4, 32), (1, 512, 4, 64)]:
         ms = bench_ms(lambda: conv_stage.conv1d_bwd(dout, None, x, weight, bias, block_l=cfg[0], block_d=cfg[1],
-                                                    num_warps=cfg[2], steps=cfg[3], ahead=cfg[4]))
+                                                    num_warps=cfg[2], steps=cfg[3]))
         print(f"bwd {cfg}: {ms:.3f} ms, {100 * 3 * act / (ms * 1e-3) / bw:.0f}%")
 
 
 def sweep_norm(shape):
-    """Our gated norm's backward alone at a few (block_m, num_warps, tiles, ahead) settings; the default first."""
+    """Our gated norm's backward alone at a few (block_m, num_warps, tiles) settings; the default first."""
     b, l, d, group = shape
     x, z, dout = (torch.randn(b * l, d, device="cuda", dtype=BF16) for _ in range(3))
     weight = torch.ones(d, device="cuda", dtype=torch.float32)
     act = b * l * d * 2
     bw = copy_bandwidth(5 * act)
     print(f"# norm backward at {shape}, bf16 (fp32 weight); copy {bw / 1e9:.0f} GB/s; config: ms, % of copy bw")
-    for cfg in [(None, None, None, None), (1, 4, None, 1), (1, 8, None, 1), (1, 16, None, 1), (2, 8, None, 1),
-                (1, 8, 4, 1), (1, 8, 64, 1), (None, None, None, 2), (1, 4, None, 2), (1, 16, None, 2), (1, 8, 64, 2)]:
-        block_m, num_warps, tiles, ahead = cfg
-        ms = bench_ms(lambda: norm_stage.rmsnorm_gated_bwd(dout, x, z, weight, 1e-5, group, block_m, num_warps, tiles,
-                                                           ahead=ahead))
+    for cfg in [(None, None, None), (1, 4, None), (1, 8, None), (1, 16, None), (2, 8, None), (4, 8, None),
+                (1, 8, 4), (1, 8, 64), (2, 16, 4)]:
+        ms = bench_ms(lambda: norm_stage.rmsnorm_gated_bwd(dout, x, z, weight, 1e-5, group, *cfg))
         print(f"bwd {cfg}: {ms:.3f} ms, {100 * 5 * act / (ms * 1e-3) / bw:.0f}%")
 
 

@@ -57,10 +57,8 @@ def kernel_times(b, l, d_inner, bc, width):
 
 FWD_TILES = [(32, 64, 4), (16, 64, 4), (64, 64, 4), (16, 128, 4), (32, 128, 4), (32, 128, 8), (64, 128, 8),
              (16, 256, 8)]
-# (block_l, block_d, warps, steps, ahead); steps None: the launcher's choice (fewer steps where
-# the grid would not fill the GPU)
-BWD_TILES = [(4, 128, 4, None, 2), (4, 128, 4, 64, 2), (4, 128, 4, 32, 2), (4, 128, 4, 16, 2), (4, 128, 4, 8, 2),
-             (4, 128, 4, None, 3), (4, 128, 4, None, 4), (2, 256, 4, 64, 2), (8, 64, 4, 64, 2), (4, 64, 2, 64, 2)]
+BWD_TILES = [(4, 128, 4, 64), (4, 128, 4, 32), (4, 128, 4, 16), (4, 128, 4, 8), (2, 256, 4, 64), (8, 64, 4, 64),
+             (4, 64, 2, 64), (2, 128, 2, 64)]
 
 
 def sweep_conv(b, l, d_inner, bc, width):
@@ -82,10 +80,10 @@ def sweep_conv(b, l, d_inner, bc, width):
         ms = [bench_ms(lambda: conv1d_fwd(xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2]))
               for xs, _, w, bs, _ in parts.values()]
         print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
-    print("  backward (block_l, block_d, warps, steps, ahead): " + "  ".join(parts))
+    print("  backward (block_l, block_d, warps, steps): " + "  ".join(parts))
     for tile in BWD_TILES:
         ms = [bench_ms(lambda: conv1d_bwd(dout, None, xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2],
-                                          steps=tile[3], ahead=tile[4], dx_out=dxs))
+                                          steps=tile[3], dx_out=dxs))
               for xs, dxs, w, bs, dout in parts.values()]
         print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
 

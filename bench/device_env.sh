@@ -13,3 +13,6 @@ export PYTHONPATH="$PWD/.anchor:$PWD:/tmp/site"
 # every results file names its GPU: this line goes into the call's $OUT too
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# send_back PATTERN: the results files (bench/results/PATTERN) written since this script was
+# sourced into $OUT; at most 8 files come back from a call, so not the committed ones beside them
+send_back() { find bench/results -maxdepth 1 -name "$1" -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \; ; }

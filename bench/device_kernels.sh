@@ -21,7 +21,7 @@ for step in "${steps[@]}"; do
     tests)    python3 -m pytest -q -m "not gpu" tests/test_conv_norm_triton.py tests/test_xent_triton.py -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
                 | tee "$OUT/kernels-tests.log" || status=1 ;;
     bench)    python3 bench/bench_kernels.py 2>&1 | tee "$OUT/kernels-bench.log" || status=1
-              cp bench/results/kernels-*.json "$OUT/" 2>/dev/null ;;
+              send_back "kernels-*.json" ;;
     sweep)    python3 bench/bench_kernels.py --sweep 2>&1 | tee "$OUT/kernels-sweep.log" || status=1 ;;
     sweep-norm) python3 bench/bench_kernels.py --sweep-norm 2>&1 | tee "$OUT/norm-sweep.log" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;

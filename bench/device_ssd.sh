@@ -14,7 +14,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests)   python3 -m pytest tests/test_ssd_triton.py -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     bench)   python3 bench/bench_ssd.py 2>&1 | tee "$OUT/bench.log" || status=1
-             cp bench/results/ssd-*.json "$OUT/" 2>/dev/null ;;
+             send_back "ssd-*.json" ;;
     gputests) python3 -m pytest tests/test_ssd_triton.py -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gputests.log" || status=1 ;;
     profile) python3 bench/bench_ssd.py --profile 2>&1 | tee "$OUT/profile.log" || status=1 ;;
     stages)  python3 bench/profile_ssd.py 2>&1 | tee "$OUT/stages.log" || status=1 ;;

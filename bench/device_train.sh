@@ -30,11 +30,11 @@ while [ $# -gt 0 ]; do
                   fi; shift ;;
     bench)   shift; models=(); while [ $# -gt 0 ] && [ "$1" != profile ] && [ "$1" != cpu-profile ] && [ "$1" != bench ] && [ "$1" != curves ]; do models+=("$1"); shift; done
              python3 bench/bench_train.py --graph --models "${models[@]}" 2>&1 | tee -a "$OUT/train-bench.log" || status=1
-             cp bench/results/train-*.json "$OUT/" 2>/dev/null ;;
+             send_back "train-*.json" ;;
     curves)  python3 bench/bench_train.py --curves --models "$2" --data data/quickstart/train \
                --tokenizer data/quickstart/tokenizer.model --curve-repeats "${CURVE_REPEATS:-1}" 2>&1 \
                | tee -a "$OUT/train-curves.log" || status=1
-             cp bench/results/train-curves-*.json "$OUT/" 2>/dev/null; shift 2 ;;
+             send_back "train-curves-*.json"; shift 2 ;;
     *) echo "unknown step $1"; status=1; shift ;;
   esac
 done

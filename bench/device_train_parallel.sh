@@ -47,5 +47,5 @@ done
 if [ ${#names[@]} -gt 1 ] && [ "${names[0]%-graph}" = one ]; then
   python3 bench/train_parallel_report.py "$OUT" one "${names[@]:1}" --model "$MODEL" | tee "$OUT/report.txt" || status=1
 fi
-cp bench/results/train-parallel-*.json "$OUT/" 2>/dev/null
+send_back "train-parallel-*.json"
 exit $status

@@ -7,10 +7,6 @@ step, ~10% of the CPU time that enqueues it: `bench/bench_train.py --cpu-profile
 these plain-int versions instead.
 """
 
-import functools
-
-import torch
-
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -20,14 +16,3 @@ def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n, as triton.next_power_of_2 for n >= 1 (1 for n <= 0,
     where Triton's gives 0: no launcher asks for it)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def sm_count(device: torch.device) -> int:
-    """The device's streaming multiprocessors (1 off CUDA: the interpreter's grids stay small)."""
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 1
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -15,12 +15,10 @@ import torch
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels.host_math import cdiv  # noqa: E402
 from kernels.reference import add_rmsnorm, causal_conv1d, rmsnorm_gated  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
 from kernels.triton_norm import add_rmsnorm_triton, rmsnorm_gated_triton  # noqa: E402
-from kernels.triton_norm import rmsnorm as norm_stage  # noqa: E402
 from triton_device import triton_device  # noqa: E402
 
 DEVICE = triton_device(conv_stage._conv1d_fwd_kernel, "kernels.triton_conv")
@@ -115,9 +113,7 @@ def docs_across_tiles():
 @pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("width", [2, 3, 4])
-@pytest.mark.parametrize("ahead", [2, 4])
-def test_conv_forward_and_every_gradient_match_float64_reference(width, activation, ahead, monkeypatch):
-    monkeypatch.setattr(conv_stage, "BWD_AHEAD", ahead)
+def test_conv_forward_and_every_gradient_match_float64_reference(width, activation):
     # bias, initial and final state, documents; seqlen 37: not a multiple of either tile
     inputs = conv_inputs(2, 37, 24, width, doc_starts=docs_across_tiles(), first_doc=5)
     kwargs = dict(activation=activation, return_final_state=True)
@@ -162,14 +158,11 @@ def test_conv_gradient_from_final_state_alone():
 
 
 @pytest.mark.usefixtures("small_tiles")
-@pytest.mark.parametrize("ahead", [2, 3, 4])
-def test_conv_backward_stretches_shorter_than_the_window(monkeypatch, ahead):
+def test_conv_backward_stretches_shorter_than_the_window(monkeypatch):
     # 2-row stretches at width 4: a stretch's w-1 rows of history and its last dx rows' dpre
-    # reach over more than one neighbouring stretch; reads 2 to 4 steps ahead reach past the
-    # stretch's end
+    # reach over more than one neighbouring stretch
     monkeypatch.setattr(conv_stage, "BWD_BLOCK_L", 2)
     monkeypatch.setattr(conv_stage, "BWD_STEPS", 2)
-    monkeypatch.setattr(conv_stage, "BWD_AHEAD", ahead)
     inputs = conv_inputs(2, 19, 16, 4, doc_starts=[[1, 4, 7, 8], [6, 17]], first_doc=2)
     ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
     ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
@@ -211,27 +204,6 @@ def test_conv_default_tiles():
     check_all(ours, ref, FP32_BOUND, "default tiles")
 
 
-def test_conv_backward_takes_fewer_steps_where_the_grid_is_small(monkeypatch):
-    # as on a GPU of 40 SMs (160 programs wanted): 1 batch x 2 channel blocks x 4 programs at
-    # the default 64 steps, so the launcher halves the steps down to its floor of 8 (32
-    # programs); the gradients stay the reference's
-    monkeypatch.setattr(conv_stage, "sm_count", lambda device: 40)
-    steps_seen = []
-    kernel = conv_stage._conv1d_bwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            steps_seen.append(grid[1])
-            return kernel[grid]
-
-    monkeypatch.setattr(conv_stage, "_conv1d_bwd_kernel", Spy())
-    inputs = conv_inputs(1, 1000, 200, 4, doc_starts=[[255, 256, 600]])
-    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
-    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
-    check_all(ours, ref, FP32_BOUND, "8-step programs")
-    assert steps_seen == [cdiv(1000, 4 * 8)]
-
-
 def test_conv_rejects_what_the_reference_rejects():
     inputs = conv_inputs(1, 8, 6, 4)
     with pytest.raises(ValueError, match=r"activation: expected 'silu' or None, found 'relu'"):
@@ -260,12 +232,9 @@ NORM_CASES = {
 }
 
 
-@pytest.mark.parametrize("ahead", [1, 2], ids=["ahead1", "ahead2"])
 @pytest.mark.parametrize("with_z", [True, False], ids=["z", "no_z"])
 @pytest.mark.parametrize("case", sorted(NORM_CASES))
-def test_norm_forward_and_every_gradient_match_float64_reference(case, with_z, ahead, monkeypatch):
-    # backward's loads one or two row tiles ahead of its math (rmsnorm.BWD_AHEAD)
-    monkeypatch.setattr(norm_stage, "BWD_AHEAD", ahead)
+def test_norm_forward_and_every_gradient_match_float64_reference(case, with_z):
     shape, group_size = NORM_CASES[case]
     inputs = norm_inputs(shape, z=with_z)
     ours = run(rmsnorm_gated_triton, inputs, NORM_GRADS, eps=1e-5, group_size=group_size)
@@ -345,11 +314,9 @@ def run_add_norm(fn, inputs, uses=("total", "out"), **kwargs):
     return outputs | {"d" + k: leaves[k].grad for k in inputs}
 
 
-@pytest.mark.parametrize("ahead", [1, 2], ids=["ahead1", "ahead2"])
 @pytest.mark.parametrize("uses", [("total", "out"), ("out",), ("total",)], ids=["both", "last_norm", "sum_only"])
 @pytest.mark.parametrize("shape", [(3, 7, 24), (3, 100, 16)], ids=["few_rows", "several_programs"])
-def test_add_norm_forward_and_every_gradient_match_float64_reference(shape, uses, ahead, monkeypatch):
-    monkeypatch.setattr(norm_stage, "BWD_AHEAD", ahead)
+def test_add_norm_forward_and_every_gradient_match_float64_reference(shape, uses):
     inputs = add_norm_inputs(shape)
     ours = run_add_norm(add_rmsnorm_triton, inputs, uses, eps=1e-5)
     ref = run_add_norm(add_rmsnorm, upcast(inputs), uses, eps=1e-5)

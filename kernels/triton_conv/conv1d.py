@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_power_of_2, sm_count
+from ..host_math import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def _conv1d_bwd_kernel(
     stride_dx_b, stride_dx_l, stride_dx_d, stride_dinit_b, stride_dinit_l, stride_dinit_d,
     WIDTH: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    STEPS: tl.constexpr, AHEAD: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     # dout, dx: (b, l, d)  dfinal, dinit: (b, w-1, d)  dweight_part: (b, programs, w, d) fp32
     # dbias_part: (b, programs, d) fp32. Tile row r owns the STEPS rows from starts[r]; step j
@@ -239,40 +239,19 @@ def _conv1d_bwd_kernel(
     dweight3 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
 
-    # reads run AHEAD (2 to 4) steps ahead: a step's loads do not wait for the previous step's dx
-    # store, and more of them are in flight than one step's
+    # reads run two steps ahead: a step's loads do not wait for the previous step's dx store
     xn1, gn1, dn1 = _step_rows(x_ptr, dout_ptr, seq_idx_ptr, batch, starts, True, cols, col_ok, seqlen,
                                stride_x_b, stride_x_l, stride_x_d, stride_dout_b, stride_dout_l, stride_dout_d,
                                stride_seq_b, stride_seq_l, HAS_SEQ)
     xn2, gn2, dn2 = _step_rows(x_ptr, dout_ptr, seq_idx_ptr, batch, starts + 1, True, cols, col_ok, seqlen,
                                stride_x_b, stride_x_l, stride_x_d, stride_dout_b, stride_dout_l, stride_dout_d,
                                stride_seq_b, stride_seq_l, HAS_SEQ)
-    xn3, gn3, dn3 = xn2, gn2, dn2   # unused below AHEAD 3 (and 4)
-    xn4, gn4, dn4 = xn2, gn2, dn2
-    if AHEAD >= 3:
-        xn3, gn3, dn3 = _step_rows(x_ptr, dout_ptr, seq_idx_ptr, batch, starts + 2, True, cols, col_ok, seqlen,
-                                   stride_x_b, stride_x_l, stride_x_d, stride_dout_b, stride_dout_l, stride_dout_d,
-                                   stride_seq_b, stride_seq_l, HAS_SEQ)
-    if AHEAD >= 4:
-        xn4, gn4, dn4 = _step_rows(x_ptr, dout_ptr, seq_idx_ptr, batch, starts + 3, True, cols, col_ok, seqlen,
-                                   stride_x_b, stride_x_l, stride_x_d, stride_dout_b, stride_dout_l, stride_dout_d,
-                                   stride_seq_b, stride_seq_l, HAS_SEQ)
     for j in range(0, N_STEPS):
         x0, dpre, d0 = xn1.to(tl.float32), gn1.to(tl.float32), dn1
         xn1, gn1, dn1 = xn2, gn2, dn2
-        if AHEAD >= 3:
-            xn2, gn2, dn2 = xn3, gn3, dn3
-        if AHEAD >= 4:
-            xn3, gn3, dn3 = xn4, gn4, dn4
-        xa, ga, da = _step_rows(x_ptr, dout_ptr, seq_idx_ptr, batch, starts + j + AHEAD, j + AHEAD < N_STEPS, cols,
-                                col_ok, seqlen, stride_x_b, stride_x_l, stride_x_d, stride_dout_b,
-                                stride_dout_l, stride_dout_d, stride_seq_b, stride_seq_l, HAS_SEQ)
-        if AHEAD == 2:
-            xn2, gn2, dn2 = xa, ga, da
-        if AHEAD == 3:
-            xn3, gn3, dn3 = xa, ga, da
-        if AHEAD == 4:
-            xn4, gn4, dn4 = xa, ga, da
+        xn2, gn2, dn2 = _step_rows(x_ptr, dout_ptr, seq_idx_ptr, batch, starts + j + 2, j + 2 < N_STEPS, cols,
+                                   col_ok, seqlen, stride_x_b, stride_x_l, stride_x_d, stride_dout_b,
+                                   stride_dout_l, stride_dout_d, stride_seq_b, stride_seq_l, HAS_SEQ)
 
         # row u's taps: slot m holds input row u-m, read by tap k = w-1-m (zero across documents)
         t1 = _same_doc(x1, d1, d0, HAS_SEQ)
@@ -362,12 +341,8 @@ def _conv1d_bwd_kernel(
 # 0.504, 16 steps: 0.554, 1 x 512 tiles: 0.475); the previous backward (128 x 16 tiles, dpre
 # shifted by tl.gather) took about 1.6 ms. In the mixer's layout no other backward tile was
 # faster by more than 5% (--sweep-conv).
-# A grid of fewer programs than the SMs hold at once (4 a SM at 112 registers) leaves each
-# program's serial walk exposed: the B|C conv at 1.3b (256 channels, b4 L2048) had 64 programs
-# of 67 steps. The launcher then halves the steps, down to 8 (3/8 more math and L2 reads).
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_STEPS = 4, 128, 4, 64
-BWD_MIN_STEPS, BWD_PROGRAMS_PER_SM, BWD_AHEAD = 8, 4, 2
 
 
 def _strides(t, n):
@@ -400,22 +375,17 @@ def conv1d_fwd(x, weight, bias=None, initial_state=None, seq_idx=None, activatio
 
 
 def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=None, activation="silu",
-               block_l=None, block_d=None, num_warps=None, steps=None, dx_out=None, ahead=None):
+               block_l=None, block_d=None, num_warps=None, steps=None, dx_out=None):
     # dout: (b, l, d)  dfinal: (b, w-1, d) or None  ->  dx, dweight, dbias (or None), dinit (or None),
     # each in its input's dtype. A tile is block_l rows (one per tile row, `steps` rows apart) by
-    # block_d channels; a program walks `steps` consecutive tiles, its reads `ahead` steps before
-    # their use. dx_out: where to write dx (any strides, e.g. a column slice of a larger
-    # gradient), else a new tensor.
+    # block_d channels; a program walks `steps` consecutive tiles. dx_out: where to write dx (any
+    # strides, e.g. a column slice of a larger gradient), else a new tensor.
     b, l, d = x.shape
     width = weight.shape[1]
     block_l, block_d = block_l or BWD_BLOCK_L, block_d or _block_d(d, BWD_BLOCK_D)
-    # a short sequence: fewer steps, so that the tile rows do not walk far past its end; few
-    # channels or rows (the B|C conv, 256 channels at ngroups 1): fewer steps, down to
-    # BWD_MIN_STEPS, until the grid fills the GPU (powers of two: few compiled variants)
-    chosen, steps = steps, min(steps or BWD_STEPS, next_power_of_2(cdiv(l, block_l)))
-    channel_blocks, wanted = cdiv(d, block_d), BWD_PROGRAMS_PER_SM * sm_count(x.device)
-    while chosen is None and steps > BWD_MIN_STEPS and b * channel_blocks * cdiv(l, block_l * steps) < wanted:
-        steps //= 2
+    # a short sequence: fewer steps, so that the tile rows do not walk far past its end (a power
+    # of two: few compiled variants)
+    steps = min(steps or BWD_STEPS, next_power_of_2(cdiv(l, block_l)))
     programs = cdiv(l, block_l * steps)
     dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype) if dx_out is None else dx_out
     assert dx.shape == x.shape and dx.dtype == x.dtype, "dx_out must match x's shape and dtype"
@@ -429,7 +399,7 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
         *dout.stride(), *_strides(dfinal, 3), *dx.stride(), *_strides(dinit, 3),
         WIDTH=width, SILU=activation == "silu", HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
         HAS_SEQ=seq_idx is not None, HAS_DFINAL=dfinal is not None, BLOCK_L=block_l, BLOCK_D=block_d,
-        STEPS=steps, AHEAD=ahead or BWD_AHEAD, num_warps=num_warps or BWD_WARPS,
+        STEPS=steps, num_warps=num_warps or BWD_WARPS,
     )
     dweight = dweight_part.sum(dim=(0, 1)).t().to(weight.dtype)
     dbias = dbias_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_power_of_2, sm_count
+from ..host_math import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -76,24 +76,6 @@ def _rmsnorm_gated_fwd_kernel(
 
 
 @triton.jit
-def _tile_inputs(x_ptr, z_ptr, dout_ptr, dsum_ptr, rows, cols, col_ok, n_rows, live,
-                 stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_dout_row, stride_dout_col,
-                 stride_dsum_row, stride_dsum_col, HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr):
-    # a backward tile's loads (zero past the end and unless `live`): x, z (x without a gate),
-    # dout, dsum (dout without one)
-    mask = (rows < n_rows)[:, None] & col_ok[None, :] & live
-    x = _load(x_ptr, rows, cols, mask, stride_x_row, stride_x_col)
-    z = x
-    if HAS_Z:
-        z = _load(z_ptr, rows, cols, mask, stride_z_row, stride_z_col)
-    dout = _load(dout_ptr, rows, cols, mask, stride_dout_row, stride_dout_col)
-    dsum = dout
-    if HAS_DSUM:
-        dsum = _load(dsum_ptr, rows, cols, mask, stride_dsum_row, stride_dsum_col)
-    return x, z, dout, dsum
-
-
-@triton.jit
 def _rmsnorm_gated_bwd_kernel(
     x_ptr, z_ptr, weight_ptr, dout_ptr, dsum_ptr, rstd_ptr, dx_ptr, dz_ptr, dupdate_ptr, out_ptr, dweight_part_ptr,
     n_rows, dim, group_size, eps,
@@ -102,7 +84,6 @@ def _rmsnorm_gated_bwd_kernel(
     stride_du_row, stride_du_col, stride_out_row, stride_out_col,
     HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_DUPDATE: tl.constexpr, HAS_RSTD: tl.constexpr,
     HAS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     # dout, dsum, dx, dz, dupdate, out: (m, d)  dweight_part: (programs along m, d) fp32. dsum:
     # the gradient of the residual sum x from later uses, added to dx; dupdate: dx again, in
@@ -116,32 +97,28 @@ def _rmsnorm_gated_bwd_kernel(
     col_ok = in_group < group_size
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dweight = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    # the tiles' loads are issued AHEAD (1 or 2) tiles before their math: one or two programs
-    # fit an SM, so nothing else would hide the load latency
-    first_rows = (pid_m * TILES * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    next_x, next_z, next_dout, next_dsum = _tile_inputs(
-        x_ptr, z_ptr, dout_ptr, dsum_ptr, first_rows, cols, col_ok, n_rows, True, stride_x_row, stride_x_col,
-        stride_z_row, stride_z_col, stride_dout_row, stride_dout_col, stride_dsum_row, stride_dsum_col, HAS_Z, HAS_DSUM)
-    # the tile after next (unused with AHEAD 1)
-    then_x, then_z, then_dout, then_dsum = next_x, next_z, next_dout, next_dsum
-    if AHEAD >= 2:
-        then_x, then_z, then_dout, then_dsum = _tile_inputs(
-            x_ptr, z_ptr, dout_ptr, dsum_ptr, first_rows + BLOCK_M, cols, col_ok, n_rows, TILES > 1, stride_x_row,
-            stride_x_col, stride_z_row, stride_z_col, stride_dout_row, stride_dout_col, stride_dsum_row,
-            stride_dsum_col, HAS_Z, HAS_DSUM)
+    next_rows = (pid_m * TILES * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    next_mask = (next_rows < n_rows)[:, None] & col_ok[None, :]
+    next_x = _load(x_ptr, next_rows, cols, next_mask, stride_x_row, stride_x_col)
+    next_z = next_x
+    if HAS_Z:
+        next_z = _load(z_ptr, next_rows, cols, next_mask, stride_z_row, stride_z_col)
+    next_dout = _load(dout_ptr, next_rows, cols, next_mask, stride_dout_row, stride_dout_col)
+    next_dsum = next_dout
+    if HAS_DSUM:
+        next_dsum = _load(dsum_ptr, next_rows, cols, next_mask, stride_dsum_row, stride_dsum_col)
     for tile in range(TILES):
-        rows = first_rows + tile * BLOCK_M
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        x, z, dout, dsum = next_x, next_z, next_dout, next_dsum
-        ahead_x, ahead_z, ahead_dout, ahead_dsum = _tile_inputs(
-            x_ptr, z_ptr, dout_ptr, dsum_ptr, rows + AHEAD * BLOCK_M, cols, col_ok, n_rows, tile + AHEAD < TILES,
-            stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_dout_row, stride_dout_col, stride_dsum_row,
-            stride_dsum_col, HAS_Z, HAS_DSUM)
-        if AHEAD == 1:
-            next_x, next_z, next_dout, next_dsum = ahead_x, ahead_z, ahead_dout, ahead_dsum
-        else:
-            next_x, next_z, next_dout, next_dsum = then_x, then_z, then_dout, then_dsum
-            then_x, then_z, then_dout, then_dsum = ahead_x, ahead_z, ahead_dout, ahead_dsum
+        rows, mask, x, z, dout, dsum = next_rows, next_mask, next_x, next_z, next_dout, next_dsum
+        # issue the next tile's loads before this tile's math: one or two programs fit an SM,
+        # so nothing else would hide the load latency
+        next_rows = rows + BLOCK_M
+        next_mask = (next_rows < n_rows)[:, None] & col_ok[None, :] & (tile + 1 < TILES)
+        next_x = _load(x_ptr, next_rows, cols, next_mask, stride_x_row, stride_x_col)
+        if HAS_Z:
+            next_z = _load(z_ptr, next_rows, cols, next_mask, stride_z_row, stride_z_col)
+        next_dout = _load(dout_ptr, next_rows, cols, next_mask, stride_dout_row, stride_dout_col)
+        if HAS_DSUM:
+            next_dsum = _load(dsum_ptr, next_rows, cols, next_mask, stride_dsum_row, stride_dsum_col)
 
         x, z, h, sig = _gate(x, z, HAS_Z)
         dout = dout.to(tl.float32)
@@ -174,10 +151,6 @@ def _rmsnorm_gated_bwd_kernel(
     tl.store(dweight_part_ptr + pid_m * dim + cols, dweight, mask=col_ok)
 
 
-# tiles a backward program's loads run ahead of its math (1 or 2)
-BWD_AHEAD = 1
-
-
 def _blocks(n_rows, group_size):
     # Forward: a tile of about 4096 elements, several rows of a narrow group, one row of a
     # wide one, 16 values per thread (about 50 registers on sm_90).
@@ -198,7 +171,8 @@ def _blocks(n_rows, group_size):
 
 def _programs_per_sm(device):
     # backward grid target: a few programs per SM, enough to hide latency, few partials
-    return 4 * sm_count(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return 4 * sms
 
 
 def _strides(t):
@@ -229,9 +203,9 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None
 
 
 def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None,
-                      dsum=None, update_dtype=None, rstd=None, out=None, ahead=None):
+                      dsum=None, update_dtype=None, rstd=None, out=None):
     # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype)
-    # block_m, num_warps, tiles, ahead: overrides of the defaults, for bench_kernels.py --sweep-norm
+    # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
     # dz_out: where to write dz (any strides, e.g. a column slice of a larger gradient)
     # rstd: the forward's (rmsnorm_gated_fwd's rstd), read instead of recomputed; with it, out
     # (m, d) receives the forward's output again, bit for bit, from the values read anyway (a
@@ -259,8 +233,7 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
         *x.stride(), *_strides(z), *dout.stride(), *_strides(dsum), *dx.stride(), *_strides(dz), *_strides(dupdate),
         *_strides(out),
         HAS_Z=z is not None, HAS_DSUM=dsum is not None, HAS_DUPDATE=dupdate is not None, HAS_RSTD=rstd is not None,
-        HAS_OUT=out is not None, BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles, AHEAD=ahead or BWD_AHEAD,
-        num_warps=num_warps,
+        HAS_OUT=out is not None, BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles, num_warps=num_warps,
     )
     dweight = dweight_part.sum(dim=0).to(weight.dtype)
     return (dx if update_dtype is None else (dx, dupdate)), dz, dweight
