@@ -26,7 +26,9 @@ while [ $# -gt 0 ]; do
                       || { status=1; tail -20 "$OUT/build-causal-conv1d.log"; }
                     # the wheel comes back in parts (a file back is at most 16 MiB): join them here with
                     # bench/join_device_wheel.sh, and later calls that carry .anchor-src skip the build
-                    (cd /tmp/wheels && for w in causal_conv1d-*.whl; do split -b 15M -d "$w" "$OUT/$w.part-"; done)
+                    for w in /tmp/wheels/causal_conv1d-*.whl; do
+                      [ -e "$w" ] && split -b 15M -d "$w" "$OUT/$(basename "$w").part-"
+                    done
                   fi; shift ;;
     bench)   shift; models=(); while [ $# -gt 0 ] && [ "$1" != profile ] && [ "$1" != cpu-profile ] && [ "$1" != bench ] && [ "$1" != curves ]; do models+=("$1"); shift; done
              python3 bench/bench_train.py --graph --models "${models[@]}" 2>&1 | tee -a "$OUT/train-bench.log" || status=1
