@@ -6,7 +6,9 @@ same layout. Triton proves a row's loads contiguous and aligned, and so issues 1
 loads, only when it knows the row stride is divisible by 16 elements (it specialises integer
 arguments on that). At 130m W = 3352 (24 heads) is not, at 1.3b W = 8512 is. This times each
 kernel on slices of a (b, l, W) buffer beside the same slices of a buffer padded to W rounded up
-to 16, bf16, `do_bench` medians.
+to 16, bf16, medians of the kernels replayed from a CUDA graph (`bench.common.graph_ms`: a
+call's CPU time, ~0.1 ms for a launch and a few small ops on the GPU machine's host, would
+otherwise hide the smaller kernels' time).
 
     python bench/bench_row_stride.py [--shape 130m] [--sweep-conv]
 
@@ -23,7 +25,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms  # noqa: E402
+from bench.common import graph_ms  # noqa: E402
 from kernels.triton_conv.conv1d import conv1d_bwd, conv1d_fwd  # noqa: E402
 from kernels.triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd  # noqa: E402
 
@@ -47,10 +49,10 @@ def kernel_times(b, l, d_inner, bc, width):
     z_rows, dz_rows = z.reshape(b * l, d_inner), dz.reshape(b * l, d_inner)
     assert z_rows.data_ptr() == z.data_ptr() and dz_rows.stride(0) == width, "row views, not copies"
     return {
-        "conv fwd (x|B|C)": bench_ms(lambda: conv1d_fwd(xBC, weight, bias)),
-        "conv bwd (dx into the slice)": bench_ms(lambda: conv1d_bwd(dconv, None, xBC, weight, bias, dx_out=dxBC)),
-        "gated norm fwd (z)": bench_ms(lambda: rmsnorm_gated_fwd(y, z_rows, norm_weight, 1e-5, d_inner)),
-        "gated norm bwd (dz into the slice)": bench_ms(
+        "conv fwd (x|B|C)": graph_ms(lambda: conv1d_fwd(xBC, weight, bias)),
+        "conv bwd (dx into the slice)": graph_ms(lambda: conv1d_bwd(dconv, None, xBC, weight, bias, dx_out=dxBC)),
+        "gated norm fwd (z)": graph_ms(lambda: rmsnorm_gated_fwd(y, z_rows, norm_weight, 1e-5, d_inner)),
+        "gated norm bwd (dz into the slice)": graph_ms(
             lambda: rmsnorm_gated_bwd(dnormed, y, z_rows, norm_weight, 1e-5, d_inner, dz_out=dz_rows)),
     }
 
@@ -77,12 +79,12 @@ def sweep_conv(b, l, d_inner, bc, width):
                        torch.randn(b, l, stop - start, device="cuda", dtype=torch.bfloat16))
     print("  forward (block_l, block_d, warps): " + "  ".join(parts))
     for tile in FWD_TILES:
-        ms = [bench_ms(lambda: conv1d_fwd(xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2]))
+        ms = [graph_ms(lambda: conv1d_fwd(xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2]))
               for xs, _, w, bs, _ in parts.values()]
         print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
     print("  backward (block_l, block_d, warps, steps): " + "  ".join(parts))
     for tile in BWD_TILES:
-        ms = [bench_ms(lambda: conv1d_bwd(dout, None, xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2],
+        ms = [graph_ms(lambda: conv1d_bwd(dout, None, xs, w, bs, block_l=tile[0], block_d=tile[1], num_warps=tile[2],
                                           steps=tile[3], dx_out=dxs))
               for xs, dxs, w, bs, dout in parts.values()]
         print(f"  {str(tile):22s} " + "  ".join(f"{t:7.3f}" for t in ms))
@@ -93,7 +95,7 @@ def main():
     parser.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sweep-conv", action="store_true", help="the conv's tiles in the mixer's layout")
     args = parser.parse_args()
-    print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, ms (do_bench median)")
+    print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, ms (CUDA-graph replay, median)")
     for name in args.shape:
         b, l, d_inner, nheads, bc = SHAPES[name]
         width = 2 * d_inner + 2 * bc + nheads
