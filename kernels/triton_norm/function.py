@@ -57,6 +57,9 @@ class AddRMSNormFunction(torch.autograd.Function):
         # it (the last norm); dout: the norm's, None only if its output went unused
         if dout is None:
             dout = total.new_zeros(total.shape, dtype=ctx.out_dtype)
+        # the kernel writes the sum's gradient twice, also where both dtypes agree (fp32 runs):
+        # one tensor returned for both inputs could be summed into in place by autograd (a
+        # buffer it owns alone, as it sees it) and so change the other input's gradient
         (dresidual, dupdate), _, dweight = rmsnorm_gated_bwd(
             dout.reshape(total.shape), total, None, weight, ctx.eps, total.shape[1],
             dsum=None if dtotal is None else dtotal.reshape(total.shape), update_dtype=ctx.update_dtype)
