@@ -325,6 +325,23 @@ def test_add_norm_forward_and_every_gradient_match_float64_reference(shape, uses
     check_all(ours, ref, FP32_BOUND, f"{shape} uses={uses}")
 
 
+@pytest.mark.parametrize("update_dtype", [torch.float32, torch.bfloat16])
+def test_add_norm_leaves_accumulate_their_own_gradients(update_dtype):
+    # with one dtype the backward hands both inputs one gradient tensor: as leaves, each
+    # .grad must still be its own, so that a second backward adds into each once
+    inputs = add_norm_inputs((2, 9, 16), update_dtype=update_dtype)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    ref = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    for _ in range(2):
+        for fn, args in ((add_rmsnorm_triton, leaves), (add_rmsnorm, ref)):
+            total, out = fn(**args, eps=1e-5)
+            (total.double().sum() + (out.double() ** 2).sum()).backward()
+    assert leaves["residual"].grad.data_ptr() != leaves["update"].grad.data_ptr()
+    bound = FP32_BOUND if update_dtype == torch.float32 else HALF_BOUND
+    for name in leaves:
+        check_all({"d" + name: leaves[name].grad}, {"d" + name: ref[name].grad}, bound, name)
+
+
 def test_add_norm_is_the_add_then_the_norm_bit_for_bit():
     # the model's case: fp32 stream, bf16 mixer output, bf16 norm output. Fused, the same fp32
     # math as the add then the Triton norm: the same bits out, and the same gradients (the

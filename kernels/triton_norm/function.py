@@ -57,13 +57,19 @@ class AddRMSNormFunction(torch.autograd.Function):
         # it (the last norm); dout: the norm's, None only if its output went unused
         if dout is None:
             dout = total.new_zeros(total.shape, dtype=ctx.out_dtype)
-        # the kernel writes the sum's gradient twice, also where both dtypes agree (fp32 runs):
-        # one tensor returned for both inputs could be summed into in place by autograd (a
-        # buffer it owns alone, as it sees it) and so change the other input's gradient
-        (dresidual, dupdate), _, dweight = rmsnorm_gated_bwd(
+        # both inputs get the sum's gradient: written a second time in the update's dtype where
+        # that differs (bf16 beside an fp32 stream), else one tensor object returned for both.
+        # Not two views of it: autograd would let two leaves' .grad share their storage, and
+        # the next accumulation into one would change the other. One object it copies instead.
+        second_dtype = None if ctx.update_dtype == total.dtype else ctx.update_dtype
+        dsum, _, dweight = rmsnorm_gated_bwd(
             dout.reshape(total.shape), total, None, weight, ctx.eps, total.shape[1],
-            dsum=None if dtotal is None else dtotal.reshape(total.shape), update_dtype=ctx.update_dtype)
-        return dresidual.view(ctx.shape), dupdate.view(ctx.shape), dweight, None, None
+            dsum=None if dtotal is None else dtotal.reshape(total.shape), update_dtype=second_dtype)
+        if second_dtype is None:
+            dresidual = dupdate = dsum.view(ctx.shape)
+        else:
+            dresidual, dupdate = (d.view(ctx.shape) for d in dsum)
+        return dresidual, dupdate, dweight, None, None
 
 
 def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None):
