@@ -35,7 +35,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms, copy_bandwidth, graph_ms, results_path  # noqa: E402
+from bench.common import bench_ms, copy_bandwidth, fwd_fwdbwd_ms, graph_ms, results_path  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
@@ -49,25 +49,17 @@ NORM_SHAPES = {"b8_L2048_d1536_g1536": (8, 2048, 1536, 1536), "b8_L2048_d4096_g4
 BF16 = torch.bfloat16
 
 
-def time_fwd_fwdbwd(fn, leaves, dout, timer=bench_ms):
-    """(forward ms, forward+backward ms) of fn() -> tensor under `timer` (bench_ms or graph_ms),
-    or (None, None) without fn, or when an anchor cannot be captured in a CUDA graph."""
-    if fn is None:
-        return None, None
-    try:
-        with torch.no_grad():
-            fwd = timer(fn)
-        return fwd, timer(lambda: fn().backward(dout), grad_to_none=leaves)
-    except RuntimeError as err:
-        if timer is bench_ms:
-            raise
-        print(f"# no CUDA-graph timing ({str(err)[:200]})", file=sys.stderr)
-        return None, None
+def time_fwd_fwdbwd(fn, leaves, dout, timer=bench_ms, may_fail=False):
+    """(forward ms, forward+backward ms) of fn() -> tensor under `timer`, or (None, None)
+    without fn (an anchor not installed here) or, with may_fail, where it cannot be captured."""
+    return (None, None) if fn is None else fwd_fwdbwd_ms(fn, dout, leaves, timer, may_fail=may_fail)
 
 
-def time_both(fn, leaves, dout):
-    """{"": (forward, forward+backward) as called, "graph": the same replayed from a CUDA graph}"""
-    return {"": time_fwd_fwdbwd(fn, leaves, dout), "graph": time_fwd_fwdbwd(fn, leaves, dout, graph_ms)}
+def time_both(fn, leaves, dout, anchor=False):
+    """{"eager": (forward, forward+backward) as called, "graph": the same replayed from a CUDA
+    graph}; an anchor's graph timing may fail (None, None)."""
+    return {"eager": time_fwd_fwdbwd(fn, leaves, dout),
+            "graph": time_fwd_fwdbwd(fn, leaves, dout, graph_ms, may_fail=anchor)}
 
 
 def leaf(t):
@@ -95,7 +87,7 @@ def bench_conv(shape, anchor):
         # causal_conv1d takes (batch, dim, seqlen); a transposed channels-last tensor selects its
         # channels-last kernel
         "anchor": time_both(anchor and (lambda: anchor(x.transpose(1, 2), weight, bias, activation="silu")
-                                        .transpose(1, 2)), leaves, dout),
+                                        .transpose(1, 2)), leaves, dout, anchor=True),
         "torch": time_fwd_fwdbwd(lambda: reference.causal_conv1d(x, weight, bias, activation="silu"), leaves, dout),
     }
     return times, nbytes
@@ -111,7 +103,7 @@ def bench_norm(shape, anchor):
     times = {
         "ours": time_both(lambda: rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=group), leaves, dout),
         "anchor": time_both(anchor and (lambda: anchor(x, weight, None, z=z, eps=1e-5, group_size=group,
-                                                       norm_before_gate=False)), leaves, dout),
+                                                       norm_before_gate=False)), leaves, dout, anchor=True),
         "torch": time_fwd_fwdbwd(lambda: reference.rmsnorm_gated(x, z, weight, eps=1e-5, group_size=group),
                                  leaves, dout),
     }
@@ -200,7 +192,7 @@ def main():
         for name, shape in shapes.items():
             times, (bytes_fwd, bytes_fwdbwd) = run(shape, anchor)
             bw_fwd, bw_fwdbwd = copy_bandwidth(bytes_fwd), copy_bandwidth(bytes_fwdbwd)
-            (ours_f, ours_fb), (anc_f, anc_fb) = times["ours"][""], times["anchor"][""]
+            (ours_f, ours_fb), (anc_f, anc_fb) = times["ours"]["eager"], times["anchor"]["eager"]
             (ours_gf, ours_gfb), (anc_gf, anc_gfb) = times["ours"]["graph"], times["anchor"]["graph"]
             ref_f, ref_fb = times["torch"]
             pct_f, pct_fb = pct_bw(bytes_fwd, ours_f, bw_fwd), pct_bw(bytes_fwdbwd, ours_fb, bw_fwdbwd)

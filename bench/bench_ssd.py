@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms, copy_bandwidth, graph_ms, results_path  # noqa: E402
+from bench.common import bench_ms, copy_bandwidth, fwd_fwdbwd_ms, graph_ms, results_path  # noqa: E402
 from kernels.triton_ssd import ssd_triton  # noqa: E402
 from mamba_train.train.metrics import measured_matmul_peak  # noqa: E402
 
@@ -72,20 +72,8 @@ def time_ssd(fn, inputs, leaves, chunk_size, timer=bench_ms):
     def forward():
         return fn(**inputs, chunk_size=chunk_size, dt_softplus=True)
 
-    dy = torch.randn_like(inputs["x"])
-
-    def forward_backward():
-        forward().backward(dy)
-
-    try:
-        with torch.no_grad():
-            fwd = timer(forward)
-        return fwd, timer(forward_backward, grad_to_none=leaves)
-    except RuntimeError as err:
-        if timer is bench_ms or fn is ssd_triton:   # ours must capture: only the anchor may not
-            raise
-        print(f"# {getattr(fn, '__name__', fn)}: no CUDA-graph timing ({str(err)[:200]})", file=sys.stderr)
-        return None, None
+    return fwd_fwdbwd_ms(forward, torch.randn_like(inputs["x"]), leaves, timer, getattr(fn, "__name__", str(fn)),
+                         may_fail=fn is not ssd_triton)
 
 
 def time_sdpa(b, l, h, p):

@@ -1,6 +1,7 @@
 """What the GPU benches share: timing, the copy-bandwidth ceiling, where results go."""
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +21,22 @@ def graph_ms(fn, grad_to_none=None):
     is slower than the kernels it launches, as for a many-kernel op at small shapes; inside a
     training step that CPU time overlaps earlier kernels, so this is the figure a step sees."""
     return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def fwd_fwdbwd_ms(forward, dout, leaves, timer=bench_ms, name="", may_fail=False):
+    """(forward ms, forward+backward ms) of `forward() -> tensor` under `timer` (bench_ms or
+    graph_ms), the backward from `dout` with the leaves' gradients reset each call. With
+    `may_fail` (an anchor, which need not capture) a graph that cannot be captured gives
+    (None, None) and a line on stderr; ours must capture."""
+    try:
+        with torch.no_grad():
+            fwd = timer(forward)
+        return fwd, timer(lambda: forward().backward(dout), grad_to_none=leaves)
+    except RuntimeError as err:
+        if timer is bench_ms or not may_fail:
+            raise
+        print(f"# {name}: no CUDA-graph timing ({str(err)[:200]})", file=sys.stderr)
+        return None, None
 
 
 def capture_forward_backward(forward_backward, model, warmup=3):

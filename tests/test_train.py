@@ -289,22 +289,36 @@ def _tensors(tree):
     return [tree] if isinstance(tree, torch.Tensor) else [t for item in tree for t in _tensors(item)]
 
 
-def _stand_in_capture_graph():
+def _stand_in_capture_graph(params=()):
     """capture_graph on the CPU: fn runs at the capture; replay runs fn again and copies its
-    outputs into the captured ones (tensors, or a (tensor, [tensors]) pair)."""
+    outputs into the captured ones (tensors, or a (tensor, [tensors]) pair). Of `params`, a
+    graph captured while none has a .grad created their gradients, so its replays write them:
+    into the tensors the capture created, which stay the parameters' .grad."""
 
     def capture_graph(fn, static, warmup, before_capture=None, pool=None):
         for _ in range(warmup):
             fn(static)
         if before_capture is not None:
             before_capture()
+        writes = all(p.grad is None for p in params)
         out = fn(static)
+        grads = [p.grad for p in params]
 
         class Replay:
             def replay(self):
+                if writes:
+                    for p in params:
+                        p.grad = None
                 new = fn(static)
+                if writes:
+                    for p, g in zip(params, grads):
+                        g.copy_(p.grad)
+                        p.grad = g
                 for buffer, value in zip(_tensors(out), _tensors(new)):
                     buffer.copy_(value)
+
+            def pool(self):
+                return None
 
         return Replay(), out
 
@@ -330,33 +344,7 @@ def test_graphed_micro_step_writes_then_adds_gradients_as_eager_backward_does(mo
         loss.backward()
         return loss.detach()
 
-    def capture_graph(fn, static, warmup, before_capture=None, pool=None):
-        for _ in range(warmup):
-            fn(static)
-        if before_capture is not None:
-            before_capture()
-        writes = all(p.grad is None for p in params)
-        out = fn(static)
-        grads = [p.grad for p in params]
-
-        class Replay:
-            def replay(self):
-                if writes:   # the captured backward created the gradients: replays write them
-                    for p in params:
-                        p.grad = None
-                new = fn(static)
-                if writes:
-                    for p, g in zip(params, grads):
-                        g.copy_(p.grad)
-                        p.grad = g
-                out.copy_(new)
-
-            def pool(self):
-                return None
-
-        return Replay(), out
-
-    monkeypatch.setattr(cuda_graph, "capture_graph", capture_graph)
+    monkeypatch.setattr(cuda_graph, "capture_graph", _stand_in_capture_graph(params))
     graphed = cuda_graph.GraphedMicroStep(forward_backward, model, batches[0], accumulation=True)
     captured = [p.grad for p in params]
     expected = torch.nn.Linear(4, 3)
