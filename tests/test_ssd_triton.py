@@ -248,9 +248,11 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k, h
 def test_factored_decay_matches_float64_reference(monkeypatch, tile, tile_k, dt_shift, dt_softplus, dt_limit):
     # Row tiles of 16 or 32 tokens in 64-token chunks: most source tiles lie wholly before their
     # target tiles, where the causal loops factor the decay (combined.py: factored decay).
-    # Against float64 the bound is looser than FP32_BOUND: at strong decays dA's sum over tokens
-    # cancels in fp32 (4.5e-5 on CPU, the same with the exact exp); against the exact exp in
-    # fp32 the factored kernels must agree to FP32_BOUND.
+    # Against float64 the interpreter's bound is looser than FP32_BOUND: at strong decays dA's sum
+    # over tokens cancels in fp32 (4.5e-5 on CPU, the same with the exact exp); a GPU's tf32 dots
+    # dominate that (1.4e-3 at most on an H100), so there FP32_BOUND holds. Against the exact
+    # exp in fp32 the factored kernels must agree to FP32_BOUND.
+    float64_bound = 2e-4 if DEVICE == "cpu" else FP32_BOUND
     from kernels.triton_ssd import combined
     for name in launch.K_LAUNCHERS:
         monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_k": tile_k})
@@ -262,7 +264,7 @@ def test_factored_decay_matches_float64_reference(monkeypatch, tile, tile_k, dt_
     kwargs = dict(dt_softplus=dt_softplus, dt_limit=dt_limit)
     what = f"tile {tile}, tile_k {tile_k}, dt shift {dt_shift}"
     ours = run(ssd_triton, inputs, chunk_size=64, **kwargs)
-    check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=64, **kwargs), 2e-4, what + ", against float64")
+    check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=64, **kwargs), float64_bound, what + ", against float64")
     if dt_softplus:   # otherwise the kernels ran the exact exp already
         monkeypatch.setattr(combined, "dt_nonnegative", lambda *_: False)
         exact = run(ssd_triton, inputs, chunk_size=64, **kwargs)

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 
 
@@ -58,6 +59,7 @@ def _read_rows(x_ptr, init_ptr, seq_idx_ptr, batch, src, docs, cols, mask, seqle
     return vals
 
 
+@cached_launch
 @triton.jit
 def _conv1d_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, init_ptr, seq_idx_ptr, out_ptr, final_ptr,
@@ -170,6 +172,7 @@ def _same_doc(vals, docs, docs_ref, HAS_SEQ: tl.constexpr):
     return vals
 
 
+@cached_launch
 @triton.jit
 def _conv1d_bwd_kernel(
     x_ptr, weight_ptr, bias_ptr, init_ptr, seq_idx_ptr, dout_ptr, dfinal_ptr,

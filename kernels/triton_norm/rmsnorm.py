@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 
 
@@ -41,6 +42,7 @@ def _gate(x, z, HAS_Z: tl.constexpr):
     return x, z, h, sig
 
 
+@cached_launch
 @triton.jit
 def _rmsnorm_gated_fwd_kernel(
     x_ptr, z_ptr, update_ptr, weight_ptr, out_ptr, sum_ptr, rstd_ptr, n_rows, group_size, eps,
@@ -75,6 +77,7 @@ def _rmsnorm_gated_fwd_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _rmsnorm_gated_bwd_kernel(
     x_ptr, z_ptr, weight_ptr, dout_ptr, dsum_ptr, rstd_ptr, dx_ptr, dz_ptr, dupdate_ptr, out_ptr, dweight_part_ptr,

@@ -16,11 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv
 from . import launch
 from .tiles import cb_tile
 
 
+@cached_launch
 @triton.jit
 def _bmm_fwd_kernel(
     C_ptr, B_ptr, cb_ptr,
@@ -55,6 +57,7 @@ def _bmm_fwd_kernel(
              mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
 
 
+@cached_launch
 @triton.jit
 def _bmm_bwd_dcb_kernel(
     dy_ptr, x_ptr, cb_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, dcb_ptr, ddA_cumsum_ptr,

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 from . import launch
 
@@ -40,6 +41,7 @@ def _biased_dt_tile(dt_ptr, dt_bias_ptr, seqlen, nheads, chunk_size, stride_dt_b
     return offs_h, offs_q, mask, dt_offs, dt
 
 
+@cached_launch
 @triton.jit
 def _chunk_cumsum_fwd_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, dA_cumsum_ptr,
@@ -66,6 +68,7 @@ def _chunk_cumsum_fwd_kernel(
     tl.store(dA_cumsum_ptr + out_offs, dA_cumsum, mask=store_mask)
 
 
+@cached_launch
 @triton.jit
 def _chunk_cumsum_bwd_kernel(
     ddA_cumsum_ptr, ddt_out_ptr, dt_ptr, A_ptr, dt_bias_ptr,

@@ -19,11 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv
 from . import launch
 from .tiles import cb_tile, head_program_ids
 
 
+@cached_launch
 @triton.jit
 def _chunk_scan_fwd_kernel(
     cb_ptr, x_ptr, z_ptr, dt_ptr, dA_cumsum_ptr, C_ptr, states_in_ptr, D_ptr, seq_idx_ptr,
@@ -134,6 +136,7 @@ def _chunk_scan_fwd_kernel(
     tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@cached_launch
 @triton.jit
 def _gate_bwd_kernel(dout_ptr, z_ptr, y_pregate_ptr, dy_ptr, dz_ptr, numel, BLOCK: tl.constexpr):
     # out = y·silu(z): dy = dout·silu(z), dz = dout·y·silu'(z); all contiguous, same shape
@@ -147,6 +150,7 @@ def _gate_bwd_kernel(dout_ptr, z_ptr, y_pregate_ptr, dy_ptr, dz_ptr, numel, BLOC
     tl.store(dz_ptr + offs, (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
+@cached_launch
 @triton.jit
 def _chunk_scan_bwd_dstates_kernel(
     dy_ptr, C_ptr, dA_cumsum_ptr, seq_idx_ptr, dstates_in_ptr,
@@ -193,6 +197,7 @@ def _chunk_scan_bwd_dstates_kernel(
              mask=(offs_p[:, None] < hdim) & (offs_n[None, :] < dstate))
 
 
+@cached_launch
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     cb_ptr, dy_ptr, x_ptr, B_ptr, dstates_ptr, dt_ptr, dA_cumsum_ptr, D_ptr, seq_idx_ptr,
@@ -306,6 +311,7 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
+@cached_launch
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     dcb_ptr, B_ptr, C_ptr, dy_ptr, states_in_ptr, dA_cumsum_ptr, seq_idx_ptr, dC_ptr, ddA_cumsum_ptr,

@@ -14,11 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv
 from . import launch
 from .tiles import head_program_ids
 
 
+@cached_launch
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, B_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, states_ptr,
@@ -70,6 +72,7 @@ def _chunk_state_fwd_kernel(
              mask=(offs_p[:, None] < hdim) & (offs_n[None, :] < dstate))
 
 
+@cached_launch
 @triton.jit
 def _chunk_state_bwd_db_kernel(
     x_ptr, B_ptr, C_ptr, dcb_ptr, dstates_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 from . import launch
 
@@ -32,6 +33,7 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
     return a, seq_new
 
 
+@cached_launch
 @triton.jit
 def _state_passing_fwd_kernel(
     states_ptr, dA_cumsum_ptr, init_ptr, seq_idx_ptr, states_in_ptr, final_ptr,
@@ -68,6 +70,7 @@ def _state_passing_fwd_kernel(
     tl.store(final_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, carried, mask=ok)
 
 
+@cached_launch
 @triton.jit
 def _state_passing_bwd_kernel(
     dstates_in_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, seq_idx_ptr,

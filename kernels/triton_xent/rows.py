@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cached_launch import cached_launch
 from ..host_math import next_power_of_2
 
 
@@ -54,6 +55,7 @@ def _write_row_grad(logits_ptr, m, log_sum, label, scale, VOCAB: tl.constexpr, B
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
+@cached_launch
 @triton.jit
 def _cross_entropy_rows_kernel(
     logits_ptr, labels_ptr, scale_ptr, loss_ptr, stride_row,
@@ -70,6 +72,7 @@ def _cross_entropy_rows_kernel(
         _write_row_grad(logits_ptr, m, log_sum, label, tl.load(scale_ptr + row), VOCAB, BLOCK_V)
 
 
+@cached_launch
 @triton.jit
 def _logsumexp_rows_kernel(logits_ptr, labels_ptr, lse_ptr, target_ptr, stride_row,
                            VOCAB: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -83,6 +86,7 @@ def _logsumexp_rows_kernel(logits_ptr, labels_ptr, lse_ptr, target_ptr, stride_r
     tl.store(target_ptr + row, tl.where(here, target, 0.0))
 
 
+@cached_launch
 @triton.jit
 def _softmax_grad_rows_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, stride_row,
                               VOCAB: tl.constexpr, BLOCK_V: tl.constexpr):
