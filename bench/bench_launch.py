@@ -9,7 +9,9 @@ An eager SSD forward+backward can enqueue its kernels more slowly than the GPU r
     path, and Triton's binder alone;
   - per call: the enqueue time through Triton's path, through cached_launch, and with no
     Triton launch at all (the torch ops and the Python around them); --profile adds a
-    cProfile of that last one.
+    cProfile of that last one;
+  - per phase, with cached launches: the forward (of it, SSDFunction.forward's body) and the
+    backward (of it, SSDFunction.backward's body; the rest is the autograd engine).
 Timings are CPU means over many calls (median of 5 repeats), from perf_counter; no GPU timing.
 """
 
@@ -19,6 +21,7 @@ import pstats
 import statistics
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from bench.bench_ssd import SHAPES, make_ssd_inputs  # noqa: E402
 from kernels import cached_launch  # noqa: E402
 from kernels.cached_launch import CachedLaunch  # noqa: E402
 from kernels.triton_ssd import ssd_triton  # noqa: E402
+from kernels.triton_ssd.combined import SSDFunction  # noqa: E402
 
 
 @contextmanager
@@ -81,7 +85,6 @@ def cpu_us(fn, calls=2000, repeats=5):
 @contextmanager
 def timed_phases(totals):
     """SSDFunction's forward and backward bodies timed into totals["forward body"], totals["backward body"]."""
-    from kernels.triton_ssd.combined import SSDFunction
     original = SSDFunction.forward, SSDFunction.backward
 
     def timed(name, fn):
@@ -103,7 +106,6 @@ def timed_phases(totals):
 def phase_table(forward, backward, calls=200):
     """Where a call's CPU time goes: the forward (the apply and our forward body) and the
     backward (the autograd engine and our backward body), µs per call."""
-    from collections import Counter
     totals = Counter()
     with timed_phases(totals):
         for _ in range(20):

@@ -1,10 +1,10 @@
 """Launching our Triton kernels for less host time than Triton's own `kernel[grid](...)`.
 
 Why: each `JITFunction.run` binds and specialises every argument (our kernels take 16 to 47),
-builds a string of the options for its cache key and checks the kernel's globals before it
-launches. On the H100 host that is 18–46 µs a launch, against 10–17 µs for the compiled
-kernel's own launcher, and an eager SSD forward+backward (14 launches) spent 1743 µs of CPU
-enqueueing 1017 µs of GPU work (bench/bench_launch.py): the GPU waited on the host.
+formats the options into its cache key, checks the kernel's globals and builds launch metadata
+before it launches: about twice the compiled kernel's own launcher, and enough that an eager
+SSD forward+backward enqueued more slowly than its kernels ran (figures: docs/design-notes.md,
+bench/bench_launch.py).
 
 `@cached_launch` above `@triton.jit` keeps, per launch key, the kernel Triton compiled for it,
 and later launches with that key call its launcher directly. The key holds everything Triton
@@ -16,9 +16,10 @@ share a compiled kernel, and the first launch of a key goes through Triton uncha
 
 The kernels name their pointer parameters `*_ptr` and list them first: the key reads the
 pointers' dtypes and addresses and takes the other arguments as one tuple slice (3 µs for 47
-arguments on a laptop core, against 12 µs for Triton's binder). Launches go through Triton's
-own path under TRITON_INTERPRET (the kernel is not a JITFunction then), while a launch hook
-is set (profilers such as proton see every launch through it) and with ENABLED off.
+arguments on a CI core, against 12 µs for Triton's binder). Launches go through Triton's own
+path under TRITON_INTERPRET (the kernel is not a JITFunction then), while a launch hook is set
+(profilers such as proton see every launch through it) and with ENABLED off. Triton's debug
+and instrumentation knobs are read at a key's first launch only: set them before the run.
 """
 
 import os
