@@ -22,8 +22,8 @@ import statistics
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -35,24 +35,11 @@ from kernels.triton_ssd import ssd_triton  # noqa: E402
 from kernels.triton_ssd.combined import SSDFunction  # noqa: E402
 
 
-@contextmanager
 def launches_replaced(launch):
-    """CachedLaunch.launch replaced by `launch(cached, original, grid, args, kwargs)` for the block."""
+    """CachedLaunch.launch replaced by `launch(cached, original, grid, args, kwargs)` for a block."""
     original = CachedLaunch.launch
-    CachedLaunch.launch = lambda self, grid, args, kwargs: launch(self, original, grid, args, kwargs)
-    try:
-        yield
-    finally:
-        CachedLaunch.launch = original
-
-
-@contextmanager
-def cached_launch_enabled(enabled):
-    before, cached_launch.ENABLED = cached_launch.ENABLED, enabled
-    try:
-        yield
-    finally:
-        cached_launch.ENABLED = before
+    return mock.patch.object(CachedLaunch, "launch",
+                             lambda self, grid, args, kwargs: launch(self, original, grid, args, kwargs))
 
 
 def record_launches(call):
@@ -82,11 +69,9 @@ def cpu_us(fn, calls=2000, repeats=5):
     return statistics.median(means)
 
 
-@contextmanager
 def timed_phases(totals):
-    """SSDFunction's forward and backward bodies timed into totals["forward body"], totals["backward body"]."""
-    original = SSDFunction.forward, SSDFunction.backward
-
+    """SSDFunction's forward and backward bodies timed into totals["forward body"] and
+    totals["backward body"], for a block."""
     def timed(name, fn):
         def wrapper(*args):
             started = time.perf_counter()
@@ -95,12 +80,8 @@ def timed_phases(totals):
             finally:
                 totals[name] += time.perf_counter() - started
         return staticmethod(wrapper)
-    SSDFunction.forward = timed("forward body", original[0])
-    SSDFunction.backward = timed("backward body", original[1])
-    try:
-        yield
-    finally:
-        SSDFunction.forward, SSDFunction.backward = (staticmethod(f) for f in original)
+    return mock.patch.multiple(SSDFunction, forward=timed("forward body", SSDFunction.forward),
+                               backward=timed("backward body", SSDFunction.backward))
 
 
 def phase_table(forward, backward, calls=200):
@@ -161,7 +142,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, {args.shape}: {len(launches)} Triton launches a forward+backward\n")
     per_launch_table(launches)
 
-    with cached_launch_enabled(False):
+    with mock.patch.object(cached_launch, "ENABLED", False):
         through_triton = cpu_us(forward_backward, calls=20)
     through_cache = cpu_us(forward_backward, calls=20)
     with launches_replaced(lambda *_: None):
