@@ -17,9 +17,10 @@ share a compiled kernel, and the first launch of a key goes through Triton uncha
 The kernels name their pointer parameters `*_ptr` and list them first: the key reads the
 pointers' dtypes and addresses and takes the other arguments as one tuple slice (3 µs for 47
 arguments on a CI core, against 12 µs for Triton's binder). Launches go through Triton's own
-path under TRITON_INTERPRET (the kernel is not a JITFunction then), while a launch hook is set
-(profilers such as proton see every launch through it) and with ENABLED off. Triton's debug
-and instrumentation knobs are read at a key's first launch only: set them before the run.
+path under TRITON_INTERPRET (the kernel is not a JITFunction then), for a grid given as a
+function, while a launch hook is set (profilers such as proton see every launch through it)
+and with ENABLED off. Triton's debug and instrumentation knobs are read at a key's first
+launch only: set them before the run.
 """
 
 import os
@@ -68,7 +69,7 @@ class CachedLaunch:
                 *[None if a is None else (a.dtype, a.data_ptr() & 15) for a in args[:n]])
 
     def launch(self, grid, args, kwargs):
-        if not ENABLED or launch_hooks_set():
+        if not ENABLED or callable(grid) or launch_hooks_set():
             return self.kernel[grid](*args, **kwargs)
         device = driver.active.get_current_device()
         key = self.key(device, args, kwargs)

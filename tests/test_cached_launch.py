@@ -8,9 +8,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
-
 from triton import knobs
+from triton.runtime.jit import JITFunction
 
 from kernels.cached_launch import CachedLaunch, cached_launch, launch_hooks_set
 
