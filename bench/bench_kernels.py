@@ -125,9 +125,11 @@ def sweep(shape):
     # (tile rows, channels, warps, steps a program walks): the default first; then fewer / more
     # steps (stretch-end work and dweight partials against programs per wave), 256- and 64-thread
     # CTAs (16 / 18 warps per SM), 8 values a thread (16-byte loads, 208 registers), 512 B rows,
-    # and one-row tiles of 1 KB (no cross-warp reduction)
+    # and one-row tiles of 1 KB (no cross-warp reduction); 128 steps (half the stretch-end work,
+    # half the programs) and 64-channel tiles at 2 warps (twice the programs)
     for cfg in [(4, 128, 4, 64), (4, 128, 4, 32), (4, 128, 4, 16), (8, 128, 8, 32), (2, 128, 2, 32),
-                (8, 128, 4, 16), (2, 256, 4, 32), (1, 512, 4, 64)]:
+                (8, 128, 4, 16), (2, 256, 4, 32), (1, 512, 4, 64), (4, 128, 4, 128), (2, 128, 2, 128),
+                (4, 64, 2, 64), (4, 64, 2, 128)]:
         ms = graph_ms(lambda: conv_stage.conv1d_bwd(dout, None, x, weight, bias, block_l=cfg[0], block_d=cfg[1],
                                                     num_warps=cfg[2], steps=cfg[3]))
         print(f"bwd {cfg}: {ms:.3f} ms, {100 * 3 * act / (ms * 1e-3) / bw:.0f}%")
@@ -169,7 +171,9 @@ def main():
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<gpu>.json)")
     args = parser.parse_args()
     if args.sweep:
-        return sweep(CONV_SHAPES["b8_L2048_d8448_w4"])
+        for shape in CONV_SHAPES.values():
+            sweep(shape)
+        return None
     if args.sweep_norm:
         for shape in NORM_SHAPES.values():
             sweep_norm(shape)
