@@ -170,6 +170,33 @@ def test_conv_backward_stretches_shorter_than_the_window(monkeypatch):
 
 
 @pytest.mark.usefixtures("small_tiles")
+def test_conv_backward_of_a_wide_conv_takes_the_wide_tiles(monkeypatch):
+    # from BWD_WIDE_FROM channels on the backward walks 2-row tiles at 2 warps (conv1d.py); here
+    # from 16 channels, 5 steps a stretch, so that 37 rows span several programs
+    monkeypatch.setattr(conv_stage, "BWD_WIDE_FROM", 16)
+    monkeypatch.setattr(conv_stage, "BWD_WIDE_STEPS", 5)
+    launches = []
+    kernel = conv_stage._conv1d_bwd_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(conv_stage, "_conv1d_bwd_kernel", Recorded())
+    inputs = conv_inputs(2, 37, 24, 4, doc_starts=docs_across_tiles(), first_doc=5)
+    ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
+    ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
+    check_all(ours, ref, FP32_BOUND, "wide tiles")
+    assert [(k["BLOCK_L"], k["num_warps"], k["STEPS"]) for k in launches] == [(2, 2, 5)]
+    launches.clear()
+    monkeypatch.setattr(conv_stage, "BWD_WIDE_FROM", 25)   # 24 channels: the narrow tiles again
+    run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
+    assert [(k["BLOCK_L"], k["num_warps"], k["STEPS"]) for k in launches] == [(BWD_ROWS, 4, BWD_STEPS)]
+
+
+@pytest.mark.usefixtures("small_tiles")
 def test_conv_non_contiguous_inputs():
     # x a column slice of a wider tensor (the model's xBC is one of in_proj's outputs), the state
     # a transposed view of mamba_ssm's (batch, dim, width-1) layout

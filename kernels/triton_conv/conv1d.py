@@ -346,6 +346,14 @@ def _conv1d_bwd_kernel(
 # faster by more than 5% (--sweep-conv).
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_STEPS = 4, 128, 4, 64
+# From BWD_WIDE_FROM channels on: 2 x 128 tiles at 2 warps walking 128 steps (half the
+# stretch-end work; CTAs half the size). Swept on an H100, backward alone, ms (4 x 128 / 4 warps /
+# 64 steps -> this): contiguous b8 L2048 d3328 0.206 -> 0.194 and d8448 0.442 -> 0.408
+# (`bench_kernels.py --sweep`); in the mixer's layout (`bench_row_stride.py --sweep-conv`) 1.3b's
+# x (d4096, b4) 0.129 -> 0.115, but 130m's x (d1536, b16) 0.188 -> 0.202 and B|C (d256) 0.057 ->
+# 0.083 / 0.027 -> 0.038: narrower convs keep the tiles above. The threshold lies between the
+# widths measured (1536 slower, 3328 faster).
+BWD_WIDE_FROM, BWD_WIDE_BLOCK_L, BWD_WIDE_WARPS, BWD_WIDE_STEPS = 3072, 2, 2, 128
 
 
 def _strides(t, n):
@@ -385,10 +393,13 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
     # strides, e.g. a column slice of a larger gradient), else a new tensor.
     b, l, d = x.shape
     width = weight.shape[1]
-    block_l, block_d = block_l or BWD_BLOCK_L, block_d or _block_d(d, BWD_BLOCK_D)
+    wide = d >= BWD_WIDE_FROM
+    block_l = block_l or (BWD_WIDE_BLOCK_L if wide else BWD_BLOCK_L)
+    block_d = block_d or _block_d(d, BWD_BLOCK_D)
+    num_warps = num_warps or (BWD_WIDE_WARPS if wide else BWD_WARPS)
     # a short sequence: fewer steps, so that the tile rows do not walk far past its end (a power
     # of two: few compiled variants)
-    steps = min(steps or BWD_STEPS, next_power_of_2(cdiv(l, block_l)))
+    steps = min(steps or (BWD_WIDE_STEPS if wide else BWD_STEPS), next_power_of_2(cdiv(l, block_l)))
     programs = cdiv(l, block_l * steps)
     dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype) if dx_out is None else dx_out
     assert dx.shape == x.shape and dx.dtype == x.dtype, "dx_out must match x's shape and dtype"
@@ -402,7 +413,7 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
         *dout.stride(), *_strides(dfinal, 3), *dx.stride(), *_strides(dinit, 3),
         WIDTH=width, SILU=activation == "silu", HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
         HAS_SEQ=seq_idx is not None, HAS_DFINAL=dfinal is not None, BLOCK_L=block_l, BLOCK_D=block_d,
-        STEPS=steps, num_warps=num_warps or BWD_WARPS,
+        STEPS=steps, num_warps=num_warps,
     )
     dweight = dweight_part.sum(dim=(0, 1)).t().to(weight.dtype)
     dbias = dbias_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
