@@ -1,8 +1,11 @@
 """kernels.cached_launch: launches that reuse a compiled kernel must be exactly the launches
 Triton would have specialised alike (the key), and run the same kernel Triton would.
 
-The key tests run anywhere (a JITFunction is built without compiling); the launch tests need
-a GPU: under TRITON_INTERPRET the decorator leaves kernels to the interpreter."""
+The key tests run anywhere (a JITFunction is built without compiling), and so does a test of
+the launch path around a stand-in for Triton's kernel objects; the launch test against Triton
+itself needs a GPU: under TRITON_INTERPRET the decorator leaves kernels to the interpreter."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
+from kernels import cached_launch as cached_launch_module
 from kernels.cached_launch import CachedLaunch, cached_launch, launch_hooks_set
 
 
@@ -70,6 +74,65 @@ def test_launch_hooks_are_seen_when_set():
     finally:
         chain.remove(hook)
     assert not launch_hooks_set()
+
+
+class _StandInKernel:
+    """What CachedLaunch uses of a JITFunction: its parameter names, `kernel[grid](...)` (which
+    compiles, launches and returns the compiled kernel) and the binder in its device cache.
+    Each launch is recorded in `calls`: ("triton", ...) through Triton, ("launcher", ...) through
+    the compiled kernel's own launcher."""
+    arg_names = ["x_ptr", "out_ptr", "rows", "BLOCK"]
+    __name__ = "stand_in"
+
+    def __init__(self):
+        self.calls = []
+        calls = self.calls
+
+        class Compiled:
+            function, packed_metadata = "function", "metadata"
+
+            def run(self, *args):
+                calls.append(("launcher", args))
+        self.compiled = Compiled()
+
+        def binder(x_ptr, out_ptr, rows, BLOCK, **options):
+            return {"x_ptr": x_ptr, "out_ptr": out_ptr, "rows": rows, "BLOCK": BLOCK}, None, options
+        self.device_caches = {0: (None, None, None, None, binder)}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            return self.compiled
+        return launch
+
+
+def test_later_launches_of_a_key_call_the_compiled_launcher_with_every_argument(monkeypatch):
+    stand_in = _StandInKernel()
+    kernel = CachedLaunch(stand_in)
+    monkeypatch.setattr(cached_launch_module, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: "stream")))
+    x, out = torch.zeros(64), torch.zeros(64)
+    kernel[(4,)](x, out, 64, BLOCK=16, num_warps=2)
+    assert stand_in.calls == [("triton", (4,), (x, out, 64), {"BLOCK": 16, "num_warps": 2})]
+    x2, out2 = torch.ones(64), torch.ones(64)
+    kernel[(4, 2)](x2, out2, 64, BLOCK=16, num_warps=2)
+    # the grid padded to three dimensions, the stream, the compiled function and metadata, no
+    # launch metadata or hooks, then the arguments in parameter order (the constexpr last)
+    assert stand_in.calls[1] == ("launcher", (4, 2, 1, "stream", "function", "metadata", None, None, None,
+                                              x2, out2, 64, 16))
+    for other_key in ((x[1:], out, 64), (x, out, 65)):   # a misaligned pointer, another int
+        kernel[(4,)](*other_key, BLOCK=16, num_warps=2)
+        assert stand_in.calls[-1][0] == "triton"
+    monkeypatch.setattr(cached_launch_module, "ENABLED", False)
+    kernel[(4,)](x2, out2, 64, BLOCK=16, num_warps=2)
+    assert stand_in.calls[-1][0] == "triton", "MAMBA_TRAIN_CACHED_LAUNCH=0 must launch through Triton"
+    assert len(kernel.launches) == 3
+
+
+def test_a_tensor_after_the_pointers_is_refused():
+    kernel = CachedLaunch(_StandInKernel())
+    with pytest.raises(TypeError, match="after the pointer parameters"):
+        kernel.first_launch((1,), (torch.zeros(4), torch.zeros(4), torch.zeros(1)), {"BLOCK": 16}, None, 0)
 
 
 def test_interpreted_kernels_are_left_to_triton():
