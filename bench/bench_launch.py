@@ -3,13 +3,13 @@
     python bench/bench_launch.py [--shape b8_L2048_h32] [--profile]
 
 An eager SSD forward+backward can enqueue its kernels more slowly than the GPU runs them
-(bench_ssd --cpu-profile), and its do_bench figure is then the CPU's. This splits that time:
+and its do_bench figure is then the CPU's. This splits that time:
   - per launch of each of the call's kernels: Triton's `JITFunction.run` (binding and
     specialising every argument, its cache key, the launch), our `kernels.cached_launch`
     path, and Triton's binder alone;
   - per call: the enqueue time through Triton's path, through cached_launch, and with no
     Triton launch at all (the torch ops and the Python around them); --profile adds a
-    cProfile of that last one;
+    cProfile of the call as shipped;
   - per phase, with cached launches: the forward (of it, SSDFunction.forward's body) and the
     backward (of it, SSDFunction.backward's body; the rest is the autograd engine).
 Timings are CPU means over many calls (median of 5 repeats), from perf_counter; no GPU timing.
@@ -127,7 +127,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="b8_L2048_h32", choices=SHAPES)
     parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--profile", action="store_true", help="cProfile the call without Triton launches")
+    parser.add_argument("--profile", action="store_true", help="also a cProfile of the call as shipped")
     args = parser.parse_args()
     inputs, leaves = make_ssd_inputs(*SHAPES[args.shape])
     dy = torch.randn_like(inputs["x"])
@@ -147,16 +147,16 @@ def main():
     through_cache = cpu_us(forward_backward, calls=20)
     with launches_replaced(lambda *_: None):
         without = cpu_us(forward_backward, calls=20)
-        if args.profile:
-            profiler = cProfile.Profile()
-            profiler.runcall(lambda: [forward_backward() for _ in range(20)])
     print("\n| forward+backward enqueue, µs | through JITFunction.run | through cached_launch | no Triton launches |")
     print("| --- | --- | --- | --- |")
     print(f"| {args.shape} | {through_triton:.0f} | {through_cache:.0f} | {without:.0f} |")
     phase_table(lambda: ssd_triton(**inputs, chunk_size=args.chunk_size, dt_softplus=True),
                 lambda y: (y.backward(dy), [setattr(t, "grad", None) for t in leaves]))
     if args.profile:
-        print("\n# cProfile of 20 calls with no Triton launches (the torch ops and Python around them)")
+        print("\n# cProfile of 20 calls as shipped")
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [forward_backward() for _ in range(20)])
+        torch.cuda.synchronize()
         pstats.Stats(profiler).strip_dirs().sort_stats("tottime").print_stats(30)
 
 

@@ -9,7 +9,7 @@ The floor of each row is max(FLOPs / measured bf16 matmul peak, bytes / measured
 copy bandwidth) (METHOD.md); "ours %" is floor / ours. Writes bench/results/ssd-<gpu>.json.
 
     PYTHONPATH=.anchor python bench/bench_ssd.py [--shapes b8_L2048_h32 ...] [--chunk-size 256]
-    python bench/bench_ssd.py --cpu-profile [--shapes b8_L2048_h32]   (cProfile of ours' eager calls)
+    (where an eager call's CPU time goes: bench/bench_launch.py)
 
 mamba_ssm is optional: without it its columns are empty (null in the JSON).
 """
@@ -114,41 +114,6 @@ def profile(shape, chunk_size, anchor):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def cpu_profile(shape, chunk_size, calls=20, rows=40):
-    """Where the CPU's time goes in eager forward+backward calls of ours (cProfile): do_bench's
-    eager figure is the CPU's whenever the CPU takes longer than the kernels it launches."""
-    import cProfile
-    import pstats
-    import time
-    inputs, leaves = make_ssd_inputs(*shape)
-    dy = torch.randn_like(inputs["x"])
-
-    def forward_backward():
-        for t in leaves:
-            t.grad = None
-        ssd_triton(**inputs, chunk_size=chunk_size, dt_softplus=True).backward(dy)
-
-    for _ in range(3):
-        forward_backward()
-    torch.cuda.synchronize()
-    for label, enabled in (("plain", False), ("under cProfile", True)):
-        profiler = cProfile.Profile()
-        started = time.perf_counter()
-        if enabled:
-            profiler.enable()
-        for _ in range(calls):
-            forward_backward()
-        profiler.disable()
-        enqueue = (time.perf_counter() - started) / calls
-        torch.cuda.synchronize()
-        total = (time.perf_counter() - started) / calls
-        print(f"# {shape}: CPU time to enqueue a forward+backward {1e3 * enqueue:.3f} ms, with the GPU's "
-              f"{1e3 * total:.3f} ms ({label}, {calls} calls)")
-    stats = pstats.Stats(profiler).strip_dirs()
-    stats.sort_stats("tottime").print_stats(rows)
-    stats.sort_stats("cumulative").print_stats(rows)
-
-
 def fmt(ms):
     return "   -   " if ms is None else f"{ms:7.3f}"
 
@@ -165,13 +130,9 @@ def main():
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/ssd-<gpu>.json)")
     parser.add_argument("--profile", action="store_true",
                         help="only print the per-kernel time of one forward+backward at the first shape")
-    parser.add_argument("--cpu-profile", action="store_true",
-                        help="only print where the CPU's time goes in ours' eager forward+backward at the first shape")
     args = parser.parse_args()
     if args.profile:
         return profile(SHAPES[args.shapes[0]], args.chunk_size, None if args.no_anchor else anchor_fn())
-    if args.cpu_profile:
-        return cpu_profile(SHAPES[args.shapes[0]], args.chunk_size)
 
     gpu = torch.cuda.get_device_name()
     peak_flops, copy_bw = measured_matmul_peak(torch.device("cuda")), copy_bandwidth(4 << 30)

@@ -393,13 +393,13 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
     # strides, e.g. a column slice of a larger gradient), else a new tensor.
     b, l, d = x.shape
     width = weight.shape[1]
-    wide = d >= BWD_WIDE_FROM
-    block_l = block_l or (BWD_WIDE_BLOCK_L if wide else BWD_BLOCK_L)
-    block_d = block_d or _block_d(d, BWD_BLOCK_D)
-    num_warps = num_warps or (BWD_WIDE_WARPS if wide else BWD_WARPS)
+    default_l, default_warps, default_steps = ((BWD_WIDE_BLOCK_L, BWD_WIDE_WARPS, BWD_WIDE_STEPS) if d >= BWD_WIDE_FROM
+                                               else (BWD_BLOCK_L, BWD_WARPS, BWD_STEPS))
+    block_l, block_d = block_l or default_l, block_d or _block_d(d, BWD_BLOCK_D)
+    num_warps = num_warps or default_warps
     # a short sequence: fewer steps, so that the tile rows do not walk far past its end (a power
     # of two: few compiled variants)
-    steps = min(steps or (BWD_WIDE_STEPS if wide else BWD_STEPS), next_power_of_2(cdiv(l, block_l)))
+    steps = min(steps or default_steps, next_power_of_2(cdiv(l, block_l)))
     programs = cdiv(l, block_l * steps)
     dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype) if dx_out is None else dx_out
     assert dx.shape == x.shape and dx.dtype == x.dtype, "dx_out must match x's shape and dtype"
