@@ -220,7 +220,7 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k, h
     # stepping wider than their row tiles (reading CB tiles that bmm_fwd never wrote, which
     # the causal select must drop) or narrower ("tile_k"), and grids either way round
     # ("heads_fastest")
-    for name in ("chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_state_fwd", "state_passing_fwd", "bmm_fwd",
+    for name in ("chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_state_passing_fwd", "bmm_fwd",
                  "chunk_scan_fwd", "chunk_scan_bwd_dstates", "state_passing_bwd", "chunk_scan_bwd_dx",
                  "bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db"):
         monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_dstate": 16, "block_h": 1, "tile_k": tile_k,
@@ -287,6 +287,29 @@ def test_half_precision_states_in_give_the_same_output():
         assert states_in.dtype == dtype
         outputs.append(chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, None, seq_idx)[0])
     assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("docs, first_doc, initial_states", [(2, 0, True), (0, 0, False), (3, 1, True)])
+def test_fused_state_passing_matches_the_two_stages(docs, first_doc, initial_states):
+    # chunk_state_passing_fwd (the forward's path) against chunk_state_fwd then
+    # state_passing_fwd (context parallelism's path): the same sums in the same order, so the
+    # interpreter gives equal bits; a GPU may order a dot's products differently between them
+    from kernels.triton_ssd import chunk_cumsum, chunk_state, state_passing
+    inputs = make_inputs(2, 45, 4, 16, 2, 16, D="channel", docs=docs, first_doc=first_doc,
+                         initial_states=initial_states)
+    x, dt, A, B, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "seq_idx", "initial_states"))
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
+    states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    for dtype in (torch.float32, torch.float16):
+        two_stages = state_passing.state_passing_fwd(states, dA_cumsum, x.shape[1], init, seq_idx, dtype)
+        fused = state_passing.chunk_state_passing_fwd(B, x, dt_out, dA_cumsum, init, seq_idx, dtype)
+        for name, ours, theirs in zip(("states_in", "final"), fused, two_stages):
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+            if DEVICE == "cpu":
+                assert torch.equal(ours, theirs), f"{name} ({dtype})"
+            else:
+                bound = 1e-6 if dtype == torch.float32 else 1e-3   # fp16: one rounding apart at most
+                assert rel_err(ours, theirs) <= bound, f"{name} ({dtype})"
 
 
 def test_chunked_triton_matches_sequential_recurrence():

@@ -20,6 +20,36 @@ from . import launch
 from .tiles import head_program_ids
 
 
+@triton.jit
+def own_state(x_ptr, B_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, offs_p, offs_n, chunk_len, chunk_size, hdim, dstate,
+              stride_x_l, stride_x_p, stride_B_l, stride_B_n, stride_dt_q, stride_seq_l,
+              HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # a (p block, n block) tile of one chunk's own final state, fp32; x, B and seq_idx point at
+    # the chunk's first token, dt and dA_cumsum at its (batch, head, chunk) row. Shared with
+    # state_passing's fused forward, which scans these tiles without writing them out.
+    dA_last = tl.load(dA_cumsum_ptr + (chunk_len - 1) * stride_dt_q)
+    if HAS_SEQ:
+        seq_last = tl.load(seq_idx_ptr + (chunk_len - 1) * stride_seq_l)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k in range(0, chunk_size, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        in_chunk = offs_k < chunk_len
+        # xᵀ read straight from memory as (p, s): no transpose of a computed tile
+        xT = tl.load(x_ptr + offs_p[:, None] * stride_x_p + offs_k[None, :] * stride_x_l,
+                     mask=(offs_p[:, None] < hdim) & in_chunk[None, :], other=0.0)
+        Bk = tl.load(B_ptr + offs_k[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                     mask=in_chunk[:, None] & (offs_n[None, :] < dstate), other=0.0).to(tl.float32)
+        dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=in_chunk, other=0.0)
+        dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=in_chunk, other=0.0)
+        keep = in_chunk
+        if HAS_SEQ:
+            seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=in_chunk, other=-1)
+            keep = keep & (seq_k == seq_last)
+        scale = tl.where(keep, tl.exp(tl.where(keep, dA_last - dA_k, 0.0)) * dt_k, 0.0)
+        acc += tl.dot(xT, (Bk * scale[:, None]).to(xT.dtype))
+    return acc
+
+
 @cached_launch
 @triton.jit
 def _chunk_state_fwd_kernel(
@@ -45,28 +75,11 @@ def _chunk_state_fwd_kernel(
     B_ptr += pid_b * stride_B_b + chunk_start * stride_B_l + (pid_h // heads_per_group) * stride_B_g
     dt_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h + pid_c * stride_dt_c
     dA_cumsum_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h + pid_c * stride_dt_c
-    dA_last = tl.load(dA_cumsum_ptr + (chunk_len - 1) * stride_dt_q)
     if HAS_SEQ:
         seq_idx_ptr += pid_b * stride_seq_b + chunk_start * stride_seq_l
-        seq_last = tl.load(seq_idx_ptr + (chunk_len - 1) * stride_seq_l)
-
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k in range(0, chunk_size, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        in_chunk = offs_k < chunk_len
-        # xᵀ read straight from memory as (p, s): no transpose of a computed tile
-        xT = tl.load(x_ptr + offs_p[:, None] * stride_x_p + offs_k[None, :] * stride_x_l,
-                     mask=(offs_p[:, None] < hdim) & in_chunk[None, :], other=0.0)
-        Bk = tl.load(B_ptr + offs_k[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                     mask=in_chunk[:, None] & (offs_n[None, :] < dstate), other=0.0).to(tl.float32)
-        dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=in_chunk, other=0.0)
-        dt_k = tl.load(dt_ptr + offs_k * stride_dt_q, mask=in_chunk, other=0.0)
-        keep = in_chunk
-        if HAS_SEQ:
-            seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=in_chunk, other=-1)
-            keep = keep & (seq_k == seq_last)
-        scale = tl.where(keep, tl.exp(tl.where(keep, dA_last - dA_k, 0.0)) * dt_k, 0.0)
-        acc += tl.dot(xT, (Bk * scale[:, None]).to(xT.dtype))
+    acc = own_state(x_ptr, B_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, offs_p, offs_n, chunk_len, chunk_size,
+                    hdim, dstate, stride_x_l, stride_x_p, stride_B_l, stride_B_n, stride_dt_q, stride_seq_l,
+                    HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K)
     states_ptr += pid_b * stride_st_b + pid_c * stride_st_c + pid_h * stride_st_h
     tl.store(states_ptr + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n, acc,
              mask=(offs_p[:, None] < hdim) & (offs_n[None, :] < dstate))

@@ -1,8 +1,8 @@
 """The public chunked SSD on Triton: the stages of DESIGN §3 chained into one autograd Function.
 
-Forward runs chunk_cumsum → chunk_state → state_passing → bmm → chunk_scan and saves the
-inputs, the states entering each chunk (states_in, in C's dtype: what chunk_scan read) and y
-before the gate when z is given. Backward recomputes the cheap intermediates (cumsums, CB),
+Forward runs chunk_cumsum → chunk_state and state_passing (one fused kernel: state_passing.py)
+→ bmm → chunk_scan and saves the inputs, the states entering each chunk (states_in, in C's
+dtype: what chunk_scan read) and y before the gate when z is given. Backward recomputes the cheap intermediates (cumsums, CB),
 then runs the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32
 buffer, which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
 
@@ -37,7 +37,7 @@ from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .chunk_scan import (chunk_scan_bwd_dc, chunk_scan_bwd_dstates, chunk_scan_bwd_dx, chunk_scan_fwd,
                          gate_bwd)
 from .chunk_state import chunk_state_bwd_db, chunk_state_fwd
-from .state_passing import state_passing_bwd, state_passing_fwd
+from .state_passing import chunk_state_passing_fwd, state_passing_bwd, state_passing_fwd
 
 
 def _contiguous(t):
@@ -65,15 +65,17 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
     are the state entering this piece, from the pieces before it and this piece's own final
     state run from zero, which needs only the chunk states."""
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
-    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-    if context_parallel is not None:
+    # states_in in C's dtype: chunk_scan_fwd casts them to that for its dot anyway, so y is
+    # the same and half the bytes move (and are kept)
+    if context_parallel is None:
+        states_in, final_states = chunk_state_passing_fwd(B, x, dt_out, dA_cumsum, initial_states, seq_idx, C.dtype)
+    else:
         assert initial_states is None, "context parallelism supplies the initial states"
+        states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
         _, zero_start_final = state_passing_fwd(states, dA_cumsum, x.shape[1], None, seq_idx, C.dtype)
         initial_states = context_parallel.state_in(zero_start_final, _log_decay(dA_cumsum))
-    # in C's dtype: chunk_scan_fwd casts them to that for its dot anyway, so y is the same
-    # and half the bytes move (and are kept)
-    states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, C.dtype)
-    del states
+        states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, C.dtype)
+        del states
     cb = bmm_fwd(C, B, chunk_size)
     y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx,
                                   dt_nonnegative(dt_softplus, dt_limit))

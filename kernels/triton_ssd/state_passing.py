@@ -9,6 +9,13 @@ c = 0: from seq_idx[:, 0]), a document started inside chunk c and a_c is 0.
 Backward, with G_c the gradient of S_c (G_last = d final):
     dstates_c = G_c,   d a_c = <G_c, S_{c-1}>,   G_{c-1} = dstates_in[c] + a_c · G_c,
     d initial_states = G_{-1}.
+
+The forward also comes fused with stage 2 (`chunk_state_passing_fwd`): one program per
+(p block × n block, batch, head) walks the chunks in order, computing each chunk's own state
+tile (chunk_state.own_state) as it goes, so the fp32 chunk states are never written and read
+back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch fewer. Its
+grid has no chunk axis, so it suits grids of many (batch, head) pairs; context parallelism,
+which needs the chunk states before its initial state is known, runs the two stages apart.
 """
 
 import torch
@@ -18,6 +25,8 @@ import triton.language as tl
 from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 from . import launch
+from .chunk_state import own_state
+from .tiles import head_program_ids
 
 
 @triton.jit
@@ -68,6 +77,59 @@ def _state_passing_fwd_kernel(
                                    stride_dA_q, stride_seq_l, seq_prev, HAS_SEQ)
         carried = a * carried + tl.load(states_ptr + c * stride_st_c, mask=ok, other=0.0)
     tl.store(final_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, carried, mask=ok)
+
+
+@cached_launch
+@triton.jit
+def _chunk_state_passing_fwd_kernel(
+    x_ptr, B_ptr, dt_ptr, dA_cumsum_ptr, init_ptr, seq_idx_ptr, states_in_ptr, final_ptr,
+    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
+    stride_seq_b, stride_seq_l,
+    stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
+    stride_init_b, stride_init_h, stride_init_p, stride_init_n,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+):
+    # one program per (p block × n block, batch, head), over every chunk in order: states_in
+    # (b, c, h, p, n) in its dtype, final (b, h, p, n) fp32; init and final share strides
+    pid_pn, pid_b, pid_h = head_program_ids(HEADS_FASTEST)
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_ok = (offs_p[:, None] < hdim) & (offs_n[None, :] < dstate)
+    x_ptr += pid_b * stride_x_b + pid_h * stride_x_h
+    B_ptr += pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
+    dt_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h
+    dA_cumsum_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h
+    states_in_ptr += (pid_b * stride_st_b + pid_h * stride_st_h
+                      + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n)
+    init_offs = pid_b * stride_init_b + pid_h * stride_init_h + offs_p[:, None] * stride_init_p + offs_n[None, :] * stride_init_n
+    if HAS_INIT:
+        carried = tl.load(init_ptr + init_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        carried = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    seq_prev = 0
+    if HAS_SEQ:
+        seq_idx_ptr += pid_b * stride_seq_b
+        seq_prev = tl.load(seq_idx_ptr)
+    for c in range(nchunks):
+        tl.store(states_in_ptr + c * stride_st_c, carried.to(states_in_ptr.dtype.element_ty), mask=tile_ok)
+        chunk_start = c * chunk_size
+        seq_chunk = seq_idx_ptr   # None without HAS_SEQ
+        if HAS_SEQ:
+            seq_chunk = seq_idx_ptr + chunk_start * stride_seq_l
+        own = own_state(x_ptr + chunk_start * stride_x_l, B_ptr + chunk_start * stride_B_l, dt_ptr + c * stride_dt_c,
+                        dA_cumsum_ptr + c * stride_dt_c, seq_chunk, offs_p, offs_n,
+                        tl.minimum(chunk_size, seqlen - chunk_start), chunk_size, hdim, dstate,
+                        stride_x_l, stride_x_p, stride_B_l, stride_B_n, stride_dt_q, stride_seq_l,
+                        HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K)
+        a, seq_prev = _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dt_c,
+                                   stride_dt_q, stride_seq_l, seq_prev, HAS_SEQ)
+        carried = a * carried + own
+    tl.store(final_ptr + init_offs, carried, mask=tile_ok)
 
 
 @cached_launch
@@ -139,6 +201,33 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=block,
         **opts,
+    )
+    return states_in, final
+
+
+def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
+    """chunk_state_fwd then state_passing_fwd in one kernel (module docstring): the same
+    states_in and final states, without the chunk states in between.
+
+    B: (b, l, g, n)  x: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
+    ->  states_in: (b, c, h, p, n) in states_in_dtype, final_states: (b, h, p, n) fp32"""
+    tile, opts = launch.settings("chunk_state_passing_fwd")
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    nchunks, chunk_size = dt.shape[2:]
+    states_in = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=states_in_dtype)
+    final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+    if initial_states is not None:
+        initial_states = initial_states.contiguous()
+    block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
+    block_n = launch.dstate_block("chunk_state_passing_fwd", n)
+    grid, heads_fastest = launch.head_grid("chunk_state_passing_fwd", cdiv(p, block_p) * cdiv(n, block_n), b, h)
+    _chunk_state_passing_fwd_kernel[grid](
+        x, B, dt, dA_cumsum, initial_states, seq_idx, states_in, final,
+        l, nchunks, chunk_size, p, n, h // g,
+        *x.stride(), *B.stride(), *dt.stride(), *launch.seq_strides(seq_idx), *states_in.stride(), *final.stride(),
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK_P=block_p, BLOCK_N=block_n,
+        BLOCK_K=block_k, HEADS_FASTEST=heads_fastest, **opts,
     )
     return states_in, final
 
