@@ -201,8 +201,8 @@ def poison_unread_cb(monkeypatch):
     from kernels.triton_ssd import combined
     bmm_fwd = combined.bmm_fwd
 
-    def poisoned_bmm_fwd(C, B, chunk_size):
-        cb = bmm_fwd(C, B, chunk_size)
+    def poisoned_bmm_fwd(C, B, chunk_size, *args, **kwargs):
+        cb = bmm_fwd(C, B, chunk_size, *args, **kwargs)
         above = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=cb.device).triu(1)
         cb = cb.masked_fill(above, float("nan"))
         last_len = C.shape[1] - (cb.shape[1] - 1) * chunk_size

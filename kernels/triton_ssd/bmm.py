@@ -53,7 +53,7 @@ def _bmm_fwd_kernel(
                      mask=(offs_k[:, None] < dstate) & (offs_n[None, :] < chunk_len), other=0.0)
         acc += tl.dot(Ct, BT)
     cb_ptr += pid_b * stride_cb_b + pid_c * stride_cb_c + pid_g * stride_cb_g
-    tl.store(cb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, acc,
+    tl.store(cb_ptr + offs_m[:, None] * stride_cb_t + offs_n[None, :] * stride_cb_s, acc.to(cb_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
 
 
@@ -129,13 +129,14 @@ def _bmm_bwd_dcb_kernel(
              mask=(offs_m[:, None] < chunk_size) & (offs_n[None, :] < chunk_size))
 
 
-def bmm_fwd(C, B, chunk_size):
-    # C, B: (b, l, g, n)  ->  CB: (b, c, g, q, q) fp32, valid on and below the diagonal only
+def bmm_fwd(C, B, chunk_size, out_dtype=torch.float32):
+    # C, B: (b, l, g, n)  ->  CB: (b, c, g, q, q) in out_dtype (accumulated in fp32), valid on
+    # and below the diagonal only
     tile, opts = launch.settings("bmm_fwd")
     b, l, g, n = B.shape
     assert B.stride() == C.stride(), "B and C must share strides"
     nchunks = cdiv(l, chunk_size)
-    cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
+    cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=out_dtype)
     block_m = block_n = launch.block(chunk_size, tile)
     block_k = launch.dstate_block("bmm_fwd", n)
     grid = (cdiv(chunk_size, block_m) * cdiv(chunk_size, block_n), b * nchunks, g)

@@ -111,6 +111,14 @@ def l2_bytes(device):
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device):
+    """The streaming multiprocessors of a CUDA device (0 elsewhere: the interpreter has none)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def head_split(launcher, heads_per_group, programs):
     """(splits, heads per split) for a launcher whose programs loop over a group's heads.
 

@@ -14,8 +14,9 @@ The forward also comes fused with stage 2 (`chunk_state_passing_fwd`): one progr
 (p block × n block, batch, head) walks the chunks in order, computing each chunk's own state
 tile (chunk_state.own_state) as it goes, so the fp32 chunk states are never written and read
 back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch fewer. Its
-grid has no chunk axis, so it suits grids of many (batch, head) pairs; context parallelism,
-which needs the chunk states before its initial state is known, runs the two stages apart.
+grid has no chunk axis, so it suits grids of many (batch, head) pairs, and `states_in_fwd`
+picks it or the two stages by grid size. Context parallelism, which needs the chunk states
+before its initial state is known, runs the two stages apart.
 """
 
 import torch
@@ -25,7 +26,7 @@ import triton.language as tl
 from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 from . import launch
-from .chunk_state import own_state
+from .chunk_state import chunk_state_fwd, own_state
 from .tiles import head_program_ids
 
 
@@ -179,6 +180,11 @@ def _state_passing_bwd_kernel(
 
 
 _BLOCK = 1024
+# The fused forward's programs each walk a (batch, head)'s chunks in turn: with few of them an
+# SM has too few loads in flight. On an H100 (132 SMs; stage alone, ms, fused against the two
+# stages): 512 programs (b8 L2048 h32) 0.091 against 0.075 + 0.044; 128 programs (b1 L16384
+# h64) 0.281 against 0.137 + 0.085. The threshold lies between those.
+FUSED_MIN_PROGRAMS_PER_SM = 2
 
 
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
@@ -230,6 +236,20 @@ def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=No
         BLOCK_K=block_k, HEADS_FASTEST=heads_fastest, **opts,
     )
     return states_in, final
+
+
+def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
+    """The forward's states_in and final states: fused (chunk_state_passing_fwd) where its grid
+    has at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, else chunk_state_fwd then
+    state_passing_fwd, whose grids have a chunk axis (same results: tests)."""
+    b, _, h, p = x.shape
+    n = B.shape[-1]
+    tile, _ = launch.settings("chunk_state_passing_fwd")
+    programs = cdiv(p, launch.block(p, tile)) * cdiv(n, launch.dstate_block("chunk_state_passing_fwd", n)) * b * h
+    if programs >= FUSED_MIN_PROGRAMS_PER_SM * launch.sm_count(x.device):
+        return chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states, seq_idx, states_in_dtype)
+    states = chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx)
+    return state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, states_in_dtype)
 
 
 def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal=None,
