@@ -34,11 +34,11 @@ _DEFAULT_BLOCK = launch.block
 TRAINING_SHAPES = {"b16_L2048_h24": (16, 2048, 24, 64, 1, 128), "b8_L2048_h32": SHAPES["b8_L2048_h32"],
                    "b4_L2048_h64": SHAPES["b4_L2048_h64"]}
 ALL_SHAPES = {**SHAPES, **TRAINING_SHAPES}
-# rows timed for comparison, not in the sums: the two stages chunk_state_passing_fwd fuses
-# (context parallelism runs them apart), and chunk_scan_fwd reading CB in C's dtype (half the
-# bytes of the fp32 CB it reads, at one more rounding of each score)
-CB_NARROW_ROW = "chunk_scan_fwd, CB in C's dtype"   # a row, not a launcher: --sweep skips it
-COMPARISON_ROWS = ("chunk_state_fwd", "state_passing_fwd", CB_NARROW_ROW)
+# rows timed for comparison, not in the sums: the two stages each fused state passing fuses
+# (context parallelism, and grids too small for the fused kernels, run them apart), and
+# chunk_scan_fwd on the fp32 CB the backward uses (the forward's is in C's dtype)
+CB_FP32_ROW = "chunk_scan_fwd, fp32 CB"   # a row, not a launcher: --sweep skips it
+COMPARISON_ROWS = ("chunk_state_fwd", "state_passing_fwd", CB_FP32_ROW, "chunk_scan_bwd_dstates", "state_passing_bwd")
 
 
 def cap_tiles(cap):
@@ -55,8 +55,8 @@ def stage_calls(shape, chunk_size):
     states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum)
     # in C's dtype, as the forward writes and keeps them for backward
     states_in, _ = state_passing.state_passing_fwd(states, dA_cumsum, l, states_in_dtype=C.dtype)
-    cb = bmm.bmm_fwd(C, B, chunk_size)
-    cb_narrow = cb.to(C.dtype)
+    cb = bmm.bmm_fwd(C, B, chunk_size)   # fp32, as the backward recomputes it
+    cb_narrow = bmm.bmm_fwd(C, B, chunk_size, C.dtype)   # as the forward makes it
     dy = torch.randn_like(x)
     ddA = torch.zeros_like(dA_cumsum)
     ddt_out = torch.zeros_like(dt_out)
@@ -70,11 +70,12 @@ def stage_calls(shape, chunk_size):
                                                                                  states_in_dtype=C.dtype),
         "chunk_state_fwd": lambda: chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum),
         "state_passing_fwd": lambda: state_passing.state_passing_fwd(states, dA_cumsum, l, states_in_dtype=C.dtype),
-        "bmm_fwd": lambda: bmm.bmm_fwd(C, B, chunk_size),
-        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D,
+        "bmm_fwd": lambda: bmm.bmm_fwd(C, B, chunk_size, C.dtype),
+        "chunk_scan_fwd": lambda: chunk_scan.chunk_scan_fwd(cb_narrow, x, dt_out, dA_cumsum, C, states_in, D,
                                                             factor_decay=factor),
-        CB_NARROW_ROW: lambda: chunk_scan.chunk_scan_fwd(cb_narrow, x, dt_out, dA_cumsum, C, states_in, D,
-                                                         factor_decay=factor),
+        CB_FP32_ROW: lambda: chunk_scan.chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, factor_decay=factor),
+        "chunk_scan_state_passing_bwd": lambda: state_passing.chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum,
+                                                                                           ddA),
         "chunk_scan_bwd_dstates": lambda: chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum),
         "state_passing_bwd": lambda: state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA, l),
         "chunk_scan_bwd_dx": lambda: chunk_scan.chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum,
@@ -109,7 +110,7 @@ def sweep(shape, chunk_size, launchers=None, tiles=(64, 128), extra=None, around
     chosen = {}
     print(f"{'launcher':24s} {'default':>8s} {'best':>8s}  best settings")
     for name, fn in stages.items():
-        if (launchers and name not in launchers) or name == CB_NARROW_ROW:
+        if (launchers and name not in launchers) or name == CB_FP32_ROW:
             continue
         cand_tiles = (64,) if name.startswith(("state_passing", "chunk_cumsum")) else tiles
         own = {key: (None, *values) for key, values in (extra or {}).items() if values and name in launch.SPECIFIC_SETTINGS[key]}

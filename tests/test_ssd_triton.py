@@ -221,7 +221,7 @@ def test_other_launch_settings_give_the_same_result(monkeypatch, tile, tile_k, h
     # the causal select must drop) or narrower ("tile_k"), and grids either way round
     # ("heads_fastest")
     for name in ("chunk_cumsum_fwd", "chunk_cumsum_bwd", "chunk_state_passing_fwd", "bmm_fwd",
-                 "chunk_scan_fwd", "chunk_scan_bwd_dstates", "state_passing_bwd", "chunk_scan_bwd_dx",
+                 "chunk_scan_fwd", "chunk_scan_state_passing_bwd", "chunk_scan_bwd_dx",
                  "bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db"):
         monkeypatch.setitem(launch.SETTINGS, name, {"tile": tile, "tile_dstate": 16, "block_h": 1, "tile_k": tile_k,
                                                    "heads_fastest": heads_fastest})
@@ -310,6 +310,38 @@ def test_fused_state_passing_matches_the_two_stages(docs, first_doc, initial_sta
             else:
                 bound = 1e-6 if dtype == torch.float32 else 1e-3   # fp16: one rounding apart at most
                 assert rel_err(ours, theirs) <= bound, f"{name} ({dtype})"
+
+
+@pytest.mark.parametrize("docs, first_doc, dfinal, need_dinit", [(2, 0, True, True), (0, 0, False, False),
+                                                                 (3, 1, True, False)])
+def test_fused_state_passing_bwd_matches_the_two_stages(docs, first_doc, dfinal, need_dinit):
+    # chunk_scan_state_passing_bwd (the backward's path) against chunk_scan_bwd_dstates then
+    # state_passing_bwd (context parallelism's): dstates and dinit as in the forward's test;
+    # ddA_cumsum's sums of <G, S> run over other tiles, so they agree to rounding
+    from kernels.triton_ssd import chunk_cumsum, chunk_scan, state_passing
+    inputs = make_inputs(2, 45, 4, 16, 2, 16, docs=docs, first_doc=first_doc)
+    x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(x.shape, generator=gen).to(x.device)
+    d_final = torch.randn(init.shape, generator=gen).to(x.device) if dfinal else None
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
+    states_in, _ = state_passing.chunk_state_passing_fwd(B, x, dt_out, dA_cumsum, init, seq_idx)
+    ddA_two, ddA_fused = torch.zeros_like(dA_cumsum), torch.zeros_like(dA_cumsum)
+    dstates_in = chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    two_stages = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_two, x.shape[1], d_final,
+                                                 seq_idx, need_dinit)
+    fused = state_passing.chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_fused, d_final, seq_idx,
+                                                       need_dinit)
+    for name, ours, theirs in zip(("dstates", "dinit"), fused, two_stages):
+        if theirs is None:
+            assert ours is None, name
+            continue
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        if DEVICE == "cpu":
+            assert torch.equal(ours, theirs), name
+        else:
+            assert rel_err(ours, theirs) <= 1e-6, name
+    assert rel_err(ddA_fused, ddA_two) <= 1e-6
 
 
 def test_chunked_triton_matches_sequential_recurrence():

@@ -150,6 +150,32 @@ def _gate_bwd_kernel(dout_ptr, z_ptr, y_pregate_ptr, dy_ptr, dz_ptr, numel, BLOC
     tl.store(dz_ptr + offs, (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def own_dstates_in(dy_ptr, C_ptr, dA_cumsum_ptr, seq_idx_ptr, seq_before, offs_p, offs_n, chunk_len, chunk_size,
+                   hdim, dstate, stride_x_l, stride_x_p, stride_C_l, stride_C_n, stride_dt_q, stride_seq_l,
+                   HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # a (p block, n block) tile of d states_in of one chunk through its own y, fp32: dy, C and
+    # seq_idx point at the chunk's first token, dA_cumsum at its (batch, head, chunk) row;
+    # seq_before is the document of the token before the chunk. Shared with state_passing's
+    # fused backward, which passes these tiles back without writing them out.
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k in range(0, chunk_size, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < chunk_len
+        dyT = tl.load(dy_ptr + offs_p[:, None] * stride_x_p + offs_k[None, :] * stride_x_l,
+                      mask=(offs_p[:, None] < hdim) & k_ok[None, :], other=0.0)
+        Ck = tl.load(C_ptr + offs_k[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                     mask=k_ok[:, None] & (offs_n[None, :] < dstate), other=0.0).to(tl.float32)
+        keep = k_ok
+        if HAS_SEQ:
+            seq_k = tl.load(seq_idx_ptr + offs_k * stride_seq_l, mask=k_ok, other=-1)
+            keep = keep & (seq_k == seq_before)
+        dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
+        decay = tl.where(keep, tl.exp(tl.where(keep, dA_k, 0.0)), 0.0)
+        acc += tl.dot(dyT, (Ck * decay[:, None]).to(dyT.dtype))
+    return acc
+
+
 @cached_launch
 @triton.jit
 def _chunk_scan_bwd_dstates_kernel(
@@ -174,24 +200,14 @@ def _chunk_scan_bwd_dstates_kernel(
     dy_ptr += pid_b * stride_x_b + chunk_start * stride_x_l + pid_h * stride_x_h
     C_ptr += pid_b * stride_C_b + chunk_start * stride_C_l + (pid_h // heads_per_group) * stride_C_g
     dA_cumsum_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h + pid_c * stride_dt_c
+    seq_before = 0
     if HAS_SEQ:
         seq_idx_ptr += pid_b * stride_seq_b
         seq_before = tl.load(seq_idx_ptr + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k in range(0, chunk_size, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < chunk_len
-        dyT = tl.load(dy_ptr + offs_p[:, None] * stride_x_p + offs_k[None, :] * stride_x_l,
-                      mask=(offs_p[:, None] < hdim) & k_ok[None, :], other=0.0)
-        Ck = tl.load(C_ptr + offs_k[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
-                     mask=k_ok[:, None] & (offs_n[None, :] < dstate), other=0.0).to(tl.float32)
-        keep = k_ok
-        if HAS_SEQ:
-            seq_k = tl.load(seq_idx_ptr + (chunk_start + offs_k) * stride_seq_l, mask=k_ok, other=-1)
-            keep = keep & (seq_k == seq_before)
-        dA_k = tl.load(dA_cumsum_ptr + offs_k * stride_dt_q, mask=k_ok, other=0.0)
-        decay = tl.where(keep, tl.exp(tl.where(keep, dA_k, 0.0)), 0.0)
-        acc += tl.dot(dyT, (Ck * decay[:, None]).to(dyT.dtype))
+        seq_idx_ptr += chunk_start * stride_seq_l
+    acc = own_dstates_in(dy_ptr, C_ptr, dA_cumsum_ptr, seq_idx_ptr, seq_before, offs_p, offs_n, chunk_len, chunk_size,
+                         hdim, dstate, stride_x_l, stride_x_p, stride_C_l, stride_C_n, stride_dt_q, stride_seq_l,
+                         HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K)
     dstates_in_ptr += pid_b * stride_st_b + pid_c * stride_st_c + pid_h * stride_st_h
     tl.store(dstates_in_ptr + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n, acc,
              mask=(offs_p[:, None] < hdim) & (offs_n[None, :] < dstate))

@@ -1,7 +1,7 @@
 """The public chunked SSD on Triton: the stages of DESIGN §3 chained into one autograd Function.
 
-Forward runs chunk_cumsum → chunk_state and state_passing (one fused kernel: state_passing.py)
-→ bmm → chunk_scan and saves the inputs, the states entering each chunk (states_in, in C's
+Forward runs chunk_cumsum → chunk_state and state_passing (one fused kernel where the grid is
+large enough: state_passing.py) → bmm → chunk_scan and saves the inputs, the states entering each chunk (states_in, in C's
 dtype: what chunk_scan read) and y before the gate when z is given. Backward recomputes the cheap intermediates (cumsums, CB),
 then runs the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32
 buffer, which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
@@ -37,7 +37,7 @@ from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .chunk_scan import (chunk_scan_bwd_dc, chunk_scan_bwd_dstates, chunk_scan_bwd_dx, chunk_scan_fwd,
                          gate_bwd)
 from .chunk_state import chunk_state_bwd_db, chunk_state_fwd
-from .state_passing import state_passing_bwd, state_passing_fwd, states_in_fwd
+from .state_passing import dstates_bwd, state_passing_bwd, state_passing_fwd, states_in_fwd
 
 
 def _contiguous(t):
@@ -103,17 +103,19 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
         dy, dz = dout, None
     # the stages' gradients w.r.t. dA_cumsum and dt_out, accumulated in place: one zeroed buffer
     ddA_cumsum, ddt_out = torch.zeros((2, *dA_cumsum.shape), device=dA_cumsum.device, dtype=torch.float32).unbind(0)
-    dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
-    if context_parallel is not None:
+    need_dinit = initial_states is not None and need_dinit
+    if context_parallel is None:
+        dstates, dinit = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal_states, seq_idx, need_dinit)
+    else:
         assert dfinal_states is None, "context parallelism supplies the final states' gradient"
+        dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
         # the initial states' gradient through y alone (the state passing's effect on dA_cumsum
         # is counted in the full pass below, so this one's goes to a scratch buffer)
         _, dinit_through_y = state_passing_bwd(dstates_in, states_in, dA_cumsum, torch.zeros_like(dA_cumsum),
                                                x.shape[1], None, seq_idx, need_dinit=True)
         dfinal_states = context_parallel.final_state_grad(dinit_through_y, _log_decay(dA_cumsum))
-    dstates, dinit = state_passing_bwd(
-        dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states, seq_idx,
-        need_dinit=initial_states is not None and need_dinit)
+        dstates, dinit = state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states,
+                                           seq_idx, need_dinit)
     dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, factor_decay)
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
     dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)

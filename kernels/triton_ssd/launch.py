@@ -14,17 +14,17 @@ HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db"
 # Launchers with a tile over dstate, which "tile_dstate" caps apart from "tile" (a dstate of
 # 128 in one tile reads the other operand once instead of twice).
 DSTATE_LAUNCHERS = ("bmm_fwd", "chunk_state_fwd", "chunk_state_passing_fwd", "chunk_scan_fwd", "chunk_scan_bwd_dstates",
-                    "chunk_scan_bwd_dx", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
+                    "chunk_scan_state_passing_bwd", "chunk_scan_bwd_dx", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
 # chunk_cumsum's launchers take "block_h": at most this many heads per program.
 BLOCK_H_LAUNCHERS = ("chunk_cumsum_fwd", "chunk_cumsum_bwd")
 # Launchers with a causal loop over the chunk's tokens, whose step "tile_k" caps apart from
 # "tile" (chunk_scan_bwd_dx is faster stepping by 32 under 64-row tiles).
 K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
-# Launchers with one program per (tile, batch × chunk, head) (chunk_state_passing_fwd: per
+# Launchers with one program per (tile, batch × chunk, head) (the fused state passings: per
 # (tile, batch, head)), whose "heads_fastest" orders the grid with the heads innermost
 # (launch.head_grid, tiles.head_program_ids).
 HEAD_GRID_LAUNCHERS = ("chunk_state_fwd", "chunk_state_passing_fwd", "chunk_scan_fwd", "chunk_scan_bwd_dstates",
-                       "chunk_scan_bwd_dx")
+                       "chunk_scan_state_passing_bwd", "chunk_scan_bwd_dx")
 # Each launcher-specific setting and the launchers that take it (`settings` strips them from
 # the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
 SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS,
@@ -54,6 +54,7 @@ SETTINGS: dict[str, dict] = {
     "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128, "heads_fastest": True},   # 0.071 → 0.067
     "chunk_state_fwd": {"heads_fastest": True},
     "chunk_state_passing_fwd": {"heads_fastest": True},
+    "chunk_scan_state_passing_bwd": {"heads_fastest": True},
     "chunk_cumsum_bwd": {"num_warps": 8, "num_stages": 3, "block_h": 8},  # 0.026 → 0.020
     # A group's heads over several programs (head_split), as many as keep the grid within
     # "grid_programs". b4 L2048 h64 g1 (1.3b), ms: bmm_bwd_dcb 0.499 → 0.327 split, → 0.275 at

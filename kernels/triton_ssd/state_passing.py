@@ -17,6 +17,10 @@ back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch f
 grid has no chunk axis, so it suits grids of many (batch, head) pairs, and `states_in_fwd`
 picks it or the two stages by grid size. Context parallelism, which needs the chunk states
 before its initial state is known, runs the two stages apart.
+
+The backward likewise fuses chunk_scan's d states_in (chunk_scan.own_dstates_in) into the
+reverse walk (`chunk_scan_state_passing_bwd`, picked by `dstates_bwd`): the fp32 d states_in
+are never written and read back.
 """
 
 import torch
@@ -26,6 +30,7 @@ import triton.language as tl
 from ..cached_launch import cached_launch
 from ..host_math import cdiv, next_power_of_2
 from . import launch
+from .chunk_scan import chunk_scan_bwd_dstates, own_dstates_in
 from .chunk_state import chunk_state_fwd, own_state
 from .tiles import head_program_ids
 
@@ -179,11 +184,71 @@ def _state_passing_bwd_kernel(
         tl.store(dinit_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, grad, mask=ok)
 
 
+@cached_launch
+@triton.jit
+def _chunk_scan_state_passing_bwd_kernel(
+    dy_ptr, C_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, seq_idx_ptr, dstates_ptr, dinit_ptr, ddA_cumsum_ptr,
+    seqlen, nchunks, chunk_size, hdim, dstate, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_q,
+    stride_seq_b, stride_seq_l,
+    stride_st_b, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
+    stride_init_b, stride_init_h, stride_init_p, stride_init_n,
+    HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+):
+    # one program per (p block × n block, batch, head), over every chunk from the last:
+    # chunk_scan_bwd_dstates' tile of each chunk made on the fly, then state_passing_bwd's step.
+    # states_in and dstates share strides (b, c, h, p, n); dfinal, dinit share theirs (b, h, p, n)
+    pid_pn, pid_b, pid_h = head_program_ids(HEADS_FASTEST)
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_ok = (offs_p[:, None] < hdim) & (offs_n[None, :] < dstate)
+    dy_ptr += pid_b * stride_x_b + pid_h * stride_x_h
+    C_ptr += pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
+    dA_cumsum_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h
+    ddA_cumsum_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h
+    st_offs = pid_b * stride_st_b + pid_h * stride_st_h + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n
+    init_offs = pid_b * stride_init_b + pid_h * stride_init_h + offs_p[:, None] * stride_init_p + offs_n[None, :] * stride_init_n
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + init_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if HAS_SEQ:
+        seq_idx_ptr += pid_b * stride_seq_b
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        chunk_start = c * chunk_size
+        tl.store(dstates_ptr + st_offs + c * stride_st_c, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
+        seq_prev = 0
+        seq_chunk = seq_idx_ptr   # None without HAS_SEQ
+        if HAS_SEQ:
+            # document of the token before chunk c (for c = 0, the first document)
+            seq_prev = tl.load(seq_idx_ptr + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
+            seq_chunk = seq_idx_ptr + chunk_start * stride_seq_l
+        a, _ = _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dt_c,
+                            stride_dt_q, stride_seq_l, seq_prev, HAS_SEQ)
+        carried_in = tl.load(states_in_ptr + st_offs + c * stride_st_c, mask=tile_ok, other=0.0)
+        da = tl.sum(tl.sum(grad * carried_in, axis=1), axis=0)
+        chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+        tl.atomic_add(ddA_cumsum_ptr + c * stride_dt_c + (chunk_len - 1) * stride_dt_q, da * a, sem="relaxed")
+        own = own_dstates_in(dy_ptr + chunk_start * stride_x_l, C_ptr + chunk_start * stride_C_l,
+                             dA_cumsum_ptr + c * stride_dt_c, seq_chunk, seq_prev, offs_p, offs_n, chunk_len,
+                             chunk_size, hdim, dstate, stride_x_l, stride_x_p, stride_C_l, stride_C_n, stride_dt_q,
+                             stride_seq_l, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K)
+        grad = own + a * grad
+    if HAS_DINIT:
+        tl.store(dinit_ptr + init_offs, grad, mask=tile_ok)
+
+
 _BLOCK = 1024
-# The fused forward's programs each walk a (batch, head)'s chunks in turn: with few of them an
-# SM has too few loads in flight. On an H100 (132 SMs; stage alone, ms, fused against the two
-# stages): 512 programs (b8 L2048 h32) 0.091 against 0.075 + 0.044; 128 programs (b1 L16384
-# h64) 0.281 against 0.137 + 0.085. The threshold lies between those.
+# The fused kernels' programs each walk a (batch, head)'s chunks in turn: with few of them an
+# SM has too few loads in flight. On an H100 (132 SMs; stage alone, ms, fused forward against
+# the two stages): 512 programs (b8 L2048 h32) 0.091 against 0.075 + 0.044; 128 programs (b1
+# L16384 h64) 0.281 against 0.137 + 0.085, and 0.229 at its best settings (256 programs of
+# 32-wide dstate tiles, 3 stages). The threshold lies between 128 and 512.
 FUSED_MIN_PROGRAMS_PER_SM = 2
 
 
@@ -243,10 +308,7 @@ def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states
     has at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, else chunk_state_fwd then
     state_passing_fwd, whose grids have a chunk axis (same results: tests)."""
     b, _, h, p = x.shape
-    n = B.shape[-1]
-    tile, _ = launch.settings("chunk_state_passing_fwd")
-    programs = cdiv(p, launch.block(p, tile)) * cdiv(n, launch.dstate_block("chunk_state_passing_fwd", n)) * b * h
-    if programs >= FUSED_MIN_PROGRAMS_PER_SM * launch.sm_count(x.device):
+    if _fused_grid_fills_gpu("chunk_state_passing_fwd", b, h, p, B.shape[-1], x.device):
         return chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states, seq_idx, states_in_dtype)
     states = chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx)
     return state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, states_in_dtype)
@@ -276,3 +338,50 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
         **opts,
     )
     return dstates, dinit
+
+
+def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None,
+                                 need_dinit=False):
+    """chunk_scan_bwd_dstates then state_passing_bwd in one kernel (module docstring): the same
+    dstates and dinit, without the fp32 d states_in in between; ddA_cumsum accumulated in place.
+
+    dy: (b, l, h, p)  C: (b, l, g, n)  states_in: (b, c, h, p, n)  dA_cumsum: (b, h, c, q)
+    dfinal: (b, h, p, n)  ->  dstates (states_in's dtype), dinit (b, h, p, n) fp32 or None"""
+    tile, opts = launch.settings("chunk_scan_state_passing_bwd")
+    b, l, h, p = dy.shape
+    g, n = C.shape[2:]
+    nchunks, chunk_size = dA_cumsum.shape[2:]
+    dstates = torch.empty_like(states_in)
+    dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32) if need_dinit else None
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
+    block_n = launch.dstate_block("chunk_scan_state_passing_bwd", n)
+    grid, heads_fastest = launch.head_grid("chunk_scan_state_passing_bwd", cdiv(p, block_p) * cdiv(n, block_n), b, h)
+    init_strides = (h * p * n, p * n, n, 1)   # dfinal and dinit: contiguous (b, h, p, n)
+    _chunk_scan_state_passing_bwd_kernel[grid](
+        dy, C, states_in, dA_cumsum, dfinal, seq_idx, dstates, dinit, ddA_cumsum,
+        l, nchunks, chunk_size, p, n, h // g,
+        *dy.stride(), *C.stride(), *dA_cumsum.stride(), *launch.seq_strides(seq_idx), *states_in.stride(),
+        *init_strides,
+        HAS_DFINAL=dfinal is not None, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None, BLOCK_P=block_p,
+        BLOCK_N=block_n, BLOCK_K=block_k, HEADS_FASTEST=heads_fastest, **opts,
+    )
+    return dstates, dinit
+
+
+def _fused_grid_fills_gpu(launcher, b, h, p, n, device):
+    # FUSED_MIN_PROGRAMS_PER_SM: whether the fused launcher's (tile, batch, head) grid is large enough
+    tile, _ = launch.settings(launcher)
+    programs = cdiv(p, launch.block(p, tile)) * cdiv(n, launch.dstate_block(launcher, n)) * b * h
+    return programs >= FUSED_MIN_PROGRAMS_PER_SM * launch.sm_count(device)
+
+
+def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None, need_dinit=False):
+    """The backward's dstates and dinit: fused (chunk_scan_state_passing_bwd) where its grid
+    has at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, else chunk_scan_bwd_dstates then
+    state_passing_bwd (same results: tests)."""
+    b, _, h, p = dy.shape
+    if _fused_grid_fills_gpu("chunk_scan_state_passing_bwd", b, h, p, C.shape[-1], dy.device):
+        return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit)
+    dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    return state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, dy.shape[1], dfinal, seq_idx, need_dinit)
