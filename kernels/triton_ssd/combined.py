@@ -1,10 +1,12 @@
 """The public chunked SSD on Triton: the stages of DESIGN §3 chained into one autograd Function.
 
 Forward runs chunk_cumsum → chunk_state and state_passing (one fused kernel where the grid is
-large enough: state_passing.py) → bmm → chunk_scan and saves the inputs, the states entering each chunk (states_in, in C's
-dtype: what chunk_scan read) and y before the gate when z is given. Backward recomputes the cheap intermediates (cumsums, CB),
-then runs the reverse stages; every stage adds its gradient w.r.t. dA_cumsum into one fp32
-buffer, which chunk_cumsum's backward turns into gradients for dt, A and dt_bias.
+large enough: state_passing.py) → bmm → chunk_scan and saves the inputs, the states entering
+each chunk (states_in, in C's dtype: what chunk_scan read) and y before the gate when z is
+given. Backward recomputes the cheap intermediates (cumsums, CB in fp32), then runs the
+reverse stages (chunk_scan's d states_in and the state passing fused likewise); every stage
+adds its gradient w.r.t. dA_cumsum into one fp32 buffer, which chunk_cumsum's backward turns
+into gradients for dt, A and dt_bias.
 
 Why states_in is kept, not recomputed: recomputing it runs chunk_state and state_passing again
 (0.12 of 1.3 ms forward+backward at b4 L2048 h64 on an H100), and kept in bf16 it weighs
