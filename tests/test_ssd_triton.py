@@ -442,6 +442,9 @@ GPU_CASES = {
     "b1_L4000_h16_p64_g2_n128_Q128_docs_init_z": (1, 4000, 16, 64, 2, 128, 128,
                                                    dict(D="channel", docs=5, dt_limit=(0.0, 0.5))),
     "b2_L1500_h8_p128_g8_n64_Q64": (2, 1500, 8, 128, 8, 64, 64, dict(D="head", z=True)),
+    # 256 (batch, head) pairs: the fused state passings (state_passing.FUSED_MIN_PAIRS_PER_SM),
+    # which the cases above (64 pairs at most) leave to the two stages
+    "b8_L600_h32_p64_g1_n128_Q256_docs_init_z": (8, 600, 32, 64, 1, 128, 256, dict(D="head", docs=2)),
 }
 
 

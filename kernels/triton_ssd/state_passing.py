@@ -15,7 +15,7 @@ The forward also comes fused with stage 2 (`chunk_state_passing_fwd`): one progr
 tile (chunk_state.own_state) as it goes, so the fp32 chunk states are never written and read
 back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch fewer. Its
 grid has no chunk axis, so it suits grids of many (batch, head) pairs, and `states_in_fwd`
-picks it or the two stages by grid size. Context parallelism, which needs the chunk states
+picks it or the two stages by the number of (batch, head) pairs. Context parallelism, which needs the chunk states
 before its initial state is known, runs the two stages apart.
 
 The backward likewise fuses chunk_scan's d states_in (chunk_scan.own_dstates_in) into the
@@ -246,13 +246,14 @@ def _chunk_scan_state_passing_bwd_kernel(
 
 
 _BLOCK = 1024
-# The fused kernels' programs each walk a (batch, head)'s chunks in turn: with few of them an
-# SM has too few loads in flight. On an H100 (132 SMs; stage alone, ms, fused forward against
-# the two stages): 512 programs (b8 L2048 h32) 0.091 against 0.075 + 0.044; 128 programs (b1
-# L16384 h64) 0.281 against 0.137 + 0.085, and 0.229 at its best settings (256 programs of
-# 32-wide dstate tiles, 3 stages). The fused backward likewise: 0.101 against 0.065 + 0.057,
-# and 0.312 against 0.115 + 0.128. The threshold lies between 128 and 512.
-FUSED_MIN_PROGRAMS_PER_SM = 2
+# The fused kernels' programs each walk a (batch, head)'s chunks in turn: with few (batch,
+# head) pairs an SM has too few loads in flight, whatever the tiles. On an H100 (132 SMs;
+# stage alone, ms, fused against the two stages): 256 pairs (b8 L2048 h32) forward 0.092
+# against 0.074 + 0.044, backward 0.102 against 0.065 + 0.057, at 64-wide tiles, and 0.073 and
+# 0.082 at the settings in launch.SETTINGS; 64 pairs (b1 L16384 h64) forward 0.281 against
+# 0.137 + 0.085 (0.229 at the best settings a sweep found there), backward 0.312 against
+# 0.115 + 0.128. The threshold lies between 64 and 256 pairs.
+FUSED_MIN_PAIRS_PER_SM = 1
 
 
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
@@ -307,11 +308,10 @@ def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=No
 
 
 def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
-    """The forward's states_in and final states: fused (chunk_state_passing_fwd) where its grid
-    has at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, else chunk_state_fwd then
+    """The forward's states_in and final states: fused (chunk_state_passing_fwd) where there are
+    FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_state_fwd then
     state_passing_fwd, whose grids have a chunk axis (same results: tests)."""
-    b, _, h, p = x.shape
-    if _fused_grid_fills_gpu("chunk_state_passing_fwd", b, h, p, B.shape[-1], x.device):
+    if _fused_kernels_fill(x.shape[0], x.shape[2], x.device):
         return chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states, seq_idx, states_in_dtype)
     states = chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx)
     return state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, states_in_dtype)
@@ -372,19 +372,16 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
     return dstates, dinit
 
 
-def _fused_grid_fills_gpu(launcher, b, h, p, n, device):
-    # FUSED_MIN_PROGRAMS_PER_SM: whether the fused launcher's (tile, batch, head) grid is large enough
-    tile, _ = launch.settings(launcher)
-    programs = cdiv(p, launch.block(p, tile)) * cdiv(n, launch.dstate_block(launcher, n)) * b * h
-    return programs >= FUSED_MIN_PROGRAMS_PER_SM * launch.sm_count(device)
+def _fused_kernels_fill(b, h, device):
+    # whether a fused state passing has enough (batch, head) pairs (FUSED_MIN_PAIRS_PER_SM)
+    return b * h >= FUSED_MIN_PAIRS_PER_SM * launch.sm_count(device)
 
 
 def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None, need_dinit=False):
-    """The backward's dstates and dinit: fused (chunk_scan_state_passing_bwd) where its grid
-    has at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, else chunk_scan_bwd_dstates then
+    """The backward's dstates and dinit: fused (chunk_scan_state_passing_bwd) where there are
+    FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_scan_bwd_dstates then
     state_passing_bwd (same results: tests)."""
-    b, _, h, p = dy.shape
-    if _fused_grid_fills_gpu("chunk_scan_state_passing_bwd", b, h, p, C.shape[-1], dy.device):
+    if _fused_kernels_fill(dy.shape[0], dy.shape[2], dy.device):
         return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit)
     dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
     return state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, dy.shape[1], dfinal, seq_idx, need_dinit)
