@@ -344,6 +344,36 @@ def test_fused_state_passing_bwd_matches_the_two_stages(docs, first_doc, dfinal,
     assert rel_err(ddA_fused, ddA_two) <= 1e-6
 
 
+def test_shipped_settings_at_full_size_tiles():
+    # the other tests' small p, n and chunks cap every tile below the shipped settings' sizes;
+    # here p = 64, n = 128 and chunk 256 let the fused state passings run their shipped tiles
+    # (128 tokens a step, dstate whole), against the two stages and end to end against float64
+    # (dA and ddt_bias sum ddA over all 600 tokens in fp32: 1.7e-5 measured on CPU)
+    from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, state_passing
+    inputs = make_inputs(1, 600, 2, 64, 1, 128, D="head", docs=2)
+    x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 256, inputs["dt_bias"], True)
+    states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    two_stages = state_passing.state_passing_fwd(states, dA_cumsum, x.shape[1], init, seq_idx)
+    fused = state_passing.chunk_state_passing_fwd(B, x, dt_out, dA_cumsum, init, seq_idx)
+    for name, ours, theirs in zip(("states_in", "final"), fused, two_stages):
+        assert rel_err(ours, theirs) <= 1e-6, name   # their dots step 64 tokens, the fused one 128
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(x.shape, generator=gen).to(x.device)
+    d_final = torch.randn(init.shape, generator=gen).to(x.device)
+    ddA_two, ddA_fused = torch.zeros_like(dA_cumsum), torch.zeros_like(dA_cumsum)
+    states_in = two_stages[0]
+    dstates_in = chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    two_stages = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_two, x.shape[1], d_final,
+                                                 seq_idx, True)
+    fused = state_passing.chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_fused, d_final,
+                                                       seq_idx, True)
+    for name, ours, theirs in zip(("dstates", "dinit", "ddA_cumsum"), (*fused, ddA_fused), (*two_stages, ddA_two)):
+        assert rel_err(ours, theirs) <= 1e-6, name
+    ours = run(ssd_triton, inputs, chunk_size=256)
+    check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=256), 1e-4, "full-size tiles")
+
+
 def test_chunked_triton_matches_sequential_recurrence():
     # the oracle itself, not only the chunked reference: documents, initial state, z, D
     inputs = make_inputs(1, 37, 2, 16, 1, 16, D="channel", docs=2)
