@@ -158,4 +158,6 @@ def chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias=None, dt_softplus=True,
         **opts,
     )
     sums = parts.sum(dim=(1, 2))
-    return ddt, sums[0], (sums[1] if dt_bias is not None else None)
+    # ddt_bias copied out: autograd keeps each returned tensor as a .grad, and two parameters'
+    # grads should not share one storage
+    return ddt, sums[0], (sums[1].clone() if dt_bias is not None else None)

@@ -48,7 +48,9 @@ SETTINGS: dict[str, dict] = {
     # half the L2: 130m's CB (33.5 MB fp32 at b16) did not stay in an H100's 50 MB beside the
     # x it streams, so each head read it from memory again (0.321 ms against 0.162 at b8 L2048
     # h32, 2/3 of the work and a 16.8 MB CB); heads first, 0.321 → 0.296, but at b8 h32 0.162 →
-    # 0.198 and at b4 h64 0.157 → 0.196
+    # 0.198 and at b4 h64 0.157 → 0.196. Those CBs were fp32; the forward's is now in C's dtype,
+    # so 130m's (16.8 MB in bf16) takes the plain order as b8 h32's 16.8 MB did (the rule's
+    # bytes; not yet measured at 130m)
     "chunk_scan_fwd": {"num_stages": 1, "tile_dstate": 128, "heads_fastest": 0.5},
     "chunk_scan_bwd_dx": {"num_stages": 1, "tile_k": 32, "heads_fastest": True},
     "chunk_scan_bwd_dstates": {"num_stages": 3, "tile_dstate": 128, "heads_fastest": True},   # 0.071 → 0.067

@@ -14,9 +14,9 @@ The forward also comes fused with stage 2 (`chunk_state_passing_fwd`): one progr
 (p block × n block, batch, head) walks the chunks in order, computing each chunk's own state
 tile (chunk_state.own_state) as it goes, so the fp32 chunk states are never written and read
 back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch fewer. Its
-grid has no chunk axis, so it suits grids of many (batch, head) pairs, and `states_in_fwd`
-picks it or the two stages by the number of (batch, head) pairs. Context parallelism, which needs the chunk states
-before its initial state is known, runs the two stages apart.
+grid has no chunk axis, so it suits batches of many (batch, head) pairs, and `states_in_fwd`
+picks it or the two stages by their number. Context parallelism, which needs the chunk
+states before its initial state is known, runs the two stages apart.
 
 The backward likewise fuses chunk_scan's d states_in (chunk_scan.own_dstates_in) into the
 reverse walk (`chunk_scan_state_passing_bwd`, picked by `dstates_bwd`): the fp32 d states_in
@@ -256,6 +256,13 @@ _BLOCK = 1024
 FUSED_MIN_PAIRS_PER_SM = 1
 
 
+def _fused_kernels_fill(b, h, device):
+    # whether a fused state passing has enough (batch, head) pairs (FUSED_MIN_PAIRS_PER_SM). Off
+    # CUDA sm_count is 0, so the interpreter always runs the fused kernels: tests that want the
+    # two stages call them directly or replace this function.
+    return b * h >= FUSED_MIN_PAIRS_PER_SM * launch.sm_count(device)
+
+
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
     # states: (b, c, h, p, n) fp32  dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
     # ->  states_in: (b, c, h, p, n) in states_in_dtype, final_states: (b, h, p, n) fp32
@@ -370,11 +377,6 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
         BLOCK_N=block_n, BLOCK_K=block_k, HEADS_FASTEST=heads_fastest, **opts,
     )
     return dstates, dinit
-
-
-def _fused_kernels_fill(b, h, device):
-    # whether a fused state passing has enough (batch, head) pairs (FUSED_MIN_PAIRS_PER_SM)
-    return b * h >= FUSED_MIN_PAIRS_PER_SM * launch.sm_count(device)
 
 
 def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None, need_dinit=False):
