@@ -245,7 +245,8 @@ def _chunk_scan_state_passing_bwd_kernel(
         tl.store(dinit_ptr + init_offs, grad, mask=tile_ok)
 
 
-_BLOCK = 1024
+_BLOCK = 1024   # the two-stage kernels' elements of p·n a program
+
 # The fused kernels' programs each walk a (batch, head)'s chunks in turn: with few (batch,
 # head) pairs an SM has too few loads in flight, whatever the tiles. On an H100 (132 SMs;
 # stage alone, ms, fused against the two stages): 256 pairs (b8 L2048 h32) forward 0.092
