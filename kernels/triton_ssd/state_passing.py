@@ -32,7 +32,7 @@ from ..host_math import cdiv, next_power_of_2
 from . import launch
 from .chunk_scan import chunk_scan_bwd_dstates, own_dstates_in
 from .chunk_state import chunk_state_fwd, own_state
-from .tiles import head_program_ids
+from .tiles import head_program_ids, state_tile
 
 
 @triton.jit
@@ -102,10 +102,7 @@ def _chunk_state_passing_fwd_kernel(
     # one program per (p block × n block, batch, head), over every chunk in order: states_in
     # (b, c, h, p, n) in its dtype, final (b, h, p, n) fp32; init and final share strides
     pid_pn, pid_b, pid_h = head_program_ids(HEADS_FASTEST)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tile_ok = (offs_p[:, None] < hdim) & (offs_n[None, :] < dstate)
+    offs_p, offs_n, tile_ok = state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
     x_ptr += pid_b * stride_x_b + pid_h * stride_x_h
     B_ptr += pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
     dt_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h
@@ -203,10 +200,7 @@ def _chunk_scan_state_passing_bwd_kernel(
     # chunk_scan_bwd_dstates' tile of each chunk made on the fly, then state_passing_bwd's step.
     # states_in and dstates share strides (b, c, h, p, n); dfinal, dinit share theirs (b, h, p, n)
     pid_pn, pid_b, pid_h = head_program_ids(HEADS_FASTEST)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tile_ok = (offs_p[:, None] < hdim) & (offs_n[None, :] < dstate)
+    offs_p, offs_n, tile_ok = state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
     dy_ptr += pid_b * stride_x_b + pid_h * stride_x_h
     C_ptr += pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
     dA_cumsum_ptr += pid_b * stride_dt_b + pid_h * stride_dt_h

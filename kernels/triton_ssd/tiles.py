@@ -23,3 +23,13 @@ def head_program_ids(HEADS_FASTEST: tl.constexpr):
     else:
         pid_tile, pid_bc, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     return pid_tile, pid_bc, pid_h
+
+
+@triton.jit
+def state_tile(pid_pn, hdim, dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the p and n offsets of the (p block, n block) tile of a state that program index pid_pn
+    # (over p blocks × n blocks, n fastest) owns, and the tile's bounds mask
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_p, offs_n, (offs_p[:, None] < hdim) & (offs_n[None, :] < dstate)
