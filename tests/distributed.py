@@ -86,6 +86,9 @@ def _nbytes(value) -> int:
 class CollectiveLog:
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
+        # (name, shapes of its tensor arguments: (output, input) for the all-gathers and
+        # reduce-scatters into one tensor)
+        self.shapes: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
 
     def counts(self) -> Counter:
         return Counter(name for name, _ in self.calls)
@@ -97,7 +100,7 @@ class CollectiveLog:
 @contextlib.contextmanager
 def count_collectives():
     """Record every torch.distributed collective (name, bytes of its first tensor argument:
-    what this rank sends or reduces). megatron-core binds some functions at import
+    what this rank sends or reduces; and the shapes of its tensor arguments). megatron-core binds some functions at import
     (`dist_all_gather_func`, `dist_reduce_scatter_func` in mappings and layers), so those
     aliases are wrapped too."""
     from megatron.core.tensor_parallel import layers, mappings
@@ -113,6 +116,7 @@ def count_collectives():
             sent = args[1] if name in ("all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
                                        "_reduce_scatter_base", "all_gather", "reduce_scatter") else args[0]
             log.calls.append((name, _nbytes(sent)))
+            log.shapes.append((name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
             return original(*args, **kwargs)
 
         setattr(owner, attr, counted)

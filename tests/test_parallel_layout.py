@@ -9,6 +9,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra
 from distributed import tiny_config
 from mamba_train.model import Mamba2LM
 from mamba_train.parallel import LayoutError, merge_state_dicts, shard_state_dict, validate_layout
+from mamba_train.parallel.sequence_parallel import TokenSplit
 from mamba_train.parallel.tensor_parallel import in_proj_rows
 
 
@@ -30,6 +31,23 @@ def test_impossible_layout_fails_with_a_message_naming_the_cause(kwargs, message
     cfg = tiny_config(ngroups=kwargs.pop("ngroups", 2))
     with pytest.raises(LayoutError, match=message):
         validate_layout(cfg, seq_len=kwargs.pop("seq_len", 32), **kwargs)
+
+
+class _TwoRanks:
+    """Stands in for a TP group of 2: TokenSplit's choice reads only its size."""
+
+    def size(self) -> int:
+        return 2
+
+
+def test_sequence_parallel_splits_rows_when_tp_divides_the_batch_else_the_sequence():
+    split = TokenSplit(_TwoRanks())
+    split.begin(batch=4, local_len=31)
+    assert split.dim == TokenSplit.BATCH_ROWS
+    split.begin(batch=3, local_len=32)
+    assert split.dim == TokenSplit.SEQUENCE
+    with pytest.raises(ValueError, match=r"the batch, 3, must be a multiple of tp.*31 tokens a row must be"):
+        split.begin(batch=3, local_len=31)
 
 
 def test_in_proj_rows_give_each_rank_its_own_z_x_B_C_dt():

@@ -52,9 +52,13 @@ def validate_layout(model: ModelConfig, seq_len: int, world_size: int, tp: int =
     if cp > 1 and local_len < model.d_conv - 1:
         raise LayoutError(f"data.seq_len / parallel.cp = {local_len} is shorter than the conv halo "
                           f"(d_conv - 1 = {model.d_conv - 1}): the halo comes from the previous rank only")
+    # SP splits a batch's rows over the TP ranks where they divide, else each row's tokens
+    # (parallel/sequence_parallel.py). The micro-batch is not known here and evaluation's last
+    # batch may be smaller, so every layout must allow the split by the sequence.
     if sequence_parallel and local_len % tp:
-        raise LayoutError(f"sequence parallelism scatters each rank's {local_len} tokens over tp={tp} ranks: "
-                          f"seq_len / cp must be a multiple of tp")
+        raise LayoutError(f"sequence parallelism splits each row's {local_len} tokens (a rank's piece) over "
+                          f"tp={tp} ranks for a batch whose rows tp does not divide: seq_len / cp must be a "
+                          f"multiple of tp")
     if world_size % (tp * cp):
         raise LayoutError(f"world size {world_size} is not tp·cp·dp for tp={tp}, cp={cp}: "
                           f"it must be a multiple of tp·cp = {tp * cp}")

@@ -5,6 +5,9 @@ its weights, swaps in megatron-core's parallel linears and embedding, and hangs 
 context-parallel hook on each mixer. The blocks run unchanged. What changes at the ends
 of the network lives in ParallelMamba2LM: the vocab-parallel embedding and tied head, and
 the cross-entropy over the vocabulary shards (logits never gathered over the vocabulary).
+With sequence parallelism each TP rank holds a share of the residual stream's tokens from
+the embedding to norm_f, split by batch rows or by the sequence as the model's `TokenSplit`
+chooses for each forward (sequence_parallel.py).
 
 Inputs are this rank's piece: (batch, seq_len / cp) of input_ids, labels and seq_idx
 (`context_parallel_piece` cuts it). `loss` is the mean over that piece's counted labels (not
@@ -23,9 +26,10 @@ from torch import nn
 from kernels import cross_entropy_rows, logsumexp_rows, softmax_grad_rows
 from mamba_train.model import Mamba2LM
 from mamba_train.model.loss import linear_cross_entropy
-from mamba_train.model.mamba2 import RMSNorm, run_blocks
+from mamba_train.model.mamba2 import run_blocks
 from mamba_train.parallel.context_parallel import ContextParallel, all_gather_plain
 from mamba_train.parallel.groups import ParallelDims, model_parallel_config
+from mamba_train.parallel.sequence_parallel import SequenceParallelRMSNorm, TokenSplit
 from mamba_train.parallel.tensor_parallel import _no_init, mark_tensor_parallel, shard_mixer, shard_state_dict
 
 
@@ -43,8 +47,10 @@ class ParallelMamba2LM(nn.Module):
         full = shard_state_dict({"embedding.weight": model.embedding.weight.detach()}, model.cfg, layout.tp,
                                 dims.tp_rank)
         mp_config = model_parallel_config(layout, model.embedding.weight.dtype)
+        # With SP, `embed` scatters the lookup itself: megatron's reduce_scatter_embeddings would
+        # always transpose it to seq-first
         self.embedding = VocabParallelEmbedding(model.vocab_size, model.cfg.d_model, init_method=_no_init,
-                                                reduce_scatter_embeddings=self.sequence_parallel, config=mp_config,
+                                                reduce_scatter_embeddings=False, config=mp_config,
                                                 tp_group=dims.tp_group)
         with torch.no_grad():
             self.embedding.weight.copy_(full["embedding.weight"])
@@ -55,8 +61,10 @@ class ParallelMamba2LM(nn.Module):
         self.layers = model.layers
         self.norm_f = model.norm_f
         self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv) if layout.cp > 1 else None
+        # which tokens of the residual stream each TP rank holds under SP, chosen per forward
+        self.token_split = TokenSplit(dims.tp_group) if self.sequence_parallel else None
         for layer in self.layers:
-            shard_mixer(layer.mixer, dims, mp_config)
+            shard_mixer(layer.mixer, dims, mp_config, self.token_split)
             layer.mixer.context_parallel = self.context_parallel
         if self.sequence_parallel:
             for layer in self.layers:
@@ -66,21 +74,32 @@ class ParallelMamba2LM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         # input_ids, seq_idx: (batch, local_len) → (batch, local_len, d_model) after norm_f, the
         # whole local piece on every TP rank
-        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
-                                                   gather_from_sequence_parallel_region)
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         if self.context_parallel is not None:
             self.context_parallel.begin(seq_idx, input_ids.shape[0], input_ids.device)
-        hidden = self.embedding(input_ids)  # SP: (local_len / tp, batch, d) seq-first; else (batch, local_len, d)
-        if self.sequence_parallel:
-            hidden = hidden.transpose(0, 1)
+        if self.token_split is not None:
+            self.token_split.begin(*input_ids.shape)   # by batch rows if they divide, else by the sequence
+        hidden = self.embed(input_ids)
         hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))   # the fp32 residual stream
+        # seq_idx is read by the mixers alone, which see the whole piece (after in_proj's gather)
         hidden = run_blocks(self.layers, self.norm_f, hidden, seq_idx)
-        if self.sequence_parallel:  # all-gather the sequence (megatron gathers dim 0); backward reduce-scatters
-            return gather_from_sequence_parallel_region(hidden.transpose(0, 1), group=self.dims.tp_group
-                                                        ).transpose(0, 1)
+        if self.token_split is not None:   # every rank's tokens; backward reduce-scatters
+            return self.token_split.gather(hidden)
         # the head's input is replicated: backward sums its gradient over the vocab shards
         return copy_to_tensor_model_parallel_region(hidden, group=self.dims.tp_group)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: (batch, local_len) → (batch, local_len, d_model), summed over the vocabulary
+        # shards; with SP only this rank's tokens of it (token_split)
+        if self.token_split is None:
+            return self.embedding(input_ids)   # all-reduced
+        # megatron's VocabParallelEmbedding.forward up to its collective: this shard's rows,
+        # zero for ids that another rank's shard holds
+        local_ids = input_ids - self.embedding.vocab_start_index
+        elsewhere = (local_ids < 0) | (local_ids >= self.embedding.weight.shape[0])
+        rows = F.embedding(local_ids.masked_fill(elsewhere, 0), self.embedding.weight)
+        return self.token_split.scatter_sum(rows.masked_fill(elsewhere[..., None], 0.0))
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,26 +138,6 @@ class _VocabParallelRows:
         if grad_scale is not None:
             softmax_grad_rows(logits, local, lse, grad_scale)
         return lse - target
-
-
-class SequenceParallelRMSNorm(RMSNorm):
-    """A block norm under sequence parallelism: each TP rank normalises its slice of the
-    sequence, so its weight's gradient is a partial sum over the TP group. The weight enters
-    through megatron's copy_to_tensor_model_parallel_region (identity forward, all-reduce
-    backward): the sum is part of the autograd graph, so it runs once wherever the backward
-    runs (eagerly, or inside train.cuda_graph's captured one). A tensor hook on the weight
-    would run again when the captured gradients are handed to the parameters."""
-
-    def __init__(self, norm: RMSNorm, tp_group):
-        super().__init__(norm.weight.shape[0], norm.eps)
-        self.weight = norm.weight   # the same parameter: same key, same initialisation
-        self.weight.sequence_parallel = True   # megatron's mark for such parameters
-        self.tp_group = tp_group
-
-    def _weight(self) -> torch.Tensor:
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-        return copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
 
 
 def parallelize_model(model: Mamba2LM, dims: ParallelDims) -> ParallelMamba2LM:

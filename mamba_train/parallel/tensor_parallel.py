@@ -6,8 +6,9 @@ in_proj output [z | x | B | C | dt] is therefore not split naively: rank r's row
 local sizes. in_proj is column-parallel (no forward communication), conv1d / dt_bias /
 A_log / D / the gated norm go with their heads (the norm is per group, so it needs no
 communication), and out_proj is row-parallel: its all-reduce is the block's one forward
-collective (a reduce-scatter with sequence parallelism, where in_proj all-gathers). In training
-the mixer multiplies by out_proj's weight inside `kernels.mixer_body` and calls the layer's
+collective (a reduce-scatter with sequence parallelism, where in_proj all-gathers: which
+tokens each rank holds in between is `sequence_parallel.TokenSplit`'s). In training the mixer
+multiplies by out_proj's weight inside `kernels.mixer_body` and calls the layer's
 `reduce_partial` for that collective alone.
 
 `shard_state_dict` / `merge_state_dicts` convert between the TP=1 checkpoint and one
@@ -113,19 +114,24 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -
 
 def _batch_first(linear_cls, pads_rows_alone: bool = False):
     """megatron's linears take (seq, batch, hidden) so that sequence parallelism gathers and
-    scatters dim 0; the model is batch-first, so with SP on it transposes around them.
-    pads_rows_alone: over a TP group of one, take the product with padded output rows
-    (in_proj's, model/padded_rows.py)."""
+    scatters dim 0; the model is batch-first, so with SP on the layer hands its input to
+    megatron as `token_split` says (as it is when the TP ranks split the batch rows, transposed
+    when they split the sequence). pads_rows_alone: over a TP group of one, take the product
+    with padded output rows (in_proj's, model/padded_rows.py)."""
 
     class BatchFirst(linear_cls):
         # megatron's empty `_extra_state` would add a None entry to every state dict; keep
         # the keys those of the TP=1 model (its load hook and set_extra_state stay).
         get_extra_state = nn.Module.get_extra_state
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, token_split=None, **kwargs):
             super().__init__(*args, **kwargs)
             # in_proj over a TP group of one (CP and DP runs): no collective in either direction
             self.pads_rows = pads_rows_alone and self.bias is None and self.tp_group.size() == 1
+            # the model's TokenSplit (sequence_parallel.py), shared by its SP sites
+            self.token_split = token_split
+            if self.sequence_parallel and token_split is None:
+                raise ValueError(f"{type(self).__name__}: sequence parallelism needs the model's token_split")
 
         def forward(self, x):
             # x: (batch, seqlen, in) → (batch, seqlen', out); bias is off, skip_bias_add keeps it out.
@@ -144,20 +150,20 @@ def _batch_first(linear_cls, pads_rows_alone: bool = False):
                 # (measured on an H100 at 1.3b: 3.6x slower steps).
                 out, _ = super().forward(x)
                 return out
-            out, _ = super().forward(x.transpose(0, 1).contiguous())
-            return out.transpose(0, 1)
+            # megatron gathers (column-parallel) or scatters (row-parallel) dim 0
+            out, _ = super().forward(self.token_split.to_split_first(x))
+            return self.token_split.to_batch_first(out)
 
         def reduce_partial(self, partial):
             """A row-parallel layer's collective alone, for a caller that ran its matmul itself
             (`kernels.mixer_body` does, on this rank's columns of the weight): partial
             (batch, seqlen, out) → the sum over the TP group, as forward returns it (with SP,
-            this rank's slice of the sequence)."""
-            from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
-                                                                reduce_scatter_to_sequence_parallel_region)
+            this rank's tokens of it)."""
+            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
             if not self.sequence_parallel:
                 return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
-            out = reduce_scatter_to_sequence_parallel_region(partial.transpose(0, 1).contiguous(), group=self.tp_group)
-            return out.transpose(0, 1)
+            return self.token_split.scatter_sum(partial)
 
     BatchFirst.__name__ = BatchFirst.__qualname__ = f"BatchFirst{linear_cls.__name__}"
     return BatchFirst
@@ -174,8 +180,9 @@ def _no_init(weight):  # weights are copied in from the TP=1 model
 
 
 @torch.no_grad()
-def shard_mixer(mixer: nn.Module, dims, mp_config) -> None:
-    """Turn a full mixer into rank dims.tp_rank's shard in place (weights sliced, not re-drawn)."""
+def shard_mixer(mixer: nn.Module, dims, mp_config, token_split=None) -> None:
+    """Turn a full mixer into rank dims.tp_rank's shard in place (weights sliced, not re-drawn).
+    token_split: the model's `TokenSplit` under sequence parallelism, else None."""
     cfg, tp, rank = mixer.cfg, dims.layout.tp, dims.tp_rank
     full = {k: v.detach().clone() for k, v in mixer.state_dict().items()}
     ColumnLinear, RowLinear = _linears()
@@ -183,9 +190,11 @@ def shard_mixer(mixer: nn.Module, dims, mp_config) -> None:
     mixer.split_sizes = tuple(size // tp for size in mixer.split_sizes)
     conv_dim = cfg.conv_dim // tp
     mixer.in_proj = ColumnLinear(cfg.d_model, sum(mixer.split_sizes) * tp, config=mp_config, init_method=_no_init,
-                                 bias=False, gather_output=False, skip_bias_add=True, tp_group=dims.tp_group)
+                                 bias=False, gather_output=False, skip_bias_add=True, tp_group=dims.tp_group,
+                                 token_split=token_split)
     mixer.out_proj = RowLinear(cfg.d_inner, cfg.d_model, config=mp_config, init_method=_no_init, bias=False,
-                               input_is_parallel=True, skip_bias_add=True, tp_group=dims.tp_group)
+                               input_is_parallel=True, skip_bias_add=True, tp_group=dims.tp_group,
+                               token_split=token_split)
     mixer.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.d_conv, groups=conv_dim, padding=cfg.d_conv - 1, bias=True)
     for name in ("dt_bias", "A_log", "D"):
         setattr(mixer, name, nn.Parameter(torch.empty(getattr(mixer, name).shape[0] // tp)))
