@@ -100,9 +100,9 @@ class CollectiveLog:
 @contextlib.contextmanager
 def count_collectives():
     """Record every torch.distributed collective (name, bytes of its first tensor argument:
-    what this rank sends or reduces; and the shapes of its tensor arguments). megatron-core binds some functions at import
-    (`dist_all_gather_func`, `dist_reduce_scatter_func` in mappings and layers), so those
-    aliases are wrapped too."""
+    what this rank sends or reduces; and, in `shapes`, its tensor arguments' shapes).
+    megatron-core binds some functions at import (`dist_all_gather_func`,
+    `dist_reduce_scatter_func` in mappings and layers), so those aliases are wrapped too."""
     from megatron.core.tensor_parallel import layers, mappings
 
     log = CollectiveLog()
