@@ -347,16 +347,19 @@ def test_fused_state_passing_bwd_matches_the_two_stages(docs, first_doc, dfinal,
     assert rel_err(ddA_fused, ddA_two) <= 1e-6
 
 
-def test_shipped_settings_at_full_size_tiles(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype):
     # the other tests' small p, n and chunks cap every tile below the shipped settings' sizes;
-    # here p = 64, n = 128 and chunk 256 let the fused state passings run their shipped tiles
-    # (128 tokens a step, dstate whole), against the two stages and end to end against float64
-    # (on CPU dA and ddt_bias sum ddA over all 600 tokens in fp32: 1.7e-5 measured). The two
-    # paths step their dots differently here, so on a GPU (tf32) they agree to FP32_BOUND only.
+    # here p = 64, n = 128 and chunk 256 let every stage run its shipped tiles: in fp16 as
+    # shipped (the fused state passings step 128 tokens, dstate whole), in fp32 as capped for
+    # 4-byte inputs (launch.WIDE_INPUT_CAPS; on a GPU, the check that they fit in shared memory).
+    # The fused state passings against the two stages, and end to end against float64 (on CPU
+    # dA and ddt_bias sum ddA over all 600 tokens in fp32: 1.7e-5 measured in fp32). The two
+    # paths step their dots differently, so on a GPU (tf32) they agree to FP32_BOUND only.
     from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, state_passing
     monkeypatch.setattr(state_passing, "_fused_kernels_fill", lambda *_: True)   # on a GPU too (2 pairs)
     paths_bound = 1e-6 if DEVICE == "cpu" else FP32_BOUND
-    inputs = make_inputs(1, 600, 2, 64, 1, 128, D="head", docs=2)
+    inputs = make_inputs(1, 600, 2, 64, 1, 128, dtype=dtype, D="head", docs=2)
     x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 256, inputs["dt_bias"], True)
     states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
@@ -378,8 +381,8 @@ def test_shipped_settings_at_full_size_tiles(monkeypatch):
                                   (*bwd_two_stages, ddA_two)):
         assert rel_err(ours, theirs) <= paths_bound, name
     ours = run(ssd_triton, inputs, chunk_size=256)
-    float64_bound = 1e-4 if DEVICE == "cpu" else FP32_BOUND
-    check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=256), float64_bound, "full-size tiles")
+    float64_bound = BF16_BOUND if dtype == torch.float16 else 1e-4 if DEVICE == "cpu" else FP32_BOUND
+    check_all(ours, run(ssd_chunked, upcast(inputs), chunk_size=256), float64_bound, f"full-size tiles, {dtype}")
 
 
 def test_chunked_triton_matches_sequential_recurrence():

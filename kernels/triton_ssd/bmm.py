@@ -132,13 +132,13 @@ def _bmm_bwd_dcb_kernel(
 def bmm_fwd(C, B, chunk_size, out_dtype=torch.float32):
     # C, B: (b, l, g, n)  ->  CB: (b, c, g, q, q) in out_dtype (accumulated in fp32), valid on
     # and below the diagonal only
-    tile, opts = launch.settings("bmm_fwd")
+    tile, opts = launch.settings("bmm_fwd", C.dtype)
     b, l, g, n = B.shape
     assert B.stride() == C.stride(), "B and C must share strides"
     nchunks = cdiv(l, chunk_size)
     cb = torch.empty(b, nchunks, g, chunk_size, chunk_size, device=B.device, dtype=out_dtype)
     block_m = block_n = launch.block(chunk_size, tile)
-    block_k = launch.dstate_block("bmm_fwd", n)
+    block_k = launch.dstate_block("bmm_fwd", n, C.dtype)
     grid = (cdiv(chunk_size, block_m) * cdiv(chunk_size, block_n), b * nchunks, g)
     _bmm_fwd_kernel[grid](
         C, B, cb, l, nchunks, chunk_size, n, *B.stride(), *cb.stride(),
@@ -152,7 +152,7 @@ def bmm_bwd_dcb(dy, x, cb, dt, dA_cumsum, ddA_cumsum, seq_idx=None, factor_decay
     # dy, x: (b, l, h, p)  cb: (b, c, g, q, q)  dt, dA_cumsum, ddA_cumsum: (b, h, c, q)
     # -> dcb: (b, c, g, q, q) fp32 (valid on and below the diagonal); ddA_cumsum accumulated
     # factor_decay: only where dt >= 0 (combined.py: factored decay)
-    tile, opts = launch.settings("bmm_bwd_dcb")
+    tile, opts = launch.settings("bmm_bwd_dcb", x.dtype)
     b, l, h, p = x.shape
     g = cb.shape[2]
     nchunks, chunk_size = dt.shape[2:]

@@ -415,7 +415,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     # cb: (b, c, g, q, q)  x, z: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  C: (b, l, g, n)
     # states_in: (b, c, h, p, n)  ->  y (b, l, h, p) in x's dtype, and y before the gate (or None)
     # factor_decay: only where dt >= 0 (combined.py: factored decay)
-    tile, opts = launch.settings("chunk_scan_fwd")
+    tile, opts = launch.settings("chunk_scan_fwd", x.dtype)
     b, l, h, p = x.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
@@ -424,7 +424,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
     y_pregate = torch.empty_like(x) if z is not None else None
     D_ptr, stride_D, per_channel = _D_args(D)
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
-    block_k = launch.k_block("chunk_scan_fwd", chunk_size)
+    block_k = launch.k_block("chunk_scan_fwd", chunk_size, x.dtype)
     grid, heads_fastest = launch.head_grid("chunk_scan_fwd", cdiv(chunk_size, block_m) * cdiv(p, block_n),
                                            b * nchunks, h, shared=cb)
     _chunk_scan_fwd_kernel[grid](
@@ -434,7 +434,7 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
         FACTOR_DECAY=factor_decay,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n, x.dtype),
         HEADS_FASTEST=heads_fastest, **opts,
     )
     return y, y_pregate
@@ -450,13 +450,13 @@ def gate_bwd(dout, z, y_pregate):
 
 def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     # dy: (b, l, h, p)  C: (b, l, g, n)  dA_cumsum: (b, h, c, q)  ->  d states_in: (b, c, h, p, n) fp32
-    tile, opts = launch.settings("chunk_scan_bwd_dstates")
+    tile, opts = launch.settings("chunk_scan_bwd_dstates", dy.dtype)
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     dstates_in = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=torch.float32)
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_scan_bwd_dstates", n)
+    block_n = launch.dstate_block("chunk_scan_bwd_dstates", n, dy.dtype)
     grid, heads_fastest = launch.head_grid("chunk_scan_bwd_dstates", cdiv(p, block_p) * cdiv(n, block_n),
                                            b * nchunks, h)
     _chunk_scan_bwd_dstates_kernel[grid](
@@ -473,7 +473,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     # cb: (b, c, g, q, q)  dy, x: (b, l, h, p)  B: (b, l, g, n)  dstates: (b, c, h, p, n)
     # dt, dA_cumsum, ddt: (b, h, c, q), ddt accumulated in place  ->  dx like x, dD (h, p) fp32 or None
     # factor_decay: only where dt >= 0 (combined.py: factored decay)
-    tile, opts = launch.settings("chunk_scan_bwd_dx")
+    tile, opts = launch.settings("chunk_scan_bwd_dx", x.dtype)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
@@ -482,7 +482,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
     dD = torch.zeros(h, p, device=x.device, dtype=torch.float32) if D is not None else None
     D_ptr, stride_D, per_channel = _D_args(D)
     block_m, block_n = launch.block(chunk_size, tile), launch.block(p, tile)
-    block_k = launch.k_block("chunk_scan_bwd_dx", chunk_size)
+    block_k = launch.k_block("chunk_scan_bwd_dx", chunk_size, x.dtype)
     grid, heads_fastest = launch.head_grid("chunk_scan_bwd_dx", cdiv(chunk_size, block_m) * cdiv(p, block_n),
                                            b * nchunks, h)
     _chunk_scan_bwd_dx_kernel[grid](
@@ -491,7 +491,7 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
         *x.stride(), *B.stride(), *cb.stride(), *dt.stride(), *dstates.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None, FACTOR_DECAY=factor_decay,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n, x.dtype),
         HEADS_FASTEST=heads_fastest, **opts,
     )
     return dx, dD
@@ -501,12 +501,12 @@ def chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx=N
     # dcb: (b, c, g, q, q)  B, C: (b, l, g, n)  dy: (b, l, h, p)  states_in: (b, c, h, p, n)
     # dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dC like C,
     # written into `out` (C's shape and dtype, any strides) where given
-    tile, opts = launch.settings("chunk_scan_bwd_dc")
+    tile, opts = launch.settings("chunk_scan_bwd_dc", C.dtype)
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     block_m = block_k = launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_scan_bwd_dc", n)
+    block_n = launch.dstate_block("chunk_scan_bwd_dc", n, C.dtype)
     tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
     unsplit_programs = tiles * b * nchunks * g
     dC, splits, heads_per_split = launch.group_grad_output("chunk_scan_bwd_dc", B, C, h // g, unsplit_programs, out)

@@ -174,13 +174,13 @@ def _chunk_state_bwd_db_kernel(
 
 def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     # B: (b, l, g, n)  x: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  ->  states: (b, c, h, p, n) fp32
-    tile, opts = launch.settings("chunk_state_fwd")
+    tile, opts = launch.settings("chunk_state_fwd", x.dtype)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=torch.float32)
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_state_fwd", n)
+    block_n = launch.dstate_block("chunk_state_fwd", n, x.dtype)
     grid, heads_fastest = launch.head_grid("chunk_state_fwd", cdiv(p, block_p) * cdiv(n, block_n), b * nchunks, h)
     _chunk_state_fwd_kernel[grid](
         x, B, dt, dA_cumsum, seq_idx, states,
@@ -197,12 +197,12 @@ def chunk_state_bwd_db(x, B, C, dcb, dstates, dt, dA_cumsum, ddA_cumsum, seq_idx
     # x: (b, l, h, p)  B, C: (b, l, g, n)  dcb: (b, c, g, q, q)  dstates: (b, c, h, p, n)
     # dt, dA_cumsum, ddA_cumsum: (b, h, c, q), ddA_cumsum accumulated in place  ->  dB like B,
     # written into `out` (B's shape and dtype, any strides) where given
-    tile, opts = launch.settings("chunk_state_bwd_db")
+    tile, opts = launch.settings("chunk_state_bwd_db", x.dtype)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     block_m = block_k = launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_state_bwd_db", n)
+    block_n = launch.dstate_block("chunk_state_bwd_db", n, x.dtype)
     tiles = cdiv(chunk_size, block_m) * cdiv(n, block_n)
     unsplit_programs = tiles * b * nchunks * g
     dB, splits, heads_per_split = launch.group_grad_output("chunk_state_bwd_db", B, C, h // g, unsplit_programs, out)

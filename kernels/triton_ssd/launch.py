@@ -76,26 +76,47 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def settings(launcher):
-    """(tile cap, Triton launch options) of a launcher."""
-    options = {k: v for k, v in SETTINGS.get(launcher, {}).items() if k not in SPECIFIC_SETTINGS}
+# SETTINGS were chosen on bf16 inputs. fp32 operands take twice the shared memory in the same
+# tiles, and some shipped tiles then do not fit: the fused forward's 128-token step asked 384 KB
+# in fp32 against an H100's 227 KB a block. So for 4-byte inputs every launcher runs at most
+# 64-wide tiles and two pipeline stages (fp32 training is for checks, not speed; a test runs
+# every stage at full-size tiles on fp32 inputs, which on a GPU is the check that they fit).
+WIDE_INPUT_CAPS = {"tile": 64, "tile_dstate": 64, "tile_k": 64, "num_stages": 2}
+_UNSET = {"tile": 64, "num_stages": 3}   # a launcher's tile cap, and Triton's stages, when not set
+
+
+def _options(launcher, dtype):
+    """A launcher's SETTINGS for inputs of `dtype` (None: as shipped)."""
+    options = SETTINGS.get(launcher, {})
+    if dtype is None or dtype.itemsize < 4:
+        return options
+    capped = dict(options)
+    for key, cap in WIDE_INPUT_CAPS.items():
+        if key in options or key in _UNSET:
+            capped[key] = min(options.get(key, _UNSET.get(key)), cap)
+    return capped
+
+
+def settings(launcher, dtype=None):
+    """(tile cap, Triton launch options) of a launcher, for inputs of `dtype`."""
+    options = {k: v for k, v in _options(launcher, dtype).items() if k not in SPECIFIC_SETTINGS}
     return options.pop("tile", 64), options
 
 
-def _capped_block(launcher, key, dim):
+def _capped_block(launcher, key, dim, dtype):
     # a tile edge whose own setting `key` caps it apart from the launcher's "tile"
-    options = SETTINGS.get(launcher, {})
+    options = _options(launcher, dtype)
     return block(dim, options.get(key, options.get("tile", 64)))
 
 
-def dstate_block(launcher, dstate):
+def dstate_block(launcher, dstate, dtype=None):
     """Tile edge over dstate: capped by the launcher's "tile_dstate", else by its "tile"."""
-    return _capped_block(launcher, "tile_dstate", dstate)
+    return _capped_block(launcher, "tile_dstate", dstate, dtype)
 
 
-def k_block(launcher, chunk_size):
+def k_block(launcher, chunk_size, dtype=None):
     """Step of a causal loop over source tokens: capped by the launcher's "tile_k", else by its "tile"."""
-    return _capped_block(launcher, "tile_k", chunk_size)
+    return _capped_block(launcher, "tile_k", chunk_size, dtype)
 
 
 def head_grid(launcher, tiles, batch_chunks, heads, shared=None):

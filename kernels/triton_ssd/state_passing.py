@@ -288,7 +288,7 @@ def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=No
 
     B: (b, l, g, n)  x: (b, l, h, p)  dt, dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
     ->  states_in: (b, c, h, p, n) in states_in_dtype, final_states: (b, h, p, n) fp32"""
-    tile, opts = launch.settings("chunk_state_passing_fwd")
+    tile, opts = launch.settings("chunk_state_passing_fwd", x.dtype)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
@@ -297,7 +297,7 @@ def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=No
     if initial_states is not None:
         initial_states = initial_states.contiguous()
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_state_passing_fwd", n)
+    block_n = launch.dstate_block("chunk_state_passing_fwd", n, x.dtype)
     grid, heads_fastest = launch.head_grid("chunk_state_passing_fwd", cdiv(p, block_p) * cdiv(n, block_n), b, h)
     _chunk_state_passing_fwd_kernel[grid](
         x, B, dt, dA_cumsum, initial_states, seq_idx, states_in, final,
@@ -352,7 +352,7 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
 
     dy: (b, l, h, p)  C: (b, l, g, n)  states_in: (b, c, h, p, n)  dA_cumsum: (b, h, c, q)
     dfinal: (b, h, p, n)  ->  dstates (states_in's dtype), dinit (b, h, p, n) fp32 or None"""
-    tile, opts = launch.settings("chunk_scan_state_passing_bwd")
+    tile, opts = launch.settings("chunk_scan_state_passing_bwd", dy.dtype)
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
@@ -360,7 +360,7 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
     dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32) if need_dinit else None
     dfinal = dfinal.contiguous() if dfinal is not None else None
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_scan_state_passing_bwd", n)
+    block_n = launch.dstate_block("chunk_scan_state_passing_bwd", n, dy.dtype)
     grid, heads_fastest = launch.head_grid("chunk_scan_state_passing_bwd", cdiv(p, block_p) * cdiv(n, block_n), b, h)
     init_strides = (h * p * n, p * n, n, 1)   # dfinal and dinit: contiguous (b, h, p, n)
     _chunk_scan_state_passing_bwd_kernel[grid](
