@@ -112,12 +112,13 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -
 # ----------------------------------------------------------------------------- modules
 
 
-def _batch_first(linear_cls, pads_rows_alone: bool = False):
+def _batch_first(linear_cls, in_proj: bool = False):
     """megatron's linears take (seq, batch, hidden) so that sequence parallelism gathers and
     scatters dim 0; the model is batch-first, so with SP on the layer hands its input to
     megatron as `token_split` says (as it is when the TP ranks split the batch rows, transposed
-    when they split the sequence). pads_rows_alone: over a TP group of one, take the product
-    with padded output rows (in_proj's, model/padded_rows.py)."""
+    when they split the sequence). in_proj (the column-parallel layer): over a TP group of one it
+    takes the product with padded output rows (model/padded_rows.py), and with SP it gathers its
+    input itself (forward below)."""
 
     class BatchFirst(linear_cls):
         # megatron's empty `_extra_state` would add a None entry to every state dict; keep
@@ -127,7 +128,7 @@ def _batch_first(linear_cls, pads_rows_alone: bool = False):
         def __init__(self, *args, token_split=None, **kwargs):
             super().__init__(*args, **kwargs)
             # in_proj over a TP group of one (CP and DP runs): no collective in either direction
-            self.pads_rows = pads_rows_alone and self.bias is None and self.tp_group.size() == 1
+            self.pads_rows = in_proj and self.bias is None and self.tp_group.size() == 1
             # the model's TokenSplit (sequence_parallel.py), shared by its SP sites
             self.token_split = token_split
             if self.sequence_parallel and token_split is None:
@@ -150,6 +151,14 @@ def _batch_first(linear_cls, pads_rows_alone: bool = False):
                 # (measured on an H100 at 1.3b: 3.6x slower steps).
                 out, _ = super().forward(x)
                 return out
+            if in_proj:
+                # Gather the tokens once and keep them for the weight's gradient (the gather's
+                # backward reduce-scatters the input's). megatron's column-parallel layer keeps
+                # only this rank's tokens and gathers them again in backward: at 1.3b on 2 H100s
+                # that second gather, 32 MiB a layer, made SP 1.8 points slower than plain TP;
+                # without it the two are level, for (tp-1)/tp of the layer's input kept in
+                # memory (docs/design-notes.md)
+                return torch.matmul(self.token_split.gather(x).contiguous(), self.weight.t())
             # megatron gathers (column-parallel) or scatters (row-parallel) dim 0
             out, _ = super().forward(self.token_split.to_split_first(x))
             return self.token_split.to_batch_first(out)
@@ -172,7 +181,7 @@ def _batch_first(linear_cls, pads_rows_alone: bool = False):
 def _linears():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    return _batch_first(ColumnParallelLinear, pads_rows_alone=True), _batch_first(RowParallelLinear)
+    return _batch_first(ColumnParallelLinear, in_proj=True), _batch_first(RowParallelLinear)
 
 
 def _no_init(weight):  # weights are copied in from the TP=1 model
