@@ -434,7 +434,8 @@ def chunk_scan_fwd(cb, x, dt, dA_cumsum, C, states_in, D=None, z=None, seq_idx=N
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None,
         FACTOR_DECAY=factor_decay,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n, x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_DSTATE=launch.dstate_block("chunk_scan_fwd", n, x.dtype),
         HEADS_FASTEST=heads_fastest, **opts,
     )
     return y, y_pregate
@@ -491,7 +492,8 @@ def chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt, dA_cumsum, ddt, D=None, seq_idx
         *x.stride(), *B.stride(), *cb.stride(), *dt.stride(), *dstates.stride(),
         *launch.seq_strides(seq_idx), stride_D,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None, FACTOR_DECAY=factor_decay,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n, x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_DSTATE=launch.dstate_block("chunk_scan_bwd_dx", n, x.dtype),
         HEADS_FASTEST=heads_fastest, **opts,
     )
     return dx, dD
