@@ -188,7 +188,8 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     # long sequences keep the tokens of a micro-batch at 2048 (at least one sequence)
     batch = max(1, args.micro_batch * 2048 // seqlen) if seqlen > 2048 else args.micro_batch
     tp, cp = (world, 1) if mode == "tp" else (1, world) if mode == "cp" else (1, 1)
-    layout = validate_layout(cfg.model, seqlen, world, tp=tp, cp=cp, sequence_parallel=args.sequence_parallel)
+    layout = validate_layout(cfg.model, seqlen, world, tp=tp, cp=cp, sequence_parallel=args.sequence_parallel,
+                             tp_comm_overlap=args.tp_comm_overlap and tp > 1)
     dims = init_parallel(layout)
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch * layout.dp, seqlen + 1), device=device)
@@ -247,6 +248,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--tp-comm-overlap", action="store_true",
+                        help="with --sequence-parallel: in_proj's gather and out_proj's scatter inside their matmuls")
     parser.add_argument("--profile", action="store_true",
                         help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
     parser.add_argument("--runs", nargs="*", default=None,
@@ -276,7 +279,8 @@ def main():
     if rank == 0:
         print(f"# all-reduce bus bandwidth {busbw:.1f} GB/s (256 MB, bf16)")
         print(f"# {gpu} x{world} | {args.config} d_model={cfg.model.d_model} n_layer={cfg.model.n_layer} "
-              f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | SP={args.sequence_parallel}")
+              f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | SP={args.sequence_parallel}"
+              f"{' (comm overlap)' if args.tp_comm_overlap else ''}")
         print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'graph':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12}"
               f" {'efficiency':>10} {'step ms':>8} {'CPU ms':>7}")
     rows = []
@@ -296,6 +300,7 @@ def main():
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"device": gpu, "config": args.config, "overrides": args.overrides,
                                    "sequence_parallel": args.sequence_parallel,
+                                   "tp_comm_overlap": args.tp_comm_overlap,
                                    "allreduce_busbw_gbs": busbw, "rows": rows}, indent=1))
         print(f"wrote {out}")
     dist.destroy_process_group()

@@ -69,13 +69,13 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
                norm_eps=1e-5, dt_limit=(0.0, float("inf")), seq_idx=None, context_parallel=None,
-               keep_activations=False):
+               keep_activations=False, out_scatter=None):
     """A Mamba-2 mixer from in_proj's output [z | x | B | C | dt] to out_proj's, for a whole
     sequence or (with context_parallel) one rank's piece of it; see `kernels.reference.mixer_body`."""
     return _implementation("mixer_body", zxbcdt, "triton_mixer", _reference.mixer_body)(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups=ngroups,
         chunk_size=chunk_size, norm_eps=norm_eps, dt_limit=dt_limit, seq_idx=seq_idx,
-        context_parallel=context_parallel, keep_activations=keep_activations)
+        context_parallel=context_parallel, keep_activations=keep_activations, out_scatter=out_scatter)
 
 
 def cross_entropy_rows(logits, labels, grad_scale=None):

@@ -406,7 +406,7 @@ def check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
                norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None,
-               keep_activations=False):
+               keep_activations=False, out_scatter=None):
     """A Mamba-2 mixer from in_proj's output to out_proj's, as mamba_ssm's `Mamba2` computes it:
     split [z | x | B | C | dt], causal conv + SiLU over [x | B | C], SSD with softplus(dt +
     dt_bias), the gated norm per group of norm(y·silu(z)), then out_proj (no bias) in y's dtype.
@@ -421,7 +421,13 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
 
     keep_activations: whether backward may keep the conv's and the gated norm's outputs rather
     than recompute them (the Triton op's choice of memory against time). These chained ops are
-    differentiated by autograd, which keeps them either way."""
+    differentiated by autograd, which keeps them either way.
+
+    out_scatter: for an out_proj split by input columns over a group of ranks (tensor
+    parallelism), the object that sums its product over them and keeps this rank's rows of the
+    batch (`mamba_train.parallel.sequence_parallel.TokenSplit`): `matmul_scatter(a, w_t)` gives
+    this rank's rows of Σ_ranks a @ w_t, and for backward `gather_matmul(g, w)` gives (every
+    rank's rows of g, those @ w). The result is then (b / ranks, l, d_model)."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
     # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
@@ -441,7 +447,27 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
         state_in = context_parallel.state_in(zero_start_final, log_decay)
     y = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_states=state_in, **ssd_args)
     y = rmsnorm_gated(y.reshape(b, l, s.d_inner), z, norm_weight, eps=norm_eps, group_size=s.d_inner // ngroups)
+    if out_scatter is not None:
+        return _ProductScatter.apply(y, out_weight, out_scatter)
     return F.linear(y, out_weight.to(y.dtype))
+
+
+class _ProductScatter(torch.autograd.Function):
+    """mixer_body's out_proj with out_scatter: this rank's rows of Σ_ranks y @ weightᵀ."""
+
+    @staticmethod
+    def forward(ctx, y, weight, out_scatter):
+        w = weight.to(y.dtype)
+        ctx.save_for_backward(y, w)
+        ctx.out_scatter, ctx.weight_dtype = out_scatter, weight.dtype
+        return out_scatter.matmul_scatter(y, w.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w = ctx.saved_tensors
+        grad_full, grad_y = ctx.out_scatter.gather_matmul(grad.to(y.dtype).contiguous(), w)
+        grad_weight = (grad_full.flatten(0, -2).t() @ y.flatten(0, -2)).to(ctx.weight_dtype)
+        return grad_y, grad_weight, None
 
 
 def cross_entropy_rows(logits, labels, grad_scale=None):

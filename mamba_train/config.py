@@ -248,6 +248,9 @@ class ParallelConfig:
     tp: int = 1
     cp: int = 1
     sequence_parallel: bool = False  # Megatron sequence parallelism inside the TP group
+    # With sequence_parallel: in_proj's all-gather and out_proj's reduce-scatter overlap their
+    # matmuls (torch's symmetric memory over NVLink/P2P: the TP group within one node; CUDA)
+    tp_comm_overlap: bool = False
     zero_stage: int = 1  # DeepSpeed ZeRO: 1 partitions the optimizer state, 2 the gradients too
     # A collective that has not completed after this long raises instead of hanging (a dead
     # or stuck rank); keep it above the slowest checkpoint save.
@@ -257,6 +260,9 @@ class ParallelConfig:
         _require(self.tp >= 1, "parallel.tp", "an integer >= 1", self.tp)
         _require(self.cp >= 1, "parallel.cp", "an integer >= 1", self.cp)
         _require(self.zero_stage in (1, 2), "parallel.zero_stage", "1 or 2", self.zero_stage)
+        _require(not self.tp_comm_overlap or self.sequence_parallel, "parallel.tp_comm_overlap",
+                 "false unless parallel.sequence_parallel is on (it overlaps SP's gather and scatter)",
+                 self.tp_comm_overlap)
         _require(self.timeout_minutes > 0, "parallel.timeout_minutes", "a positive number of minutes",
                  self.timeout_minutes)
 

@@ -49,6 +49,9 @@ def test_invalid_value_names_the_allowed_values():
         load_config(None, ["train.recompute=all"])
     with pytest.raises(ConfigError, match=r"train\.recompute: expected str, found bool True"):
         load_config(None, ["train.recompute=true"])
+    with pytest.raises(ConfigError, match=r"parallel\.tp_comm_overlap: expected false unless "
+                                          r"parallel\.sequence_parallel is on"):
+        load_config(None, ["parallel.tp=2", "parallel.tp_comm_overlap=true"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):

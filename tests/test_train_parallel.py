@@ -34,7 +34,8 @@ STEP3 = "step_00000003"
 # one any resume of the tp2 checkpoints uses).
 TP2_MODEL = "model.pad_vocab_multiple=64"
 LAYOUTS = {
-    "tp2": ("parallel.tp=2", TP2_MODEL, "parallel.sequence_parallel=true"),
+    # SP with the products fused with their collectives (on CUDA they overlap; here gloo runs them)
+    "tp2": ("parallel.tp=2", TP2_MODEL, "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true"),
     "cp2": ("parallel.cp=2",),
     "dp2": ("train.micro_batch=2",),  # × dp 2 = the one process's 4 rows
 }

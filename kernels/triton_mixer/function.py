@@ -73,7 +73,7 @@ class MixerBodyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, sizes,
-                chunk_size, norm_eps, dt_limit, context_parallel, keep_activations):
+                chunk_size, norm_eps, dt_limit, context_parallel, keep_activations, out_scatter):
         s = sizes
         b, l = zxbcdt.shape[:2]
         z, xBC_in, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
@@ -89,8 +89,10 @@ class MixerBodyFunction(torch.autograd.Function):
         rstd = torch.empty(s.ngroups, b * l, device=y.device, dtype=torch.float32)
         normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups,
                                    rstd=rstd)
-        # out_proj in y's dtype, as autocast would run it (the weight cast, not cached)
-        out = normed @ out_weight.to(normed.dtype).t()
+        # out_proj in y's dtype, as autocast would run it (the weight cast, not cached); with
+        # out_scatter, summed over the ranks that hold out_proj's other columns, this rank's rows
+        w_t = out_weight.to(normed.dtype).t()
+        out = normed @ w_t if out_scatter is None else out_scatter.matmul_scatter(normed.view(b, l, -1), w_t)
         kept = (x, B, C, normed) if keep_activations else (None,) * 4
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
                               states_in, rstd, halo, *kept)
@@ -98,7 +100,8 @@ class MixerBodyFunction(torch.autograd.Function):
         # a shallow copy: the hook's document masks as they are now (a later forward's begin()
         # replaces them, and this backward must use the ones this forward used)
         ctx.context_parallel = copy.copy(context_parallel)
-        return out.view(b, l, -1)
+        ctx.out_scatter = out_scatter
+        return out.view(-1, l, out_weight.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
@@ -115,8 +118,12 @@ class MixerBodyFunction(torch.autograd.Function):
         # out_proj's input gradient, the gated norm's backward, then out_proj's weight gradient
         # from the norm's output: kept, or written again by the norm's backward from the x and z
         # it reads anyway (no second pass over them)
-        dout = dout.reshape(b * l, -1).to(y.dtype)
-        dnormed = dout @ out_weight.to(y.dtype)
+        if ctx.out_scatter is None:
+            dout = dout.reshape(b * l, -1).to(y.dtype)
+            dnormed = dout @ out_weight.to(y.dtype)
+        else:   # dout holds this rank's rows: every rank's, and their product, come together
+            dout, dnormed = ctx.out_scatter.gather_matmul(dout.to(y.dtype).contiguous(), out_weight.to(y.dtype))
+            dout, dnormed = dout.view(b * l, -1), dnormed.view(b * l, -1)
         recomputed = torch.empty_like(y) if normed is None else None
         dy, _, dnorm_weight = rmsnorm_gated_bwd(dnormed, y, z, norm_weight, ctx.norm_eps, group_size,
                                                 dz_out=dz.reshape(b * l, s.d_inner), rstd=rstd, out=recomputed)
@@ -142,12 +149,12 @@ class MixerBodyFunction(torch.autograd.Function):
             # the halo is the previous piece's tail: the next piece's halo gradient is this one's
             dxBC_in[:, l - dhalo.shape[1]:] += context_parallel.halo_grad(dhalo)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, dout_weight,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,
                       norm_eps=1e-5, dt_limit=(0.0, math.inf), seq_idx=None, context_parallel=None,
-                      keep_activations=False):
+                      keep_activations=False, out_scatter=None):
     """The mixer from in_proj's output to out_proj's (Triton); same signature and result as
     `kernels.reference.mixer_body`. keep_activations: backward reads the conv's and the gated
     norm's outputs kept from forward instead of recomputing them ((conv_dim + d_inner) · 2 bytes
@@ -163,4 +170,4 @@ def mixer_body_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight
         zxbcdt = zxbcdt.contiguous()
     return MixerBodyFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, s,
                                    chunk_size, float(norm_eps), tuple(float(v) for v in dt_limit), context_parallel,
-                                   keep_activations)
+                                   keep_activations, out_scatter)

@@ -109,14 +109,18 @@ class Mamba2Mixer(nn.Module):
             # The training path: the rest of the mixer as one op, which keeps less for backward
             # (kernels.mixer_body), under context parallelism too (the hook links this rank's
             # piece to the ones before it). Carried state (stateful evaluation) takes the ops one by one.
+            # A row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
+            # weight: under SP split by batch rows the op reduce-scatters its product itself
+            # (out_scatter), else it gives this rank's partial sum and the layer's collective is due
+            product_scatter = getattr(self.out_proj, "product_scatter", None)
+            out_scatter = None if product_scatter is None else product_scatter()
             out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
                              self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
                              norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
-                             context_parallel=self.context_parallel, keep_activations=self.keep_activations)
-            # a row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
-            # weight: the op gave this rank's partial sum, and the layer's collective is still due
+                             context_parallel=self.context_parallel, keep_activations=self.keep_activations,
+                             out_scatter=out_scatter)
             reduce_partial = getattr(self.out_proj, "reduce_partial", None)
-            return out if reduce_partial is None else reduce_partial(out)
+            return out if reduce_partial is None or out_scatter is not None else reduce_partial(out)
         if self.context_parallel is not None:
             raise ValueError("context parallelism runs the training path only: whole sequences from the start, "
                              "no carried state in or out (stateful evaluation runs on one process)")

@@ -26,6 +26,9 @@ class ParallelLayout:
     cp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    # SP split by batch rows on CUDA: in_proj's gather and out_proj's scatter run inside their
+    # matmuls over symmetric memory (parallel/sequence_parallel.py)
+    tp_comm_overlap: bool = False
 
     @property
     def world_size(self) -> int:
@@ -33,7 +36,7 @@ class ParallelLayout:
 
 
 def validate_layout(model: ModelConfig, seq_len: int, world_size: int, tp: int = 1, cp: int = 1,
-                    sequence_parallel: bool = False) -> ParallelLayout:
+                    sequence_parallel: bool = False, tp_comm_overlap: bool = False) -> ParallelLayout:
     """The layout for `world_size` ranks, or a LayoutError naming what does not divide."""
     for name, value in (("parallel.tp", tp), ("parallel.cp", cp), ("world size", world_size)):
         if not isinstance(value, int) or value < 1:
@@ -62,8 +65,11 @@ def validate_layout(model: ModelConfig, seq_len: int, world_size: int, tp: int =
     if world_size % (tp * cp):
         raise LayoutError(f"world size {world_size} is not tp·cp·dp for tp={tp}, cp={cp}: "
                           f"it must be a multiple of tp·cp = {tp * cp}")
-    return ParallelLayout(tp=tp, cp=cp, dp=world_size // (tp * cp),
-                          sequence_parallel=sequence_parallel and tp > 1)
+    if tp_comm_overlap and not sequence_parallel:
+        raise LayoutError("parallel.tp_comm_overlap overlaps sequence parallelism's gather and scatter with "
+                          "in_proj's and out_proj's matmuls: it needs parallel.sequence_parallel on")
+    return ParallelLayout(tp=tp, cp=cp, dp=world_size // (tp * cp), sequence_parallel=sequence_parallel and tp > 1,
+                          tp_comm_overlap=tp_comm_overlap and tp > 1)
 
 
 @dataclass

@@ -62,7 +62,8 @@ class ParallelMamba2LM(nn.Module):
         self.norm_f = model.norm_f
         self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv) if layout.cp > 1 else None
         # which tokens of the residual stream each TP rank holds under SP, chosen per forward
-        self.token_split = TokenSplit(dims.tp_group) if self.sequence_parallel else None
+        self.token_split = TokenSplit(dims.tp_group, overlap=layout.tp_comm_overlap) if self.sequence_parallel \
+            else None
         for layer in self.layers:
             shard_mixer(layer.mixer, dims, mp_config, self.token_split)
             layer.mixer.context_parallel = self.context_parallel
@@ -82,6 +83,8 @@ class ParallelMamba2LM(nn.Module):
             self.token_split.begin(*input_ids.shape)   # by batch rows if they divide, else by the sequence
         hidden = self.embed(input_ids)
         hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))   # the fp32 residual stream
+        if self.token_split is not None:
+            self.token_split.prepare_overlap(hidden)
         # seq_idx is read by the mixers alone, which see the whole piece (after in_proj's gather)
         hidden = run_blocks(self.layers, self.norm_f, hidden, seq_idx)
         if self.token_split is not None:   # every rank's tokens; backward reduce-scatters

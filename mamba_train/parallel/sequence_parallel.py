@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.wide_matmul import matmul_in_dtype
 from mamba_train.model.mamba2 import RMSNorm
 
 
@@ -44,10 +45,13 @@ class TokenSplit:
 
     BATCH_ROWS, SEQUENCE = 0, 1
 
-    def __init__(self, tp_group):
+    def __init__(self, tp_group, overlap: bool = False):
         self.tp_group = tp_group
         self.tp = tp_group.size()
         self.dim: int | None = None   # of (batch, seqlen, d): BATCH_ROWS or SEQUENCE, set by begin
+        # Split by batch rows on CUDA, in_proj's gather and out_proj's scatter may run inside
+        # their matmuls (torch's symmetric-memory "async TP": `gather_matmul`, `matmul_scatter`)
+        self.overlap = overlap
 
     def begin(self, batch: int, local_len: int) -> None:
         if batch % self.tp == 0:
@@ -58,6 +62,64 @@ class TokenSplit:
             raise ValueError(f"sequence parallelism splits each forward's tokens over tp={self.tp} ranks, by batch "
                              f"rows (the batch, {batch}, must be a multiple of tp) or else by the sequence (this "
                              f"rank's {local_len} tokens a row must be a multiple of tp): neither is")
+
+    def prepare_overlap(self, residual: torch.Tensor) -> None:
+        """Before the blocks of a forward (residual: this rank's rows of the fp32 residual
+        stream): the symmetric-memory workspace the fused products share, sized for the
+        largest piece they stage, two of this rank's (b/tp, L, d_model) in out_proj's scatter.
+        Growing it is collective and cannot happen inside a CUDA graph's capture: the first
+        (eager) forward grows it, the captured ones find it."""
+        if not self.overlapping(residual) or torch.cuda.is_current_stream_capturing():
+            return
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        symm_mem.enable_symm_mem_for_group(self.tp_group.group_name)
+        symm_mem.get_symm_mem_workspace(self.tp_group.group_name, 2 * residual.numel() * residual.element_size())
+
+    def fuses_products(self) -> bool:
+        """Whether in_proj's gather and out_proj's scatter go with their matmuls in this forward
+        (gather_matmul, matmul_scatter): with `overlap`, split by batch rows. On CUDA the two
+        then overlap; elsewhere (the gloo tests) the same functions run the plain collectives."""
+        return self.overlap and self.dim == self.BATCH_ROWS
+
+    def overlapping(self, x: torch.Tensor) -> bool:
+        return self.fuses_products() and x.is_cuda
+
+    def gather_matmul(self, local: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """local: this rank's batch rows (b/tp, L, k), contiguous; w_t: (k, n) → (every rank's rows
+        (b, L, k), those rows @ w_t (b, L, n)). With `overlap` on CUDA the product of this rank's
+        rows runs while the other ranks' are copied in. No autograd: a caller's backward."""
+        if self.overlapping(local):
+            from torch.distributed import _symmetric_memory  # noqa: F401  (defines torch.ops.symm_mem)
+
+            full, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(local, [w_t], 0, self.tp_group.group_name)
+            return full, out
+        full = local.new_empty((local.shape[0] * self.tp, *local.shape[1:]))
+        torch.distributed.all_gather_into_tensor(full, local, group=self.tp_group)
+        return full, full @ w_t
+
+    def matmul_scatter(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """a: (b, L, k), this rank's term of a sum over the TP group; w_t: (k, n) → this rank's
+        batch rows of Σ_ranks a @ w_t, (b/tp, L, n). With `overlap` on CUDA each rank's rows of
+        the product are sent while the next rows are computed. No autograd."""
+        if self.overlapping(a):
+            from torch.distributed import _symmetric_memory  # noqa: F401  (defines torch.ops.symm_mem)
+
+            return torch.ops.symm_mem.fused_matmul_reduce_scatter(a, w_t, "sum", 0, self.tp_group.group_name)
+        partial = a @ w_t
+        out = partial.new_empty((partial.shape[0] // self.tp, *partial.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(out, partial, group=self.tp_group)
+        return out
+
+    def linear(self, local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """in_proj under SP: this rank's tokens (batch-first) → every token's product with weight
+        (n, k), (b, L, n). The gathered input is kept for the weight's gradient: megatron's
+        column-parallel layer keeps only this rank's tokens and gathers them again in backward
+        (at 1.3b on 2 H100s that second gather, 32 MiB a layer, made SP 1.8 points slower than
+        plain TP; without it the two are level, for (tp-1)/tp of the input kept in memory)."""
+        if self.fuses_products():
+            return _GatherLinear.apply(local, weight, self)
+        return torch.matmul(self.gather(local).contiguous(), weight.t())
 
     def to_split_first(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, seqlen, ...) → the tensor whose dim 0 megatron's collectives split: x itself
@@ -86,6 +148,28 @@ class TokenSplit:
 
         return self.to_batch_first(gather_from_sequence_parallel_region(self.to_split_first(local),
                                                                         group=self.tp_group))
+
+
+class _GatherLinear(torch.autograd.Function):
+    """TokenSplit.linear split by batch rows: gather ∘ matmul forward, matmul ∘ reduce-scatter
+    for the input's gradient, the weight's from the gathered input kept."""
+
+    @staticmethod
+    def forward(ctx, local, weight, split):
+        # local: (b/tp, L, k); weight: (n, k), cast to the input's dtype as autocast would
+        w = weight.to(local.dtype)
+        full, out = split.gather_matmul(local.contiguous(), w.t())
+        ctx.save_for_backward(full, w)
+        ctx.split, ctx.weight_dtype = split, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        full, w = ctx.saved_tensors
+        grad = grad.to(w.dtype)
+        grad_local = ctx.split.matmul_scatter(grad, w)
+        grad_weight = matmul_in_dtype(grad.flatten(0, -2).t(), full.flatten(0, -2), ctx.weight_dtype)
+        return grad_local, grad_weight, None
 
 
 class SequenceParallelRMSNorm(RMSNorm):

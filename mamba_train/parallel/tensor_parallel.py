@@ -151,17 +151,18 @@ def _batch_first(linear_cls, in_proj: bool = False):
                 # (measured on an H100 at 1.3b: 3.6x slower steps).
                 out, _ = super().forward(x)
                 return out
-            if in_proj:
-                # Gather the tokens once and keep them for the weight's gradient (the gather's
-                # backward reduce-scatters the input's). megatron's column-parallel layer keeps
-                # only this rank's tokens and gathers them again in backward: at 1.3b on 2 H100s
-                # that second gather, 32 MiB a layer, made SP 1.8 points slower than plain TP;
-                # without it the two are level, for (tp-1)/tp of the layer's input kept in
-                # memory (docs/design-notes.md)
-                return torch.matmul(self.token_split.gather(x).contiguous(), self.weight.t())
+            if in_proj:   # gathers once, keeping the gathered input for the weight's gradient
+                return self.token_split.linear(x, self.weight)
             # megatron gathers (column-parallel) or scatters (row-parallel) dim 0
             out, _ = super().forward(self.token_split.to_split_first(x))
             return self.token_split.to_batch_first(out)
+
+        def product_scatter(self):
+            """The model's TokenSplit when this forward's out_proj product goes with its
+            reduce-scatter (`TokenSplit.fuses_products`: `kernels.mixer_body` takes it as
+            out_scatter and returns this rank's rows of the sum), else None."""
+            split = self.token_split
+            return split if self.sequence_parallel and split.fuses_products() else None
 
         def reduce_partial(self, partial):
             """A row-parallel layer's collective alone, for a caller that ran its matmul itself

@@ -60,13 +60,20 @@ def _explain_collective_errors(method):
     return wrapper
 
 
+def _sequence_parallel_note(layout) -> str:
+    if not layout.sequence_parallel:
+        return ""
+    return " (sequence parallel, comm overlap)" if layout.tp_comm_overlap else " (sequence parallel)"
+
+
 class ParallelTrainer:
     def __init__(self, cfg: RunConfig, device: torch.device):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         parallel = cfg.parallel
         try:  # before any process group or model: a layout that cannot work costs nothing
             self.layout = validate_layout(cfg.model, cfg.data.seq_len, world, tp=parallel.tp, cp=parallel.cp,
-                                          sequence_parallel=parallel.sequence_parallel)
+                                          sequence_parallel=parallel.sequence_parallel,
+                                          tp_comm_overlap=parallel.tp_comm_overlap)
         except LayoutError as err:
             raise TrainingError(f"parallel layout: {err}") from err
         self.cfg = cfg
@@ -96,7 +103,7 @@ class ParallelTrainer:
     def describe(self) -> str:
         layout = self.layout
         return (f"{self.world_size} ranks: tp {layout.tp} × cp {layout.cp} × dp {layout.dp}"
-                f"{' (sequence parallel)' if layout.sequence_parallel else ''} | ZeRO-{self.cfg.parallel.zero_stage} "
+                f"{_sequence_parallel_note(layout)} | ZeRO-{self.cfg.parallel.zero_stage} "
                 f"{'bf16' if self.bf16 else 'fp32'} | {dist.get_backend()} | device {self.device}")
 
     @_explain_collective_errors
@@ -114,6 +121,7 @@ class ParallelTrainer:
                                 f"{self.vocab_tp}), which parallel.tp={parallel.tp} does not divide")
         self.run = setup_parallel(cfg.model, cfg.data.seq_len, cfg.optim, cfg.train.micro_batch, cfg.train.grad_accum,
                                   tp=parallel.tp, cp=parallel.cp, sequence_parallel=parallel.sequence_parallel,
+                                  tp_comm_overlap=parallel.tp_comm_overlap,
                                   zero_stage=parallel.zero_stage, bf16=self.bf16, seed=cfg.train.seed,
                                   device=self.device, vocab_tp=self.vocab_tp, timeout_minutes=parallel.timeout_minutes)
         self.engine, self.dims = self.run.engine, self.run.dims
