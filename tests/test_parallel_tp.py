@@ -284,8 +284,9 @@ def _overlap_worker(rank, world):
             static[key].copy_(value)
         graph.replay()
         torch.cuda.synchronize()
-        # the same loss bit for bit; gradients within 4e-7 of the largest element (measured on
-        # 2 H100s), not always bit for bit
+        # the same loss bit for bit; gradients within 4e-7 of each tensor's largest element
+        # (measured on 2 H100s), not always bit for bit: the SSD's backward adds its dt, dA and
+        # D terms with atomics, whose order the overlapped streams' timing may change
         assert torch.equal(replayed_loss, eager_loss), "the replayed loss differs from eager"
         assert_grads_close(replayed, eager_grads, rel=1e-5, rel_each=1e-5)
 
