@@ -102,13 +102,18 @@ def test_cp2_with_recompute_equals_one_process():
 
 def _tp_cp_worker(rank, world):
     # SP over 4 rows splits them over the TP ranks, over 3 rows each row's CP piece: either way
-    # the mixers (and the CP hook) see the whole piece of every row
+    # the mixers (and the CP hook) see the whole piece of every row; split by rows, also with
+    # SP's collectives inside the products (tp_comm_overlap), there with recompute='block' too
+    # (backward reruns each block's gather with its product)
     cfg = tiny_config(ngroups=2)
-    for batch in (4, 3):
+    for batch, overlap in ((4, False), (3, False), (4, True)):
         torch.manual_seed(0)
         reference = Mamba2LM(cfg, tp_size=2)
-        dims = init_parallel(validate_layout(cfg, 32, world, tp=2, cp=2, sequence_parallel=True))
+        dims = init_parallel(validate_layout(cfg, 32, world, tp=2, cp=2, sequence_parallel=True,
+                                             tp_comm_overlap=overlap))
         model = parallelize_model(copy.deepcopy(reference), dims)
+        if overlap:
+            set_recompute(model, "block")
         input_ids, labels, seq_idx = tiny_batch(cfg, batch, 32, (_doc_starts(32, 2) + [[7, 16]])[:batch])
         model.loss(*[context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]).backward()
         allreduce_gradients(model, dims)

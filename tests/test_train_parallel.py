@@ -34,8 +34,10 @@ STEP3 = "step_00000003"
 # one any resume of the tp2 checkpoints uses).
 TP2_MODEL = "model.pad_vocab_multiple=64"
 LAYOUTS = {
-    # SP with the products fused with their collectives (on CUDA they overlap; here gloo runs them)
-    "tp2": ("parallel.tp=2", TP2_MODEL, "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true"),
+    "tp2": ("parallel.tp=2", TP2_MODEL, "parallel.sequence_parallel=true"),
+    # SP's collectives inside in_proj's and out_proj's products (on CUDA they overlap; gloo runs
+    # the same functions with plain collectives)
+    "tp2-overlap": ("parallel.tp=2", TP2_MODEL, "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true"),
     "cp2": ("parallel.cp=2",),
     "dp2": ("train.micro_batch=2",),  # × dp 2 = the one process's 4 rows
 }
@@ -104,7 +106,7 @@ def _worst_relative(losses: dict, expected: dict) -> float:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "cp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2-overlap", "cp2"])
 def test_tp2_and_cp2_train_like_one_process_with_the_same_global_batch(runs, layout):
     losses = _int_keys(runs["ranks"][0][layout]["losses"])
     worst = _worst_relative(losses, runs["one"].losses)
@@ -202,6 +204,19 @@ def test_a_layout_that_cannot_work_fails_before_any_work(markov_data, tmp_path, 
     with pytest.raises(TrainingError, match=message):
         train(tiny_config(markov_data, tmp_path, "model.ngroups=2", override))
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_comm_overlap_across_nodes_fails_before_any_work(markov_data, tmp_path, monkeypatch):
+    # four TP ranks on nodes of two GPUs each: symmetric memory cannot map the group's GPUs
+    from mamba_train.train.parallel_trainer import ParallelTrainer
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = tiny_config(markov_data, tmp_path, "model.ngroups=4", "parallel.tp=4", "parallel.sequence_parallel=true",
+                      "parallel.tp_comm_overlap=true")
+    with pytest.raises(TrainingError, match=r"tp_comm_overlap needs each TP group on one node: tp=4 is more than "
+                                            r"the 2 processes a node runs"):
+        ParallelTrainer(cfg, torch.device("cuda"))
 
 
 def _hung_rank_worker(rank, world, data, root):

@@ -112,8 +112,8 @@ class Mamba2Mixer(nn.Module):
             # A row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
             # weight: under SP split by batch rows the op reduce-scatters its product itself
             # (out_scatter), else it gives this rank's partial sum and the layer's collective is due
-            product_scatter = getattr(self.out_proj, "product_scatter", None)
-            out_scatter = None if product_scatter is None else product_scatter()
+            scatter_of_layer = getattr(self.out_proj, "out_scatter", None)
+            out_scatter = None if scatter_of_layer is None else scatter_of_layer()
             out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
                              self.norm.weight, self.out_proj.weight, ngroups=ngroups, chunk_size=cfg.chunk_size,
                              norm_eps=cfg.norm_eps, dt_limit=cfg.dt_limit, seq_idx=seq_idx,

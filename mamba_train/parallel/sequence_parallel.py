@@ -36,6 +36,8 @@ check the fused path's autograd against one process.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from kernels.wide_matmul import matmul_in_dtype
@@ -45,7 +47,9 @@ from mamba_train.model.mamba2 import RMSNorm
 class TokenSplit:
     """Which tokens of the batch-first residual stream this TP rank holds under SP. One object
     is shared by every SP site of a model: the embedding's reduce-scatter, each block's in_proj
-    (gather) and out_proj (reduce-scatter), and the gather before the head.
+    (gather) and out_proj (reduce-scatter), and the gather before the head. With
+    `uses_collective_products()` in_proj is `linear` and the mixer body's out_proj product
+    `matmul_scatter` (backward `gather_matmul`): each collective goes with its matmul.
 
     `begin(batch, local_len)` runs at the start of each forward (ParallelMamba2LM.hidden_states)
     and sets `dim`; a recomputing backward (train.recompute) reads it again, so a forward's
@@ -60,6 +64,8 @@ class TokenSplit:
         # parallel.tp_comm_overlap: split by batch rows, in_proj's gather and out_proj's scatter
         # go with their matmuls (`gather_matmul`, `matmul_scatter`), overlapped on CUDA
         self.overlap = overlap
+        self._workspace_bytes = 0   # of the symmetric workspace prepare_overlap asked for
+        self._captured = False      # whether a CUDA graph may hold the workspace's address
 
     def begin(self, batch: int, local_len: int) -> None:
         if batch % self.tp == 0:
@@ -77,28 +83,42 @@ class TokenSplit:
         largest piece they stage, two of this rank's (b/tp, L, d_model) in out_proj's scatter.
         Growing it is collective and cannot happen inside a CUDA graph's capture: the first
         (eager) forward grows it, the captured ones find it."""
-        if not self.overlapping(residual) or torch.cuda.is_current_stream_capturing():
+        if not self._overlaps(residual):
             return
+        if torch.cuda.is_current_stream_capturing():
+            self._captured = True
+            return
+        needed = 2 * residual.numel() * residual.element_size()
+        if needed > self._workspace_bytes and self._captured:
+            # torch would allocate a larger workspace and free the one the graph writes to
+            raise RuntimeError(f"tp_comm_overlap: a forward of {tuple(residual.shape)} rows a rank needs a larger "
+                               "symmetric workspace than the CUDA graph captured before it; capture the largest "
+                               "batch first, or turn train.cuda_graph off")
         from torch.distributed import _symmetric_memory as symm_mem
 
-        symm_mem.enable_symm_mem_for_group(self.tp_group.group_name)
-        symm_mem.get_symm_mem_workspace(self.tp_group.group_name, 2 * residual.numel() * residual.element_size())
+        with warnings.catch_warnings():
+            # torch 2.11 and later (the GPU image, CI) warn that the call is no longer needed; older ones need it
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(self.tp_group.group_name)
+        symm_mem.get_symm_mem_workspace(self.tp_group.group_name, needed)
+        self._workspace_bytes = max(self._workspace_bytes, needed)
 
-    def fuses_products(self) -> bool:
+    def uses_collective_products(self) -> bool:
         """Whether in_proj's gather and out_proj's scatter go with their matmuls in this forward
         (gather_matmul, matmul_scatter): with `overlap`, split by batch rows. On CUDA the two
         then overlap; elsewhere (the gloo tests) the same functions run the plain collectives."""
         return self.overlap and self.dim == self.BATCH_ROWS
 
-    def overlapping(self, x: torch.Tensor) -> bool:
-        return self.fuses_products() and x.is_cuda
+    def _overlaps(self, x: torch.Tensor) -> bool:
+        return self.uses_collective_products() and x.is_cuda
 
     def gather_matmul(self, local: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """local: this rank's batch rows (b/tp, L, k), contiguous; w_t: (k, n) → (every rank's rows
         (b, L, k), those rows @ w_t (b, L, n)). With `overlap` on CUDA the product of this rank's
         rows runs while the other ranks' are copied in. No autograd: a caller's backward."""
-        if self.overlapping(local):
-            full, (out,) = _symm_mem_ops().fused_all_gather_matmul(local, [w_t], 0, self.tp_group.group_name)
+        if self._overlaps(local):
+            with torch.autocast("cuda", enabled=False):   # the operands' dtype, as the collectives keep it
+                full, (out,) = _symm_mem_ops().fused_all_gather_matmul(local, [w_t], 0, self.tp_group.group_name)
             return full, out
         full = local.new_empty((local.shape[0] * self.tp, *local.shape[1:]))
         torch.distributed.all_gather_into_tensor(full, local, group=self.tp_group)
@@ -108,8 +128,11 @@ class TokenSplit:
         """a: (b, L, k), this rank's term of a sum over the TP group; w_t: (k, n) → this rank's
         batch rows of Σ_ranks a @ w_t, (b/tp, L, n). With `overlap` on CUDA each rank's rows of
         the product are sent while the next rows are computed. No autograd."""
-        if self.overlapping(a):
-            return _symm_mem_ops().fused_matmul_reduce_scatter(a, w_t, "sum", 0, self.tp_group.group_name)
+        if self._overlaps(a):
+            # autocast off: it would run the op's sum of the ranks' partials in fp32, and the
+            # result (the residual update) would come out fp32, twice the bytes of the NCCL path's
+            with torch.autocast("cuda", enabled=False):
+                return _symm_mem_ops().fused_matmul_reduce_scatter(a, w_t, "sum", 0, self.tp_group.group_name)
         partial = a @ w_t
         out = partial.new_empty((partial.shape[0] // self.tp, *partial.shape[1:]))
         torch.distributed.reduce_scatter_tensor(out, partial, group=self.tp_group)
@@ -121,7 +144,7 @@ class TokenSplit:
         column-parallel layer keeps only this rank's tokens and gathers them again in backward
         (at 1.3b on 2 H100s that second gather, 32 MiB a layer, made SP 1.8 points slower than
         plain TP; without it the two are level, for (tp-1)/tp of the input kept in memory)."""
-        if self.fuses_products():
+        if self.uses_collective_products():
             return _GatherLinear.apply(local, weight, self)
         return torch.matmul(self.gather(local).contiguous(), weight.t())
 

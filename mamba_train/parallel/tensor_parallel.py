@@ -157,12 +157,13 @@ def _batch_first(linear_cls, in_proj: bool = False):
             out, _ = super().forward(self.token_split.to_split_first(x))
             return self.token_split.to_batch_first(out)
 
-        def product_scatter(self):
-            """The model's TokenSplit when this forward's out_proj product goes with its
-            reduce-scatter (`TokenSplit.fuses_products`: `kernels.mixer_body` takes it as
-            out_scatter and returns this rank's rows of the sum), else None."""
+        def out_scatter(self):
+            """What `kernels.mixer_body` takes as out_scatter in this forward: the model's
+            TokenSplit when out_proj's product goes with its reduce-scatter
+            (`TokenSplit.uses_collective_products`; the op then returns this rank's rows of the
+            sum), else None (the op returns the partial sum, and reduce_partial follows)."""
             split = self.token_split
-            return split if self.sequence_parallel and split.fuses_products() else None
+            return split if self.sequence_parallel and split.uses_collective_products() else None
 
         def reduce_partial(self, partial):
             """A row-parallel layer's collective alone, for a caller that ran its matmul itself

@@ -76,6 +76,12 @@ class ParallelTrainer:
                                           tp_comm_overlap=parallel.tp_comm_overlap)
         except LayoutError as err:
             raise TrainingError(f"parallel layout: {err}") from err
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if self.layout.tp_comm_overlap and device.type == "cuda" and parallel.tp > per_node:
+            # megatron's TP groups are consecutive ranks; symmetric memory maps the group's GPUs
+            # into each other's address space, which needs them on one node
+            raise TrainingError(f"parallel.tp_comm_overlap needs each TP group on one node: tp={parallel.tp} is more "
+                                f"than the {per_node} processes a node runs (LOCAL_WORLD_SIZE)")
         self.cfg = cfg
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
