@@ -110,8 +110,9 @@ class Mamba2Mixer(nn.Module):
             # (kernels.mixer_body), under context parallelism too (the hook links this rank's
             # piece to the ones before it). Carried state (stateful evaluation) takes the ops one by one.
             # A row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
-            # weight: under SP split by batch rows the op reduce-scatters its product itself
-            # (out_scatter), else it gives this rank's partial sum and the layer's collective is due
+            # weight: with parallel.tp_comm_overlap and SP split by batch rows the op reduce-scatters
+            # its product itself (out_scatter), else it gives this rank's partial sum and the
+            # layer's collective is due
             scatter_of_layer = getattr(self.out_proj, "out_scatter", None)
             out_scatter = None if scatter_of_layer is None else scatter_of_layer()
             out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
