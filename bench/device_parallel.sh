@@ -4,6 +4,7 @@
 #   carry: .devwheels (megatron-core 0.16.1, einops, zstandard, pyyaml, tqdm for Python 3.12)
 #   usage: bash bench/device_parallel.sh [mode:seqlen[:accum][:graph] ...]   (default: the runs)
 #          PARALLEL_ARGS=--sequence-parallel PARALLEL_TAG=-sp bash bench/device_parallel.sh tp:2048:1:graph
+#          PARALLEL_ARGS="--sequence-parallel --tp-comm-overlap" bash bench/device_parallel.sh tp:2048:1:graph
 set -euo pipefail
 source bench/device_env.sh
 nvidia-smi topo -m   # NVLink or PCIe between the two GPUs: what TP and CP efficiency can reach

@@ -13,6 +13,8 @@ import datetime
 import json
 import os
 import socket
+import sys
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -39,11 +41,18 @@ def _entry(rank, fn, world, port, args, backend):
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     try:
         fn(rank, world, *args)
-    finally:
-        from megatron.core import parallel_state
+    except BaseException:
+        # Report and leave without the teardown: destroying the process group waits for the
+        # other ranks, which may sit in a collective this rank will never join. On two GPUs a
+        # failed assertion hung there, its traceback unprinted, until the call's time limit.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    from megatron.core import parallel_state
 
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def run_workers(fn, world: int, *args, backend: str = "gloo") -> None:
