@@ -32,7 +32,9 @@ from kernels.triton_ssd import state_passing  # noqa: E402
 _DEFAULT_BLOCK = launch.block
 # the SSD of each bench_train.py model's layer at its micro-batch (issue 9): 130m, 370m, 1.3b
 TRAINING_SHAPES = {"b16_L2048_h24": (16, 2048, 24, 64, 1, 128), "b8_L2048_h32": SHAPES["b8_L2048_h32"],
-                   "b4_L2048_h64": SHAPES["b4_L2048_h64"]}
+                   "b4_L2048_h64": SHAPES["b4_L2048_h64"],
+                   # bench/device_parallel.sh's 1.3b (ngroups 2) on one GPU, and on one rank of TP=2
+                   "b4_L2048_h64_g2": (4, 2048, 64, 64, 2, 128), "b4_L2048_h32": (4, 2048, 32, 64, 1, 128)}
 ALL_SHAPES = {**SHAPES, **TRAINING_SHAPES}
 # rows timed for comparison, not in the sums: the two stages each fused state passing fuses
 # (context parallelism, and grids too small for the fused kernels, run them apart), and

@@ -350,9 +350,13 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
 
 
 def _check_add_norm_inputs(residual, update, weight):
-    """add_rmsnorm's argument checks, shared with the Triton path."""
-    _expect_shape("update", update, residual.shape, "(like residual)")
+    """add_rmsnorm's argument checks, shared with the Triton path -> how many parts the update
+    comes in (1: a tensor like residual)."""
+    parts = update.shape[0] if update.dim() == residual.dim() + 1 else 1
+    _expect_shape("update", update, residual.shape if update.dim() == residual.dim() else (parts, *residual.shape),
+                  "(like residual, or (parts, *residual's shape) partial sums of it)")
     _expect_shape("weight", weight, (residual.shape[-1],), "(dim,)")
+    return parts
 
 
 def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
@@ -360,10 +364,17 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
     promoted dtype, and the RMSNorm of that sum times weight, in out_dtype (default the sum's)).
 
     The model adds each block's mixer output to the residual stream here, at the next block's
-    norm (mamba_ssm's fused_add_norm), so that the stream is read and written once for both."""
-    # residual, update, both outputs: (..., d)  weight: (d,)
+    norm (mamba_ssm's fused_add_norm), so that the stream is read and written once for both.
+    The update may come as partial sums, (parts, *residual's shape): a row-parallel out_proj's
+    terms from each tensor-parallel rank (mixer_body's out_scatter), added here in fp32 with
+    the stream rather than by a separate kernel first."""
+    # residual, both outputs: (..., d)  update: (..., d) | (parts, ..., d)  weight: (d,)
     _check_add_norm_inputs(residual, update, weight)
-    total = residual + update
+    if update.dim() == residual.dim():
+        total = residual + update
+    else:
+        cdt = torch.promote_types(_compute_dtype(residual), _compute_dtype(update))
+        total = (residual.to(cdt) + update.to(cdt).sum(0)).to(torch.promote_types(residual.dtype, update.dtype))
     return total, rmsnorm_gated(total, None, weight, eps, out_dtype=out_dtype)
 
 
@@ -425,9 +436,10 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
 
     out_scatter: for an out_proj split by input columns over a group of ranks (tensor
     parallelism), the object that sums its product over them and keeps this rank's rows of the
-    batch (`mamba_train.parallel.sequence_parallel.TokenSplit`): `matmul_scatter(a, w_t)` gives
-    this rank's rows of Σ_ranks a @ w_t, and for backward `gather_matmul(g, w)` gives (every
-    rank's rows of g, those @ w). The result is then (b / ranks, l, d_model)."""
+    batch (`mamba_train.parallel.sequence_parallel.TokenSplit`): `matmul_parts(a, w_t)` gives
+    this rank's rows of each rank's a @ w_t, and for backward `gather_matmul(g, w)` gives (every
+    rank's rows of g, those @ w). The result is then those terms, (ranks, b / ranks, l, d_model),
+    for add_rmsnorm to sum with the stream: it must reach the loss only through their sum."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
     # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
@@ -452,20 +464,30 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     return F.linear(y, out_weight.to(y.dtype))
 
 
+def parts_gradient(grad_parts):
+    """The gradient of a sum's terms (mixer_body's with out_scatter) -> the sum's. The terms
+    reach the loss only through their sum (add_rmsnorm), so each term's gradient is the sum's
+    and autograd hands over one tensor for all of them (stride 0 along the terms)."""
+    if grad_parts.shape[0] > 1 and grad_parts.stride(0) != 0:
+        raise RuntimeError("mixer_body with out_scatter returns the terms of a sum: they must reach the loss "
+                           "only through their sum (kernels.add_rmsnorm adds them to the residual stream)")
+    return grad_parts[0]
+
+
 class _ProductScatter(torch.autograd.Function):
-    """mixer_body's out_proj with out_scatter: this rank's rows of Σ_ranks y @ weightᵀ."""
+    """mixer_body's out_proj with out_scatter: this rank's rows of each rank's y @ weightᵀ."""
 
     @staticmethod
     def forward(ctx, y, weight, out_scatter):
         w = weight.to(y.dtype)
         ctx.save_for_backward(y, w)
         ctx.out_scatter, ctx.weight_dtype = out_scatter, weight.dtype
-        return out_scatter.matmul_scatter(y, w.t())
+        return out_scatter.matmul_parts(y, w.t())
 
     @staticmethod
     def backward(ctx, grad):
         y, w = ctx.saved_tensors
-        grad_full, grad_y = ctx.out_scatter.gather_matmul(grad.to(y.dtype).contiguous(), w)
+        grad_full, grad_y = ctx.out_scatter.gather_matmul(parts_gradient(grad).to(y.dtype).contiguous(), w)
         grad_weight = (grad_full.flatten(0, -2).t() @ y.flatten(0, -2)).to(ctx.weight_dtype)
         return grad_y, grad_weight, None
 

@@ -72,7 +72,8 @@ def run_workers(fn, world: int, *args, backend: str = "gloo") -> None:
 # ----------------------------------------------------------------------------- counting
 
 _COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
-                "_reduce_scatter_base", "reduce_scatter", "broadcast", "send", "recv", "isend", "irecv")
+                "_reduce_scatter_base", "reduce_scatter", "all_to_all_single", "broadcast", "send", "recv", "isend",
+                "irecv")
 
 
 def save_rank_results(root, rank: int, results: dict) -> None:
@@ -123,7 +124,8 @@ def count_collectives():
         def counted(*args, **kwargs):
             # all_gather_into_tensor / reduce_scatter_tensor: (output, input); count the input
             sent = args[1] if name in ("all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
-                                       "_reduce_scatter_base", "all_gather", "reduce_scatter") else args[0]
+                                       "_reduce_scatter_base", "all_gather", "reduce_scatter",
+                                       "all_to_all_single") else args[0]
             log.calls.append((name, _nbytes(sent)))
             log.shapes.append((name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
             return original(*args, **kwargs)

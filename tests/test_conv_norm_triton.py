@@ -393,6 +393,25 @@ def test_add_norm_is_the_add_then_the_norm_bit_for_bit():
     assert torch.equal(fused["dupdate"], expected.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("update_dtype", [torch.float32, torch.bfloat16])
+def test_add_norm_sums_an_update_given_as_partial_sums(update_dtype):
+    # tensor parallelism's out_proj terms, one a rank, joined with the stream at the norm: the
+    # float64 reference's sum, and each part's gradient the sum's (one tensor, stride 0)
+    shape, parts = (3, 20, 16), 2
+    inputs = add_norm_inputs(shape, update_dtype=update_dtype)
+    inputs["update"] = torch.stack([inputs["update"], torch.randn(shape).to(inputs["update"])])
+    ours = run_add_norm(add_rmsnorm_triton, inputs, eps=1e-5)
+    ref = run_add_norm(add_rmsnorm, upcast(inputs), eps=1e-5)
+    assert ours["dupdate"].shape == (parts, *shape) and ours["total"].dtype == torch.float32
+    check_all(ours, ref, FP32_BOUND if update_dtype == torch.float32 else HALF_BOUND, str(update_dtype))
+    # what the producer of the parts receives (a leaf's .grad would be a copy): one tensor
+    seen = []
+    update = inputs["update"].clone().requires_grad_(True) * 1
+    update.register_hook(seen.append)
+    add_rmsnorm_triton(inputs["residual"], update, inputs["weight"])[1].float().sum().backward()
+    assert seen[0].stride(0) == 0 and seen[0].shape == (parts, *shape)
+
+
 def test_add_norm_rejects_mismatched_shapes():
     inputs = add_norm_inputs((2, 8))
     with pytest.raises(ValueError, match=r"update: expected shape \(2, 8\)"):

@@ -159,14 +159,14 @@ def test_keep_activations_keeps_conv_and_norm_outputs_and_changes_no_result():
 
 class _RankZeroOfTwoEqualRanks:
     """out_scatter (kernels.reference.mixer_body says what it supplies) for rank 0 of two ranks
-    that hold the same partial sums, split by batch rows: the sum's rows of rank 0 are twice
-    this partial's, and backward's gather brings rank 1's rows of the output gradient, given."""
+    that hold the same partial sums, split by batch rows: rank 0's rows of both ranks' terms
+    are this partial's, and backward's gather brings rank 1's rows of the output gradient, given."""
 
     def __init__(self, other_rows_grad):
         self.other_rows_grad = other_rows_grad
 
-    def matmul_scatter(self, a, w_t):
-        return (2 * (a @ w_t))[: a.shape[0] // 2]
+    def matmul_parts(self, a, w_t):
+        return torch.stack([(a @ w_t)[: a.shape[0] // 2]] * 2)
 
     def gather_matmul(self, g, w):
         full = torch.cat([g, self.other_rows_grad.to(g)])
@@ -175,8 +175,9 @@ class _RankZeroOfTwoEqualRanks:
 
 def test_out_scatter_returns_this_ranks_rows_and_takes_every_ranks_gradient():
     # The op's out_proj through an out_scatter (tensor parallelism's fused collectives) against
-    # the plain op: forward, this rank's rows of the sum; backward, the gradients of the plain
-    # op's partial sum under every rank's rows of the output gradient
+    # the plain op: forward, this rank's rows of every rank's term; backward (the terms' one
+    # gradient, the sum's, as add_rmsnorm gives it), the gradients of the plain op's partial sum
+    # under every rank's rows of the output gradient
     b, l, h, p, g, n, d_model, chunk, options, kwargs = CASES["g2_channel_D_docs_dt_limit"]
     inputs = make_inputs(b, l, h, p, g, n, d_model, **options)
     kwargs = kwargs | dict(ngroups=g, chunk_size=chunk, norm_eps=1e-5)
@@ -185,18 +186,29 @@ def test_out_scatter_returns_this_ranks_rows_and_takes_every_ranks_gradient():
     def gradients(out_scatter):
         leaves = {k: (v.detach().clone().requires_grad_(True) if k in GRADS else v) for k, v in inputs.items()}
         out = mixer_body_triton(**leaves, **kwargs, out_scatter=out_scatter)
-        out.backward(grad[: b // 2] if out_scatter is not None else grad)
+        out.backward(grad[: b // 2].expand(2, -1, -1, -1) if out_scatter is not None else grad)
         return out.detach(), {k: leaves[k].grad for k in GRADS}
 
     out, grads = gradients(_RankZeroOfTwoEqualRanks(grad[b // 2:]))
     partial, expected = gradients(None)
-    assert out.shape == (b // 2, l, d_model)
-    assert torch.equal(out, (2 * partial)[: b // 2])
+    assert out.shape == (2, b // 2, l, d_model)
+    assert torch.equal(out, partial[: b // 2].expand(2, -1, -1, -1))
     for name, value in expected.items():
         if DEVICE == "cpu":
             assert torch.equal(grads[name], value), name
         else:   # the backward's atomic sums add in any order on a GPU
             assert rel_err(grads[name], value) < 1e-5, name
+
+
+def test_out_scatter_terms_used_apart_from_their_sum_are_refused_in_backward():
+    # each term's gradient must be the sum's (one tensor): the op's backward sends only that
+    b, l, h, p, g, n, d_model, chunk, options, kwargs = CASES["g2_channel_D_docs_dt_limit"]
+    inputs = make_inputs(b, l, h, p, g, n, d_model, **options)
+    leaves = {k: (v.detach().clone().requires_grad_(True) if k in GRADS else v) for k, v in inputs.items()}
+    out = mixer_body_triton(**leaves, **kwargs, ngroups=g, chunk_size=chunk,
+                            out_scatter=_RankZeroOfTwoEqualRanks(torch.zeros(b - b // 2, l, d_model)))
+    with pytest.raises(RuntimeError, match="only through their sum"):
+        (out[0] * 2 + out[1]).sum().backward()
 
 
 def test_rejects_inconsistent_sizes():

@@ -42,7 +42,8 @@ def linear_inputs():
 def _residual_shapes(log) -> set:
     """Shapes of the (batch, seqlen, d)-like tensors the all-gathers and reduce-scatters were
     given: the residual stream's (the cross-entropy's all-gather is of 2-D rows)."""
-    return {shape for name, shapes in log.shapes if name in ("all_gather_into_tensor", "reduce_scatter_tensor")
+    return {shape for name, shapes in log.shapes
+            if name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
             for shape in shapes if len(shape) == 3}
 
 
@@ -79,7 +80,12 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
     # forward collectives: one per block (the row-parallel out_proj), plus the embedding's
     # and the cross-entropy's one all-gather (each row's log-sum-exp and label logit per shard)
     n = cfg.n_layer
-    if sequence_parallel:
+    if fused:
+        # blocks: in_proj all-gathers; out_proj sends each rank its rows of this rank's term
+        # (all-to-all: the next norm adds the terms); embedding reduce-scatters, head all-gathers
+        assert log.counts() == {"all_gather_into_tensor": n + 1 + 1, "all_to_all_single": n,
+                                "reduce_scatter_tensor": 1}, log.calls
+    elif sequence_parallel:
         # blocks: in_proj all-gathers, out_proj reduce-scatters; embedding reduce-scatters, head all-gathers
         assert log.counts() == {"all_gather_into_tensor": n + 1 + 1, "reduce_scatter_tensor": n + 1}, log.calls
     else:
@@ -91,7 +97,8 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
             hidden = torch.randn(batch // tp, SEQ_LEN, cfg.d_model) if split_rows else \
                 torch.randn(batch, SEQ_LEN // tp, cfg.d_model)
         model.layers[0](hidden, seq_idx=seq_idx)
-    assert block_log.counts() == ({"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1} if sequence_parallel
+    assert block_log.counts() == ({"all_gather_into_tensor": 1, "all_to_all_single": 1} if fused else
+                                  {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1} if sequence_parallel
                                   else {"all_reduce": 1})
 
     with count_collectives() as backward_log:

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..reference import _check_chunk_size, check_mixer_inputs
+from ..reference import _check_chunk_size, check_mixer_inputs, parts_gradient
 from ..triton_conv.conv1d import conv1d_bwd, conv1d_fwd
 from ..triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 from ..triton_ssd.combined import _contiguous, ssd_bwd, ssd_fwd
@@ -90,9 +90,13 @@ class MixerBodyFunction(torch.autograd.Function):
         normed = rmsnorm_gated_fwd(y, z.reshape(b * l, s.d_inner), norm_weight, norm_eps, s.d_inner // s.ngroups,
                                    rstd=rstd)
         # out_proj in y's dtype, as autocast would run it (the weight cast, not cached); with
-        # out_scatter, summed over the ranks that hold out_proj's other columns, this rank's rows
+        # out_scatter, this rank's rows of each term of the sum over the ranks that hold
+        # out_proj's other columns (the next norm adds them)
         w_t = out_weight.to(normed.dtype).t()
-        out = normed @ w_t if out_scatter is None else out_scatter.matmul_scatter(normed.view(b, l, -1), w_t)
+        if out_scatter is not None:
+            out = out_scatter.matmul_parts(normed.view(b, l, -1), w_t)
+        else:
+            out = (normed @ w_t).view(b, l, -1)
         kept = (x, B, C, normed) if keep_activations else (None,) * 4
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, y,
                               states_in, rstd, halo, *kept)
@@ -101,7 +105,7 @@ class MixerBodyFunction(torch.autograd.Function):
         # replaces them, and this backward must use the ones this forward used)
         ctx.context_parallel = copy.copy(context_parallel)
         ctx.out_scatter = out_scatter
-        return out.view(-1, l, out_weight.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -121,8 +125,9 @@ class MixerBodyFunction(torch.autograd.Function):
         if ctx.out_scatter is None:
             dout = dout.reshape(b * l, -1).to(y.dtype)
             dnormed = dout @ out_weight.to(y.dtype)
-        else:   # dout holds this rank's rows: every rank's, and their product, come together
-            dout, dnormed = ctx.out_scatter.gather_matmul(dout.to(y.dtype).contiguous(), out_weight.to(y.dtype))
+        else:   # this rank's rows (each part's gradient): every rank's, and their product, together
+            dout, dnormed = ctx.out_scatter.gather_matmul(parts_gradient(dout).to(y.dtype).contiguous(),
+                                                          out_weight.to(y.dtype))
             dout, dnormed = dout.view(b * l, -1), dnormed.view(b * l, -1)
         recomputed = torch.empty_like(y) if normed is None else None
         dy, _, dnorm_weight = rmsnorm_gated_bwd(dnormed, y, z, norm_weight, ctx.norm_eps, group_size,

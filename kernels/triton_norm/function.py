@@ -40,12 +40,14 @@ def rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=None, out_dtype=None
 class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, residual, update, weight, eps, out_dtype):
+    def forward(ctx, residual, update, weight, eps, out_dtype, parts):
+        # update: like residual, or (parts, *residual's shape) partial sums of it
         dim = residual.shape[-1]
         total, out = rmsnorm_gated_fwd(residual.reshape(-1, dim), None, weight, eps, dim, out_dtype,
-                                       update=update.reshape(-1, dim))
+                                       update=update.reshape(parts, -1, dim) if parts > 1 else update.reshape(-1, dim))
         ctx.save_for_backward(total, weight)
         ctx.eps, ctx.update_dtype, ctx.out_dtype, ctx.shape = eps, update.dtype, out.dtype, residual.shape
+        ctx.update_shape = update.shape
         # an unused output's gradient arrives as None, not as a tensor of zeros to read
         ctx.set_materialize_grads(False)
         return total.view(residual.shape), out.view(residual.shape)
@@ -69,11 +71,14 @@ class AddRMSNormFunction(torch.autograd.Function):
             dresidual = dupdate = dsum.view(ctx.shape)
         else:
             dresidual, dupdate = (d.view(ctx.shape) for d in dsum)
-        return dresidual, dupdate, dweight, None, None
+        if len(ctx.update_shape) > len(ctx.shape):
+            # each partial sum's gradient is the sum's: one tensor, seen once a part (stride 0)
+            dupdate = dupdate.expand(ctx.update_shape)
+        return dresidual, dupdate, dweight, None, None, None
 
 
 def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None):
     """residual + update and the RMSNorm of it, times weight, in one kernel each way (Triton);
     same signature and result as `kernels.reference.add_rmsnorm`."""
-    _check_add_norm_inputs(residual, update, weight)
-    return AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype)
+    parts = _check_add_norm_inputs(residual, update, weight)
+    return AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype, parts)

@@ -9,7 +9,8 @@ All math in fp32; nothing is saved but the inputs (backward recomputes h and r, 
 no extra memory traffic: it reads x and z anyway). A tile is BLOCK_M rows of one group.
 
 With an update (the residual add fused into the norm after it, kernels.add_rmsnorm; no gate):
-forward reads the residual stream x and the update u, writes x + u and the norm of that;
+forward reads the residual stream x and the update u (or its partial sums, tensor parallelism's
+terms), writes x + u and the norm of that;
 backward adds the gradient arriving at x + u from later blocks to the norm's, and writes the
 sum twice: for the residual (its dtype, fp32) and for the update (its dtype, bf16). An add
 and a norm apart move 44 bytes an element over forward and backward (fp32 stream, bf16
@@ -46,13 +47,13 @@ def _gate(x, z, HAS_Z: tl.constexpr):
 @triton.jit
 def _rmsnorm_gated_fwd_kernel(
     x_ptr, z_ptr, update_ptr, weight_ptr, out_ptr, sum_ptr, rstd_ptr, n_rows, group_size, eps,
-    stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_u_row, stride_u_col,
+    stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_u_part, stride_u_row, stride_u_col,
     stride_out_row, stride_out_col, stride_sum_row, stride_sum_col,
-    HAS_Z: tl.constexpr, HAS_UPDATE: tl.constexpr, HAS_RSTD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_UPDATE: tl.constexpr, UPDATE_PARTS: tl.constexpr, HAS_RSTD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    # x, z, update, out, sum: (m, d)  weight: (d,)  rstd: (groups, m) fp32, written with
-    # HAS_RSTD; one program per (BLOCK_M rows, group)
+    # x, z, out, sum: (m, d)  update: (UPDATE_PARTS, m, d), summed  weight: (d,)  rstd: (groups,
+    # m) fp32, written with HAS_RSTD; one program per (BLOCK_M rows, group)
     pid_m, group = tl.program_id(0), tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     in_group = tl.arange(0, BLOCK_G)
@@ -61,8 +62,10 @@ def _rmsnorm_gated_fwd_kernel(
     x = _load(x_ptr, rows, cols, mask, stride_x_row, stride_x_col)
     if HAS_UPDATE:
         # the norm reads the sum as stored (rounded to its dtype), as the unfused ops would
-        x = (x.to(tl.float32) + _load(update_ptr, rows, cols, mask, stride_u_row, stride_u_col).to(tl.float32)
-             ).to(sum_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
+        for part in tl.static_range(UPDATE_PARTS):
+            x += _load(update_ptr + part * stride_u_part, rows, cols, mask, stride_u_row, stride_u_col).to(tl.float32)
+        x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + rows[:, None] * stride_sum_row + cols[None, :] * stride_sum_col, x, mask=mask)
     z = x
     if HAS_Z:
@@ -185,6 +188,7 @@ def _strides(t):
 def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None, rstd=None):
     # x, z, update: (m, d)  weight: (d,)  ->  out: (m, d) in out_dtype (default x's); with an
     # update (and no z), (x + update in their promoted dtype, out) instead, out the norm of the sum.
+    # The update may come as partial sums (parts, m, d), added in fp32 with x.
     # rstd: a (groups, m) fp32 tensor to write each row's 1 / rms into, for rmsnorm_gated_bwd
     n_rows, dim = x.shape
     block_m, block_g, num_warps, _, _ = _blocks(n_rows, group_size)
@@ -195,12 +199,14 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None
     if update is not None:
         assert z is None, "the residual add goes with the plain norm (no gate)"
         total = torch.empty(n_rows, dim, device=x.device, dtype=torch.promote_types(x.dtype, update.dtype))
+    parts = update.unsqueeze(0) if update is not None and update.dim() == 2 else update
     grid = (cdiv(n_rows, block_m), dim // group_size)
     _rmsnorm_gated_fwd_kernel[grid](
-        x, z, update, weight, out, total, rstd, n_rows, group_size, eps,
-        *x.stride(), *_strides(z), *_strides(update), *out.stride(), *_strides(total),
-        HAS_Z=z is not None, HAS_UPDATE=update is not None, HAS_RSTD=rstd is not None, BLOCK_M=block_m,
-        BLOCK_G=block_g, num_warps=num_warps,
+        x, z, parts, weight, out, total, rstd, n_rows, group_size, eps,
+        *x.stride(), *_strides(z), *(parts.stride() if parts is not None else (0, 0, 0)), *out.stride(),
+        *_strides(total),
+        HAS_Z=z is not None, HAS_UPDATE=update is not None, UPDATE_PARTS=1 if parts is None else parts.shape[0],
+        HAS_RSTD=rstd is not None, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=num_warps,
     )
     return out if update is None else (total, out)
 

@@ -110,9 +110,10 @@ class Mamba2Mixer(nn.Module):
             # (kernels.mixer_body), under context parallelism too (the hook links this rank's
             # piece to the ones before it). Carried state (stateful evaluation) takes the ops one by one.
             # A row-parallel out_proj (mamba_train.parallel) holds this rank's columns of the
-            # weight: with parallel.tp_comm_overlap and SP split by batch rows the op reduce-scatters
-            # its product itself (out_scatter), else it gives this rank's partial sum and the
-            # layer's collective is due
+            # weight: with parallel.tp_comm_overlap and SP split by batch rows the op exchanges the
+            # rows of its product itself (out_scatter) and returns this rank's rows of every rank's
+            # term, which the next norm sums into the stream (add_rmsnorm); else it gives this
+            # rank's partial sum and the layer's collective is due
             scatter_of_layer = getattr(self.out_proj, "out_scatter", None)
             out_scatter = None if scatter_of_layer is None else scatter_of_layer()
             out = mixer_body(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D,
@@ -153,7 +154,8 @@ class Mamba2Block(nn.Module):
     A block takes the stream and the previous block's mixer output not yet added to it, and
     returns its own mixer output and the stream with that update added: the add happens in the
     norm's kernel (mamba_ssm's fused_add_norm; `run_blocks` chains the blocks). The first block
-    gets no update.
+    gets no update. Under parallel.tp_comm_overlap the update comes as the TP ranks' terms of
+    it, (tp, *the stream's shape), which that kernel sums too.
 
     With `recompute` set (train.recompute="block", via `set_recompute`) a training forward keeps
     only the block's inputs, and backward runs the block again for what its own backward needs

@@ -49,7 +49,7 @@ class TokenSplit:
     is shared by every SP site of a model: the embedding's reduce-scatter, each block's in_proj
     (gather) and out_proj (reduce-scatter), and the gather before the head. With
     `uses_collective_products()` in_proj is `linear` and the mixer body's out_proj product
-    `matmul_scatter` (backward `gather_matmul`): each collective goes with its matmul.
+    `matmul_parts` (backward `gather_matmul`): each collective goes with its matmul.
 
     `begin(batch, local_len)` runs at the start of each forward (ParallelMamba2LM.hidden_states)
     and sets `dim`; a recomputing backward (train.recompute) reads it again, so a forward's
@@ -137,6 +137,25 @@ class TokenSplit:
         out = partial.new_empty((partial.shape[0] // self.tp, *partial.shape[1:]))
         torch.distributed.reduce_scatter_tensor(out, partial, group=self.tp_group)
         return out
+
+    def matmul_parts(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """matmul_scatter without its last step, the sum: a: (b, L, k), this rank's term; w_t:
+        (k, n) → every rank's term of this rank's batch rows, (tp, b/tp, L, n), for a consumer
+        that sums them in a pass it makes anyway (kernels.add_rmsnorm, the next block's norm:
+        the stream's add). With `overlap` on CUDA the rows go as in matmul_scatter; elsewhere an
+        all-to-all of the rows. No autograd."""
+        flat = a.flatten(0, -2)
+        parts = flat.new_empty((self.tp, a.shape[0] // self.tp, *a.shape[1:-1], w_t.shape[1]))
+        if self._overlaps(a):
+            from torch.distributed._symmetric_memory import _pipelined_produce_and_all2all
+
+            rows = flat.chunk(self.tp)
+            with torch.autocast("cuda", enabled=False):
+                _pipelined_produce_and_all2all(lambda rank, out: torch.mm(rows[rank], w_t, out=out),
+                                               parts.view(-1, w_t.shape[1]), self.tp_group.group_name)
+            return parts
+        torch.distributed.all_to_all_single(parts, (a @ w_t).contiguous(), group=self.tp_group)
+        return parts
 
     def linear(self, local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """in_proj under SP: this rank's tokens (batch-first) → every token's product with weight
