@@ -165,6 +165,8 @@ def main():
                         help="--sweep also these caps on dstate tiles (launch.DSTATE_LAUNCHERS)")
     parser.add_argument("--block-h", type=int, nargs="*", default=[],
                         help="--sweep also these heads per program of chunk_cumsum (launch.BLOCK_H_LAUNCHERS)")
+    parser.add_argument("--grid-programs", type=int, nargs="*", default=[],
+                        help="--sweep: grid_programs values (head splits; the fused state passings' headdim split)")
     parser.add_argument("--tile-k", type=int, nargs="*", default=[],
                         help="--sweep also these steps of the causal loops (launch.K_LAUNCHERS)")
     parser.add_argument("--heads-fastest", action="store_true",
@@ -176,7 +178,7 @@ def main():
               f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
         return sweep(shape, args.chunk_sizes[0], args.launchers, args.tiles or (64, 128),
                      {"heads_per_program": args.heads_per_program, "tile_dstate": args.tile_dstate,
-                      "block_h": args.block_h, "tile_k": args.tile_k,
+                      "block_h": args.block_h, "tile_k": args.tile_k, "grid_programs": args.grid_programs,
                       "heads_fastest": [True] if args.heads_fastest else []},
                      args.around_shipped)
     print(f"# SSD per-stage time, {args.shape} {shape}, bf16, {torch.cuda.get_device_name()}, "

@@ -347,8 +347,9 @@ def test_fused_state_passing_bwd_matches_the_two_stages(docs, first_doc, dfinal,
     assert rel_err(ddA_fused, ddA_two) <= 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, dstate_split", [(torch.float16, False), (torch.float32, False), (torch.float16, True)],
+                         ids=["fp16", "fp32", "fp16_dstate_split"])
+def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype, dstate_split):
     # the other tests' small p, n and chunks cap every tile below the shipped settings' sizes;
     # here p = 64, n = 128 and chunk 256 let every stage run its shipped tiles: in fp16 as
     # shipped (the fused state passings step 128 tokens, dstate whole), in fp32 as capped for
@@ -356,8 +357,14 @@ def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype):
     # The fused state passings against the two stages, and end to end against float64 (on CPU
     # dA and ddt_bias sum ddA over all 600 tokens in fp32: 1.7e-5 measured in fp32). The two
     # paths step their dots differently, so on a GPU (tf32) they agree to FP32_BOUND only.
-    from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, state_passing
+    # dstate_split: the fused state passings with dstate in 16-wide tiles (launch.grid_dstate_block,
+    # as a grid too small for the SMs takes them), eight programs a (batch, head) pair
+    from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, launch, state_passing
     monkeypatch.setattr(state_passing, "_fused_kernels_fill", lambda *_: True)   # on a GPU too (2 pairs)
+    if dstate_split:
+        for name in launch.P_SPLIT_LAUNCHERS:
+            monkeypatch.setitem(launch.SETTINGS, name, launch.SETTINGS[name] | {"grid_programs": 10**6})
+        assert launch.grid_dstate_block("chunk_state_passing_fwd", 128, 2) == 16
     paths_bound = 1e-6 if DEVICE == "cpu" else FP32_BOUND
     inputs = make_inputs(1, 600, 2, 64, 1, 128, dtype=dtype, D="head", docs=2)
     x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
@@ -486,6 +493,9 @@ GPU_CASES = {
     # 256 (batch, head) pairs: the fused state passings (state_passing.FUSED_MIN_PAIRS_PER_SM),
     # which the cases above (64 pairs at most) leave to the two stages
     "b8_L600_h32_p64_g1_n128_Q256_docs_init_z": (8, 600, 32, 64, 1, 128, 256, dict(D="head", docs=2)),
+    # 128 pairs, a TP=2 rank of 1.3b: the fused state passings with dstate in two tiles
+    # (launch.grid_dstate_block: 128 programs, below their grid_programs)
+    "b4_L1000_h32_p64_g1_n128_Q256_docs": (4, 1000, 32, 64, 1, 128, 256, dict(D="head", docs=3)),
 }
 
 

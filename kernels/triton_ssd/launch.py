@@ -25,9 +25,13 @@ K_LAUNCHERS = ("chunk_scan_fwd", "chunk_scan_bwd_dx")
 # (launch.head_grid, tiles.head_program_ids).
 HEAD_GRID_LAUNCHERS = ("chunk_state_fwd", "chunk_state_passing_fwd", "chunk_scan_fwd", "chunk_scan_bwd_dstates",
                        "chunk_scan_state_passing_bwd", "chunk_scan_bwd_dx")
+# The fused state passings, one program per (p tile × n tile, batch, head) walking the chunks:
+# their "grid_programs" splits dstate into narrower tiles while the grid is below it
+# (grid_dstate_block).
+P_SPLIT_LAUNCHERS = ("chunk_state_passing_fwd", "chunk_scan_state_passing_bwd")
 # Each launcher-specific setting and the launchers that take it (`settings` strips them from
 # the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
-SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS,
+SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS + P_SPLIT_LAUNCHERS,
                      "tile_dstate": DSTATE_LAUNCHERS, "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS,
                      "heads_fastest": HEAD_GRID_LAUNCHERS}
 
@@ -58,9 +62,13 @@ SETTINGS: dict[str, dict] = {
     # the fused state passings (b8 L2048 h32, ms, against 64-wide tiles with the heads first at
     # Triton's defaults): a chunk's dstate in one tile, the forward stepping 128 tokens at 2
     # stages 0.092 → 0.073, the backward at 3 stages 0.102 → 0.082 (grid in its plain order:
-    # its 256 programs are all in flight at once)
-    "chunk_state_passing_fwd": {"tile": 128, "num_warps": 4, "num_stages": 2, "tile_dstate": 128},
-    "chunk_scan_state_passing_bwd": {"tile": 64, "num_warps": 4, "num_stages": 3, "tile_dstate": 128},
+    # its 256 programs are all in flight at once). Below 256 programs dstate splits
+    # (grid_dstate_block): at b4 L2048 h32, a TP=2 rank of 1.3b, forward 0.064 → 0.049, backward
+    # 0.067 → 0.056; at 64 pairs (b1 L16384 h64) 0.394 → 0.223 and 0.442 → 0.293 (512: no better)
+    "chunk_state_passing_fwd": {"tile": 128, "num_warps": 4, "num_stages": 2, "tile_dstate": 128,
+                                "grid_programs": 256},
+    "chunk_scan_state_passing_bwd": {"tile": 64, "num_warps": 4, "num_stages": 3, "tile_dstate": 128,
+                                     "grid_programs": 256},
     "chunk_cumsum_bwd": {"num_warps": 8, "num_stages": 3, "block_h": 8},  # 0.026 → 0.020
     # A group's heads over several programs (head_split), as many as keep the grid within
     # "grid_programs". b4 L2048 h64 g1 (1.3b), ms: bmm_bwd_dcb 0.499 → 0.327 split, → 0.275 at
@@ -117,6 +125,18 @@ def dstate_block(launcher, dstate, dtype=None):
 def k_block(launcher, chunk_size, dtype=None):
     """Step of a causal loop over source tokens: capped by the launcher's "tile_k", else by its "tile"."""
     return _capped_block(launcher, "tile_k", chunk_size, dtype)
+
+
+def grid_dstate_block(launcher, dstate, programs_per_dstate_tile, dtype=None):
+    """dstate_block for a fused state passing, halved (down to 16) while its grid,
+    `programs_per_dstate_tile` programs for each dstate tile, stays below the launcher's
+    "grid_programs". The state's columns are independent, so narrower tiles only add programs
+    (each reading the same x or dy tile): a tensor-parallel rank, with half the heads, would
+    otherwise leave SMs idle at one program a (batch, head) pair."""
+    edge = dstate_block(launcher, dstate, dtype)
+    while edge > 16 and cdiv(dstate, edge) * programs_per_dstate_tile < _options(launcher, dtype).get("grid_programs", 0):
+        edge //= 2
+    return edge
 
 
 def head_grid(launcher, tiles, batch_chunks, heads, shared=None):

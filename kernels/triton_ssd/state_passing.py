@@ -247,8 +247,12 @@ _BLOCK = 1024   # the two-stage kernels' elements of p·n a program
 # against 0.074 + 0.044, backward 0.102 against 0.065 + 0.057, at 64-wide tiles, and 0.073 and
 # 0.082 at the settings in launch.SETTINGS; 64 pairs (b1 L16384 h64) forward 0.281 against
 # 0.137 + 0.085 (0.229 at the best settings a sweep found there), backward 0.312 against
-# 0.115 + 0.128. The threshold lies between 64 and 256 pairs.
-FUSED_MIN_PAIRS_PER_SM = 1
+# 0.115 + 0.128. With dstate split into narrower tiles below 256 programs (launch.SETTINGS'
+# grid_programs; nineteenth session, same card): 128 pairs (b4 L2048 h32, a TP=2 rank of 1.3b)
+# forward 0.049 against 0.042 + 0.026, backward 0.056 against 0.037 + 0.033; 64 pairs
+# (b2 L8192 h32) 0.120 against 0.074 + 0.047, backward 0.153 against 0.065 + 0.070. So the
+# threshold lies between 64 and 128 pairs.
+FUSED_MIN_PAIRS_PER_SM = 0.75
 
 
 def _fused_kernels_fill(b, h, device):
@@ -297,7 +301,7 @@ def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=No
     if initial_states is not None:
         initial_states = initial_states.contiguous()
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_state_passing_fwd", n, x.dtype)
+    block_n = launch.grid_dstate_block("chunk_state_passing_fwd", n, cdiv(p, block_p) * b * h, x.dtype)
     grid, heads_fastest = launch.head_grid("chunk_state_passing_fwd", cdiv(p, block_p) * cdiv(n, block_n), b, h)
     _chunk_state_passing_fwd_kernel[grid](
         x, B, dt, dA_cumsum, initial_states, seq_idx, states_in, final,
@@ -360,7 +364,7 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
     dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32) if need_dinit else None
     dfinal = dfinal.contiguous() if dfinal is not None else None
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
-    block_n = launch.dstate_block("chunk_scan_state_passing_bwd", n, dy.dtype)
+    block_n = launch.grid_dstate_block("chunk_scan_state_passing_bwd", n, cdiv(p, block_p) * b * h, dy.dtype)
     grid, heads_fastest = launch.head_grid("chunk_scan_state_passing_bwd", cdiv(p, block_p) * cdiv(n, block_n), b, h)
     init_strides = (h * p * n, p * n, n, 1)   # dfinal and dinit: contiguous (b, h, p, n)
     _chunk_scan_state_passing_bwd_kernel[grid](
