@@ -28,7 +28,9 @@ only the mixers read, are the same under either split.
 With `parallel.tp_comm_overlap` and the rows split, in_proj's gather and out_proj's scatter
 (forward and backward) go inside their matmuls: `gather_matmul` and `matmul_scatter` run
 torch's symmetric-memory "async TP" ops, which cut each product by the ranks' rows and copy one
-rank's rows over NVLink (copy engines, no SMs taken) while another's are multiplied. NCCL's
+rank's rows over NVLink (copy engines, no SMs taken) while another's are multiplied;
+out_proj's forward, `matmul_parts`, stops before the scatter's sum, which the next block's
+norm makes in the pass it makes anyway (kernels.add_rmsnorm). NCCL's
 collectives instead sat between the matmuls, 16.6 ms of a 123 ms TP=2 step at 1.3b. Elsewhere
 (on the CPU, in the gloo tests) the same two functions run the plain collectives, so the tests
 check the fused path's autograd against one process.
