@@ -73,8 +73,9 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
     assert len(contiguous) == (0 if sequence_parallel else cfg.n_layer) and all(contiguous), contiguous
     expected_loss = reference.loss(input_ids, labels, seq_idx)
     assert_close(loss.detach(), expected_loss.detach(), what="loss")
-    # with tp_comm_overlap and the rows split, the mixer body reduce-scatters out_proj's product
-    # itself (TokenSplit.matmul_scatter) and in_proj gathers inside its product (gather_matmul)
+    # with tp_comm_overlap and the rows split, the mixer body exchanges the rows of out_proj's
+    # product itself (TokenSplit.matmul_parts: the next norm sums the ranks' terms) and in_proj
+    # gathers inside its product (gather_matmul)
     fused = sequence_parallel and overlap and split_rows
     assert (model.layers[0].mixer.out_proj.out_scatter() is not None) == fused
     # forward collectives: one per block (the row-parallel out_proj), plus the embedding's

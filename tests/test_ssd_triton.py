@@ -362,7 +362,7 @@ def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype, dstate_split):
     from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, launch, state_passing
     monkeypatch.setattr(state_passing, "_fused_kernels_fill", lambda *_: True)   # on a GPU too (2 pairs)
     if dstate_split:
-        for name in launch.P_SPLIT_LAUNCHERS:
+        for name in launch.DSTATE_SPLIT_LAUNCHERS:
             monkeypatch.setitem(launch.SETTINGS, name, launch.SETTINGS[name] | {"grid_programs": 10**6})
         assert launch.grid_dstate_block("chunk_state_passing_fwd", 128, 2) == 16
     paths_bound = 1e-6 if DEVICE == "cpu" else FP32_BOUND

@@ -28,10 +28,10 @@ HEAD_GRID_LAUNCHERS = ("chunk_state_fwd", "chunk_state_passing_fwd", "chunk_scan
 # The fused state passings, one program per (p tile × n tile, batch, head) walking the chunks:
 # their "grid_programs" splits dstate into narrower tiles while the grid is below it
 # (grid_dstate_block).
-P_SPLIT_LAUNCHERS = ("chunk_state_passing_fwd", "chunk_scan_state_passing_bwd")
+DSTATE_SPLIT_LAUNCHERS = ("chunk_state_passing_fwd", "chunk_scan_state_passing_bwd")
 # Each launcher-specific setting and the launchers that take it (`settings` strips them from
 # the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
-SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS + P_SPLIT_LAUNCHERS,
+SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS + DSTATE_SPLIT_LAUNCHERS,
                      "tile_dstate": DSTATE_LAUNCHERS, "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS,
                      "heads_fastest": HEAD_GRID_LAUNCHERS}
 

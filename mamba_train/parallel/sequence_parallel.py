@@ -32,7 +32,7 @@ rank's rows over NVLink (copy engines, no SMs taken) while another's are multipl
 out_proj's forward, `matmul_parts`, stops before the scatter's sum, which the next block's
 norm makes in the pass it makes anyway (kernels.add_rmsnorm). NCCL's
 collectives instead sat between the matmuls, 16.6 ms of a 123 ms TP=2 step at 1.3b. Elsewhere
-(on the CPU, in the gloo tests) the same two functions run the plain collectives, so the tests
+(on the CPU, in the gloo tests) the same functions run the plain collectives, so the tests
 check the fused path's autograd against one process.
 """
 
