@@ -166,7 +166,7 @@ def main():
     parser.add_argument("--block-h", type=int, nargs="*", default=[],
                         help="--sweep also these heads per program of chunk_cumsum (launch.BLOCK_H_LAUNCHERS)")
     parser.add_argument("--grid-programs", type=int, nargs="*", default=[],
-                        help="--sweep: grid_programs values (head splits; the fused state passings' headdim split)")
+                        help="--sweep: grid_programs values (head splits; the fused state passings' dstate split)")
     parser.add_argument("--tile-k", type=int, nargs="*", default=[],
                         help="--sweep also these steps of the causal loops (launch.K_LAUNCHERS)")
     parser.add_argument("--heads-fastest", action="store_true",

@@ -61,8 +61,8 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
 
 
 def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
-    """(residual + update, RMSNorm of the sum times weight in out_dtype); see
-    `kernels.reference.add_rmsnorm`."""
+    """(residual + update, RMSNorm of the sum times weight in out_dtype), the update given
+    whole or as partial sums (parts, *residual's shape); see `kernels.reference.add_rmsnorm`."""
     return _implementation("add_rmsnorm", residual, "triton_norm", _reference.add_rmsnorm)(
         residual, update, weight, eps=eps, out_dtype=out_dtype)
 

@@ -374,8 +374,25 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
         total = residual + update
     else:
         cdt = torch.promote_types(_compute_dtype(residual), _compute_dtype(update))
-        total = (residual.to(cdt) + update.to(cdt).sum(0)).to(torch.promote_types(residual.dtype, update.dtype))
+        total = (residual.to(cdt) + _SumOfTerms.apply(update, cdt)).to(torch.promote_types(residual.dtype,
+                                                                                           update.dtype))
     return total, rmsnorm_gated(total, None, weight, eps, out_dtype=out_dtype)
+
+
+class _SumOfTerms(torch.autograd.Function):
+    """terms.sum(0) in dtype, whose backward hands every term the sum's gradient as one tensor
+    (stride 0 along the terms, in the terms' dtype), as the Triton norm does: `parts_gradient`
+    relies on it. Autograd's own sum and cast would give a copy per term."""
+
+    @staticmethod
+    def forward(ctx, terms, dtype):
+        # terms: (parts, ...)  ->  (...) in dtype
+        ctx.shape, ctx.dtype = terms.shape, terms.dtype
+        return terms.to(dtype).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).expand(ctx.shape), None
 
 
 # ----------------------------------------------------------------------------- the mixer body
@@ -435,13 +452,15 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     differentiated by autograd, which keeps them either way.
 
     out_scatter: for an out_proj split by input columns over a group of ranks (tensor
-    parallelism), the object that sums its product over them and keeps this rank's rows of the
-    batch (`mamba_train.parallel.sequence_parallel.TokenSplit`): `matmul_parts(a, w_t)` gives
+    parallelism), the object that exchanges its product's rows between them, so that this rank
+    gets every rank's term of its rows of the batch
+    (`mamba_train.parallel.sequence_parallel.TokenSplit`): `matmul_parts(a, w_t)` gives
     this rank's rows of each rank's a @ w_t, and for backward `gather_matmul(g, w)` gives (every
     rank's rows of g, those @ w). The result is then those terms, (ranks, b / ranks, l, d_model),
     for add_rmsnorm to sum with the stream: it must reach the loss only through their sum."""
     # zxbcdt: (b, l, d_inner + conv_dim + h)  conv_weight: (conv_dim, w)  A, dt_bias: (h,)
-    # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)  ->  (b, l, d_model)
+    # D: (h,) | (h, p)  norm_weight: (d_inner,)  out_weight: (d_model, d_inner)
+    # -> (b, l, d_model) | with out_scatter (ranks, b / ranks, l, d_model)
     s = check_mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, ngroups, seq_idx)
     b, l = zxbcdt.shape[:2]
     z, xBC, dt = zxbcdt.split((s.d_inner, s.conv_dim, s.nheads), dim=-1)
@@ -460,7 +479,7 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     y = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_states=state_in, **ssd_args)
     y = rmsnorm_gated(y.reshape(b, l, s.d_inner), z, norm_weight, eps=norm_eps, group_size=s.d_inner // ngroups)
     if out_scatter is not None:
-        return _ProductScatter.apply(y, out_weight, out_scatter)
+        return _ProductTerms.apply(y, out_weight, out_scatter)
     return F.linear(y, out_weight.to(y.dtype))
 
 
@@ -468,13 +487,14 @@ def parts_gradient(grad_parts):
     """The gradient of a sum's terms (mixer_body's with out_scatter) -> the sum's. The terms
     reach the loss only through their sum (add_rmsnorm), so each term's gradient is the sum's
     and autograd hands over one tensor for all of them (stride 0 along the terms)."""
+    # grad_parts: (parts, ...)  ->  (...)
     if grad_parts.shape[0] > 1 and grad_parts.stride(0) != 0:
         raise RuntimeError("mixer_body with out_scatter returns the terms of a sum: they must reach the loss "
                            "only through their sum (kernels.add_rmsnorm adds them to the residual stream)")
     return grad_parts[0]
 
 
-class _ProductScatter(torch.autograd.Function):
+class _ProductTerms(torch.autograd.Function):
     """mixer_body's out_proj with out_scatter: this rank's rows of each rank's y @ weightᵀ."""
 
     @staticmethod

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels.reference import add_rmsnorm, causal_conv1d, rmsnorm_gated  # noqa: E402
+from kernels.reference import add_rmsnorm, causal_conv1d, parts_gradient, rmsnorm_gated  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
 from kernels.triton_norm import add_rmsnorm_triton, rmsnorm_gated_triton  # noqa: E402
@@ -404,12 +404,15 @@ def test_add_norm_sums_an_update_given_as_partial_sums(update_dtype):
     ref = run_add_norm(add_rmsnorm, upcast(inputs), eps=1e-5)
     assert ours["dupdate"].shape == (parts, *shape) and ours["total"].dtype == torch.float32
     check_all(ours, ref, FP32_BOUND if update_dtype == torch.float32 else HALF_BOUND, str(update_dtype))
-    # what the producer of the parts receives (a leaf's .grad would be a copy): one tensor
-    seen = []
-    update = inputs["update"].clone().requires_grad_(True) * 1
-    update.register_hook(seen.append)
-    add_rmsnorm_triton(inputs["residual"], update, inputs["weight"])[1].float().sum().backward()
-    assert seen[0].stride(0) == 0 and seen[0].shape == (parts, *shape)
+    # what the producer of the parts receives (a leaf's .grad would be a copy), from either
+    # implementation: one tensor in the parts' dtype (mixer_body's backward reads it so)
+    for fn in (add_rmsnorm_triton, add_rmsnorm):
+        seen = []
+        update = inputs["update"].clone().requires_grad_(True) * 1
+        update.register_hook(seen.append)
+        fn(inputs["residual"], update, inputs["weight"])[1].float().sum().backward()
+        assert seen[0].stride(0) == 0 and seen[0].shape == (parts, *shape) and seen[0].dtype == update_dtype, fn
+        parts_gradient(seen[0])
 
 
 def test_add_norm_rejects_mismatched_shapes():

@@ -42,8 +42,7 @@ def linear_inputs():
 def _residual_shapes(log) -> set:
     """Shapes of the (batch, seqlen, d)-like tensors the all-gathers and reduce-scatters were
     given: the residual stream's (the cross-entropy's all-gather is of 2-D rows)."""
-    return {shape for name, shapes in log.shapes
-            if name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+    return {shape for name, shapes in log.shapes if name in ("all_gather_into_tensor", "reduce_scatter_tensor")
             for shape in shapes if len(shape) == 3}
 
 
@@ -98,6 +97,10 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
             hidden = torch.randn(batch // tp, SEQ_LEN, cfg.d_model) if split_rows else \
                 torch.randn(batch, SEQ_LEN // tp, cfg.d_model)
         model.layers[0](hidden, seq_idx=seq_idx)
+    if fused:   # out_proj's product, every row, out; this rank's rows of each rank's term, in
+        d = cfg.d_model
+        assert [shapes for name, shapes in block_log.shapes if name == "all_to_all_single"] == \
+            [((tp, batch // tp, SEQ_LEN, d), (batch, SEQ_LEN, d))]
     assert block_log.counts() == ({"all_gather_into_tensor": 1, "all_to_all_single": 1} if fused else
                                   {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1} if sequence_parallel
                                   else {"all_reduce": 1})

@@ -361,10 +361,12 @@ def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype, dstate_split):
     # as a grid too small for the SMs takes them), eight programs a (batch, head) pair
     from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, launch, state_passing
     monkeypatch.setattr(state_passing, "_fused_kernels_fill", lambda *_: True)   # on a GPU too (2 pairs)
-    if dstate_split:
-        for name in launch.DSTATE_SPLIT_LAUNCHERS:
-            monkeypatch.setitem(launch.SETTINGS, name, launch.SETTINGS[name] | {"grid_programs": 10**6})
-        assert launch.grid_dstate_block("chunk_state_passing_fwd", 128, 2) == 16
+    # Without it, dstate whole, as a one-GPU grid of 256 programs or more runs it (this one has 2)
+    for name in launch.DSTATE_SPLIT_LAUNCHERS:
+        split_below = 10**6 if dstate_split else 0
+        monkeypatch.setitem(launch.SETTINGS, name, launch.SETTINGS[name] | {"grid_programs": split_below})
+    whole = launch.dstate_block("chunk_state_passing_fwd", 128, dtype)
+    assert launch.grid_dstate_block("chunk_state_passing_fwd", 128, 2, dtype) == (16 if dstate_split else whole)
     paths_bound = 1e-6 if DEVICE == "cpu" else FP32_BOUND
     inputs = make_inputs(1, 600, 2, 64, 1, 128, dtype=dtype, D="head", docs=2)
     x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))

@@ -72,7 +72,10 @@ class AddRMSNormFunction(torch.autograd.Function):
         else:
             dresidual, dupdate = (d.view(ctx.shape) for d in dsum)
         if len(ctx.update_shape) > len(ctx.shape):
-            # each partial sum's gradient is the sum's: one tensor, seen once a part (stride 0)
+            # each partial sum's gradient is the sum's: one tensor, seen once a part (stride 0).
+            # With one dtype, a view of dresidual's storage: the terms are no leaf (mixer_body's
+            # output, which reads its gradient only), and a leaf's AccumulateGrad would copy a
+            # gradient whose strides differ from its own
             dupdate = dupdate.expand(ctx.update_shape)
         return dresidual, dupdate, dweight, None, None, None
 

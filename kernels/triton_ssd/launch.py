@@ -31,7 +31,8 @@ HEAD_GRID_LAUNCHERS = ("chunk_state_fwd", "chunk_state_passing_fwd", "chunk_scan
 DSTATE_SPLIT_LAUNCHERS = ("chunk_state_passing_fwd", "chunk_scan_state_passing_bwd")
 # Each launcher-specific setting and the launchers that take it (`settings` strips them from
 # the Triton options; `bench/profile_ssd.py --sweep` tries them only where they apply).
-SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS, "grid_programs": HEAD_SPLIT_LAUNCHERS + DSTATE_SPLIT_LAUNCHERS,
+SPECIFIC_SETTINGS = {"heads_per_program": HEAD_SPLIT_LAUNCHERS,
+                     "grid_programs": HEAD_SPLIT_LAUNCHERS + DSTATE_SPLIT_LAUNCHERS,
                      "tile_dstate": DSTATE_LAUNCHERS, "block_h": BLOCK_H_LAUNCHERS, "tile_k": K_LAUNCHERS,
                      "heads_fastest": HEAD_GRID_LAUNCHERS}
 
@@ -133,8 +134,8 @@ def grid_dstate_block(launcher, dstate, programs_per_dstate_tile, dtype=None):
     "grid_programs". The state's columns are independent, so narrower tiles only add programs
     (each reading the same x or dy tile): a tensor-parallel rank, with half the heads, would
     otherwise leave SMs idle at one program a (batch, head) pair."""
-    edge = dstate_block(launcher, dstate, dtype)
-    while edge > 16 and cdiv(dstate, edge) * programs_per_dstate_tile < _options(launcher, dtype).get("grid_programs", 0):
+    edge, enough = dstate_block(launcher, dstate, dtype), _options(launcher, dtype).get("grid_programs", 0)
+    while edge > 16 and cdiv(dstate, edge) * programs_per_dstate_tile < enough:
         edge //= 2
     return edge
 

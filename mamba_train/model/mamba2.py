@@ -172,6 +172,10 @@ class Mamba2Block(nn.Module):
                 state: MixerState | None = None, return_state: bool = False):
         # -> (mixer output, residual + update), and with return_state the mixer's state last
         if self.recompute and torch.is_grad_enabled() and state is None and not return_state:
+            if update is not None and update.dim() > residual.dim():
+                # the checkpoint keeps its inputs: the TP ranks' terms of the update would stay
+                # tp tensors of the stream's size where their sum (rounded to their dtype) is one
+                update = update.sum(0)
             # non-reentrant: the recomputation runs under the forward's autocast state, and a
             # context-parallel block repeats its collectives in the same order on every rank
             return checkpoint(self._residual_block, residual, update, seq_idx, use_reentrant=False)

@@ -26,12 +26,12 @@ whole batch and sequence (after in_proj's gather), so context parallelism and se
 only the mixers read, are the same under either split.
 
 With `parallel.tp_comm_overlap` and the rows split, in_proj's gather and out_proj's scatter
-(forward and backward) go inside their matmuls: `gather_matmul` and `matmul_scatter` run
-torch's symmetric-memory "async TP" ops, which cut each product by the ranks' rows and copy one
-rank's rows over NVLink (copy engines, no SMs taken) while another's are multiplied;
-out_proj's forward, `matmul_parts`, stops before the scatter's sum, which the next block's
-norm makes in the pass it makes anyway (kernels.add_rmsnorm). NCCL's
-collectives instead sat between the matmuls, 16.6 ms of a 123 ms TP=2 step at 1.3b. Elsewhere
+(forward and backward) go inside their matmuls: `gather_matmul` (in_proj's forward, out_proj's
+backward) and `matmul_scatter` (in_proj's backward) run torch's symmetric-memory "async TP" ops,
+which cut each product by the ranks' rows and copy one rank's rows over NVLink (copy engines, no
+SMs taken) while another's are multiplied. out_proj's forward, `matmul_parts`, stops before the
+scatter's sum: the next norm (the next block's, or norm_f) makes it in the pass it makes anyway
+(kernels.add_rmsnorm). NCCL's collectives instead sat between the matmuls, 16.6 ms of a 123 ms TP=2 step at 1.3b. Elsewhere
 (on the CPU, in the gloo tests) the same functions run the plain collectives, so the tests
 check the fused path's autograd against one process.
 """
@@ -49,7 +49,8 @@ from mamba_train.model.mamba2 import RMSNorm
 class TokenSplit:
     """Which tokens of the batch-first residual stream this TP rank holds under SP. One object
     is shared by every SP site of a model: the embedding's reduce-scatter, each block's in_proj
-    (gather) and out_proj (reduce-scatter), and the gather before the head. With
+    (gather) and out_proj (reduce-scatter, or the exchange of its terms), and the gather before
+    the head. With
     `uses_collective_products()` in_proj is `linear` and the mixer body's out_proj product
     `matmul_parts` (backward `gather_matmul`): each collective goes with its matmul.
 
@@ -64,7 +65,7 @@ class TokenSplit:
         self.tp = tp_group.size()
         self.dim: int | None = None   # of (batch, seqlen, d): BATCH_ROWS or SEQUENCE, set by begin
         # parallel.tp_comm_overlap: split by batch rows, in_proj's gather and out_proj's scatter
-        # go with their matmuls (`gather_matmul`, `matmul_scatter`), overlapped on CUDA
+        # go with their matmuls (`gather_matmul`, `matmul_parts`, `matmul_scatter`), overlapped on CUDA
         self.overlap = overlap
         self._workspace_bytes = 0   # of the symmetric workspace prepare_overlap asked for
         self._captured = False      # whether a CUDA graph may hold the workspace's address
@@ -107,8 +108,9 @@ class TokenSplit:
 
     def uses_collective_products(self) -> bool:
         """Whether in_proj's gather and out_proj's scatter go with their matmuls in this forward
-        (gather_matmul, matmul_scatter): with `overlap`, split by batch rows. On CUDA the two
-        then overlap; elsewhere (the gloo tests) the same functions run the plain collectives."""
+        (gather_matmul, matmul_parts; backward matmul_scatter): with `overlap`, split by batch
+        rows. On CUDA each collective then overlaps its product; elsewhere (the gloo tests) the
+        same functions run the plain collectives."""
         return self.overlap and self.dim == self.BATCH_ROWS
 
     def _overlaps(self, x: torch.Tensor) -> bool:

@@ -159,7 +159,7 @@ def _batch_first(linear_cls, in_proj: bool = False):
 
         def out_scatter(self):
             """What `kernels.mixer_body` takes as out_scatter in this forward: the model's
-            TokenSplit when out_proj's product goes with its reduce-scatter
+            TokenSplit when out_proj's product goes with the exchange of its rows
             (`TokenSplit.uses_collective_products`; the op then returns this rank's rows of
             every rank's term, for the next norm to sum), else None (the op returns the partial
             sum, and reduce_partial follows)."""
