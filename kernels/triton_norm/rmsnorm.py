@@ -63,9 +63,11 @@ def _rmsnorm_gated_fwd_kernel(
     if HAS_UPDATE:
         # the norm reads the sum as stored (rounded to its dtype), as the unfused ops would
         x = x.to(tl.float32)
-        for part in tl.static_range(UPDATE_PARTS):   # int64 offsets, as the rows': terms of a long batch
-            x += _load(update_ptr + stride_u_part.to(tl.int64) * part, rows, cols, mask, stride_u_row,
-                       stride_u_col).to(tl.float32)
+        # a pointer stepped term by term: no product part · stride to overflow 32 bits
+        part_ptr = update_ptr
+        for _ in tl.static_range(UPDATE_PARTS):
+            x += _load(part_ptr, rows, cols, mask, stride_u_row, stride_u_col).to(tl.float32)
+            part_ptr += stride_u_part
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + rows[:, None] * stride_sum_row + cols[None, :] * stride_sum_col, x, mask=mask)
     z = x
