@@ -115,9 +115,9 @@ def _chained_triton_ops(monkeypatch):
     from kernels.triton_norm import rmsnorm_gated_triton
     from kernels.triton_ssd import ssd_triton
 
-    monkeypatch.setattr(reference, "causal_conv1d", causal_conv1d_triton)
-    monkeypatch.setattr(reference, "ssd_chunked", ssd_triton)
-    monkeypatch.setattr(reference, "rmsnorm_gated", rmsnorm_gated_triton)
+    monkeypatch.setattr(reference.mixer, "causal_conv1d", causal_conv1d_triton)
+    monkeypatch.setattr(reference.mixer, "ssd_chunked", ssd_triton)
+    monkeypatch.setattr(reference.mixer, "rmsnorm_gated", rmsnorm_gated_triton)
     return reference.mixer_body
 
 

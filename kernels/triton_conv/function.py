@@ -2,7 +2,7 @@
 
 import torch
 
-from ..reference import _check_conv_inputs
+from ..reference.conv import _check_conv_inputs
 from .conv1d import conv1d_bwd, conv1d_fwd
 
 

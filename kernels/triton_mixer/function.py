@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from ..reference import _check_chunk_size, check_mixer_inputs, parts_gradient
+from ..reference.mixer import check_mixer_inputs, parts_gradient
+from ..reference.ssd import _check_chunk_size
 from ..triton_conv.conv1d import conv1d_bwd, conv1d_fwd
 from ..triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 from ..triton_ssd.combined import _contiguous, ssd_bwd, ssd_fwd

@@ -3,7 +3,7 @@ the forward and backward kernels of each as one autograd Function."""
 
 import torch
 
-from ..reference import _check_add_norm_inputs, _check_norm_inputs
+from ..reference.norm import _check_add_norm_inputs, _check_norm_inputs
 from .rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd
 
 

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ..reference import _check_chunk_size, _check_ssd_inputs
+from ..reference.ssd import _check_chunk_size, _check_ssd_inputs
 from .bmm import bmm_bwd_dcb, bmm_fwd
 from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from .chunk_scan import (chunk_scan_bwd_dc, chunk_scan_bwd_dstates, chunk_scan_bwd_dx, chunk_scan_fwd,
