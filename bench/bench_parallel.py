@@ -189,7 +189,7 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     batch = max(1, args.micro_batch * 2048 // seqlen) if seqlen > 2048 else args.micro_batch
     tp, cp = (world, 1) if mode == "tp" else (1, world) if mode == "cp" else (1, 1)
     layout = validate_layout(cfg.model, seqlen, world, tp=tp, cp=cp, sequence_parallel=args.sequence_parallel,
-                             tp_comm_overlap=args.tp_comm_overlap and tp > 1)
+                             tp_comm_overlap=args.tp_comm_overlap)
     dims = init_parallel(layout)
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch * layout.dp, seqlen + 1), device=device)

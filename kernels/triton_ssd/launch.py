@@ -212,9 +212,6 @@ def sum_splits(partials, dtype, out=None):
     (written into `out` where given; group_grad_output's one slice is already `out`)."""
     if partials.shape[0] == 1:
         return partials[0]
-    if partials.shape[0] == 2:   # one kernel, in fp32, stored in dtype (a TP rank's dB and dC)
-        out = torch.empty(partials.shape[1:], device=partials.device, dtype=dtype) if out is None else out
-        return torch.add(partials[0], partials[1], out=out)
     if out is not None:
         return out.copy_(partials.sum(0))
     return partials.sum(0).to(dtype)
