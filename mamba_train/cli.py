@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML run config, e.g. configs/tiny-cpu.yaml")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides: optim.lr=1e-3")
+    # default=[]: argparse counts a '*' positional without a default as required in its usage error
+    train.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="dotted overrides: optim.lr=1e-3")
     train.add_argument("--resume", metavar="auto|PATH",
                        help="'auto': continue from the newest complete checkpoint, if any; or a checkpoint directory")
     train.set_defaults(run=_train)
@@ -49,15 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
     evaluate.add_argument("--data", metavar="NAME", help="indexed dataset prefix, or train/valid/test of the run's "
                           "data directory (default: the run's data.valid_prefix)")
-    evaluate.add_argument("--window", type=int, help="tokens per window; state is carried between windows")
-    evaluate.add_argument("--rows", type=int, help="runs of documents scored side by side as one batch (default 1)")
-    evaluate.add_argument("--max-tokens", type=int, help="evaluate only the leading whole documents within N tokens")
-    evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.add_argument("--window", type=positive_int, help="tokens per window; state is carried between windows "
+                          "(default: the run's data.seq_len)")
+    evaluate.add_argument("--rows", type=positive_int,
+                          help="runs of documents scored side by side as one batch (default 1)")
+    evaluate.add_argument("--max-tokens", type=positive_int,
+                          help="evaluate only the leading whole documents within N tokens (at least one document)")
+    evaluate.add_argument("--out", type=output_file, help="write the results as JSON to this file")
     evaluate.set_defaults(run=_eval)
 
     export = commands.add_parser("export", help="write a Hugging Face Mamba2ForCausalLM directory")
     export.add_argument("--ckpt", required=True, help="a checkpoint directory, or a checkpoint root with `latest`")
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--out", required=True, type=output_dir,
+                        help="output directory (the files export writes replace those already there)")
     export.set_defaults(run=_export)
 
     args, unknown = parser.parse_known_args(argv)
@@ -76,6 +82,46 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, TrainingError, DataError, launch.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the training loop has said what it keeps; no traceback
+        print(f"interrupted: mamba-train {args.command} stopped by Ctrl-C", file=sys.stderr)
+        return 130   # 128 + SIGINT, as a shell reports it
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts: None (not given) keeps meaning the default, so 0 and
+    negatives are refused rather than quietly read as "the default" or "everything"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """argparse `type=` for a file written at the end: refused now, not after the work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path, e.g. {path / 'eval.json'}")
+    _check_parents(path)
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse `type=` for a directory written at the end: refused now, not after the work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, and the output is a directory; choose another path")
+    _check_parents(path)
+    return text
+
+
+def _check_parents(path: Path) -> None:
+    # the nearest existing parent must be a directory, or mkdir fails once the work is done
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, not a directory")
 
 
 def _train(args) -> int:

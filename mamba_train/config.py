@@ -21,6 +21,41 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the field."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last
+    without a word, so `steps: 2` ... `steps: 3` would run 3 steps. Run configs and prep
+    recipes are both read through it (parse_yaml)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            # `<<: *base` merges keys that this mapping may then override, which is no duplicate
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {key!r} (first at line {first_line[key] + 1}); keep one",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text → Python values through UniqueKeyLoader. A syntax error or a duplicate key
+    raises ConfigError naming `where` (a file, an override) and YAML's line and column,
+    instead of PyYAML's multi-line traceback."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        context = f" ({error.context} from line {error.context_mark.line + 1})" if error.context_mark else ""
+        raise ConfigError(f"{where}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                          f"{error.problem}{context}") from None
+    except yaml.YAMLError as error:  # a control character or bad encoding: no line to point at
+        raise ConfigError(f"{where}: invalid YAML: {str(error).splitlines()[0]}") from None
+
+
 @dataclass
 class ModelConfig:
     d_model: int = 768
@@ -61,7 +96,8 @@ class ModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     def validate(self) -> None:
-        for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+        for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size",
+                     "pad_vocab_multiple"):
             _require(getattr(self, name) > 0, f"model.{name}", "a positive integer", getattr(self, name))
         _require(self.vocab_size >= 0, "model.vocab_size", "0 (from the tokenizer) or a positive integer", self.vocab_size)
         _require(self.d_inner % self.headdim == 0, "model.headdim",
@@ -71,8 +107,15 @@ class ModelConfig:
         _require(2 <= self.d_conv <= 4, "model.d_conv", "2, 3 or 4", self.d_conv)
         _require(0 <= self.dt_limit[0] < self.dt_limit[1], "model.dt_limit", "[low, high] with 0 <= low < high",
                  list(self.dt_limit))
-        _require(0 < self.dt_min <= self.dt_max, "model.dt_min/dt_max", "0 < dt_min <= dt_max",
+        _require(0 < self.dt_min <= self.dt_max < math.inf, "model.dt_min/dt_max", "0 < dt_min <= dt_max, finite",
                  (self.dt_min, self.dt_max))
+        _require(0 <= self.dt_init_floor < math.inf, "model.dt_init_floor", "a finite number >= 0", self.dt_init_floor)
+        # A = -uniform(A_init_range) and the model keeps log(A): both ends positive and finite
+        _require(0 < self.A_init_range[0] <= self.A_init_range[1] < math.inf, "model.A_init_range",
+                 "[low, high] with 0 < low <= high, finite", list(self.A_init_range))
+        _require(0 < self.norm_eps < math.inf, "model.norm_eps", "a finite positive number", self.norm_eps)
+        _require(0 <= self.initializer_range < math.inf, "model.initializer_range", "a finite number >= 0",
+                 self.initializer_range)
 
 
 @dataclass
@@ -145,10 +188,15 @@ class OptimConfig:
     schedule: str = "cosine"
 
     def validate(self) -> None:
-        _require(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        # `x < math.inf` also refuses nan, which fails every comparison
+        _require(0 < self.lr < math.inf, "optim.lr", "a finite positive number", self.lr)
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"a number in [0, lr={self.lr}]", self.min_lr)
-        _require(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
-        _require(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
+        _require(0 <= self.weight_decay < math.inf, "optim.weight_decay", "a finite number >= 0", self.weight_decay)
+        for name in ("beta1", "beta2"):  # Adam's moment decays; 1 would never forget the first gradient
+            _require(0 <= getattr(self, name) < 1, f"optim.{name}", "a number in [0, 1)", getattr(self, name))
+        _require(0 <= self.eps < math.inf, "optim.eps", "a finite number >= 0", self.eps)
+        _require(0 <= self.grad_clip < math.inf, "optim.grad_clip", "a finite number >= 0 (0 disables clipping)",
+                 self.grad_clip)
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
         _require(self.schedule in ("cosine", "constant"), "optim.schedule", "'cosine' or 'constant'", self.schedule)
 
@@ -199,6 +247,9 @@ class TrainConfig:
         _require(self.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'",
                  self.precision)
         _require(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
+        _require(self.eval_batches > 0, "train.eval_batches", "a positive integer", self.eval_batches)
+        _require(self.torch_threads >= 0, "train.torch_threads", "a positive integer, or 0 for torch's default",
+                 self.torch_threads)
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
 
 
@@ -234,6 +285,8 @@ class LoggingConfig:
 
     def validate(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "a positive integer", self.log_every)
+        _require(0 <= self.peak_flops < math.inf, "logging.peak_flops", "a finite number >= 0 (0: measure it)",
+                 self.peak_flops)
         first, last = self.profile_steps
         _require(first == last == 0 or 1 <= first <= last, "logging.profile_steps",
                  "[first, last] steps with 1 <= first <= last, or [0, 0] (off)", list(self.profile_steps))
@@ -263,7 +316,7 @@ class ParallelConfig:
         _require(not self.tp_comm_overlap or self.sequence_parallel, "parallel.tp_comm_overlap",
                  "false unless parallel.sequence_parallel is on (it overlaps SP's gather and scatter)",
                  self.tp_comm_overlap)
-        _require(self.timeout_minutes > 0, "parallel.timeout_minutes", "a positive number of minutes",
+        _require(0 < self.timeout_minutes < math.inf, "parallel.timeout_minutes", "a finite positive number of minutes",
                  self.timeout_minutes)
 
 
@@ -292,8 +345,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
     for override in overrides:
@@ -303,10 +355,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         *sections, leaf = key.split(".")
         node = raw
         for name in sections:
-            node = node.setdefault(name, {})
+            if node.get(name) is None:  # absent, or `model:` with nothing under it
+                node[name] = {}
+            node = node[name]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {name} is not a section")
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = parse_yaml(text, f"override {override!r}, value {text!r}")
     config = from_mapping(RunConfig, raw)
     config.validate()
     return config
@@ -375,6 +429,9 @@ def _coerce(value, hint, name: str):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        whole = _whole_number(value) if isinstance(value, str) else None
+        if whole is not None:  # YAML 1.1 reads `1e4` (no dot, no exponent sign) as a string
+            raise ConfigError(f"{name}: expected int, found str {value!r}; write {whole}")
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -388,6 +445,15 @@ def _coerce(value, hint, name: str):
         if isinstance(value, str):
             return value
     raise ConfigError(f"{name}: expected {hint.__name__}, found {type(value).__name__} {value!r}")
+
+
+def _whole_number(text: str) -> int | None:
+    """`text` as an int when it reads as a whole float (`1e4`, `2.5e3`), else None."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def _require(ok: bool, name: str, allowed: str, found) -> None:

@@ -90,7 +90,7 @@ def test_overrides_after_resume_are_overrides(repo_root, capsys):
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path)]) == 2
-    assert "holds no complete checkpoint" in capsys.readouterr().err
+    assert "is an empty directory, not a checkpoint" in capsys.readouterr().err
 
 
 def test_prep_of_empty_input_is_a_clear_error(tmp_path, capsys):
@@ -100,3 +100,47 @@ def test_prep_of_empty_input_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["prep", str(tmp_path / "recipe.yaml")]) == 2
     assert "error: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_train_without_arguments_names_only_the_config_as_required(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: config\n" in capsys.readouterr().err
+
+
+def test_export_to_an_existing_file_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "hf"):
+        with pytest.raises(SystemExit):   # argparse: before the (missing) checkpoint is read
+            main(["export", "--ckpt", str(tmp_path / "no-ckpt"), "--out", str(out)])
+        assert f"argument --out: {out}" in capsys.readouterr().err
+
+
+def test_prep_refuses_zero_workers(tmp_path, capsys):
+    assert main(["prep", str(tmp_path / "recipe.yaml"), "--workers", "0"]) == 2
+    assert "--workers: expected a positive number of processes, found 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--sizes", "0"], "--sizes: a parabola per budget needs at least 3 model sizes, found 0"),
+    (["--tp", "0"], "--tp: expected an integer >= 1, found 0"),
+    (["--min-steps", "-1"], "--min-steps: expected an integer >= 1, found -1"),
+    (["--valid-tokens", "-1"], "--valid-tokens: expected a number of tokens >= 0 (0: all), found -1"),
+])
+def test_scale_plan_refuses_zero_and_negative_counts(repo_root, tmp_path, capsys, option, message):
+    base = str(repo_root / "configs/scaling/tiny.yaml")
+    assert main(["scale", "plan", "--tiny", "--vocab-size", "300", "--base", base, "--out", str(tmp_path / "sweep"),
+                 *option]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "sweep").exists()
+
+
+def test_ctrl_c_exits_130_without_a_traceback(repo_root, monkeypatch, capsys):
+    from mamba_train.train import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert main(["train", str(repo_root / "configs/tiny-cpu.yaml")]) == 130
+    assert "interrupted: mamba-train train stopped by Ctrl-C" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -199,3 +200,26 @@ def test_output_recorded_before_newer_recipe_keys_is_still_up_to_date(corpus, tm
         del summary["recipe"][key]
     (tmp_path / "out" / "prep.json").write_text(json.dumps(summary))
     assert prepare(recipe, workers=1)["splits"] == summary["splits"]
+
+
+def test_recipe_yaml_errors_name_the_file_line_and_column(tmp_path):
+    path = tmp_path / "r.yaml"
+    for text, message in [
+        ("sources:\n  files: [a.jsonl\n", r"invalid YAML at line 3, column 1: expected ',' or '\]'"),
+        ("seed: 1\nseed: 2\n", r"invalid YAML at line 2, column 1: found duplicate key 'seed' \(first at line 1\)"),
+        ("- a.jsonl\n- b.jsonl\n", r"expected a mapping at the top level \(output:, sources:, tokenizer:, \.\.\.\), "
+                                   r"found a list"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(PrepError, match=re.escape(str(path)) + ": " + message):
+            load_recipe(path)
+
+
+def test_missing_tokenizer_path_fails_before_any_corpus_is_built(tmp_path):
+    recipe = prep.Recipe(output=str(tmp_path / "out"),
+                         sources=prep.SourcesRecipe(local_corpus=prep.LocalCorpusRecipe()),
+                         tokenizer=prep.TokenizerRecipe(path=str(tmp_path / "gone" / "tokenizer.json")))
+    with pytest.raises(PrepError, match=r"tokenizer\.path: .*gone/tokenizer\.json does not exist "
+                                        r".*leave tokenizer\.path out to train one"):
+        prepare(recipe, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no corpus, no partial work

@@ -67,3 +67,36 @@ def test_bad_data_is_one_error_line(run, capsys, data, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("option", [["--window", "-5"], ["--window", "0"], ["--rows", "0"], ["--max-tokens", "0"]])
+def test_zero_or_negative_counts_are_refused(run, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--ckpt", str(run / "ckpt"), *option])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}: expected a positive integer, found {option[1]}" in capsys.readouterr().err
+
+
+def test_out_naming_a_directory_is_refused_before_any_work(run, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--ckpt", str(run / "ckpt"), "--out", str(run / "data")])
+    err = capsys.readouterr().err
+    assert f"argument --out: {run / 'data'} is a directory; give a file path" in err
+
+
+def test_a_corrupt_newest_checkpoint_is_named_and_the_older_one_evaluated(run, capsys):
+    newest = run / "ckpt" / "step_00000002"
+    model = Mamba2LM(ModelConfig(d_model=32, n_layer=2, d_state=8, headdim=8, chunk_size=8, vocab_size=VOCAB))
+    config = json.loads((run / "ckpt" / "step_00000001" / "trainer_state.json").read_text())["config"]
+    save_checkpoint(run / "ckpt", 2, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    {"step": 2, "consumed_samples": 0, "config": config})
+    with open(newest / "model.safetensors", "r+b") as weights:   # flip one byte
+        weights.seek(-1, 2)
+        byte = weights.read(1)
+        weights.seek(-1, 2)
+        weights.write(bytes([byte[0] ^ 1]))
+    assert main(["eval", "--ckpt", str(run / "ckpt"), "--out", str(run / "eval.json")]) == 0
+    assert json.loads((run / "eval.json").read_text())["checkpoint"] == str(run / "ckpt" / "step_00000001")
+    out = capsys.readouterr().out
+    assert f"{run / 'ckpt'}: skipping step_00000002: " in out and "model.safetensors is corrupt" in out
+    assert f"{run / 'ckpt'}: using step_00000001, the newest checkpoint that verifies" in out

@@ -47,6 +47,46 @@ def test_torchrun_dry_run_resumes_automatically(repo_root, capsys):
     assert command.strip().endswith("train.steps=5 --resume auto")
 
 
+@pytest.mark.parametrize("launch, overrides, message", [
+    (["torchrun", "--nproc-per-node", "2"], ["parallel.tp=3"],
+     "world size 2 = 1 node(s) × 2 process(es) per node: parallel.tp=3 must divide model nheads=8"),
+    (["torchrun", "--nproc-per-node", "3"], ["parallel.tp=2", "model.ngroups=2"],
+     "world size 3 is not tp·cp·dp for tp=2"),
+    (["slurm"], ["parallel.tp=3"], "world size 8 = 1 node(s) × 8 process(es) per node: parallel.tp=3 must divide"),
+    (["slurm", "--nodes", "2", "--gpus-per-node", "0"], ["parallel.cp=3"], "parallel.cp=3 must divide data.seq_len"),
+])
+def test_launch_checks_the_layout_for_its_world_size_before_starting(repo_root, capsys, launch, overrides, message):
+    assert main(["launch", *launch, "--dry-run", str(repo_root / "configs/tiny-cpu.yaml"), *overrides]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: parallel layout") and message in captured.err
+    assert "torch.distributed.run" not in captured.out and "#SBATCH" not in captured.out
+
+
+@pytest.mark.parametrize("launch, message", [
+    (["torchrun", "--nproc-per-node", "0"], "--nproc-per-node: expected an integer >= 1, found 0"),
+    (["slurm", "--nodes", "0"], "--nodes and --procs-per-node must be >= 1, found 0 and 8"),
+    (["slurm", "--procs-per-node", "0"], "--nodes and --procs-per-node must be >= 1, found 1 and 0"),
+    (["slurm", "--gpus-per-node", "-1"], "--gpus-per-node: expected 0 (CPU nodes) or more, found -1"),
+])
+def test_launch_refuses_no_processes(repo_root, capsys, launch, message):
+    assert main(["launch", *launch, "--dry-run", str(repo_root / "configs/tiny-cpu.yaml")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("time, ok", [
+    ("90", True), ("90:30", True), ("01:00:00", True), ("2-12", True), ("2-12:30", True), ("2-12:30:00", True),
+    ("banana", False), ("1:2:3:4", False), ("2-", False), ("-5", False), ("1h", False), ("", False),
+])
+def test_slurm_time_limit_is_checked_before_submitting(repo_root, tmp_path, capsys, time, ok):
+    assert main(["launch", "slurm", "--time", time, "--dry-run", str(repo_root / "configs/tiny-cpu.yaml"),
+                 f"logging.run_dir={tmp_path}"]) == (0 if ok else 2)
+    captured = capsys.readouterr()
+    if ok:
+        assert f"#SBATCH --time={time}\n" in captured.out
+    else:
+        assert f"--time {time}: expected SLURM's minutes, MM:SS, HH:MM:SS" in captured.err
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     yield from started_cluster(tmp_path_factory)

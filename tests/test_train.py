@@ -85,6 +85,64 @@ def test_resume_refuses_an_incomplete_checkpoint_and_auto_falls_back(markov_data
     assert "using" in capsys.readouterr().out and min(result.losses) == 3  # continued from step 2
 
 
+def test_resume_auto_refuses_when_no_checkpoint_verifies_and_leaves_them_alone(markov_data, tmp_path, capsys):
+    cfg = tiny_config(markov_data, tmp_path, "train.steps=4", "checkpoint.every=2")
+    train(cfg)
+    ckpt_root = tmp_path / "ckpt"
+    for step in (2, 4):
+        optimizer = ckpt_root / f"step_{step:08d}" / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:100])
+    before = {path: path.read_bytes() for path in ckpt_root.rglob("*") if path.is_file()}
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints in .*ckpt verifies .*nothing was loaded "
+                                              r"or overwritten"):
+        train(tiny_config(markov_data, tmp_path, "train.steps=6", "checkpoint.every=2"), resume="auto")
+    assert "skipping step_00000004" in capsys.readouterr().out
+    assert {path: path.read_bytes() for path in ckpt_root.rglob("*") if path.is_file()} == before
+
+
+def test_resume_from_a_checkpoint_root_follows_latest_and_says_what_changed(markov_data, tmp_path, capsys):
+    cfg = tiny_config(markov_data, tmp_path, "train.steps=2", "checkpoint.every=2")
+    train(cfg, resume="auto")
+    assert "no checkpoint in" in capsys.readouterr().out   # --resume auto with nothing to resume says so
+    result = train(tiny_config(markov_data, tmp_path, "train.steps=4", "checkpoint.every=2", "data.seed=7"),
+                   resume=str(tmp_path / "ckpt"))
+    assert min(result.losses) == 3   # continued from step 2
+    assert "data.seed 1234 then, 7 now" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is an empty directory, not a checkpoint"):
+        train(cfg, resume=str(tmp_path / "empty"))
+
+
+def test_bad_directories_and_a_missing_validation_set_fail_before_the_first_step(markov_data, tmp_path):
+    from mamba_train.data import DataError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TrainingError, match=r"checkpoint.dir .*a-file: cannot create the directory"):
+        train(tiny_config(markov_data, tmp_path / "run", f"checkpoint.dir={tmp_path / 'a-file'}"))
+    with pytest.raises(DataError, match=r"nope.idx: index file not found"):
+        train(tiny_config(markov_data, tmp_path / "run", f"data.valid_prefix={tmp_path / 'nope'}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()   # not one step ran
+
+
+def test_ctrl_c_names_the_checkpoint_kept(markov_data, tmp_path, monkeypatch, capsys):
+    from mamba_train.train.loop import SingleProcessTrainer
+
+    real_step, calls = SingleProcessTrainer.train_step, []
+
+    def interrupted_step(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(SingleProcessTrainer, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(markov_data, tmp_path, "train.steps=6", "checkpoint.every=2"))
+    assert "Ctrl-C at step 2: the last checkpoint, " in capsys.readouterr().out
+    result = train(tiny_config(markov_data, tmp_path, "train.steps=4", "checkpoint.every=2"), resume="auto")
+    assert min(result.losses) == 3
+
+
 def test_corrupt_checkpoint_file_is_named(markov_data, tmp_path):
     cfg = tiny_config(markov_data, tmp_path, "train.steps=2")
     train(cfg)
@@ -192,7 +250,8 @@ def test_non_finite_losses_are_skipped_then_the_run_stops_with_the_checkpoint_in
 
     monkeypatch.setattr(Mamba2LM, "loss", loss_with_nans)
     cfg = tiny_config(markov_data, tmp_path, "train.steps=20", "checkpoint.every=2", "train.max_skipped_steps=3")
-    with pytest.raises(TrainingError, match=r"4 steps with a non-finite loss .*stopping at step 6.*intact"):
+    with pytest.raises(TrainingError, match=r"4 steps with a non-finite loss .*stopping at step 6: the last "
+                                            r"checkpoint, .*step_00000006, is kept"):
         train(cfg)
     # micro-batches 1, 2, 4, 6, 7, 8 made steps 1-6 (3 and 5 skipped), then 9-10 were skipped too:
     # step 6's checkpoint is the last, it verifies, and its weights are finite.

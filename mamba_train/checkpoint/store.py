@@ -98,6 +98,11 @@ def has_checkpoints(root: str | Path) -> bool:
     return any(Path(root).glob(f"{PREFIX}*"))
 
 
+def is_checkpoint_root(path: str | Path) -> bool:
+    """Whether `path` is a run's checkpoint directory (`latest`, or step directories)."""
+    return (Path(path) / LATEST).is_file() or has_checkpoints(path)
+
+
 def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict:
     """Check the manifest against the files; return the manifest or raise CheckpointError.
     `share=(i, n)`: only every n-th file from the i-th (ranks verify a checkpoint together)."""
@@ -106,6 +111,11 @@ def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not manifest_path.is_file():
+        if is_checkpoint_root(path):
+            raise CheckpointError(f"{path} is a directory of checkpoints, not one checkpoint: name one of its "
+                                  f"{PREFIX}* directories, or resolve it with resume 'auto'")
+        if not any(path.iterdir()):
+            raise CheckpointError(f"{path} is an empty directory, not a checkpoint")
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing (the save did not finish)")
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -126,13 +136,21 @@ def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict
 
 
 def resolve_resume(root: str | Path, resume: str | None, log=print, verify=verify_checkpoint) -> Path | None:
-    """`auto`: the checkpoint named in `latest`, else the newest that verifies (saying so),
-    else None (a fresh start). A path: that checkpoint, which must verify. `verify(path)`
-    raises CheckpointError (a parallel run passes one that splits the work over ranks)."""
+    """`auto`: the checkpoint named in `latest`, else the newest that verifies (saying so);
+    None where `root` holds no step directory (a fresh start); CheckpointError where it holds
+    some and none verifies (a fresh start would overwrite them). A path: that checkpoint,
+    which must verify, or a checkpoint root (a run's checkpoint.dir), resolved as `auto` is.
+    `verify(path)` raises CheckpointError (a parallel run passes one that splits the work
+    over ranks)."""
     if resume is None:
         return None
     if resume != "auto":
         path = Path(resume)
+        if not (path / MANIFEST).is_file() and is_checkpoint_root(path):
+            chosen = resolve_resume(path, "auto", log, verify)
+            if chosen is None:
+                raise CheckpointError(f"{path} holds no checkpoint ({LATEST} names one that is gone)")
+            return chosen
         verify(path)
         return path
     root = Path(root)
@@ -145,11 +163,14 @@ def resolve_resume(root: str | Path, resume: str | None, log=print, verify=verif
         try:
             verify(candidate)
         except CheckpointError as err:
-            log(f"resume auto: skipping {candidate}: {err}")
+            log(f"{root}: skipping {candidate.name}: {err}")
             continue
         if candidate != named:
-            log(f"resume auto: using {candidate}, the newest checkpoint that verifies")
+            log(f"{root}: using {candidate.name}, the newest checkpoint that verifies")
         return candidate
+    if has_checkpoints(root):
+        raise CheckpointError(f"none of the checkpoints in {root} verifies (each one's reason is above); "
+                              "nothing was loaded or overwritten: repair them, or move them away to start over")
     return None
 
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_train.checkpoint.store import (MANIFEST, CheckpointError, is_sharded, load_checkpoint, read_trainer_state,
-                                          resolve_resume)
+from mamba_train.checkpoint.store import is_sharded, load_checkpoint, read_trainer_state, resolve_resume
 from mamba_train.config import RunConfig, config_from_dict
 
 
@@ -18,9 +17,7 @@ def load_trained_model(ckpt: str | Path) -> tuple[torch.nn.Module, RunConfig, Pa
     from mamba_train.model import Mamba2LM
 
     ckpt = Path(ckpt)
-    path = resolve_resume(ckpt.parent, str(ckpt)) if (ckpt / MANIFEST).exists() else resolve_resume(ckpt, "auto")
-    if path is None:
-        raise CheckpointError(f"{ckpt} holds no complete checkpoint")
+    path = resolve_resume(ckpt.parent, str(ckpt))
     state = read_trainer_state(path)
     cfg = config_from_dict(state["config"])
     # the vocabulary keeps the padding of the run that started it (a multiple of 128·tp)

@@ -362,6 +362,14 @@ class IndexedDataset:
         chunk = 1 << 26
         return max((int(self._tokens[i : i + chunk].max()) for i in range(0, self.num_tokens, chunk)), default=-1)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Fail early, naming the file, if the data holds ids the model has no embedding for."""
+        max_id = self.max_token_id()
+        if max_id >= vocab_size:
+            raise DataError(f"{self.bin_path}: token id {max_id} does not fit the model's vocabulary of "
+                            f"{vocab_size}; the data was tokenized with a larger vocabulary "
+                            "(check data.tokenizer and model.vocab_size)")
+
     def verify(self) -> None:
         """Full check that the pointers are the running sum of the lengths (reads all of .idx)."""
         expected = np.zeros(self._num_docs, dtype=np.int64)

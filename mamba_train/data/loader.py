@@ -63,12 +63,7 @@ class PackedSamples:
         return tokens, seq_idx
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Fail early, naming the file, if the data holds ids the model has no embedding for."""
-        max_id = self.dataset.max_token_id()
-        if max_id >= vocab_size:
-            raise DataError(f"{self.dataset.bin_path}: token id {max_id} does not fit the model's vocabulary of "
-                            f"{vocab_size}; the data was tokenized with a larger vocabulary "
-                            "(check data.tokenizer and model.vocab_size)")
+        self.dataset.check_vocab(vocab_size)
 
 
 class TrainLoader:

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from mamba_train.config import ConfigError, from_mapping
+from mamba_train.config import ConfigError, from_mapping, parse_yaml
 from mamba_train.data.corpus import SkippedRecords
 from mamba_train.data.local_corpus import LOCAL_SUBSETS, build_local_corpus
 from mamba_train.data.indexed import DataError, IndexedDataset, token_dtype_for_vocab
@@ -81,8 +80,9 @@ class Recipe:
             raise PrepError("sources: give a local_corpus block, files, or both")
         if self.sources.local_corpus is not None:
             corpus = self.sources.local_corpus
-            if corpus.max_mb <= 0:
-                raise PrepError(f"sources.local_corpus.max_mb: expected a positive number, found {corpus.max_mb}")
+            if not 0 < corpus.max_mb < float("inf"):
+                raise PrepError(f"sources.local_corpus.max_mb: expected a finite positive number, "
+                                f"found {corpus.max_mb}")
             unknown = [name for name in corpus.subsets or [] if name not in LOCAL_SUBSETS]
             if unknown:
                 raise PrepError(f"sources.local_corpus.subsets: unknown subset {unknown[0]!r} "
@@ -111,10 +111,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise PrepError(f"recipe not found: {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if isinstance(raw.get("sources"), list):  # shorthand: `sources: [a.jsonl.zst, b/*.txt]`
-        raw["sources"] = {"files": raw["sources"]}
     try:
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except ConfigError as error:  # names the file already
+        raise PrepError(str(error)) from None
+    try:
+        if not isinstance(raw, dict):
+            raise PrepError(f"expected a mapping at the top level (output:, sources:, tokenizer:, ...), "
+                            f"found a {type(raw).__name__}: {raw!r:.60}")
+        if isinstance(raw.get("sources"), list):  # shorthand: `sources: [a.jsonl.zst, b/*.txt]`
+            raw["sources"] = {"files": raw["sources"]}
         recipe = from_mapping(Recipe, raw)
         recipe.validate()
     except (ConfigError, PrepError) as error:
@@ -141,7 +147,12 @@ def prepare(recipe: Recipe, out: str | os.PathLike | None = None, force: bool = 
             _log(f"{out} is up to date (built from this recipe); --force rebuilds it")
             return built
         raise PrepError(f"{out} already exists and was not built from this recipe; pass --force to replace it")
-    workers = max(1, workers or os.cpu_count() or 1)
+    # Checked here, not in validate(): a recipe such as pile.yaml loads on a machine without
+    # the tokenizer; but a missing one must not surface only after the corpus is built.
+    if recipe.tokenizer.path is not None and not Path(recipe.tokenizer.path).exists():
+        raise PrepError(f"tokenizer.path: {recipe.tokenizer.path} does not exist (expected a sentencepiece .model, "
+                        "a tokenizer.json or a directory holding one; leave tokenizer.path out to train one)")
+    workers = workers if workers is not None else os.cpu_count() or 1
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial"
@@ -349,6 +360,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:  # None (not given): one per CPU core
+        raise PrepError(f"--workers: expected a positive number of processes, found {args.workers} "
+                        "(leave it out for one per CPU core)")
     recipe = load_recipe(args.recipe)
     if getattr(args, "skip_bad_records", False):
         recipe.skip_bad_records = True

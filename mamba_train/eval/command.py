@@ -51,8 +51,11 @@ def run(args) -> int:
         if cfg.train.torch_threads:  # the run's own setting: oversubscribed CPU threads crawl
             torch.set_num_threads(cfg.train.torch_threads)
         prefix = resolve_data(args.data, cfg.data)
-        results = evaluate(model, IndexedDataset(prefix), window=args.window or cfg.data.seq_len,
-                           max_tokens=args.max_tokens, device=device, rows=args.rows or 1,
+        # None: not given (the CLI refuses 0 and negatives)
+        window = args.window if args.window is not None else cfg.data.seq_len
+        rows = args.rows if args.rows is not None else 1
+        results = evaluate(model, IndexedDataset(prefix), window=window,
+                           max_tokens=args.max_tokens, device=device, rows=rows,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                            group=dist.group.WORLD if world > 1 else None)
         results["checkpoint"], results["data"] = str(path), prefix

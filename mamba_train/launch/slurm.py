@@ -10,19 +10,38 @@ sweeps): task i trains config i, with the same trap, requeue and resume.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mamba_train.config import load_config
+from mamba_train.config import RunConfig, load_config
+from mamba_train.parallel.groups import LayoutError, validate_layout
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
 
 
 class LaunchError(RuntimeError):
     """A launch that cannot be written or submitted; the message says why."""
+
+
+def check_layout(cfg: RunConfig, nodes: int, procs_per_node: int) -> None:
+    """The run's TP × CP × DP layout for the world size this launch starts, checked here: in
+    the trainers it fails only once every rank has started (on SLURM, after the queue)."""
+    world = nodes * procs_per_node
+    parallel = cfg.parallel
+    try:
+        validate_layout(cfg.model, cfg.data.seq_len, world, tp=parallel.tp, cp=parallel.cp,
+                        sequence_parallel=parallel.sequence_parallel, tp_comm_overlap=parallel.tp_comm_overlap)
+    except LayoutError as err:
+        raise LaunchError(f"parallel layout for world size {world} = {nodes} node(s) × {procs_per_node} "
+                          f"process(es) per node: {err}") from err
+
+
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (man sbatch)
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
 
 
 @dataclass
@@ -82,6 +101,9 @@ def _fill_template(job: SlurmJob, train_args: str, log_name: str, array: str = "
                           f"(pip install -e .)")
     if job.nodes < 1 or job.procs_per_node < 1:
         raise LaunchError(f"--nodes and --procs-per-node must be >= 1, found {job.nodes} and {job.procs_per_node}")
+    if not SLURM_TIME.fullmatch(job.time):
+        raise LaunchError(f"--time {job.time}: expected SLURM's minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                          f"D-HH:MM:SS, e.g. 24:00:00 or 2-00:00:00")
     return TEMPLATE.read_text().format(
         job_name=job.job_name, array_line=f"#SBATCH --array={array}\n" if array else "", nodes=job.nodes,
         cpus_per_task=job.cpus_per_task, time=job.time, log_dir=job.log_dir, log_name=log_name,
@@ -110,13 +132,14 @@ def submit(script_path: str | Path, options: list[str] = ()) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `train`")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, as for `train`")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU-only nodes")
     parser.add_argument("--procs-per-node", type=int, help="trainer processes per node (default: gpus-per-node, "
                         "or 1 without GPUs)")
     parser.add_argument("--cpus-per-task", type=int, default=8)
-    parser.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    parser.add_argument("--time", default="24:00:00", help="SLURM time limit: minutes, HH:MM:SS, D-HH:MM:SS, ...")
     parser.add_argument("--job-name", help="default: the config's file name")
     parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                         help="extra #SBATCH line, e.g. --sbatch=--partition=gpu (repeatable)")
@@ -124,10 +147,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # fail here, not in the queue, on a bad config
+    if args.gpus_per_node < 0:
+        raise LaunchError(f"--gpus-per-node: expected 0 (CPU nodes) or more, found {args.gpus_per_node}")
+    procs_per_node = args.procs_per_node if args.procs_per_node is not None else (args.gpus_per_node or 1)
+    if args.nodes < 1 or procs_per_node < 1:
+        raise LaunchError(f"--nodes and --procs-per-node must be >= 1, found {args.nodes} and {procs_per_node}")
+    # fail here, not in the queue, on a bad config or a layout the job's processes cannot take
+    cfg = load_config(args.config, args.overrides)
+    check_layout(cfg, args.nodes, procs_per_node)
     run_dir = Path(cfg.logging.run_dir).resolve()
     job = SlurmJob(job_name=args.job_name or Path(args.config).stem, log_dir=run_dir / "slurm", nodes=args.nodes,
-                   gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node or args.gpus_per_node or 1,
+                   gpus_per_node=args.gpus_per_node, procs_per_node=procs_per_node,
                    cpus_per_task=args.cpus_per_task, time=args.time, extra_sbatch=args.sbatch)
     script = render_sbatch(job, args.config, args.overrides)
     if args.dry_run:

@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from mamba_train.config import load_config
+from mamba_train.launch.slurm import LaunchError, check_layout
 
 
 def torchrun_command(config: str, overrides: list[str], nproc_per_node: int, python: str = sys.executable) -> list[str]:
@@ -21,13 +22,17 @@ def torchrun_command(config: str, overrides: list[str], nproc_per_node: int, pyt
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `train`")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, as for `train`")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="trainer processes (one per GPU)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
-    load_config(args.config, args.overrides)  # a bad config fails before any process starts
+    if args.nproc_per_node < 1:
+        raise LaunchError(f"--nproc-per-node: expected an integer >= 1, found {args.nproc_per_node}")
+    # a bad config or a layout the processes cannot take fails before any process starts
+    check_layout(load_config(args.config, args.overrides), nodes=1, procs_per_node=args.nproc_per_node)
     command = torchrun_command(args.config, args.overrides, args.nproc_per_node)
     print(shlex.join(command), flush=True)
     if args.dry_run:

@@ -80,8 +80,14 @@ def _plan(args) -> int:
 
     if not args.budgets and not args.tiny:
         raise ScalingError("--budgets: give the FLOP budgets, e.g. --budgets 1e17,3e17,1e18 (or --tiny for a CPU sweep)")
+    # 0 and negatives are mistakes, not "the default" (--sizes: make_plan wants at least 3)
+    for option, value in (("--tp", args.tp), ("--min-steps", args.min_steps)):
+        if value < 1:
+            raise ScalingError(f"{option}: expected an integer >= 1, found {value}")
+    if args.valid_tokens is not None and args.valid_tokens < 0:
+        raise ScalingError(f"--valid-tokens: expected a number of tokens >= 0 (0: all), found {args.valid_tokens}")
     budgets = parse_budgets(args.budgets or TINY_BUDGETS)
-    sizes = args.sizes or (5 if args.tiny else 7)
+    sizes = args.sizes if args.sizes is not None else (5 if args.tiny else 7)
     span = args.span if args.span is not None else (TINY_SPAN if args.tiny else 16.0)
     plan, base = make_plan(budgets, sizes, args.base or (TINY_BASE if args.tiny else DEFAULT_BASE), tiny=args.tiny,
                            tp=args.tp, vocab_size=args.vocab_size, span=span, min_steps=args.min_steps)

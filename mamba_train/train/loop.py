@@ -105,9 +105,19 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
     saved = read_trainer_state(checkpoint) if checkpoint is not None else None
     if saved is not None:
         _check_same_model(cfg, saved["config"], checkpoint)
+        changed = _data_changes(cfg, saved["config"])
+        if changed:
+            trainer.log(f"warning: {checkpoint} was trained on other data settings ({changed}): the samples it "
+                        "consumed are counted against this run's sample order, so some samples may be read twice "
+                        "or never (fine if only the path moved and the data is the same)")
     elif resume is None and has_checkpoints(cfg.checkpoint.dir):
         raise TrainingError(f"{cfg.checkpoint.dir} already holds checkpoints of another run: pass --resume auto to "
                             f"continue it, or set checkpoint.dir (and logging.run_dir) to a new directory")
+    elif resume == "auto":
+        trainer.log(f"--resume auto: no checkpoint in {cfg.checkpoint.dir} yet; starting at step 0")
+    if trainer.is_main:  # before any work: a directory that cannot be written fails now, not at the first save
+        for setting, directory in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.run_dir", cfg.logging.run_dir)):
+            _make_writable_dir(setting, Path(directory))
     # a resumed run keeps the vocabulary padding (a multiple of 128·tp) it started with
     trainer.build(vocab_tp=saved.get("vocab_tp", 1) if saved is not None else None)
 
@@ -115,6 +125,8 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
     run_samples = cfg.train.steps * cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size
     samples = build_train_samples(cfg.data, run_samples)
     samples.check_vocab(trainer.vocab_size)
+    # the validation set is first read by the first evaluation, maybe hours in: check it now
+    IndexedDataset(cfg.data.valid_prefix).check_vocab(trainer.vocab_size)
 
     run_dir = Path(cfg.logging.run_dir)
     step, consumed_samples, skipped = 0, 0, 0
@@ -123,7 +135,6 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
         step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
         trainer.log(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)")
     if trainer.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # every DP rank reads its micro_batch rows of each global micro-batch of micro_batch · dp
@@ -173,8 +184,9 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
                              f"({skipped} of at most {cfg.train.max_skipped_steps})")
                 if skipped > cfg.train.max_skipped_steps:
                     raise TrainingError(f"{skipped} steps with a non-finite loss or gradient (train.max_skipped_steps "
-                                        f"= {cfg.train.max_skipped_steps}); stopping at step {step}. The last good "
-                                        f"checkpoint in {cfg.checkpoint.dir} is intact: lower optim.lr or check the data.")
+                                        f"= {cfg.train.max_skipped_steps}); stopping at step {step}: "
+                                        f"{_kept(result.checkpoint or checkpoint)}. Lower optim.lr or check the "
+                                        "data (and the model's settings, if it happens from the first steps).")
                 continue
             step += 1
             if trainer.device.type == "cuda":
@@ -210,6 +222,10 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
             (run_dir / "eval.json").write_text(json.dumps(result.eval, indent=1))
         if "subsets" in result.eval:  # the per-document evaluation (one process)
             metrics.info(format_table(result.eval))
+    except KeyboardInterrupt:   # the finally below completes a background save
+        metrics.info(f"Ctrl-C at step {step}: {_kept(result.checkpoint or checkpoint)}; continue with --resume "
+                     "auto (to stop with a checkpoint of the current step, send SIGTERM instead)")
+        raise
     finally:
         profiler.close()
         stop.close()
@@ -353,6 +369,27 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], t
         optimizer.step()
     finally:
         del optimizer.grad_scale  # a later step must not divide again
+
+
+def _kept(last_checkpoint: Path | None) -> str:
+    return f"the last checkpoint, {last_checkpoint}, is kept" if last_checkpoint else "no checkpoint was saved yet"
+
+
+def _make_writable_dir(setting: str, directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"{setting} {directory}: cannot create the directory ({err.strerror})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TrainingError(f"{setting} {directory}: the directory is not writable")
+
+
+def _data_changes(cfg: RunConfig, saved: dict) -> str:
+    """The data settings that decide the sample order and differ from the checkpoint's run's,
+    as one line ("" if none)."""
+    now, then = cfg.to_dict()["data"], saved.get("data", {})
+    keys = ["seq_len", "seed", "blend" if now["blend"] or then.get("blend") else "train_prefix"]
+    return "; ".join(f"data.{key} {then.get(key)!r} then, {now[key]!r} now" for key in keys if then.get(key) != now[key])
 
 
 def _check_same_model(cfg: RunConfig, saved: dict, checkpoint: Path) -> None:
