@@ -13,7 +13,7 @@ COPY data_prep ./data_prep
 COPY launch ./launch
 
 # Pin torch to the image's own build: its version is a pre-release (e.g. 2.9.0a0+…),
-# which `torch>=2.4` alone would not accept, and pip would fetch another torch from PyPI.
+# which `torch>=2.6` alone would not accept, and pip would fetch another torch from PyPI.
 # DeepSpeed builds its CUDA ops on first use; "9.0a" in the image's arch list breaks its
 # op builder, so name the plain architectures.
 ENV TORCH_CUDA_ARCH_LIST="8.0;9.0"

@@ -43,3 +43,15 @@ def test_transformers_does_not_mistake_our_kernels_package_for_its_own():
 
     assert hasattr(kernels, "ssd")
     assert not import_utils.is_kernels_available()
+
+
+def test_autotokenizer_on_the_export_gives_our_tokenizers_ids(tmp_path):
+    from mamba_train.data import train_sentencepiece
+
+    texts = [f"def function_{i}(x):\n    return x * {i}  # the value\n\nThe quick brown fox {i}.\n" for i in range(200)]
+    ours = train_sentencepiece(iter(texts), tmp_path / "sp", vocab_size=320, sample_docs=50)
+    model = randomized_model(1)
+    export_hf(model, model.cfg, tmp_path / "hf", tokenizer_path=str(tmp_path / "sp.model"), eod_id=ours.eod_id)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [texts[7], "  two  spaces,\ttab\n\nand unseen: café 日本 ☃", " leading space", ""]:
+        assert theirs(text)["input_ids"] == ours.encode(text), text   # no BOS or EOS added either

@@ -54,12 +54,16 @@ def run(args) -> int:
         # None: not given (the CLI refuses 0 and negatives)
         window = args.window if args.window is not None else cfg.data.seq_len
         rows = args.rows if args.rows is not None else 1
-        results = evaluate(model, IndexedDataset(prefix), window=window,
-                           max_tokens=args.max_tokens, device=device, rows=rows,
+        dataset = IndexedDataset(prefix)
+        main_rank = not dist.is_initialized() or dist.get_rank() == 0
+        if main_rank:  # scoring a whole split takes minutes on a CPU: say what runs
+            print(f"scoring {path} on {prefix} ({len(dataset):,} documents, {dataset.num_tokens:,} tokens"
+                  f"{f', the first {args.max_tokens:,}' if args.max_tokens else ''}) ...", flush=True)
+        results = evaluate(model, dataset, window=window, max_tokens=args.max_tokens, device=device, rows=rows,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                           group=dist.group.WORLD if world > 1 else None)
+                           group=dist.group.WORLD if world > 1 else None, progress=main_rank)
         results["checkpoint"], results["data"] = str(path), prefix
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if main_rank:
             print(f"{path} on {prefix} ({results['ranks']} rank(s), window {results['window']})")
             print(format_table(results))
             if args.out:

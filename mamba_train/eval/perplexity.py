@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mamba_train.data import DataError, IndexedDataset
 
@@ -34,13 +35,14 @@ from mamba_train.data import DataError, IndexedDataset
 @torch.no_grad()
 def evaluate(model, dataset: IndexedDataset, window: int = 2048, max_tokens: int | None = None,
              device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None, rows: int = 1,
-             eod_id: int | None = None, group: dist.ProcessGroup | None = None) -> dict:
+             eod_id: int | None = None, group: dist.ProcessGroup | None = None, progress: bool = False) -> dict:
     """{"overall": row, "subsets": {name: row}, ...}, row = documents, tokens, bytes, loss, ppl, bpb.
 
     With torch.distributed initialized, each rank of `group` scores its share and the
     per-document sums are all-reduced: every rank returns the full result.
     `max_tokens`: only the leading documents that fit in this many tokens (at least one),
-    always whole, so their bytes, and so bits-per-byte, stay exact."""
+    always whole, so their bytes, and so bits-per-byte, stay exact. `progress`: a bar of the
+    windows scored on this rank, on a terminal."""
     if dataset.utf8_bytes is None:
         raise DataError(f"{dataset.docs_path}: missing; bits-per-byte and per-subset results need the sidecar "
                         "that `mamba-train prep` writes")
@@ -52,7 +54,8 @@ def evaluate(model, dataset: IndexedDataset, window: int = 2048, max_tokens: int
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
     first, last = _split_by_tokens(dataset, 0, n_docs, world)[rank]
     loss_per_doc, tokens_per_doc = score_documents(model, dataset, first, last, window=window, rows=rows,
-                                                   device=device, autocast_dtype=autocast_dtype, eod_id=eod_id)
+                                                   device=device, autocast_dtype=autocast_dtype, eod_id=eod_id,
+                                                   progress=progress)
     if world > 1:
         loss_per_doc, tokens_per_doc = _all_reduce_sum(group, device, loss_per_doc, tokens_per_doc)
     results = summarize(dataset, loss_per_doc[:n_docs], tokens_per_doc[:n_docs])
@@ -63,7 +66,7 @@ def evaluate(model, dataset: IndexedDataset, window: int = 2048, max_tokens: int
 @torch.no_grad()
 def score_documents(model, dataset: IndexedDataset, first: int, last: int, window: int = 2048, rows: int = 1,
                     device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                    eod_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    eod_id: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(loss_per_doc (n_docs,) float64 summed nats, tokens_per_doc (n_docs,) int64), filled
     for documents [first, last) and zero elsewhere. `rows` runs of documents go side by
     side as one batch, each with its own carried state."""
@@ -89,7 +92,8 @@ def score_documents(model, dataset: IndexedDataset, first: int, last: int, windo
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     states = None
     steps = max(-(-(stop - start) // window) for start, stop in ranges)
-    for step in range(steps):
+    # disable=None: tqdm draws only on a terminal
+    for step in tqdm(range(steps), desc="scoring", unit="window", disable=None if progress else True):
         windows = [(start + step * window, min(stop, start + (step + 1) * window)) for start, stop in ranges]
         length = max(max(b - a, 0) for a, b in windows)
         inputs = np.full((len(ranges), length), eod_id, dtype=np.int64)

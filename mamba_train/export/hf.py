@@ -69,5 +69,13 @@ def export_hf(model, cfg: ModelConfig, out_dir: str | Path, tokenizer_path: str 
     save_file(hf_state_dict(model.state_dict()), out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, model.vocab_size, eod_id), indent=1))
     if tokenizer_path:
-        shutil.copy(tokenizer_path, out_dir / Path(tokenizer_path).name)
+        source = Path(tokenizer_path)
+        if source.is_dir():  # the file inside, as load_tokenizer reads it
+            source = next(source / name for name in ("tokenizer.json", "tokenizer.model") if (source / name).is_file())
+        # under the name transformers looks for, whatever the run's file is called
+        shutil.copy(source, out_dir / ("tokenizer.model" if source.suffix == ".model" else "tokenizer.json"))
+        # Named, or AutoTokenizer picks mamba2's default class (GPT-NeoX's) and reads our
+        # sentencepiece model through it into other ids, without a word. The generic fast
+        # tokenizer reads a tokenizer.json as it is and converts a sentencepiece .model.
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return out_dir

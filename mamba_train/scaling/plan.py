@@ -131,7 +131,9 @@ def _resolve_vocab(base: RunConfig, vocab_size: int, where) -> int:
     tokenizer = Path(base.data.tokenizer)
     if not tokenizer.exists():
         raise ScalingError(f"{where}: model.vocab_size is 0 (from the tokenizer) and the tokenizer "
-                           f"{tokenizer} does not exist here; pass --vocab-size (the Pile's GPT-NeoX tokenizer: 50277)")
+                           f"{tokenizer} does not exist here: prepare the data first (mamba-train prep RECIPE; "
+                           "data_prep/scaling-tiny.yaml for --tiny), or pass --vocab-size (the Pile's GPT-NeoX "
+                           "tokenizer: 50277)")
     from mamba_train.data import load_tokenizer
 
     return load_tokenizer(tokenizer).vocab_size

@@ -69,6 +69,10 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 
 def resolve_vocab(cfg: RunConfig) -> None:
     if cfg.model.vocab_size == 0:
+        if not Path(cfg.data.tokenizer).exists():  # most often: the data is not prepared yet
+            raise TrainingError(f"data.tokenizer {cfg.data.tokenizer} does not exist: prepare the data first "
+                                "(mamba-train prep RECIPE; data_prep/ has the recipes, pile.yaml for the shipped "
+                                "configs), or point data.* at prepared data")
         cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer).vocab_size
 
 

@@ -76,7 +76,10 @@ class MetricsLogger:
                 if key in overall:  # a parallel run's windowed valid loss has no bits-per-byte
                     self.tb.add_scalar(f"valid/{key}", overall[key], step)
         line = f"step {step:>6} | valid loss {overall['loss']:.4f} | ppl {overall['ppl']:.2f}"
-        self.info(line + (f" | bpb {overall['bpb']:.4f}" if "bpb" in overall else ""))
+        line += f" | bpb {overall['bpb']:.4f}" if "bpb" in overall else ""
+        # the periodic evaluations score train.eval_batches' worth, the final one the whole split:
+        # the token count says which figures compare
+        self.info(line + (f" | {overall['tokens']:,} tokens" if "tokens" in overall else ""))
 
     def info(self, message: str) -> None:
         if self.bar is not None:
