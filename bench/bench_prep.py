@@ -195,7 +195,7 @@ def measure(side: str, args, files, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph, whole
     parser.add_argument("--mb", type=float, default=50.0, help="MB of text")
     parser.add_argument("--shards", type=int, default=8, help="input files")
     parser.add_argument("--workers", type=int, default=2, help="our workers and datasets' num_proc")

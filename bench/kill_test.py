@@ -365,7 +365,7 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph, whole
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=3, help="checkpoint.every")
