@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, TrainingError, DataError, launch.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the training loop has said what it keeps; no traceback
-        print(f"interrupted: mamba-train {args.command} stopped by Ctrl-C", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (train has logged the checkpoint it keeps)
+        if int(os.environ.get("RANK", "0")) == 0:   # one line per run, not per rank
+            print(f"interrupted: mamba-train {args.command} stopped by Ctrl-C", file=sys.stderr)
         return 130   # 128 + SIGINT, as a shell reports it
 
 
@@ -149,10 +150,10 @@ def _export(args) -> int:
     from mamba_train.export import export_hf
 
     model, cfg, path, _ = load_trained_model(args.ckpt)
-    eod_id = load_tokenizer(cfg.data.tokenizer).eod_id if Path(cfg.data.tokenizer).exists() else None
-    out = export_hf(model.cpu(), cfg.model, args.out, tokenizer_path=cfg.data.tokenizer if eod_id is not None else None,
-                    eod_id=eod_id)
-    print(f"exported {path} to {out} (transformers.Mamba2ForCausalLM.from_pretrained('{out}'))")
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if Path(cfg.data.tokenizer).exists() else None
+    out = export_hf(model.cpu(), cfg.model, args.out, tokenizer)
+    print(f"exported {path} to {out} (transformers.Mamba2ForCausalLM.from_pretrained('{out}')"
+          f"{', AutoTokenizer too' if tokenizer else f'; the tokenizer {cfg.data.tokenizer} is not here to copy'})")
     return 0
 
 

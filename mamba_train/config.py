@@ -26,19 +26,24 @@ class UniqueKeyLoader(yaml.SafeLoader):
     without a word, so `steps: 2` ... `steps: 3` would run 3 steps. Run configs and prep
     recipes are both read through it (parse_yaml)."""
 
-    def construct_mapping(self, node, deep=False):
-        first_line = {}
-        for key_node, _ in node.value:
-            # `<<: *base` merges keys that this mapping may then override, which is no duplicate
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"found duplicate key {key!r} (first at line {first_line[key] + 1}); keep one",
-                    key_node.start_mark)
-            first_line[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node):
+        # Checked here, before PyYAML resolves `<<: *base` merges: it writes the merged keys into
+        # the node in place (an anchored node too, when another mapping merges it first), and a
+        # merged key that the mapping overrides is YAML's override, not a duplicate.
+        checked = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            first_line = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found duplicate key {key!r} (first at line {first_line[key] + 1}); keep one",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        super().flatten_mapping(node)
 
 
 def parse_yaml(text: str, where: str):

@@ -143,6 +143,27 @@ def test_staging_reuses_a_buffer_while_its_tensor_keeps_shape_and_dtype():
         {(name,): tensor.data_ptr() for name, tensor in second.items()}
 
 
+def test_an_async_save_returns_while_its_write_is_still_running(tmp_path, monkeypatch):
+    """No timing: the write is held until the test releases it, after save_checkpoint returned."""
+    from mamba_train.checkpoint import store
+
+    release, real_save_file = threading.Event(), store.save_file
+
+    def held_save_file(*args, **kwargs):
+        assert release.wait(timeout=60), "the test never released the write"
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(store, "save_file", held_save_file)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    writer = CheckpointWriter(background=True, log=lambda message: None)
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {"step": 1}, writer=writer)
+    assert writer.records[-1]["write_s"] is None and not path.exists()   # returned; the write waits
+    release.set()
+    writer.wait()
+    assert writer.records[-1]["write_s"] is not None and (path / "model.safetensors").is_file()
+
+
 def test_consecutive_async_saves_each_hold_their_own_step(tmp_path, monkeypatch):
     """Each save's snapshot reuses the previous one's staging buffers: it must wait until the
     previous write (slowed down here, while training goes on) has read them."""

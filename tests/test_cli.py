@@ -90,7 +90,7 @@ def test_overrides_after_resume_are_overrides(repo_root, capsys):
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path)]) == 2
-    assert "is an empty directory, not a checkpoint" in capsys.readouterr().err
+    assert "is not a checkpoint (no manifest.json, no step_* directories)" in capsys.readouterr().err
 
 
 def test_prep_of_empty_input_is_a_clear_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ library traceback."""
 import re
 
 import pytest
+import yaml
 
 from mamba_train.config import ConfigError, load_config, parse_yaml
 
@@ -36,6 +37,10 @@ def test_duplicate_key_names_the_key_file_and_lines(tmp_path):
 def test_merge_key_overrides_are_not_duplicates():
     # `<<: *anchor` then a key of the anchor: YAML's override, not a duplicate
     assert parse_yaml("a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\n", "test")["b"] == {"x": 3, "y": 2}
+    # an anchored mapping with a merge of its own, merged again elsewhere (PyYAML flattens it in
+    # place, and its own key `y` then sits beside the merged one): read as PyYAML reads it
+    nested = "base: &b {y: 0}\nx: {a: &a {<<: *b, y: 1}}\nc: {<<: *a}\n"
+    assert parse_yaml(nested, "test") == yaml.safe_load(nested)
 
 
 @pytest.mark.parametrize("override, message", [

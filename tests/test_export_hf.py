@@ -27,7 +27,7 @@ def randomized_model(ngroups: int) -> Mamba2LM:
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_transformers_mamba2_gives_our_logits(tmp_path, ngroups):
     model = randomized_model(ngroups).eval()
-    export_hf(model, model.cfg, tmp_path, eod_id=0)
+    export_hf(model, model.cfg, tmp_path)
     hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
     tokens = torch.randint(0, 200, (2, 45))  # 45: not a multiple of the chunk size
     with torch.no_grad():
@@ -45,13 +45,19 @@ def test_transformers_does_not_mistake_our_kernels_package_for_its_own():
     assert not import_utils.is_kernels_available()
 
 
-def test_autotokenizer_on_the_export_gives_our_tokenizers_ids(tmp_path):
-    from mamba_train.data import train_sentencepiece
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_autotokenizer_on_the_export_gives_our_tokenizers_ids_and_eod(tmp_path, kind):
+    from mamba_train.data import load_tokenizer, train_sentencepiece
+    from test_data_tokenizer import TEXTS, make_hf_tokenizer
 
-    texts = [f"def function_{i}(x):\n    return x * {i}  # the value\n\nThe quick brown fox {i}.\n" for i in range(200)]
-    ours = train_sentencepiece(iter(texts), tmp_path / "sp", vocab_size=320, sample_docs=50)
+    if kind == "sentencepiece":
+        ours = train_sentencepiece(iter(TEXTS), tmp_path / "sp", vocab_size=320, sample_docs=50)
+    else:
+        make_hf_tokenizer(tmp_path, with_config=False)
+        ours = load_tokenizer(tmp_path / "tokenizer.json")
     model = randomized_model(1)
-    export_hf(model, model.cfg, tmp_path / "hf", tokenizer_path=str(tmp_path / "sp.model"), eod_id=ours.eod_id)
+    export_hf(model, model.cfg, tmp_path / "hf", ours)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in [texts[7], "  two  spaces,\ttab\n\nand unseen: café 日本 ☃", " leading space", ""]:
+    assert theirs.eos_token_id == theirs.pad_token_id == ours.eod_id
+    for text in [TEXTS[7], "  two  spaces,\ttab\n\nand unseen: café 日本 ☃", " leading space", ""]:
         assert theirs(text)["input_ids"] == ours.encode(text), text   # no BOS or EOS added either

@@ -75,6 +75,7 @@ def test_launch_refuses_no_processes(repo_root, capsys, launch, message):
 
 @pytest.mark.parametrize("time, ok", [
     ("90", True), ("90:30", True), ("01:00:00", True), ("2-12", True), ("2-12:30", True), ("2-12:30:00", True),
+    ("UNLIMITED", True), ("infinite", True), ("-1", True),
     ("banana", False), ("1:2:3:4", False), ("2-", False), ("-5", False), ("1h", False), ("", False),
 ])
 def test_slurm_time_limit_is_checked_before_submitting(repo_root, tmp_path, capsys, time, ok):

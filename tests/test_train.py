@@ -100,24 +100,33 @@ def test_resume_auto_refuses_when_no_checkpoint_verifies_and_leaves_them_alone(m
     assert {path: path.read_bytes() for path in ckpt_root.rglob("*") if path.is_file()} == before
 
 
-def test_resume_from_a_checkpoint_root_follows_latest_and_says_what_changed(markov_data, tmp_path, capsys):
-    cfg = tiny_config(markov_data, tmp_path, "train.steps=2", "checkpoint.every=2")
-    train(cfg, resume="auto")
-    assert "no checkpoint in" in capsys.readouterr().out   # --resume auto with nothing to resume says so
-    result = train(tiny_config(markov_data, tmp_path, "train.steps=4", "checkpoint.every=2", "data.seed=7"),
-                   resume=str(tmp_path / "ckpt"))
+def test_resume_auto_with_nothing_to_resume_says_it_starts_at_step_0(markov_data, tmp_path, capsys):
+    result = train(tiny_config(markov_data, tmp_path, "train.steps=2"), resume="auto")
+    assert min(result.losses) == 1 and "no checkpoint in" in capsys.readouterr().out
+
+
+def test_resume_from_another_runs_checkpoint_root_follows_its_latest(markov_data, tmp_path):
+    train(tiny_config(markov_data, tmp_path / "a", "train.steps=4", "checkpoint.every=2"))
+    (tmp_path / "a" / "ckpt" / "latest").write_text("step_00000002")   # not the newest step directory
+    result = train(tiny_config(markov_data, tmp_path / "b", "train.steps=4"), resume=str(tmp_path / "a" / "ckpt"))
     assert min(result.losses) == 3   # continued from step 2
-    assert "data.seed 1234 then, 7 now" in capsys.readouterr().out
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"empty is an empty directory, not a checkpoint"):
-        train(cfg, resume=str(tmp_path / "empty"))
+    # the run directory instead of its checkpoint root: named
+    with pytest.raises(CheckpointError, match=r"a is not a checkpoint \(no manifest.json, no step_\* "
+                                              r"directories\); .*ckpt holds checkpoints"):
+        train(tiny_config(markov_data, tmp_path / "c", "train.steps=4"), resume=str(tmp_path / "a"))
+
+
+def test_resume_with_other_data_settings_warns(markov_data, tmp_path, capsys):
+    train(tiny_config(markov_data, tmp_path, "train.steps=2", "checkpoint.every=2"))
+    train(tiny_config(markov_data, tmp_path, "train.steps=4", "data.seed=7"), resume="auto")
+    assert "was trained on other data settings (data.seed 1234 then, 7 now)" in capsys.readouterr().out
 
 
 def test_bad_directories_and_a_missing_validation_set_fail_before_the_first_step(markov_data, tmp_path):
     from mamba_train.data import DataError
 
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(TrainingError, match=r"checkpoint.dir .*a-file: cannot create the directory"):
+    with pytest.raises(TrainingError, match=r"checkpoint.dir .*a-file: exists and is not a directory"):
         train(tiny_config(markov_data, tmp_path / "run", f"checkpoint.dir={tmp_path / 'a-file'}"))
     with pytest.raises(DataError, match=r"nope.idx: index file not found"):
         train(tiny_config(markov_data, tmp_path / "run", f"data.valid_prefix={tmp_path / 'nope'}"))

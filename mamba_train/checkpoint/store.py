@@ -114,9 +114,11 @@ def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict
         if is_checkpoint_root(path):
             raise CheckpointError(f"{path} is a directory of checkpoints, not one checkpoint: name one of its "
                                   f"{PREFIX}* directories, or resolve it with resume 'auto'")
-        if not any(path.iterdir()):
-            raise CheckpointError(f"{path} is an empty directory, not a checkpoint")
-        raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing (the save did not finish)")
+        if (path / "trainer_state.json").exists() or any(path.glob("*.safetensors")):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing (the save did not finish)")
+        roots = sorted(str(sub) for sub in path.iterdir() if sub.is_dir() and is_checkpoint_root(sub))
+        hint = f"; {roots[0]} holds checkpoints" if roots else ""
+        raise CheckpointError(f"{path} is not a checkpoint (no {MANIFEST}, no {PREFIX}* directories){hint}")
     try:
         manifest = json.loads(manifest_path.read_text())
         expected = manifest["files"]
@@ -138,21 +140,13 @@ def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict
 def resolve_resume(root: str | Path, resume: str | None, log=print, verify=verify_checkpoint) -> Path | None:
     """`auto`: the checkpoint named in `latest`, else the newest that verifies (saying so);
     None where `root` holds no step directory (a fresh start); CheckpointError where it holds
-    some and none verifies (a fresh start would overwrite them). A path: that checkpoint,
-    which must verify, or a checkpoint root (a run's checkpoint.dir), resolved as `auto` is.
+    some and none verifies (a fresh start would overwrite them). A path: resolve_checkpoint.
     `verify(path)` raises CheckpointError (a parallel run passes one that splits the work
     over ranks)."""
     if resume is None:
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not (path / MANIFEST).is_file() and is_checkpoint_root(path):
-            chosen = resolve_resume(path, "auto", log, verify)
-            if chosen is None:
-                raise CheckpointError(f"{path} holds no checkpoint ({LATEST} names one that is gone)")
-            return chosen
-        verify(path)
-        return path
+        return resolve_checkpoint(resume, log, verify)
     root = Path(root)
     latest = root / LATEST
     named = root / latest.read_text().strip() if latest.is_file() else None
@@ -172,6 +166,19 @@ def resolve_resume(root: str | Path, resume: str | None, log=print, verify=verif
         raise CheckpointError(f"none of the checkpoints in {root} verifies (each one's reason is above); "
                               "nothing was loaded or overwritten: repair them, or move them away to start over")
     return None
+
+
+def resolve_checkpoint(path: str | Path, log=print, verify=verify_checkpoint) -> Path:
+    """The checkpoint to load from `path`: a checkpoint directory, which must verify, or a
+    checkpoint root (a run's checkpoint.dir), resolved as resume "auto" is."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file() and is_checkpoint_root(path):
+        chosen = resolve_resume(path, "auto", log, verify)
+        if chosen is None:
+            raise CheckpointError(f"{path} holds no checkpoint ({LATEST} names one that is gone)")
+        return chosen
+    verify(path)
+    return path
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,

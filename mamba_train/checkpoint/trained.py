@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mamba_train.checkpoint.store import is_sharded, load_checkpoint, read_trainer_state, resolve_resume
+from mamba_train.checkpoint.store import is_sharded, load_checkpoint, read_trainer_state, resolve_checkpoint
 from mamba_train.config import RunConfig, config_from_dict
 
 
@@ -17,7 +17,7 @@ def load_trained_model(ckpt: str | Path) -> tuple[torch.nn.Module, RunConfig, Pa
     from mamba_train.model import Mamba2LM
 
     ckpt = Path(ckpt)
-    path = resolve_resume(ckpt.parent, str(ckpt))
+    path = resolve_checkpoint(ckpt)
     state = read_trainer_state(path)
     cfg = config_from_dict(state["config"])
     # the vocabulary keeps the padding of the run that started it (a multiple of 128·tp)
@@ -27,6 +27,6 @@ def load_trained_model(ckpt: str | Path) -> tuple[torch.nn.Module, RunConfig, Pa
 
         model.load_state_dict(read_weights(path, cfg.model))
     else:
-        load_checkpoint(path, model, verify=False)  # resolve_resume verified it
+        load_checkpoint(path, model, verify=False)  # resolve_checkpoint verified it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), cfg, path, device

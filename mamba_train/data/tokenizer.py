@@ -38,6 +38,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    @abstractmethod
+    def token(self, token_id: int) -> str:
+        """The vocabulary entry of an id (a special token's name, e.g. the EOD's)."""
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
 
@@ -85,6 +89,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
+    def token(self, token_id: int) -> str:
+        return self._sp.IdToPiece(int(token_id))
+
 
 class HFTokenizer(Tokenizer):
     """A local Hugging Face `tokenizer.json` (e.g. GPT-NeoX's). The end-of-document id is
@@ -128,6 +135,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
 
 
 # A text with what the fast path must get right: runs of spaces, tabs and newlines, digits,

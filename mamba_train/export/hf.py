@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from mamba_train.config import ModelConfig
+from mamba_train.data.tokenizer import Tokenizer
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, eod_id: int | None = None) -> dict:
@@ -60,22 +61,25 @@ def hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return renamed
 
 
-def export_hf(model, cfg: ModelConfig, out_dir: str | Path, tokenizer_path: str | None = None,
-              eod_id: int | None = None) -> Path:
+def export_hf(model, cfg: ModelConfig, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """The model, and the run's tokenizer if given, as a directory that transformers'
+    Mamba2ForCausalLM and AutoTokenizer (transformers >= 5 for a sentencepiece model) load."""
     if cfg.D_has_hdim:
         raise ValueError("transformers' Mamba2 has one D per head: export needs model.D_has_hdim=false")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(model.state_dict()), out_dir / "model.safetensors", metadata={"format": "pt"})
+    eod_id = tokenizer.eod_id if tokenizer is not None else None
     (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, model.vocab_size, eod_id), indent=1))
-    if tokenizer_path:
-        source = Path(tokenizer_path)
-        if source.is_dir():  # the file inside, as load_tokenizer reads it
-            source = next(source / name for name in ("tokenizer.json", "tokenizer.model") if (source / name).is_file())
-        # under the name transformers looks for, whatever the run's file is called
-        shutil.copy(source, out_dir / ("tokenizer.model" if source.suffix == ".model" else "tokenizer.json"))
-        # Named, or AutoTokenizer picks mamba2's default class (GPT-NeoX's) and reads our
-        # sentencepiece model through it into other ids, without a word. The generic fast
-        # tokenizer reads a tokenizer.json as it is and converts a sentencepiece .model.
-        (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    if tokenizer is not None:
+        # under the file name transformers looks for, whatever the run's file is called
+        suffix = tokenizer.path.suffix
+        shutil.copy(tokenizer.path, out_dir / ("tokenizer.model" if suffix == ".model" else "tokenizer.json"))
+        # The class named, or AutoTokenizer picks mamba2's default (GPT-NeoX's), which reads our
+        # sentencepiece model into other ids without a word; the generic fast tokenizer reads a
+        # tokenizer.json as it is and converts a sentencepiece model. The EOD named, as neither
+        # file says which special token ends a document.
+        eod = tokenizer.token(tokenizer.eod_id)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod, "pad_token": eod}, indent=1))
     return out_dir

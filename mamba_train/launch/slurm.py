@@ -40,8 +40,8 @@ def check_layout(cfg: RunConfig, nodes: int, procs_per_node: int) -> None:
                           f"process(es) per node: {err}") from err
 
 
-# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (man sbatch)
-SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (man sbatch), or no limit
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|-1|(?i:unlimited|infinite)")
 
 
 @dataclass
@@ -102,8 +102,8 @@ def _fill_template(job: SlurmJob, train_args: str, log_name: str, array: str = "
     if job.nodes < 1 or job.procs_per_node < 1:
         raise LaunchError(f"--nodes and --procs-per-node must be >= 1, found {job.nodes} and {job.procs_per_node}")
     if not SLURM_TIME.fullmatch(job.time):
-        raise LaunchError(f"--time {job.time}: expected SLURM's minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
-                          f"D-HH:MM:SS, e.g. 24:00:00 or 2-00:00:00")
+        raise LaunchError(f"--time {job.time}: expected SLURM's minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                          f"D-HH:MM:SS or UNLIMITED, e.g. 24:00:00 or 2-00:00:00")
     return TEMPLATE.read_text().format(
         job_name=job.job_name, array_line=f"#SBATCH --array={array}\n" if array else "", nodes=job.nodes,
         cpus_per_task=job.cpus_per_task, time=job.time, log_dir=job.log_dir, log_name=log_name,

@@ -308,11 +308,12 @@ def build_engine(model: nn.Module, dims: ParallelDims, config: dict, param_group
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts (25 s in
         # a fresh environment, with build lines from every rank), which only its
         # inference_all_reduce uses; DeepSpeed keeps this dict for edits such as this one
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.ops.__compatible_ops__[accelerator.get_op_builder("ShareMemCommBuilder").NAME] = False
     config = dict(config, train_batch_size=config["train_micro_batch_size_per_gpu"]
                   * config["gradient_accumulation_steps"] * dist.get_world_size(dims.dp_cp_group))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups or list(model.parameters()),

@@ -119,9 +119,10 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
                             f"continue it, or set checkpoint.dir (and logging.run_dir) to a new directory")
     elif resume == "auto":
         trainer.log(f"--resume auto: no checkpoint in {cfg.checkpoint.dir} yet; starting at step 0")
-    if trainer.is_main:  # before any work: a directory that cannot be written fails now, not at the first save
-        for setting, directory in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.run_dir", cfg.logging.run_dir)):
-            _make_writable_dir(setting, Path(directory))
+    # before any work, on every rank (each may see another filesystem): a directory that cannot
+    # be written fails now, not at the first save
+    for setting, directory in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.run_dir", cfg.logging.run_dir)):
+        _make_writable_dir(setting, Path(directory))
     # a resumed run keeps the vocabulary padding (a multiple of 128·tp) it started with
     trainer.build(vocab_tp=saved.get("vocab_tp", 1) if saved is not None else None)
 
@@ -380,9 +381,11 @@ def _kept(last_checkpoint: Path | None) -> str:
 
 
 def _make_writable_dir(setting: str, directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise TrainingError(f"{setting} {directory}: exists and is not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+    except OSError as err:  # a parent that is a file, no permission
         raise TrainingError(f"{setting} {directory}: cannot create the directory ({err.strerror})") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise TrainingError(f"{setting} {directory}: the directory is not writable")
