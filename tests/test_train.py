@@ -118,8 +118,10 @@ def test_resume_from_another_runs_checkpoint_root_follows_its_latest(markov_data
 
 def test_resume_with_other_data_settings_warns(markov_data, tmp_path, capsys):
     train(tiny_config(markov_data, tmp_path, "train.steps=2", "checkpoint.every=2"))
-    train(tiny_config(markov_data, tmp_path, "train.steps=4", "data.seed=7"), resume="auto")
-    assert "was trained on other data settings (data.seed 1234 then, 7 now)" in capsys.readouterr().out
+    train(tiny_config(markov_data, tmp_path, "train.steps=4", "data.seed=7", "train.micro_batch=2"), resume="auto")
+    out = capsys.readouterr().out
+    assert "was trained on other data settings (data.seed 1234 then, 7 now)" in out
+    assert "the global batch is now 2 sequences, 4 when step_00000002 was written" in out
 
 
 def test_bad_directories_and_a_missing_validation_set_fail_before_the_first_step(markov_data, tmp_path):

@@ -127,7 +127,8 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
     trainer.build(vocab_tp=saved.get("vocab_tp", 1) if saved is not None else None)
 
     # the training set, or a weighted blend of several (data.blend): the samples this run reads
-    run_samples = cfg.train.steps * cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size   # sequences a step
+    run_samples = cfg.train.steps * global_batch
     samples = build_train_samples(cfg.data, run_samples)
     samples.check_vocab(trainer.vocab_size)
     # the validation set is first read by the first evaluation, maybe hours in: check it now
@@ -139,13 +140,19 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
         state = trainer.load(checkpoint)
         step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
         trainer.log(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)")
+        before = saved["config"]["train"]
+        saved_batch = before["micro_batch"] * before["grad_accum"] * saved.get("layout", {}).get("dp", 1)
+        if saved_batch != global_batch:
+            trainer.log(f"note: the global batch is now {global_batch} sequences, "
+                        f"{saved_batch} when {checkpoint.name} was written: the samples go on in the same "
+                        "order, in steps of the new size")
     if trainer.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # every DP rank reads its micro_batch rows of each global micro-batch of micro_batch · dp
     loader = TrainLoader(samples, cfg.train.micro_batch, seed=cfg.data.seed, consumed_samples=consumed_samples,
                          rank=trainer.dp_rank, world=trainer.dp_size, cache_dir=index_cache_dir(cfg.data))
-    tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * trainer.dp_size * cfg.data.seq_len
+    tokens_per_step = global_batch * cfg.data.seq_len
     flops_per_step = training_flops_per_token(cfg.model, trainer.vocab_size) * tokens_per_step
     peak = peak_flops(trainer.device, cfg.logging.peak_flops)
     metrics = MetricsLogger(cfg.logging, total_steps=cfg.train.steps, start_step=step) if trainer.is_main \
