@@ -109,11 +109,6 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
     saved = read_trainer_state(checkpoint) if checkpoint is not None else None
     if saved is not None:
         _check_same_model(cfg, saved["config"], checkpoint)
-        changed = _data_changes(cfg, saved["config"])
-        if changed:
-            trainer.log(f"warning: {checkpoint} was trained on other data settings ({changed}): the samples it "
-                        "consumed are counted against this run's sample order, so some samples may be read twice "
-                        "or never (fine if only the path moved and the data is the same)")
     elif resume is None and has_checkpoints(cfg.checkpoint.dir):
         raise TrainingError(f"{cfg.checkpoint.dir} already holds checkpoints of another run: pass --resume auto to "
                             f"continue it, or set checkpoint.dir (and logging.run_dir) to a new directory")
@@ -140,12 +135,8 @@ def _train(cfg: RunConfig, trainer, resume: str | None, stop_after_steps: int | 
         state = trainer.load(checkpoint)
         step, consumed_samples, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
         trainer.log(f"resumed from {checkpoint} at step {step} ({consumed_samples} samples consumed)")
-        before = saved["config"]["train"]
-        saved_batch = before["micro_batch"] * before["grad_accum"] * saved.get("layout", {}).get("dp", 1)
-        if saved_batch != global_batch:
-            trainer.log(f"note: the global batch is now {global_batch} sequences, "
-                        f"{saved_batch} when {checkpoint.name} was written: the samples go on in the same "
-                        "order, in steps of the new size")
+        for line in _sampling_changes(cfg, saved, checkpoint, global_batch):
+            trainer.log(line)
     if trainer.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -398,12 +389,25 @@ def _make_writable_dir(setting: str, directory: Path) -> None:
         raise TrainingError(f"{setting} {directory}: the directory is not writable")
 
 
-def _data_changes(cfg: RunConfig, saved: dict) -> str:
-    """The data settings that decide the sample order and differ from the checkpoint's run's,
-    as one line ("" if none)."""
-    now, then = cfg.to_dict()["data"], saved.get("data", {})
+def _sampling_changes(cfg: RunConfig, saved: dict, checkpoint: Path, global_batch: int) -> list[str]:
+    """Log lines for what differs from the run that wrote `checkpoint` (trainer state `saved`)
+    in how samples are read. A resume goes on from its count of consumed samples, which a
+    change of data settings points into another sample order (a mistake, unless only the data's
+    path moved) and a change of global batch only cuts into other steps."""
+    lines = []
+    now, then = cfg.to_dict()["data"], saved["config"].get("data", {})
     keys = ["seq_len", "seed", "blend" if now["blend"] or then.get("blend") else "train_prefix"]
-    return "; ".join(f"data.{key} {then.get(key)!r} then, {now[key]!r} now" for key in keys if then.get(key) != now[key])
+    changed = "; ".join(f"data.{key} {then.get(key)!r} then, {now[key]!r} now" for key in keys if then.get(key) != now[key])
+    if changed:
+        lines.append(f"warning: {checkpoint} was trained on other data settings ({changed}): the samples it "
+                     "consumed are counted against this run's sample order, so some samples may be read twice "
+                     "or never (fine if only the path moved and the data is the same)")
+    before = saved["config"]["train"]
+    saved_batch = before["micro_batch"] * before["grad_accum"] * saved.get("layout", {}).get("dp", 1)
+    if saved_batch != global_batch:
+        lines.append(f"note: the global batch is now {global_batch} sequences, {saved_batch} when {checkpoint.name} "
+                     "was written: the samples go on in the same order, in steps of the new size")
+    return lines
 
 
 def _check_same_model(cfg: RunConfig, saved: dict, checkpoint: Path) -> None:
