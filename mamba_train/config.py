@@ -190,7 +190,13 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     warmup_steps: int = 100
+    # After warmup: "cosine" from lr down to min_lr at the last step; "constant"; or "wsd"
+    # (warmup-stable-decay): lr until the last `decay_fraction` of the steps, then down to min_lr
+    # along 1 - sqrt(progress), the best cooldown shape in Hägele et al. 2024. A WSD run's rate
+    # does not depend on its length until the decay starts, so a stable-phase checkpoint can
+    # be continued with a larger train.steps (a longer run, or another token budget).
     schedule: str = "cosine"
+    decay_fraction: float = 0.2
 
     def validate(self) -> None:
         # `x < math.inf` also refuses nan, which fails every comparison
@@ -203,7 +209,10 @@ class OptimConfig:
         _require(0 <= self.grad_clip < math.inf, "optim.grad_clip", "a finite number >= 0 (0 disables clipping)",
                  self.grad_clip)
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
-        _require(self.schedule in ("cosine", "constant"), "optim.schedule", "'cosine' or 'constant'", self.schedule)
+        _require(self.schedule in ("cosine", "constant", "wsd"), "optim.schedule", "'cosine', 'constant' or 'wsd'",
+                 self.schedule)
+        _require(0 < self.decay_fraction <= 1, "optim.decay_fraction", "a fraction of the steps in (0, 1]",
+                 self.decay_fraction)
 
 
 # train.recompute's values, from the most memory to the least (mamba_train.model.set_recompute)
