@@ -60,7 +60,7 @@ def test_recompute_trains_exactly_as_without(markov_data, tmp_path):
     assert_same_weights(plain, recomputed)
 
 
-def test_a_blend_of_two_datasets_trains_and_resumes_bit_exact(markov_data, tmp_path):
+def test_a_blend_of_two_datasets_trains_and_resumes_bit_exact(markov_data, tmp_path, capsys):
     from synthetic import write_markov_dataset
 
     write_markov_dataset(tmp_path / "other", n_docs=200, seed=7)
@@ -71,6 +71,9 @@ def test_a_blend_of_two_datasets_trains_and_resumes_bit_exact(markov_data, tmp_p
     second = train(tiny_config(markov_data, tmp_path / "resumed", *steps), resume="auto")
     assert {**first.losses, **second.losses} == straight.losses
     assert any((tmp_path / "cache").iterdir())   # the blend's sample index, built once and reused
+    # a longer run: the blend's order is drawn for the run's length, so the resume says it changes
+    train(tiny_config(markov_data, tmp_path / "resumed", *steps, "train.steps=10"), resume="auto")
+    assert "data.blend's sample order is drawn for the run's length" in capsys.readouterr().out
 
 
 def test_resume_refuses_an_incomplete_checkpoint_and_auto_falls_back(markov_data, tmp_path, capsys):

@@ -393,7 +393,8 @@ def _sampling_changes(cfg: RunConfig, saved: dict, checkpoint: Path, global_batc
     """Log lines for what differs from the run that wrote `checkpoint` (trainer state `saved`)
     in how samples are read. A resume goes on from its count of consumed samples, which a
     change of data settings points into another sample order (a mistake, unless only the data's
-    path moved) and a change of global batch only cuts into other steps."""
+    path moved), as does a blend's run of another length; a change of global batch only cuts
+    the same order into other steps."""
     lines = []
     now, then = cfg.to_dict()["data"], saved["config"].get("data", {})
     keys = ["seq_len", "seed", "blend" if now["blend"] or then.get("blend") else "train_prefix"]
@@ -407,6 +408,12 @@ def _sampling_changes(cfg: RunConfig, saved: dict, checkpoint: Path, global_batc
     if saved_batch != global_batch:
         lines.append(f"note: the global batch is now {global_batch} sequences, {saved_batch} when {checkpoint.name} "
                      "was written: the samples go on in the same order, in steps of the new size")
+    then_samples, now_samples = before["steps"] * saved_batch, cfg.train.steps * global_batch
+    if now["blend"] and not changed and then_samples != now_samples:
+        # blend.build_blend_index spreads each dataset's samples over the run's whole length
+        lines.append(f"warning: data.blend's sample order is drawn for the run's length (train.steps × global "
+                     f"batch: {then_samples} samples then, {now_samples} now), so from here on this run reads "
+                     "another order than the checkpoint's run did: some samples may be read twice or never")
     return lines
 
 
