@@ -31,9 +31,9 @@ backward) and `matmul_scatter` (in_proj's backward) run torch's symmetric-memory
 which cut each product by the ranks' rows and copy one rank's rows over NVLink (copy engines, no
 SMs taken) while another's are multiplied. out_proj's forward, `matmul_parts`, stops before the
 scatter's sum: the next norm (the next block's, or norm_f) makes it in the pass it makes anyway
-(kernels.add_rmsnorm). NCCL's collectives instead sat between the matmuls, 16.6 ms of a 123 ms TP=2 step at 1.3b. Elsewhere
-(on the CPU, in the gloo tests) the same functions run the plain collectives, so the tests
-check the fused path's autograd against one process.
+(kernels.add_rmsnorm). NCCL's collectives instead sat between the matmuls, 16.6 ms of a 123 ms
+TP=2 step at 1.3b. Elsewhere (on the CPU, in the gloo tests) the same functions run the plain
+collectives, so the tests check the fused path's autograd against one process.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ class TokenSplit:
     """Which tokens of the batch-first residual stream this TP rank holds under SP. One object
     is shared by every SP site of a model: the embedding's reduce-scatter, each block's in_proj
     (gather) and out_proj (reduce-scatter, or the exchange of its terms), and the gather before
-    the head. With
-    `uses_collective_products()` in_proj is `linear` and the mixer body's out_proj product
-    `matmul_parts` (backward `gather_matmul`): each collective goes with its matmul.
+    the head. With `uses_collective_products()` in_proj is `linear` and the mixer body's
+    out_proj product `matmul_parts` (backward `gather_matmul`): each collective goes with its
+    matmul.
 
     `begin(batch, local_len)` runs at the start of each forward (ParallelMamba2LM.hidden_states)
     and sets `dim`; a recomputing backward (train.recompute) reads it again, so a forward's
