@@ -4,6 +4,7 @@
 # quickstart data beside one GPU. MODEL (130m or 1.3b; ngroups 2 so that TP splits groups),
 # STEPS steps a run, and the runs named in RUNS:
 #   one     one GPU                       dp2, tp2, cp2   two GPUs in that layout
+#   tp2o    TP=2 with sequence parallelism and parallel.tp_comm_overlap
 #   resume  DP=2 for STEPS, then a second launch resumes its sharded checkpoint for STEPS/2 more
 #   NAME-graph  the same run with train.cuda_graph=true (one-graph: one GPU, graphed)
 # bench/train_parallel_report.py then prints tokens/s per GPU against one GPU from the runs'
@@ -37,6 +38,8 @@ for r in $RUNS; do
     one) run $r $r 240 $train1 $common train.steps=$STEPS $graph; names+=($r) ;;
     dp2) run $r $r 180 $train2 $common train.steps=$STEPS $graph; names+=($r) ;;
     tp2) run $r $r 180 $train2 $common train.steps=$STEPS parallel.tp=2 $graph; names+=($r) ;;
+    tp2o) run $r $r 180 $train2 $common train.steps=$STEPS parallel.tp=2 parallel.sequence_parallel=true \
+              parallel.tp_comm_overlap=true $graph; names+=($r) ;;
     cp2) run $r $r 180 $train2 $common train.steps=$STEPS parallel.cp=2 $graph; names+=($r) ;;
     resume) run resume resume 180 $train2 $common train.steps=$STEPS
             run resume resume-2 150 $train2 $common train.steps=$((STEPS + STEPS / 2)) --resume auto ;;

@@ -34,6 +34,8 @@ def summarize(run_dir: Path, skip: int = 5) -> dict:
     tp, cp = parallel.get("tp", 1), parallel.get("cp", 1)
     graphed = bool(cfg.get("train", {}).get("cuda_graph", False))
     return {"tp": tp, "cp": cp, "cuda_graph": graphed, "steps": max(last),
+            "sequence_parallel": bool(parallel.get("sequence_parallel", False)),
+            "tp_comm_overlap": bool(parallel.get("tp_comm_overlap", False)),
             "tokens_per_s": statistics.median(s["tokens_per_s"] for s in timed),
             "mfu": statistics.median(s.get("mfu", 0.0) for s in timed), "loss_at_last_step": last[max(last)]["loss"],
             "peak_mem_gib": max(s.get("peak_mem_gib", 0.0) for s in timed)}
