@@ -27,9 +27,10 @@ only the mixers read, are the same under either split.
 
 With `parallel.tp_comm_overlap` and the rows split, in_proj's gather and out_proj's scatter
 (forward and backward) go inside their matmuls: `gather_matmul` (in_proj's forward, out_proj's
-backward) and `matmul_scatter` (in_proj's backward) run torch's symmetric-memory "async TP" ops,
-which cut each product by the ranks' rows and copy one rank's rows over NVLink (copy engines, no
-SMs taken) while another's are multiplied. out_proj's forward, `matmul_parts`, stops before the
+backward) and `matmul_scatter` (in_proj's backward) run over torch's symmetric memory
+(`SymmetricExchange`, after torch's "async TP" ops): each product is cut by the ranks' rows, and
+one rank's rows are copied over NVLink (copy engines, no SMs taken) while another's are
+multiplied. out_proj's forward, `matmul_parts`, stops before the
 scatter's sum: the next norm (the next block's, or norm_f) makes it in the pass it makes anyway
 (kernels.add_rmsnorm). NCCL's collectives instead sat between the matmuls, 16.6 ms of a 123 ms
 TP=2 step at 1.3b. Elsewhere (on the CPU, in the gloo tests) the same functions run the plain
@@ -44,6 +45,7 @@ import torch
 
 from kernels.wide_matmul import matmul_in_dtype
 from mamba_train.model.mamba2 import RMSNorm
+from mamba_train.parallel.symmetric_exchange import SymmetricExchange
 
 
 class TokenSplit:
@@ -67,8 +69,8 @@ class TokenSplit:
         # parallel.tp_comm_overlap: split by batch rows, in_proj's gather and out_proj's scatter
         # go with their matmuls (`gather_matmul`, `matmul_parts`, `matmul_scatter`), overlapped on CUDA
         self.overlap = overlap
-        self._workspace_bytes = 0   # of the symmetric workspace prepare_overlap asked for
-        self._captured = False      # whether a CUDA graph may hold the workspace's address
+        self._exchange: SymmetricExchange | None = None   # made by prepare_overlap, on CUDA
+        self._captured = False   # whether a CUDA graph may hold the workspace's address
 
     def begin(self, batch: int, local_len: int) -> None:
         if batch % self.tp == 0:
@@ -82,29 +84,34 @@ class TokenSplit:
 
     def prepare_overlap(self, residual: torch.Tensor) -> None:
         """Before the blocks of a forward (residual: this rank's rows of the fp32 residual
-        stream): the symmetric-memory workspace the fused products share, sized for the
-        largest piece they stage, two of this rank's (b/tp, L, d_model) in out_proj's scatter.
-        Growing it is collective and cannot happen inside a CUDA graph's capture: the first
-        (eager) forward grows it, the captured ones find it."""
+        stream): the symmetric workspace the fused products share (SymmetricExchange), two
+        regions each the size of the residual, the largest piece an exchange stages, and the
+        fence that starts this forward's sequence of exchanges. Growing the workspace is
+        collective and cannot happen inside a CUDA graph's capture: the first (eager) forward
+        grows it, the captured ones find it."""
         if not self._overlaps(residual):
             return
+        region_bytes = residual.numel() * residual.element_size()
+        fits = self._exchange is not None and region_bytes <= self._exchange.region_bytes
         if torch.cuda.is_current_stream_capturing():
+            if not fits:
+                raise RuntimeError("tp_comm_overlap: run an eager forward of the captured batch's shape before "
+                                   "capturing it: the symmetric workspace cannot grow inside a capture")
             self._captured = True
-            return
-        needed = 2 * residual.numel() * residual.element_size()
-        if needed > self._workspace_bytes and self._captured:
-            # torch would allocate a larger workspace and free the one the graph writes to
-            raise RuntimeError(f"tp_comm_overlap: a forward of {tuple(residual.shape)} rows a rank needs a larger "
-                               "symmetric workspace than the CUDA graph captured before it; capture the largest "
-                               "batch first, or turn train.cuda_graph off")
-        from torch.distributed import _symmetric_memory as symm_mem
+        elif not fits:
+            if self._captured:
+                # a larger workspace would free the one the graph writes to
+                raise RuntimeError(f"tp_comm_overlap: a forward of {tuple(residual.shape)} rows a rank needs a "
+                                   "larger symmetric workspace than the CUDA graph captured before it; capture the "
+                                   "largest batch first, or turn train.cuda_graph off")
+            from torch.distributed import _symmetric_memory as symm_mem
 
-        with warnings.catch_warnings():
-            # torch 2.11 and later (the GPU image, CI) warn that the call is no longer needed; older ones need it
-            warnings.simplefilter("ignore", FutureWarning)
-            symm_mem.enable_symm_mem_for_group(self.tp_group.group_name)
-        symm_mem.get_symm_mem_workspace(self.tp_group.group_name, needed)
-        self._workspace_bytes = max(self._workspace_bytes, needed)
+            with warnings.catch_warnings():
+                # torch 2.11 and later (the GPU image, CI) warn that the call is no longer needed; older ones need it
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.tp_group.group_name)
+            self._exchange = SymmetricExchange(self.tp_group.group_name, region_bytes)
+        self._exchange.fence()
 
     def uses_collective_products(self) -> bool:
         """Whether in_proj's gather and out_proj's scatter go with their matmuls in this forward
@@ -121,9 +128,7 @@ class TokenSplit:
         (b, L, k), those rows @ w_t (b, L, n)). With `overlap` on CUDA the product of this rank's
         rows runs while the other ranks' are copied in. No autograd: a caller's backward."""
         if self._overlaps(local):
-            with torch.autocast("cuda", enabled=False):   # the operands' dtype, as the collectives keep it
-                full, (out,) = _symm_mem_ops().fused_all_gather_matmul(local, [w_t], 0, self.tp_group.group_name)
-            return full, out
+            return self._exchange.gather_matmul(local, w_t)
         full = local.new_empty((local.shape[0] * self.tp, *local.shape[1:]))
         torch.distributed.all_gather_into_tensor(full, local, group=self.tp_group)
         return full, full @ w_t
@@ -133,10 +138,10 @@ class TokenSplit:
         batch rows of Σ_ranks a @ w_t, (b/tp, L, n). With `overlap` on CUDA each rank's rows of
         the product are sent while the next rows are computed. No autograd."""
         if self._overlaps(a):
-            # autocast off: it would run the op's sum of the ranks' partials in fp32, and the
-            # result (the residual update) would come out fp32, twice the bytes of the NCCL path's
+            parts = self._exchange.matmul_parts(a, w_t)
+            # autocast would sum in fp32 and give the gradient twice the bytes of the NCCL path's
             with torch.autocast("cuda", enabled=False):
-                return _symm_mem_ops().fused_matmul_reduce_scatter(a, w_t, "sum", 0, self.tp_group.group_name)
+                return parts.sum(0)
         partial = a @ w_t
         out = partial.new_empty((partial.shape[0] // self.tp, *partial.shape[1:]))
         torch.distributed.reduce_scatter_tensor(out, partial, group=self.tp_group)
@@ -148,16 +153,9 @@ class TokenSplit:
         that sums them in a pass it makes anyway (kernels.add_rmsnorm, the next block's norm:
         the stream's add). With `overlap` on CUDA the rows go as in matmul_scatter; elsewhere an
         all-to-all of the rows. No autograd."""
-        flat = a.flatten(0, -2)
-        parts = flat.new_empty((self.tp, a.shape[0] // self.tp, *a.shape[1:-1], w_t.shape[1]))
         if self._overlaps(a):
-            from torch.distributed._symmetric_memory import _pipelined_produce_and_all2all
-
-            rows = flat.chunk(self.tp)
-            with torch.autocast("cuda", enabled=False):
-                _pipelined_produce_and_all2all(lambda rank, out: torch.mm(rows[rank], w_t, out=out),
-                                               parts.view(-1, w_t.shape[1]), self.tp_group.group_name)
-            return parts
+            return self._exchange.matmul_parts(a, w_t)
+        parts = a.new_empty((self.tp, a.shape[0] // self.tp, *a.shape[1:-1], w_t.shape[1]))
         torch.distributed.all_to_all_single(parts, (a @ w_t).contiguous(), group=self.tp_group)
         return parts
 
@@ -198,12 +196,6 @@ class TokenSplit:
 
         return self.to_batch_first(gather_from_sequence_parallel_region(self.to_split_first(local),
                                                                         group=self.tp_group))
-
-
-def _symm_mem_ops():
-    from torch.distributed import _symmetric_memory  # noqa: F401  (importing it defines torch.ops.symm_mem)
-
-    return torch.ops.symm_mem
 
 
 class _GatherLinear(torch.autograd.Function):
