@@ -12,13 +12,14 @@
 #   carry: .devwheels (megatron-core, DeepSpeed 0.19.8's pure-Python wheel and its deps, …, for
 #          Python 3.12: ../shared/GPU.md), data/quickstart
 #   usage: MODEL=1.3b STEPS=12 RUNS="one tp2 cp2 one-graph tp2-graph" bash bench/device_train_parallel.sh
+#          GRAD_ACCUM=4 MODEL=1.3b STEPS=12 RUNS="one-graph tp2o-graph" bash bench/device_train_parallel.sh
 set -uo pipefail
 source bench/device_env.sh
 export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse the image's 9.0a (GPU.md)
 MODEL=${MODEL:-130m} STEPS=${STEPS:-20} RUNS=${RUNS:-one dp2 tp2 cp2 resume}
 quick="data.train_prefix=data/quickstart/train data.valid_prefix=data/quickstart/valid"
 quick="$quick data.tokenizer=data/quickstart/tokenizer.model logging.tensorboard=false"
-common="configs/$MODEL.yaml model.ngroups=2 train.grad_accum=1 optim.warmup_steps=5 train.eval_every=0"
+common="configs/$MODEL.yaml model.ngroups=2 train.grad_accum=${GRAD_ACCUM:-1} optim.warmup_steps=5 train.eval_every=0"
 common="$common train.eval_batches=4 logging.log_every=5 checkpoint.every=0 $quick"
 train1="python3 -m mamba_train.cli train"
 train2="torchrun --standalone --nproc-per-node 2 -m mamba_train.cli train"

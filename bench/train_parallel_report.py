@@ -34,6 +34,7 @@ def summarize(run_dir: Path, skip: int = 5) -> dict:
     tp, cp = parallel.get("tp", 1), parallel.get("cp", 1)
     graphed = bool(cfg.get("train", {}).get("cuda_graph", False))
     return {"tp": tp, "cp": cp, "cuda_graph": graphed, "steps": max(last),
+            "grad_accum": int(cfg.get("train", {}).get("grad_accum", 1)),
             "sequence_parallel": bool(parallel.get("sequence_parallel", False)),
             "tp_comm_overlap": bool(parallel.get("tp_comm_overlap", False)),
             "tokens_per_s": statistics.median(s["tokens_per_s"] for s in timed),
@@ -73,7 +74,7 @@ def main():
     out = results_path("train-parallel", f"{gpu}-{args.model}")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "model": args.model,
-                               "command": f"MODEL={args.model} STEPS={rows[0]['steps']} "
+                               "command": f"GRAD_ACCUM={rows[0]['grad_accum']} MODEL={args.model} STEPS={rows[0]['steps']} "
                                           f"RUNS='{' '.join([*singles, *args.runs])}' bash bench/device_train_parallel.sh",
                                "rows": rows}, indent=1) + "\n")
     print(f"# wrote {out}")

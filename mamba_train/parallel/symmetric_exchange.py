@@ -1,6 +1,6 @@
 """The products with a TP exchange inside (parallel.tp_comm_overlap on CUDA), over torch's
 symmetric memory: each rank's buffer is mapped into every other rank's address space, so a
-rank pulls another's rows with an NVLink copy (copy engines, no SMs) while it multiplies its own.
+rank pulls another's rows with an NVLink copy (copy engines, no SMs) while it multiplies others.
 
 torch's own ops (`fused_all_gather_matmul`, and `_pipelined_produce_and_all2all` under
 `fused_matmul_reduce_scatter`) are written to be safe alone: each makes 3 or 4 barriers across
@@ -58,48 +58,49 @@ class SymmetricExchange:
     @torch.autocast("cuda", enabled=False)
     def gather_matmul(self, local: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """local: this rank's rows (b/tp, L, k), contiguous; w_t: (k, n) → (every rank's rows
-        (b, L, k), those rows @ w_t (b, L, n)). This rank's rows are multiplied while the
-        others' are copied in, each then multiplied on the side stream."""
+        (b, L, k), those rows @ w_t (b, L, n)). The side stream copies the others' rows in
+        while this rank's are multiplied; their products follow on this stream. The products
+        never run side by side: level with torch's two streams of them (2 H100s), and no
+        question of which the GPU starts first."""
         full = local.new_empty((local.shape[0] * self.world, *local.shape[1:]))
         out = local.new_empty((*full.shape[:-1], w_t.shape[1]))
         full_rows, out_rows = full.chunk(self.world), out.chunk(self.world)
+        k, n = local.shape[-1], w_t.shape[1]
         main = torch.cuda.current_stream()
         pieces = [self._region(r, local) for r in range(self.world)]
         pieces[self.rank].copy_(local)
         self._exchanged()
         self.side.wait_stream(main)
+        others = [(self.rank + step) % self.world for step in range(1, self.world)]
         with torch.cuda.stream(self.side):
-            for step in range(1, self.world):
-                src = (self.rank + step) % self.world
+            for src in others:
                 full_rows[src].copy_(pieces[src])
-                torch.mm(full_rows[src].view(-1, local.shape[-1]), w_t, out=out_rows[src].view(-1, w_t.shape[1]))
-        torch.mm(local.view(-1, local.shape[-1]), w_t, out=out_rows[self.rank].view(-1, w_t.shape[1]))
+        torch.mm(local.view(-1, k), w_t, out=out_rows[self.rank].view(-1, n))
         full_rows[self.rank].copy_(local)
         main.wait_stream(self.side)
+        for src in others:
+            torch.mm(full_rows[src].view(-1, k), w_t, out=out_rows[src].view(-1, n))
         return full, out
 
     @torch.autocast("cuda", enabled=False)
     def matmul_parts(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """a: (b, L, k), this rank's term of a sum over the group; w_t: (k, n) → every rank's
-        term of this rank's rows, (tp, b/tp, L, n). On the side stream each other rank's rows of
-        this rank's term go into the region, and after the barrier this rank pulls its rows of
-        that rank's term; this rank's own term of its rows is computed meanwhile."""
+        term of this rank's rows, (tp, b/tp, L, n). Each other rank's rows of this rank's term
+        are computed into the region first; after the barrier the side stream pulls this rank's
+        rows of that rank's term while this rank's own term of its rows is computed."""
         rows = a.flatten(0, -2).chunk(self.world)
         parts = a.new_empty((self.world, a.shape[0] // self.world, *a.shape[1:-1], w_t.shape[1]))
         flat_parts = parts.view(self.world, -1, w_t.shape[1])
         main = torch.cuda.current_stream()
-        self.side.wait_stream(main)
-        with torch.cuda.stream(self.side):
-            for step in range(1, self.world):
-                dst, src = (self.rank + step) % self.world, (self.rank - step) % self.world
-                mine, theirs = self._region(self.rank, flat_parts[0]), self._region(src, flat_parts[0])
-                torch.mm(rows[dst], w_t, out=mine)
-                self._exchanged()
+        for step in range(1, self.world):
+            dst, src = (self.rank + step) % self.world, (self.rank - step) % self.world
+            mine, theirs = self._region(self.rank, flat_parts[0]), self._region(src, flat_parts[0])
+            torch.mm(rows[dst], w_t, out=mine)
+            main.wait_stream(self.side)   # this rank has pulled the last step's rows: its barrier says so
+            self._exchanged()
+            self.side.wait_stream(main)
+            with torch.cuda.stream(self.side):
                 flat_parts[src].copy_(theirs)
-        # a moment's sleep ahead of this rank's own product, so that the GPU starts the side
-        # stream's product first on every rank and no rank waits at the barrier for a product
-        # that its peer scheduled second
-        torch.cuda._sleep(100)
         torch.mm(rows[self.rank], w_t, out=flat_parts[self.rank])
         main.wait_stream(self.side)
         return parts
