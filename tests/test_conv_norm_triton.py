@@ -415,6 +415,21 @@ def test_add_norm_sums_an_update_given_as_partial_sums(update_dtype):
         parts_gradient(seen[0])
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_add_norm_sums_its_outputs_gradient_given_as_terms(out_dtype):
+    # under tp_comm_overlap in_proj's backward gives the norm's output gradient as each rank's
+    # term (out_parts): the output is seen once a term (stride 0), and the backward kernel sums
+    # the terms as it reads them, as the reference's expand sums them
+    shape, parts = (3, 20, 16), 2
+    inputs = add_norm_inputs(shape, update_dtype=out_dtype)   # bf16 as under autocast
+    ours = run_add_norm(add_rmsnorm_triton, inputs, eps=1e-5, out_dtype=out_dtype, out_parts=parts)
+    ref = run_add_norm(add_rmsnorm, upcast(inputs), eps=1e-5, out_parts=parts)
+    assert ours["out"].shape == (parts, *shape) and ours["out"].stride(0) == 0 and ours["out"].dtype == out_dtype
+    check_all(ours, ref, FP32_BOUND if out_dtype == torch.float32 else HALF_BOUND, str(out_dtype))
+    with pytest.raises(ValueError, match="out_parts: expected a positive count"):
+        add_rmsnorm_triton(**inputs, out_parts=0)
+
+
 def test_add_norm_rejects_mismatched_shapes():
     inputs = add_norm_inputs((2, 8))
     with pytest.raises(ValueError, match=r"update: expected shape \(2, 8\)"):

@@ -111,6 +111,12 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
         # backward: one all-reduce per block (in_proj's input gradient, column-parallel) and one
         # for the head's input; out_proj and the embedding need none
         assert backward_log.counts() == {"all_reduce": n + 1}, backward_log.calls
+    elif fused:
+        # as below, but in_proj hands each rank its rows of this rank's input-gradient term
+        # (all-to-all) where the block norm before it sums them (add_rmsnorm's out_parts): every
+        # block but the first, whose norm adds no update
+        assert backward_log.counts() == {"all_gather_into_tensor": n + 1, "reduce_scatter_tensor": 1 + 1,
+                                         "all_to_all_single": n - 1, "all_reduce": n + 1}, backward_log.calls
     else:
         # per block: out_proj all-gathers its output gradient, in_proj reduce-scatters its input
         # gradient (it kept the gathered input for its weight's gradient: no second gather), the
@@ -118,6 +124,7 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
         # all-gathers, norm_f sums
         assert backward_log.counts() == {"all_gather_into_tensor": n + 1, "reduce_scatter_tensor": n + 1,
                                          "all_reduce": n + 1}, backward_log.calls
+    if sequence_parallel:
         # Every gather and scatter, forward and backward, takes the batch-first tensor's rows as
         # they are when tp divides the batch: nothing is transposed to seq-first and copied.
         # Split by the sequence, each one sees the seq-first copy.

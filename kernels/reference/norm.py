@@ -38,9 +38,11 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     return (groups.reshape(x.shape) * weight.to(cdt)).to(out_dtype or x.dtype)
 
 
-def _check_add_norm_inputs(residual, update, weight):
+def _check_add_norm_inputs(residual, update, weight, out_parts=1):
     """add_rmsnorm's argument checks, shared with the Triton path -> how many parts the update
     comes in (1: a tensor like residual)."""
+    if int(out_parts) < 1:
+        raise ValueError(f"out_parts: expected a positive count, found {out_parts}")
     parts = update.shape[0] if update.dim() == residual.dim() + 1 else 1
     _expect_shape("update", update, residual.shape if update.dim() == residual.dim() else (parts, *residual.shape),
                   "(like residual, or (parts, *residual's shape) partial sums of it)")
@@ -48,7 +50,7 @@ def _check_add_norm_inputs(residual, update, weight):
     return parts
 
 
-def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
+def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1):
     """A pre-norm block's residual add fused with the next norm: (residual + update, in their
     promoted dtype, and the RMSNorm of that sum times weight, in out_dtype (default the sum's)).
 
@@ -56,16 +58,20 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None):
     norm (mamba_ssm's fused_add_norm), so that the stream is read and written once for both.
     The update may come as partial sums, (parts, *residual's shape): a row-parallel out_proj's
     terms from each tensor-parallel rank (mixer_body's out_scatter), added here in fp32 with
-    the stream rather than by a separate kernel first."""
-    # residual, both outputs: (..., d)  update: (..., d) | (parts, ..., d)  weight: (d,)
-    _check_add_norm_inputs(residual, update, weight)
+    the stream rather than by a separate kernel first. Backward works the same way round with
+    out_parts > 1: the norm's output is returned seen out_parts times, (out_parts, ..., d) with
+    stride 0, for a consumer whose backward gives its gradient as terms (under tp_comm_overlap,
+    in_proj's: each rank's term of this rank's rows), and the norm's backward sums them."""
+    # residual, sum: (..., d)  norm: (..., d) | (out_parts, ..., d)  update: (..., d) | (parts, ..., d)
+    _check_add_norm_inputs(residual, update, weight, out_parts)
     if update.dim() == residual.dim():
         total = residual + update
     else:
         cdt = torch.promote_types(_compute_dtype(residual), _compute_dtype(update))
         total = (residual.to(cdt) + _SumOfTerms.apply(update, cdt)).to(torch.promote_types(residual.dtype,
                                                                                            update.dtype))
-    return total, rmsnorm_gated(total, None, weight, eps, out_dtype=out_dtype)
+    normed = rmsnorm_gated(total, None, weight, eps, out_dtype=out_dtype)
+    return total, (normed if out_parts == 1 else normed.expand(out_parts, *normed.shape))
 
 
 class _SumOfTerms(torch.autograd.Function):

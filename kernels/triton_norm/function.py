@@ -40,8 +40,10 @@ def rmsnorm_gated_triton(x, z, weight, eps=1e-5, group_size=None, out_dtype=None
 class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, residual, update, weight, eps, out_dtype, parts):
-        # update: like residual, or (parts, *residual's shape) partial sums of it
+    def forward(ctx, residual, update, weight, eps, out_dtype, parts, out_parts):
+        # update: like residual, or (parts, *residual's shape) partial sums of it; with out_parts
+        # > 1 the norm's output is returned seen out_parts times (stride 0), and its gradient
+        # comes as that many terms, summed by the backward kernel as it reads them
         dim = residual.shape[-1]
         total, out = rmsnorm_gated_fwd(residual.reshape(-1, dim), None, weight, eps, dim, out_dtype,
                                        update=update.reshape(parts, -1, dim) if parts > 1 else update.reshape(-1, dim))
@@ -50,7 +52,8 @@ class AddRMSNormFunction(torch.autograd.Function):
         ctx.update_shape = update.shape
         # an unused output's gradient arrives as None, not as a tensor of zeros to read
         ctx.set_materialize_grads(False)
-        return total.view(residual.shape), out.view(residual.shape)
+        out = out.view(residual.shape)
+        return total.view(residual.shape), (out if out_parts == 1 else out.expand(out_parts, *out.shape))
 
     @staticmethod
     def backward(ctx, dtotal, dout):
@@ -59,13 +62,14 @@ class AddRMSNormFunction(torch.autograd.Function):
         # it (the last norm); dout: the norm's, None only if its output went unused
         if dout is None:
             dout = total.new_zeros(total.shape, dtype=ctx.out_dtype)
+        dout = dout.reshape(-1, *total.shape)   # (terms, rows, d)
         # both inputs get the sum's gradient: written a second time in the update's dtype where
         # that differs (bf16 beside an fp32 stream), else one tensor object returned for both.
         # Not two views of it: autograd would let two leaves' .grad share their storage, and
         # the next accumulation into one would change the other. One object it copies instead.
         second_dtype = None if ctx.update_dtype == total.dtype else ctx.update_dtype
         dsum, _, dweight = rmsnorm_gated_bwd(
-            dout.reshape(total.shape), total, None, weight, ctx.eps, total.shape[1],
+            dout, total, None, weight, ctx.eps, total.shape[1],
             dsum=None if dtotal is None else dtotal.reshape(total.shape), update_dtype=second_dtype)
         if second_dtype is None:
             dresidual = dupdate = dsum.view(ctx.shape)
@@ -77,11 +81,11 @@ class AddRMSNormFunction(torch.autograd.Function):
             # output, which reads its gradient only), and a leaf's AccumulateGrad would copy a
             # gradient whose strides differ from its own
             dupdate = dupdate.expand(ctx.update_shape)
-        return dresidual, dupdate, dweight, None, None, None
+        return dresidual, dupdate, dweight, None, None, None, None
 
 
-def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None):
+def add_rmsnorm_triton(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1):
     """residual + update and the RMSNorm of it, times weight, in one kernel each way (Triton);
     same signature and result as `kernels.reference.add_rmsnorm`."""
-    parts = _check_add_norm_inputs(residual, update, weight)
-    return AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype, parts)
+    parts = _check_add_norm_inputs(residual, update, weight, out_parts)
+    return AddRMSNormFunction.apply(residual, update, weight, float(eps), out_dtype, parts, int(out_parts))

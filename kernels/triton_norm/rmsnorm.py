@@ -31,6 +31,20 @@ def _load(ptr, rows, cols, mask, stride_row, stride_col):
 
 
 @triton.jit
+def _load_terms(ptr, rows, cols, mask, stride_part, stride_row, stride_col, PARTS: tl.constexpr):
+    # a tile of one tensor as stored, or with PARTS > 1 the fp32 sum of PARTS tensors' tiles,
+    # a pointer stepped term by term (no product part · stride to overflow 32 bits)
+    total = _load(ptr, rows, cols, mask, stride_row, stride_col)
+    if PARTS > 1:
+        total = total.to(tl.float32)
+        part_ptr = ptr
+        for _ in tl.static_range(PARTS - 1):
+            part_ptr += stride_part
+            total += _load(part_ptr, rows, cols, mask, stride_row, stride_col).to(tl.float32)
+    return total
+
+
+@triton.jit
 def _gate(x, z, HAS_Z: tl.constexpr):
     # -> x, z (or x again), h = x·silu(z) and sig = σ(z) (or x again) as fp32 tiles
     x = x.to(tl.float32)
@@ -88,13 +102,15 @@ def _rmsnorm_gated_fwd_kernel(
 def _rmsnorm_gated_bwd_kernel(
     x_ptr, z_ptr, weight_ptr, dout_ptr, dsum_ptr, rstd_ptr, dx_ptr, dz_ptr, dupdate_ptr, out_ptr, dweight_part_ptr,
     n_rows, dim, group_size, eps,
-    stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_dout_row, stride_dout_col,
+    stride_x_row, stride_x_col, stride_z_row, stride_z_col, stride_dout_part, stride_dout_row, stride_dout_col,
     stride_dsum_row, stride_dsum_col, stride_dx_row, stride_dx_col, stride_dz_row, stride_dz_col,
     stride_du_row, stride_du_col, stride_out_row, stride_out_col,
     HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_DUPDATE: tl.constexpr, HAS_RSTD: tl.constexpr,
-    HAS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
+    HAS_OUT: tl.constexpr, DOUT_PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    TILES: tl.constexpr,
 ):
-    # dout, dsum, dx, dz, dupdate, out: (m, d)  dweight_part: (programs along m, d) fp32. dsum:
+    # dout: (DOUT_PARTS, m, d), summed  dsum, dx, dz, dupdate, out: (m, d)  dweight_part:
+    # (programs along m, d) fp32. dsum:
     # the gradient of the residual sum x from later uses, added to dx; dupdate: dx again, in
     # the update's dtype. rstd (groups, m): the forward's, read instead of recomputed; out: the
     # forward's output again (the same bits with the forward's rstd). One program takes
@@ -112,7 +128,8 @@ def _rmsnorm_gated_bwd_kernel(
     next_z = next_x
     if HAS_Z:
         next_z = _load(z_ptr, next_rows, cols, next_mask, stride_z_row, stride_z_col)
-    next_dout = _load(dout_ptr, next_rows, cols, next_mask, stride_dout_row, stride_dout_col)
+    next_dout = _load_terms(dout_ptr, next_rows, cols, next_mask, stride_dout_part, stride_dout_row,
+                            stride_dout_col, DOUT_PARTS)
     next_dsum = next_dout
     if HAS_DSUM:
         next_dsum = _load(dsum_ptr, next_rows, cols, next_mask, stride_dsum_row, stride_dsum_col)
@@ -125,7 +142,8 @@ def _rmsnorm_gated_bwd_kernel(
         next_x = _load(x_ptr, next_rows, cols, next_mask, stride_x_row, stride_x_col)
         if HAS_Z:
             next_z = _load(z_ptr, next_rows, cols, next_mask, stride_z_row, stride_z_col)
-        next_dout = _load(dout_ptr, next_rows, cols, next_mask, stride_dout_row, stride_dout_col)
+        next_dout = _load_terms(dout_ptr, next_rows, cols, next_mask, stride_dout_part, stride_dout_row,
+                                stride_dout_col, DOUT_PARTS)
         if HAS_DSUM:
             next_dsum = _load(dsum_ptr, next_rows, cols, next_mask, stride_dsum_row, stride_dsum_col)
 
@@ -216,7 +234,8 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None
 
 def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None,
                       dsum=None, update_dtype=None, rstd=None, out=None):
-    # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype)
+    # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype);
+    # dout may come as terms (parts, m, d) of the output's gradient, summed in fp32 as they load
     # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
     # dz_out: where to write dz (any strides, e.g. a column slice of a larger gradient)
     # rstd: the forward's (rmsnorm_gated_fwd's rstd), read instead of recomputed; with it, out
@@ -240,12 +259,14 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     assert rstd is None or (rstd.shape == (ngroups, n_rows) and rstd.dtype == torch.float32 and rstd.is_contiguous())
     programs_m = cdiv(row_tiles, tiles)
     dweight_part = torch.empty(programs_m, dim, device=x.device, dtype=torch.float32)
+    dout_terms = dout if dout.dim() == 3 else dout.unsqueeze(0)
     _rmsnorm_gated_bwd_kernel[(programs_m, ngroups)](
-        x, z, weight, dout, dsum, rstd, dx, dz, dupdate, out, dweight_part, n_rows, dim, group_size, eps,
-        *x.stride(), *_strides(z), *dout.stride(), *_strides(dsum), *dx.stride(), *_strides(dz), *_strides(dupdate),
-        *_strides(out),
+        x, z, weight, dout_terms, dsum, rstd, dx, dz, dupdate, out, dweight_part, n_rows, dim, group_size, eps,
+        *x.stride(), *_strides(z), *dout_terms.stride(), *_strides(dsum), *dx.stride(), *_strides(dz),
+        *_strides(dupdate), *_strides(out),
         HAS_Z=z is not None, HAS_DSUM=dsum is not None, HAS_DUPDATE=dupdate is not None, HAS_RSTD=rstd is not None,
-        HAS_OUT=out is not None, BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles, num_warps=num_warps,
+        HAS_OUT=out is not None, DOUT_PARTS=dout_terms.shape[0], BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles,
+        num_warps=num_warps,
     )
     dweight = dweight_part.sum(dim=0).to(weight.dtype)
     return (dx if update_dtype is None else (dx, dupdate)), dz, dweight

@@ -42,11 +42,17 @@ class RMSNorm(nn.Module):
         """(x + update, norm of that), `update` the previous block's mixer output: the residual
         add and this norm as one kernel each way (kernels.add_rmsnorm)."""
         weight = self._weight()
-        return add_rmsnorm(x, update, weight, eps=self.eps, out_dtype=self._out_dtype(x, weight))
+        return add_rmsnorm(x, update, weight, eps=self.eps, out_dtype=self._out_dtype(x, weight),
+                           out_parts=self._out_parts())
 
     def _weight(self) -> torch.Tensor:
         # the weight as the norm uses it (sequence parallelism routes it through a collective)
         return self.weight
+
+    def _out_parts(self) -> int:
+        # how many terms the output's gradient comes back in (kernels.add_rmsnorm's out_parts):
+        # one here; a sequence-parallel block norm feeding in_proj's exchange gets one a rank
+        return 1
 
     @staticmethod
     def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

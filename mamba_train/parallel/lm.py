@@ -69,7 +69,7 @@ class ParallelMamba2LM(nn.Module):
             layer.mixer.context_parallel = self.context_parallel
         if self.sequence_parallel:
             for layer in self.layers:
-                layer.norm = SequenceParallelRMSNorm(layer.norm, dims.tp_group)
+                layer.norm = SequenceParallelRMSNorm(layer.norm, dims.tp_group, self.token_split)
             self.norm_f = SequenceParallelRMSNorm(self.norm_f, dims.tp_group)
 
     def hidden_states(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

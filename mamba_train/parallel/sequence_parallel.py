@@ -200,12 +200,18 @@ class TokenSplit:
 
 class _GatherLinear(torch.autograd.Function):
     """TokenSplit.linear with fused products: gather ∘ matmul forward; for the input's
-    gradient matmul ∘ reduce-scatter, for the weight's the gathered input kept."""
+    gradient matmul ∘ reduce-scatter, for the weight's the gathered input kept. Given the
+    input seen once a rank, (tp, b/tp, L, k) with stride 0 (a block norm's output,
+    kernels.add_rmsnorm's out_parts), the input's gradient is the scatter's terms unsummed,
+    one a rank, and the norm's backward sums them in the pass it makes anyway."""
 
     @staticmethod
     def forward(ctx, local, weight, split):
-        # local: (b/tp, L, k); weight: (n, k), cast to the input's dtype as autocast would (cast
-        # again in backward rather than kept: 18 MB a layer at 1.3b, tp 2)
+        # local: (b/tp, L, k) or (tp, b/tp, L, k); weight: (n, k), cast to the input's dtype as
+        # autocast would (cast again in backward rather than kept: 18 MB a layer at 1.3b, tp 2)
+        ctx.terms = local.dim() == 4
+        if ctx.terms:
+            local = local[0]
         full, out = split.gather_matmul(local.contiguous(), weight.to(local.dtype).t())
         ctx.save_for_backward(full, weight)
         ctx.split = split
@@ -215,7 +221,8 @@ class _GatherLinear(torch.autograd.Function):
     def backward(ctx, grad):
         full, weight = ctx.saved_tensors
         grad = grad.to(full.dtype)
-        grad_local = ctx.split.matmul_scatter(grad, weight.to(full.dtype))
+        w_t = weight.to(full.dtype)
+        grad_local = ctx.split.matmul_parts(grad, w_t) if ctx.terms else ctx.split.matmul_scatter(grad, w_t)
         grad_weight = matmul_in_dtype(grad.flatten(0, -2).t(), full.flatten(0, -2), weight.dtype)
         return grad_local, grad_weight, None
 
@@ -228,11 +235,18 @@ class SequenceParallelRMSNorm(RMSNorm):
     backward runs (eagerly, or inside train.cuda_graph's captured one). A tensor hook on the
     weight would run again when the captured gradients are handed to the parameters."""
 
-    def __init__(self, norm: RMSNorm, tp_group):
+    def __init__(self, norm: RMSNorm, tp_group, token_split: TokenSplit | None = None):
         super().__init__(norm.weight.shape[0], norm.eps)
         self.weight = norm.weight   # the same parameter: same key, same initialisation
         self.weight.sequence_parallel = True   # megatron's mark for such parameters
         self.tp_group = tp_group
+        # a block norm's: where in_proj's exchange gives its input's gradient as the ranks'
+        # terms (TokenSplit.linear), this norm's backward sums them (None: norm_f)
+        self.token_split = token_split
+
+    def _out_parts(self) -> int:
+        split = self.token_split
+        return split.tp if split is not None and split.uses_collective_products() else 1
 
     def _weight(self) -> torch.Tensor:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
