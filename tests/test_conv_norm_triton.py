@@ -415,15 +415,21 @@ def test_add_norm_sums_an_update_given_as_partial_sums(update_dtype):
         parts_gradient(seen[0])
 
 
+@pytest.mark.parametrize("uses", [("total", "out"), ("out",)], ids=["block", "last_norm"])
+@pytest.mark.parametrize("update_parts", [1, 3])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_add_norm_sums_its_outputs_gradient_given_as_terms(out_dtype):
+def test_add_norm_sums_its_outputs_gradient_given_as_terms(out_dtype, update_parts, uses):
     # under tp_comm_overlap in_proj's backward gives the norm's output gradient as each rank's
     # term (out_parts): the output is seen once a term (stride 0), and the backward kernel sums
-    # the terms as it reads them, as the reference's expand sums them
-    shape, parts = (3, 20, 16), 2
+    # the terms as it reads them, as the reference's expand sums them; with the update given as
+    # terms too (the model's case), and with nothing else reading the sum (dtotal None)
+    shape, parts = (3, 20, 16), 3
     inputs = add_norm_inputs(shape, update_dtype=out_dtype)   # bf16 as under autocast
-    ours = run_add_norm(add_rmsnorm_triton, inputs, eps=1e-5, out_dtype=out_dtype, out_parts=parts)
-    ref = run_add_norm(add_rmsnorm, upcast(inputs), eps=1e-5, out_parts=parts)
+    if update_parts > 1:
+        inputs["update"] = torch.stack([inputs["update"]] + [torch.randn(shape).to(inputs["update"])
+                                                             for _ in range(update_parts - 1)])
+    ours = run_add_norm(add_rmsnorm_triton, inputs, uses, eps=1e-5, out_dtype=out_dtype, out_parts=parts)
+    ref = run_add_norm(add_rmsnorm, upcast(inputs), uses, eps=1e-5, out_parts=parts)
     assert ours["out"].shape == (parts, *shape) and ours["out"].stride(0) == 0 and ours["out"].dtype == out_dtype
     check_all(ours, ref, FP32_BOUND if out_dtype == torch.float32 else HALF_BOUND, str(out_dtype))
     with pytest.raises(ValueError, match="out_parts: expected a positive count"):

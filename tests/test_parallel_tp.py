@@ -348,31 +348,46 @@ def _exchange_worker(rank, world):
     n_pairs = 4
 
     def fresh_inputs():
-        return {"local": torch.randn(n_pairs, rows, seq_len, k, device=device, dtype=torch.bfloat16),
+        return {"local": torch.randn(n_pairs + 1, rows, seq_len, k, device=device, dtype=torch.bfloat16),
                 "terms": torch.randn(n_pairs, world * rows, seq_len, k, device=device, dtype=torch.bfloat16)}
 
-    def exchanged(inputs, lag: bool):
-        # gather and parts in turn, each on its own data, so that rows read from a region too
-        # early or too late show as wrong values; with `lag` rank 1 falls behind before each
-        # exchange, and rank 0 runs ahead into the next one
+    def hold_back(lag):
+        # rank 1 falls behind before an exchange: on its current stream (its rows written late:
+        # any barrier covers that), or on the side stream that pulls the other ranks' rows (its
+        # reads late, while rank 0 runs ahead into the next exchange: the two regions cover that)
+        if lag is None or rank != 1:
+            return
+        stream = torch.cuda.current_stream()
+        if lag == "side":
+            exchange.side.wait_stream(stream)   # inside a capture, the side stream joins it
+            stream = exchange.side
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(200_000)
+
+    def exchanged(inputs, lag):
+        # gathers and all-to-alls in turn, each on its own data, so that rows read from a
+        # region too early or too late show as wrong values; an odd count (a last gather), so
+        # that the next sequence starts on the region this one ended on, after the fence
         exchange.fence()
         outs = []
         for i in range(n_pairs):
-            if lag and rank == 1:
-                torch.cuda._sleep(200_000)
+            hold_back(lag)
             outs.extend(exchange.gather_matmul(inputs["local"][i], w_t))
-            if lag and rank == 1:
-                torch.cuda._sleep(200_000)
+            hold_back(lag)
             outs.append(exchange.matmul_parts(inputs["terms"][i], w_t))
+        hold_back(lag)
+        outs.extend(exchange.gather_matmul(inputs["local"][n_pairs], w_t))
         return outs
 
     def expected(inputs):
         # NCCL's collectives, and the products of the same row pieces (the same matmul shapes)
         outs = []
-        for i in range(n_pairs):
+        for i in range(n_pairs + 1):
             full = torch.empty(world * rows, seq_len, k, device=device, dtype=torch.bfloat16)
             dist.all_gather_into_tensor(full, inputs["local"][i])
             outs += [full, torch.cat([piece @ w_t for piece in full.chunk(world)])]
+            if i == n_pairs:
+                break
             mine = torch.stack([piece @ w_t for piece in inputs["terms"][i].chunk(world)])
             parts = torch.empty_like(mine)
             dist.all_to_all_single(parts, mine)
@@ -389,26 +404,27 @@ def _exchange_worker(rank, world):
             else:
                 assert_close(got.float(), want.float(), rel=1e-2, what=f"{what}: product {j}")
 
-    for lag in (False, True):
+    for lag in (None, "main", "side"):
         inputs = fresh_inputs()
-        check(exchanged(inputs, lag), inputs, f"eager, lag={lag}")
-    static = fresh_inputs()
-    graph, outs = capture_graph(lambda s: exchanged(s, lag=True), static, warmup=1)
-    for replay in range(3):
-        inputs = fresh_inputs()
-        for key in static:
-            static[key].copy_(inputs[key])
-        graph.replay()
-        check(outs, inputs, f"replay {replay}")
+        check(exchanged(inputs, lag), inputs, f"eager, rank 1 held back on {lag or 'no'} stream")
+    for lag in ("main", "side"):
+        static = fresh_inputs()
+        graph, outs = capture_graph(lambda s: exchanged(s, lag), static, warmup=1)
+        for replay in range(3):
+            inputs = fresh_inputs()
+            for key in static:
+                static[key].copy_(inputs[key])
+            graph.replay()
+            check(outs, inputs, f"replay {replay}, rank 1 held back on the {lag} stream")
     torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
 @pytest.mark.distributed
 def test_gpu_symmetric_exchange_equals_nccl_with_a_lagging_rank_eager_and_replayed():
-    """Two GPUs: SymmetricExchange's one barrier an exchange (two regions in turn) gives NCCL's
-    gathers and all-to-alls bit for bit, with one rank held back before each exchange, eagerly
-    and over replays of a captured CUDA graph."""
+    """Every GPU of the machine (2 or more): SymmetricExchange's one barrier an exchange (two
+    regions in turn) gives NCCL's gathers and all-to-alls, with one rank held back before each
+    exchange, eagerly and over replays of a captured CUDA graph."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    run_workers(_exchange_worker, 2, backend="nccl")
+    run_workers(_exchange_worker, torch.cuda.device_count(), backend="nccl")

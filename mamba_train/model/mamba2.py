@@ -181,7 +181,7 @@ class Mamba2Block(nn.Module):
             if update is not None and update.dim() > residual.dim():
                 # the checkpoint keeps its inputs: the TP ranks' terms of the update would stay
                 # tp tensors of the stream's size where their sum (rounded to their dtype) is one
-                update = update.sum(0)
+                update = update.sum(0, dtype=update.dtype)   # a dtype given: autocast would sum in fp32
             # non-reentrant: the recomputation runs under the forward's autocast state, and a
             # context-parallel block repeats its collectives in the same order on every rank
             return checkpoint(self._residual_block, residual, update, seq_idx, use_reentrant=False)

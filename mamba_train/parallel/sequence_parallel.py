@@ -27,12 +27,14 @@ only the mixers read, are the same under either split.
 
 With `parallel.tp_comm_overlap` and the rows split, in_proj's gather and out_proj's scatter
 (forward and backward) go inside their matmuls: `gather_matmul` (in_proj's forward, out_proj's
-backward) and `matmul_scatter` (in_proj's backward) run over torch's symmetric memory
-(`SymmetricExchange`, after torch's "async TP" ops): each product is cut by the ranks' rows, and
-one rank's rows are copied over NVLink (copy engines, no SMs taken) while another's are
-multiplied. out_proj's forward, `matmul_parts`, stops before the
-scatter's sum: the next norm (the next block's, or norm_f) makes it in the pass it makes anyway
-(kernels.add_rmsnorm). NCCL's collectives instead sat between the matmuls, 16.6 ms of a 123 ms
+backward) and `matmul_parts` (out_proj's forward, in_proj's backward) run over torch's
+symmetric memory (`SymmetricExchange`, after torch's "async TP" ops): each product is cut by the
+ranks' rows, and one rank's rows are copied over NVLink (copy engines, no SMs taken) while
+another's are multiplied. `matmul_parts` stops before the scatter's sum, which a norm makes in
+the pass it makes anyway (kernels.add_rmsnorm): the next one (the next block's, or norm_f) sums
+out_proj's terms into the stream, and a block norm's backward sums in_proj's terms of its
+output's gradient (`out_parts`; the first block's norm adds no update and gets the sum,
+`matmul_scatter`). NCCL's collectives instead sat between the matmuls, 16.6 ms of a 123 ms
 TP=2 step at 1.3b. Elsewhere (on the CPU, in the gloo tests) the same functions run the plain
 collectives, so the tests check the fused path's autograd against one process.
 """
@@ -52,9 +54,9 @@ class TokenSplit:
     """Which tokens of the batch-first residual stream this TP rank holds under SP. One object
     is shared by every SP site of a model: the embedding's reduce-scatter, each block's in_proj
     (gather) and out_proj (reduce-scatter, or the exchange of its terms), and the gather before
-    the head. With `uses_collective_products()` in_proj is `linear` and the mixer body's
-    out_proj product `matmul_parts` (backward `gather_matmul`): each collective goes with its
-    matmul.
+    the head. With `uses_collective_products()` in_proj is `linear` (backward `matmul_parts`)
+    and the mixer body's out_proj product `matmul_parts` (backward `gather_matmul`): each
+    collective goes with its matmul.
 
     `begin(batch, local_len)` runs at the start of each forward (ParallelMamba2LM.hidden_states)
     and sets `dim`; a recomputing backward (train.recompute) reads it again, so a forward's
@@ -115,8 +117,8 @@ class TokenSplit:
 
     def uses_collective_products(self) -> bool:
         """Whether in_proj's gather and out_proj's scatter go with their matmuls in this forward
-        (gather_matmul, matmul_parts; backward matmul_scatter): with `overlap`, split by batch
-        rows. On CUDA each collective then overlaps its product; elsewhere (the gloo tests) the
+        (gather_matmul, matmul_parts; in_proj's backward matmul_parts, or matmul_scatter after
+        a norm that adds no update): with `overlap`, split by batch rows. On CUDA each collective then overlaps its product; elsewhere (the gloo tests) the
         same functions run the plain collectives."""
         return self.overlap and self.dim == self.BATCH_ROWS
 
@@ -136,7 +138,7 @@ class TokenSplit:
     def matmul_scatter(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """a: (b, L, k), this rank's term of a sum over the TP group; w_t: (k, n) → this rank's
         batch rows of Σ_ranks a @ w_t, (b/tp, L, n). With `overlap` on CUDA each rank's rows of
-        the product are sent while the next rows are computed. No autograd."""
+        the product are pulled by that rank while the next rows are computed. No autograd."""
         if self._overlaps(a):
             parts = self._exchange.matmul_parts(a, w_t)
             # autocast would sum in fp32 and give the gradient twice the bytes of the NCCL path's
@@ -211,6 +213,10 @@ class _GatherLinear(torch.autograd.Function):
         # autocast would (cast again in backward rather than kept: 18 MB a layer at 1.3b, tp 2)
         ctx.terms = local.dim() == 4
         if ctx.terms:
+            if local.stride(0) != 0:   # terms of a gradient make sense only for one tensor seen tp times
+                raise ValueError("in_proj under tp_comm_overlap: a 4-D input must be one tensor seen once a rank "
+                                 f"(stride 0 along dim 0, kernels.add_rmsnorm's out_parts), found strides "
+                                 f"{local.stride()}")
             local = local[0]
         full, out = split.gather_matmul(local.contiguous(), weight.to(local.dtype).t())
         ctx.save_for_backward(full, weight)

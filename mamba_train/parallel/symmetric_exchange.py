@@ -85,9 +85,10 @@ class SymmetricExchange:
     @torch.autocast("cuda", enabled=False)
     def matmul_parts(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """a: (b, L, k), this rank's term of a sum over the group; w_t: (k, n) → every rank's
-        term of this rank's rows, (tp, b/tp, L, n). Each other rank's rows of this rank's term
-        are computed into the region first; after the barrier the side stream pulls this rank's
-        rows of that rank's term while this rank's own term of its rows is computed."""
+        term of this rank's rows, (tp, b/tp, L, n). A step per other rank: its rows of this
+        rank's term are computed into the region, and after the barrier the side stream pulls
+        this rank's rows of that rank's term while the next step (then this rank's own term of
+        its rows) is computed."""
         rows = a.flatten(0, -2).chunk(self.world)
         parts = a.new_empty((self.world, a.shape[0] // self.world, *a.shape[1:-1], w_t.shape[1]))
         flat_parts = parts.view(self.world, -1, w_t.shape[1])
@@ -96,7 +97,8 @@ class SymmetricExchange:
             dst, src = (self.rank + step) % self.world, (self.rank - step) % self.world
             mine, theirs = self._region(self.rank, flat_parts[0]), self._region(src, flat_parts[0])
             torch.mm(rows[dst], w_t, out=mine)
-            main.wait_stream(self.side)   # this rank has pulled the last step's rows: its barrier says so
+            if step > 1:   # this rank has pulled the last step's rows: its barrier says so
+                main.wait_stream(self.side)
             self._exchanged()
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
