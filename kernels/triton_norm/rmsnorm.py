@@ -111,8 +111,9 @@ def _rmsnorm_gated_bwd_kernel(
 ):
     # dout: (DOUT_PARTS, m, d), summed  dsum, dx, dz, dupdate, out: (m, d)  dweight_part:
     # (programs along m, d) fp32. dsum: the gradient of the residual sum x from later uses,
-    # added to dx; dupdate: dx again, in the update's dtype. rstd (groups, m): the forward's, read instead of recomputed; out: the
-    # forward's output again (the same bits with the forward's rstd). One program takes
+    # added to dx; dupdate: dx again, in the update's dtype. rstd (groups, m): the forward's,
+    # read instead of recomputed; out: the forward's output again (the same bits with the
+    # forward's rstd). One program takes
     # TILES · BLOCK_M consecutive rows of one group and writes one dweight partial, so the
     # partials stay small next to the tensors read.
     pid_m, group = tl.program_id(0), tl.program_id(1)

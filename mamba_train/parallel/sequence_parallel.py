@@ -118,8 +118,9 @@ class TokenSplit:
     def uses_collective_products(self) -> bool:
         """Whether in_proj's gather and out_proj's scatter go with their matmuls in this forward
         (gather_matmul, matmul_parts; in_proj's backward matmul_parts, or matmul_scatter after
-        a norm that adds no update): with `overlap`, split by batch rows. On CUDA each collective then overlaps its product; elsewhere (the gloo tests) the
-        same functions run the plain collectives."""
+        a norm that adds no update): with `overlap`, split by batch rows. On CUDA each
+        collective then overlaps its product; elsewhere (the gloo tests) the same functions run
+        the plain collectives."""
         return self.overlap and self.dim == self.BATCH_ROWS
 
     def _overlaps(self, x: torch.Tensor) -> bool:
