@@ -73,10 +73,9 @@ def main():
               f"{run['loss_at_last_step']:>7.4f} {run['steps']:>5}")
     out = results_path("train-parallel", f"{gpu}-{args.model}")
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "model": args.model,
-                               "command": f"GRAD_ACCUM={rows[0]['grad_accum']} MODEL={args.model} STEPS={rows[0]['steps']} "
-                                          f"RUNS='{' '.join([*singles, *args.runs])}' bash bench/device_train_parallel.sh",
-                               "rows": rows}, indent=1) + "\n")
+    command = (f"GRAD_ACCUM={rows[0]['grad_accum']} MODEL={args.model} STEPS={rows[0]['steps']} "
+               f"RUNS='{' '.join([*singles, *args.runs])}' bash bench/device_train_parallel.sh")
+    out.write_text(json.dumps({"gpu": gpu, "model": args.model, "command": command, "rows": rows}, indent=1) + "\n")
     print(f"# wrote {out}")
 
 

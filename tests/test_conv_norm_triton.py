@@ -432,8 +432,6 @@ def test_add_norm_sums_its_outputs_gradient_given_as_terms(out_dtype, update_par
     ref = run_add_norm(add_rmsnorm, upcast(inputs), uses, eps=1e-5, out_parts=parts)
     assert ours["out"].shape == (parts, *shape) and ours["out"].stride(0) == 0 and ours["out"].dtype == out_dtype
     check_all(ours, ref, FP32_BOUND if out_dtype == torch.float32 else HALF_BOUND, str(out_dtype))
-    with pytest.raises(ValueError, match="out_parts: expected a positive count"):
-        add_rmsnorm_triton(**inputs, out_parts=0)
 
 
 def test_add_norm_rejects_mismatched_shapes():
@@ -442,6 +440,8 @@ def test_add_norm_rejects_mismatched_shapes():
         add_rmsnorm_triton(**dict(inputs, update=inputs["update"][:1]))
     with pytest.raises(ValueError, match=r"weight: expected shape \(8,\)"):
         add_rmsnorm_triton(**dict(inputs, weight=inputs["weight"][:4]))
+    with pytest.raises(ValueError, match="out_parts: expected a positive count"):
+        add_rmsnorm_triton(**inputs, out_parts=0)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
