@@ -60,12 +60,13 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
         x, z, weight, eps=eps, group_size=group_size, out_dtype=out_dtype)
 
 
-def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1):
+def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1, gather_rank=None):
     """(residual + update, RMSNorm of the sum times weight in out_dtype), the update given
     whole or as partial sums (parts, *residual's shape), the norm returned seen out_parts
-    times for a consumer whose gradient comes as terms; see `kernels.reference.add_rmsnorm`."""
+    times for a consumer whose gradient comes as terms, and with gather_rank written into that
+    rank's rows of a taller tensor; see `kernels.reference.add_rmsnorm`."""
     return _implementation("add_rmsnorm", residual, "triton_norm", _reference.add_rmsnorm)(
-        residual, update, weight, eps=eps, out_dtype=out_dtype, out_parts=out_parts)
+        residual, update, weight, eps=eps, out_dtype=out_dtype, out_parts=out_parts, gather_rank=gather_rank)
 
 
 def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, *, ngroups, chunk_size,

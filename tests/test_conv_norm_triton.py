@@ -434,6 +434,37 @@ def test_add_norm_sums_its_outputs_gradient_given_as_terms(out_dtype, update_par
     check_all(ours, ref, FP32_BOUND if out_dtype == torch.float32 else HALF_BOUND, str(out_dtype))
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_add_norm_writes_into_a_rank_s_rows_of_a_gathered_tensor(impl):
+    # gather_rank: the norm (and, Triton, the update's gradient) lands in rank 1's rows of a
+    # tensor twice as tall, where the all-gather after it finds them; the values unchanged
+    fn = add_rmsnorm_triton if impl == "triton" else add_rmsnorm
+    shape, parts, rank = (3, 20, 16), 2, 1
+    inputs = add_norm_inputs(shape, update_dtype=torch.bfloat16)
+    inputs["update"] = torch.stack([inputs["update"], torch.randn(shape).to(inputs["update"])])
+    plain = run_add_norm(fn, inputs, eps=1e-5, out_dtype=torch.bfloat16, out_parts=parts)
+    seen = []
+    placed = run_add_norm(lambda **kw: _record_update_grad(fn, seen, **kw), inputs, eps=1e-5,
+                          out_dtype=torch.bfloat16, out_parts=parts, gather_rank=rank)
+    for name, value in plain.items():
+        assert torch.equal(placed[name], value), name
+    rows = placed["out"][0]
+    assert rows._base is not None and rows._base.shape == (parts * shape[0], *shape[1:])
+    assert rows.data_ptr() == rows._base[rank * shape[0]].data_ptr()
+    if impl == "triton":   # the update's gradient, as mixer_body's backward reads it
+        got = parts_gradient(seen[0])
+        assert got._base is not None and got.data_ptr() == got._base[rank * shape[0]].data_ptr()
+    with pytest.raises(ValueError, match="gather_rank: expected a rank below out_parts=2"):
+        fn(inputs["residual"], inputs["update"], inputs["weight"], out_parts=parts, gather_rank=2)
+
+
+def _record_update_grad(fn, seen, residual, update, weight, **kwargs):
+    # fn with the gradient reaching `update` recorded as it arrives (before any accumulation)
+    update = update * 1
+    update.register_hook(seen.append)
+    return fn(residual, update, weight, **kwargs)
+
+
 def test_add_norm_rejects_mismatched_shapes():
     inputs = add_norm_inputs((2, 8))
     with pytest.raises(ValueError, match=r"update: expected shape \(2, 8\)"):

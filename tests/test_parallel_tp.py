@@ -64,6 +64,10 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
         assert_close(model(input_ids, seq_idx), reference(input_ids, seq_idx)[..., rank * vocab:(rank + 1) * vocab],
                      what="logits")
 
+    found_in_place = []
+    if model.token_split is not None:   # which gathers found this rank's rows written in place
+        find = model.token_split._gathered_base
+        model.token_split._gathered_base = lambda local: found_in_place.append(find(local)) or found_in_place[-1]
     with count_collectives() as log, linear_inputs() as contiguous:
         loss = model.loss(input_ids, labels, seq_idx)
     # in_proj's inputs; out_proj's matmul runs inside kernels.mixer_body, which calls only the
@@ -77,6 +81,10 @@ def _check_tp(rank, world, ngroups, sequence_parallel, batch, overlap=False):
     # gathers inside its product (gather_matmul)
     fused = sequence_parallel and overlap and split_rows
     assert (model.layers[0].mixer.out_proj.out_scatter() is not None) == fused
+    # with the exchange, every block norm but the first (which adds no update) writes its
+    # output into this rank's rows of in_proj's gathered tensor (add_rmsnorm's gather_rank)
+    assert [base is not None for base in found_in_place] == ([False] + [True] * (cfg.n_layer - 1) if fused else
+                                                             [False] * len(found_in_place))
     # forward collectives: one per block (the row-parallel out_proj), plus the embedding's
     # and the cross-entropy's one all-gather (each row's log-sum-exp and label logit per shard)
     n = cfg.n_layer

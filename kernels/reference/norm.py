@@ -38,11 +38,13 @@ def rmsnorm_gated(x, z, weight, eps=1e-5, group_size=None, out_dtype=None):
     return (groups.reshape(x.shape) * weight.to(cdt)).to(out_dtype or x.dtype)
 
 
-def _check_add_norm_inputs(residual, update, weight, out_parts=1):
+def _check_add_norm_inputs(residual, update, weight, out_parts=1, gather_rank=None):
     """add_rmsnorm's argument checks, shared with the Triton path -> how many parts the update
     comes in (1: a tensor like residual)."""
     if int(out_parts) < 1:
         raise ValueError(f"out_parts: expected a positive count, found {out_parts}")
+    if gather_rank is not None and not 0 <= gather_rank < out_parts:
+        raise ValueError(f"gather_rank: expected a rank below out_parts={out_parts}, found {gather_rank}")
     parts = update.shape[0] if update.dim() == residual.dim() + 1 else 1
     _expect_shape("update", update, residual.shape if update.dim() == residual.dim() else (parts, *residual.shape),
                   "(like residual, or (parts, *residual's shape) partial sums of it)")
@@ -50,7 +52,15 @@ def _check_add_norm_inputs(residual, update, weight, out_parts=1):
     return parts
 
 
-def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1):
+def gathered_rows(shape, parts: int, rank: int, dtype, device) -> torch.Tensor:
+    """A new tensor of `shape` that is rank `rank`'s rows of one `parts` times as tall along dim
+    0 (its `_base`): a producer writes there, and the all-gather after it (TokenSplit's
+    gather_matmul) finds this rank's rows of its output in place instead of copying them."""
+    tall = torch.empty((parts * shape[0], *shape[1:]), dtype=dtype, device=device)
+    return tall[rank * shape[0]:(rank + 1) * shape[0]]
+
+
+def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1, gather_rank=None):
     """A pre-norm block's residual add fused with the next norm: (residual + update, in their
     promoted dtype, and the RMSNorm of that sum times weight, in out_dtype (default the sum's)).
 
@@ -61,9 +71,12 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1)
     the stream rather than by a separate kernel first. Backward works the same way round with
     out_parts > 1: the norm's output is returned seen out_parts times, (out_parts, ..., d) with
     stride 0, for a consumer whose backward gives its gradient as terms (under tp_comm_overlap,
-    in_proj's: each rank's term of this rank's rows), and the norm's backward sums them."""
+    in_proj's: each rank's term of this rank's rows), and the norm's backward sums them. With
+    gather_rank (this TP rank, for in_proj's all-gather) the norm is written into that rank's
+    rows of a tensor out_parts times as tall (`gathered_rows`); the Triton backward likewise
+    writes the update's gradient for out_proj's all-gather."""
     # residual, sum: (..., d)  norm: (..., d) | (out_parts, ..., d)  update: (..., d) | (parts, ..., d)
-    _check_add_norm_inputs(residual, update, weight, out_parts)
+    _check_add_norm_inputs(residual, update, weight, out_parts, gather_rank)
     if update.dim() == residual.dim():
         total = residual + update
     else:
@@ -71,6 +84,9 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1)
         total = (residual.to(cdt) + _SumOfTerms.apply(update, cdt)).to(torch.promote_types(residual.dtype,
                                                                                            update.dtype))
     normed = rmsnorm_gated(total, None, weight, eps, out_dtype=out_dtype)
+    if gather_rank is not None:
+        rows = gathered_rows(normed.shape, out_parts, gather_rank, normed.dtype, normed.device)
+        normed = rows.copy_(normed)
     return total, (normed if out_parts == 1 else normed.expand(out_parts, *normed.shape))
 
 

@@ -206,14 +206,17 @@ def _strides(t):
     return t.stride() if t is not None else (0, 0)
 
 
-def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None, rstd=None):
+def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None, rstd=None, out=None):
     # x, z, update: (m, d)  weight: (d,)  ->  out: (m, d) in out_dtype (default x's); with an
     # update (and no z), (x + update in their promoted dtype, out) instead, out the norm of the sum.
     # The update may come as partial sums (parts, m, d), added in fp32 with x.
     # rstd: a (groups, m) fp32 tensor to write each row's 1 / rms into, for rmsnorm_gated_bwd
+    # out: where to write the norm (any strides, e.g. some rows of a larger tensor)
     n_rows, dim = x.shape
     block_m, block_g, num_warps, _, _ = _blocks(n_rows, group_size)
-    out = torch.empty(n_rows, dim, device=x.device, dtype=out_dtype or x.dtype)
+    if out is None:
+        out = torch.empty(n_rows, dim, device=x.device, dtype=out_dtype or x.dtype)
+    assert out.shape == (n_rows, dim) and out.dtype == (out_dtype or x.dtype), "out: (rows, d) in out_dtype"
     assert rstd is None or (rstd.shape == (dim // group_size, n_rows) and rstd.dtype == torch.float32
                             and rstd.is_contiguous()), "rstd: a contiguous (groups, rows) fp32 tensor"
     total = None
@@ -233,7 +236,7 @@ def rmsnorm_gated_fwd(x, z, weight, eps, group_size, out_dtype=None, update=None
 
 
 def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_warps=None, tiles=None, dz_out=None,
-                      dsum=None, update_dtype=None, rstd=None, out=None):
+                      dsum=None, update_dtype=None, rstd=None, out=None, dupdate_out=None):
     # dout, x, z: (m, d)  ->  dx (x's dtype), dz (z's dtype) or None, dweight (weight's dtype);
     # dout may come as terms (parts, m, d) of the output's gradient, summed in fp32 as they load
     # block_m, num_warps, tiles: overrides of the defaults, for bench_kernels.py --sweep-norm
@@ -243,7 +246,8 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     # caller that recomputes it for a weight gradient saves the forward's second read of x, z)
     # With the residual add fused in (rmsnorm_gated_fwd's update; x is then the sum): dsum, the
     # sum's gradient from its other uses (or None), is added to dx, and with update_dtype the
-    # result is also written in that dtype: -> (dx, dupdate), None, dweight
+    # result is also written in that dtype (into dupdate_out where given, any strides): ->
+    # (dx, dupdate), None, dweight
     n_rows, dim = x.shape
     ngroups = dim // group_size
     _, block_g, _, default_m, default_warps = _blocks(n_rows, group_size)
@@ -254,7 +258,10 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None and dz_out is None else dz_out
     assert dz is None or (dz.shape == z.shape and dz.dtype == z.dtype), "dz_out must match z's shape and dtype"
-    dupdate = None if update_dtype is None else torch.empty(n_rows, dim, device=x.device, dtype=update_dtype)
+    dupdate = None if update_dtype is None else \
+        dupdate_out if dupdate_out is not None else torch.empty(n_rows, dim, device=x.device, dtype=update_dtype)
+    assert dupdate is None or (dupdate.shape == (n_rows, dim) and dupdate.dtype == update_dtype), \
+        "dupdate_out: (rows, d) in update_dtype"
     assert out is None or rstd is not None, "out (the forward's output again) needs the forward's rstd"
     assert rstd is None or (rstd.shape == (ngroups, n_rows) and rstd.dtype == torch.float32 and rstd.is_contiguous())
     programs_m = cdiv(row_tiles, tiles)

@@ -43,16 +43,17 @@ class RMSNorm(nn.Module):
         add and this norm as one kernel each way (kernels.add_rmsnorm)."""
         weight = self._weight()
         return add_rmsnorm(x, update, weight, eps=self.eps, out_dtype=self._out_dtype(x, weight),
-                           out_parts=self._out_parts())
+                           **self._exchange_layout())
 
     def _weight(self) -> torch.Tensor:
         # the weight as the norm uses it (sequence parallelism routes it through a collective)
         return self.weight
 
-    def _out_parts(self) -> int:
-        # how many terms the output's gradient comes back in (kernels.add_rmsnorm's out_parts):
-        # one here; a sequence-parallel block norm feeding in_proj's exchange gets one a rank
-        return 1
+    def _exchange_layout(self) -> dict:
+        # kernels.add_rmsnorm's out_parts and gather_rank: how many terms the output's gradient
+        # comes back in, and whose rows of a gathered tensor it is written into. None here; a
+        # sequence-parallel block norm feeding in_proj's exchange sets both
+        return {}
 
     @staticmethod
     def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

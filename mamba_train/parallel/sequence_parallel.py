@@ -66,7 +66,7 @@ class TokenSplit:
 
     def __init__(self, tp_group, overlap: bool = False):
         self.tp_group = tp_group
-        self.tp = tp_group.size()
+        self.tp, self.rank = tp_group.size(), tp_group.rank()
         self.dim: int | None = None   # of (batch, seqlen, d): BATCH_ROWS or SEQUENCE, set by begin
         # parallel.tp_comm_overlap: split by batch rows, in_proj's gather and out_proj's scatter
         # go with their matmuls (`gather_matmul`, `matmul_parts`, `matmul_scatter`), overlapped on CUDA
@@ -130,11 +130,24 @@ class TokenSplit:
         """local: this rank's batch rows (b/tp, L, k), contiguous; w_t: (k, n) → (every rank's rows
         (b, L, k), those rows @ w_t (b, L, n)). With `overlap` on CUDA the product of this rank's
         rows runs while the other ranks' are copied in. No autograd: a caller's backward."""
+        full = self._gathered_base(local)
         if self._overlaps(local):
-            return self._exchange.gather_matmul(local, w_t)
-        full = local.new_empty((local.shape[0] * self.tp, *local.shape[1:]))
+            return self._exchange.gather_matmul(local, w_t, full)
+        if full is None:
+            full = local.new_empty((local.shape[0] * self.tp, *local.shape[1:]))
+        else:   # in place already (the gloo path copies it again, rather than gather a tensor into itself)
+            local = local.clone()
         torch.distributed.all_gather_into_tensor(full, local, group=self.tp_group)
         return full, full @ w_t
+
+    def _gathered_base(self, local: torch.Tensor) -> torch.Tensor | None:
+        # the tensor a producer wrote `local` into as this rank's rows, for the gather
+        # (kernels.reference.norm.gathered_rows), else None
+        base = local._base
+        if base is None or base.shape != (local.shape[0] * self.tp, *local.shape[1:]) or not base.is_contiguous() \
+                or base.dtype != local.dtype or not local.is_contiguous():
+            return None
+        return base if local.data_ptr() == base[self.rank * local.shape[0]].data_ptr() else None
 
     def matmul_scatter(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """a: (b, L, k), this rank's term of a sum over the TP group; w_t: (k, n) → this rank's
@@ -251,9 +264,11 @@ class SequenceParallelRMSNorm(RMSNorm):
         # terms (TokenSplit.linear), this norm's backward sums them (None: norm_f)
         self.token_split = token_split
 
-    def _out_parts(self) -> int:
+    def _exchange_layout(self) -> dict:
         split = self.token_split
-        return split.tp if split is not None and split.uses_collective_products() else 1
+        if split is None or not split.uses_collective_products():
+            return {}
+        return {"out_parts": split.tp, "gather_rank": split.rank}
 
     def _weight(self) -> torch.Tensor:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region

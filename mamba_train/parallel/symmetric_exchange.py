@@ -56,13 +56,17 @@ class SymmetricExchange:
 
     # autocast off in both products: the operands come in the dtype the collectives keep
     @torch.autocast("cuda", enabled=False)
-    def gather_matmul(self, local: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_matmul(self, local: torch.Tensor, w_t: torch.Tensor,
+                      full: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """local: this rank's rows (b/tp, L, k), contiguous; w_t: (k, n) → (every rank's rows
-        (b, L, k), those rows @ w_t (b, L, n)). The side stream copies the others' rows in
+        (b, L, k), those rows @ w_t (b, L, n)). `full`: the tensor to gather into, if local is
+        already its rows of this rank (kernels.reference.norm.gathered_rows: not copied again). The side stream copies the others' rows in
         while this rank's are multiplied; their products follow on this stream. The products
         never run side by side: level with torch's two streams of them (2 H100s), and no
         question of which the GPU starts first."""
-        full = local.new_empty((local.shape[0] * self.world, *local.shape[1:]))
+        in_place = full is not None
+        if not in_place:
+            full = local.new_empty((local.shape[0] * self.world, *local.shape[1:]))
         out = local.new_empty((*full.shape[:-1], w_t.shape[1]))
         full_rows, out_rows = full.chunk(self.world), out.chunk(self.world)
         k, n = local.shape[-1], w_t.shape[1]
@@ -76,7 +80,8 @@ class SymmetricExchange:
             for src in others:
                 full_rows[src].copy_(pieces[src])
         torch.mm(local.view(-1, k), w_t, out=out_rows[self.rank].view(-1, n))
-        full_rows[self.rank].copy_(local)
+        if not in_place:
+            full_rows[self.rank].copy_(local)
         main.wait_stream(self.side)
         for src in others:
             torch.mm(full_rows[src].view(-1, k), w_t, out=out_rows[src].view(-1, n))
