@@ -30,7 +30,8 @@ from kernels.triton_conv.conv1d import conv1d_bwd, conv1d_fwd  # noqa: E402
 from kernels.triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd  # noqa: E402
 
 # name: (batch, seqlen, d_inner, nheads, ngroups · d_state) at bench_train.py's micro-batch
-SHAPES = {"130m": (16, 2048, 1536, 24, 128), "1.3b": (4, 2048, 4096, 64, 128)}
+# (1.3b-tp2: a TP=2 rank of bench_parallel's 1.3b with ngroups 2, half the heads and one group)
+SHAPES = {"130m": (16, 2048, 1536, 24, 128), "1.3b": (4, 2048, 4096, 64, 128), "1.3b-tp2": (4, 2048, 2048, 32, 128)}
 
 
 def kernel_times(b, l, d_inner, bc, width):
@@ -92,7 +93,7 @@ def sweep_conv(b, l, d_inner, bc, width):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shape", nargs="*", default=["130m", "1.3b"], choices=list(SHAPES))
     parser.add_argument("--sweep-conv", action="store_true", help="the conv's tiles in the mixer's layout")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, ms (CUDA-graph replay, median)")

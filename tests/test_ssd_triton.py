@@ -173,6 +173,30 @@ def test_db_and_dc_written_into_strided_outputs(heads_per_program, monkeypatch):
     torch.testing.assert_close(dC, grads[4], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_split_sum_writes_the_partials_sum_into_strided_outputs(out_dtype):
+    # launch.sum_splits' kernel: 3 fp32 partials of (b, l, g, n) summed in fp32 and rounded once
+    # into a contiguous output, into one half of a wider tensor (dB's place in the conv's
+    # gradient: (g, n) and (b, l) merge, l with g not), and into a transposed view (no
+    # unit column stride: torch's sum instead); ragged sizes exercise the tile masks
+    from kernels.triton_ssd.split_sum import split_sum
+
+    partials = torch.randn(3, 2, 37, 2, 20, device=DEVICE)
+    total = partials[0] + partials[1] + partials[2]   # the kernel's order
+    if DEVICE == "cpu" and out_dtype == torch.bfloat16:   # torch and a GPU round; the interpreter truncates
+        total = (total.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    contiguous = split_sum(partials, torch.empty(partials.shape[1:], dtype=out_dtype, device=DEVICE))
+    wide = torch.full((2, 37, 100), float("nan"), dtype=out_dtype, device=DEVICE)
+    half = wide[..., 30:70].view(2, 37, 2, 20)
+    assert split_sum(partials, half).data_ptr() == half.data_ptr()
+    transposed = torch.empty((20, 2, 37, 2), dtype=out_dtype, device=DEVICE).permute(1, 2, 3, 0)
+    split_sum(partials, transposed)
+    assert torch.equal(transposed, partials.sum(0).to(out_dtype)), "transposed (torch's sum)"
+    for name, got in (("contiguous", contiguous), ("strided", half)):
+        assert torch.equal(got, total.to(out_dtype)), name
+    assert wide[..., :30].isnan().all() and wide[..., 70:].isnan().all()   # nothing written outside
+
+
 def test_head_split_fills_the_grid_to_its_target_evenly(monkeypatch):
     monkeypatch.setitem(launch.SETTINGS, "bmm_bwd_dcb", {"grid_programs": 2048})
     assert launch.head_split("bmm_bwd_dcb", 64, 512) == (4, 16)     # 1.3b: b4, 8 chunks, 16 tiles

@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..host_math import cdiv, next_power_of_2
+from .split_sum import split_sum
 
 # Launchers whose programs loop over a group's heads, and so take "heads_per_program".
 HEAD_SPLIT_LAUNCHERS = ("bmm_bwd_dcb", "chunk_scan_bwd_dc", "chunk_state_bwd_db")
@@ -212,9 +213,9 @@ def sum_splits(partials, dtype, out=None):
     (written into `out` where given; group_grad_output's one slice is already `out`)."""
     if partials.shape[0] == 1:
         return partials[0]
-    if out is not None:
-        return out.copy_(partials.sum(0))
-    return partials.sum(0).to(dtype)
+    if out is None:
+        out = torch.empty(partials.shape[1:], device=partials.device, dtype=dtype)
+    return split_sum(partials, out)
 
 
 def block(dim, cap=64):
