@@ -30,8 +30,10 @@ from kernels.triton_conv.conv1d import conv1d_bwd, conv1d_fwd  # noqa: E402
 from kernels.triton_norm.rmsnorm import rmsnorm_gated_bwd, rmsnorm_gated_fwd  # noqa: E402
 
 # name: (batch, seqlen, d_inner, nheads, ngroups · d_state) at bench_train.py's micro-batch
-# (1.3b-tp2: a TP=2 rank of bench_parallel's 1.3b with ngroups 2, half the heads and one group)
-SHAPES = {"130m": (16, 2048, 1536, 24, 128), "1.3b": (4, 2048, 4096, 64, 128), "1.3b-tp2": (4, 2048, 2048, 32, 128)}
+# (1.3b-tp2: a TP=2 rank of bench_parallel's 1.3b with ngroups 2, half the heads and one
+# group; 1.3b-cp2: a CP=2 rank, half of each row)
+SHAPES = {"130m": (16, 2048, 1536, 24, 128), "1.3b": (4, 2048, 4096, 64, 128), "1.3b-tp2": (4, 2048, 2048, 32, 128),
+          "1.3b-cp2": (4, 1024, 4096, 64, 128)}
 
 
 def kernel_times(b, l, d_inner, bc, width):

@@ -222,13 +222,27 @@ def test_conv_half_precision_inputs(dtype):
     check_all(ours, ref, HALF_BOUND, str(dtype))
 
 
-def test_conv_default_tiles():
+def test_conv_default_tiles(monkeypatch):
     # the tile sizes the GPU runs: 32 x 128 forward tiles; backward tiles of 4 rows walking 64
-    # steps (stretches of 64 rows, programs of 256); documents start on stretch borders and off them
+    # steps (stretches of 64 rows, programs of 256), which a grid this small would otherwise
+    # shorten (bwd_steps); documents start on stretch borders and off them
+    monkeypatch.setattr(conv_stage, "BWD_GRID_WARPS", 0)
     inputs = conv_inputs(1, 260, 40, 4, doc_starts=[[32, 64, 100, 127, 128, 250]])
     ours = run(causal_conv1d_triton, inputs, CONV_GRADS, return_final_state=True)
     ref = run(causal_conv1d, upcast(inputs), CONV_GRADS, return_final_state=True)
     check_all(ours, ref, FP32_BOUND, "default tiles")
+
+
+def test_conv_backward_walks_fewer_steps_on_a_small_grid():
+    # the swept cases keep their steps (b4 L2048: 1.3b's x, wide tiles; a TP=2 rank's x), B|C's
+    # two column tiles walk 16, a CP=2 rank's x at 1024 tokens a row half of 1.3b's, a 16384-token
+    # CP piece all of them
+    wide, narrow = ((conv_stage.BWD_WIDE_BLOCK_L, 128, conv_stage.BWD_WIDE_WARPS, conv_stage.BWD_WIDE_STEPS),
+                    (conv_stage.BWD_BLOCK_L, 128, conv_stage.BWD_WARPS, conv_stage.BWD_STEPS))
+    steps = lambda b, l, d, tiles: conv_stage.bwd_steps(b, l, d, *tiles)
+    assert steps(4, 2048, 4096, wide) == 128 and steps(4, 2048, 2048, narrow) == 64
+    assert steps(4, 2048, 256, narrow) == 16
+    assert steps(4, 1024, 4096, wide) == 64 and steps(1, 8192, 4096, wide) == 128
 
 
 def test_conv_rejects_what_the_reference_rejects():

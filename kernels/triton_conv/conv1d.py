@@ -354,6 +354,13 @@ BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_STEPS = 4, 128, 4, 64
 # 0.083 / 0.027 -> 0.038: narrower convs keep the tiles above. The threshold lies between the
 # widths measured (1536 slower, 3328 faster).
 BWD_WIDE_FROM, BWD_WIDE_BLOCK_L, BWD_WIDE_WARPS, BWD_WIDE_STEPS = 3072, 2, 2, 128
+# A grid of fewer warps than this walks fewer steps a program (halving them, not below
+# BWD_MIN_STEPS), as a program's time is its steps whatever the grid: the shipped tiles at
+# b4 L2048 give 1.3b's x (d4096) 1024 programs of 2 warps, a TP=2 rank's x (d2048) 512 of 4,
+# and keep their steps; B|C (d256: two column tiles) had 64 programs at 64 steps and takes 16:
+# 0.027 → 0.020 ms (`bench_row_stride.py --sweep-conv`, H100). A CP=2 rank's x at 1024 tokens
+# a row gets half the steps (1.3b-cp2 in that sweep).
+BWD_GRID_WARPS, BWD_MIN_STEPS = 2048, 16
 
 
 def _strides(t, n):
@@ -385,6 +392,14 @@ def conv1d_fwd(x, weight, bias=None, initial_state=None, seq_idx=None, activatio
     return out, final
 
 
+def bwd_steps(b, l, d, block_l, block_d, num_warps, steps):
+    """The steps a backward program walks: `steps`, halved while the grid has fewer than
+    BWD_GRID_WARPS warps (not below BWD_MIN_STEPS)."""
+    while steps > BWD_MIN_STEPS and b * cdiv(d, block_d) * cdiv(l, block_l * steps) * num_warps < BWD_GRID_WARPS:
+        steps //= 2
+    return steps
+
+
 def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=None, activation="silu",
                block_l=None, block_d=None, num_warps=None, steps=None, dx_out=None):
     # dout: (b, l, d)  dfinal: (b, w-1, d) or None  ->  dx, dweight, dbias (or None), dinit (or None),
@@ -399,7 +414,8 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
     num_warps = num_warps or default_warps
     # a short sequence: fewer steps, so that the tile rows do not walk far past its end (a power
     # of two: few compiled variants)
-    steps = min(steps or default_steps, next_power_of_2(cdiv(l, block_l)))
+    steps = min(steps or bwd_steps(b, l, d, block_l, block_d, num_warps, default_steps),
+                next_power_of_2(cdiv(l, block_l)))
     programs = cdiv(l, block_l * steps)
     dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype) if dx_out is None else dx_out
     assert dx.shape == x.shape and dx.dtype == x.dtype, "dx_out must match x's shape and dtype"

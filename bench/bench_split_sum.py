@@ -1,0 +1,45 @@
+"""The sum of the SSD backward's head-split partials (kernels/triton_ssd/split_sum.py) against
+torch's `partials.sum(0)` and its cast into the output, which it replaced, at the 1.3b step's
+shapes (micro 4 × 2048, chunks of 256, d_state 128): bmm_bwd_dcb's dcb on one GPU (2 groups,
+2 splits) and on a TP=2 rank (1 group, 4 splits), and a TP rank's dB (2 splits, bf16, written
+into its half of the conv's gradient). Medians from a CUDA graph (bench.common.graph_ms).
+
+    source bench/device_env.sh; python3 bench/bench_split_sum.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import graph_ms  # noqa: E402
+from kernels.triton_ssd.split_sum import split_sum  # noqa: E402
+
+B, L, CHUNK, N = 4, 2048, 256, 128
+
+
+def cases():
+    """name -> (partials, output): fp32 partials and the tensor their sum goes into."""
+    dcb = lambda splits, groups: (torch.randn(splits, B, L // CHUNK, groups, CHUNK, CHUNK, device="cuda"),
+                                  torch.empty(B, L // CHUNK, groups, CHUNK, CHUNK, device="cuda"))
+    conv_grad = torch.empty(B, L, 2048 + 2 * N, device="cuda", dtype=torch.bfloat16)   # x | B | C of a TP rank
+    dB = conv_grad[..., 2048:2048 + N].view(B, L, 1, N)
+    return {"dcb, one GPU (2 splits x 2 groups)": dcb(2, 2), "dcb, TP=2 rank (4 splits x 1 group)": dcb(4, 1),
+            "dB, TP=2 rank (2 splits, bf16, strided)": (torch.randn(2, B, L, 1, N, device="cuda"), dB)}
+
+
+def main():
+    print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, ms (CUDA-graph replay, median)")
+    print(f"{'partials':42s} {'MiB':>6s} {'torch':>8s} {'ours':>8s} {'GB/s ours':>10s}")
+    for name, (partials, out) in cases().items():
+        torch_ms = graph_ms(lambda: out.copy_(partials.sum(0)))
+        ours_ms = graph_ms(lambda: split_sum(partials, out))
+        moved = partials.numel() * 4 + out.numel() * out.element_size()
+        print(f"{name:42s} {partials.numel() * 4 / 2**20:6.0f} {torch_ms:8.4f} {ours_ms:8.4f} "
+              f"{moved / ours_ms / 1e6:10.0f}")
+
+
+if __name__ == "__main__":
+    main()
