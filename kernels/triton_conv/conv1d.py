@@ -355,11 +355,12 @@ BWD_BLOCK_L, BWD_BLOCK_D, BWD_WARPS, BWD_STEPS = 4, 128, 4, 64
 # widths measured (1536 slower, 3328 faster).
 BWD_WIDE_FROM, BWD_WIDE_BLOCK_L, BWD_WIDE_WARPS, BWD_WIDE_STEPS = 3072, 2, 2, 128
 # A grid of fewer warps than this walks fewer steps a program (halving them, not below
-# BWD_MIN_STEPS), as a program's time is its steps whatever the grid: the shipped tiles at
-# b4 L2048 give 1.3b's x (d4096) 1024 programs of 2 warps, a TP=2 rank's x (d2048) 512 of 4,
-# and keep their steps; B|C (d256: two column tiles) had 64 programs at 64 steps and takes 16:
-# 0.027 → 0.020 ms (`bench_row_stride.py --sweep-conv`, H100). A CP=2 rank's x at 1024 tokens
-# a row gets half the steps (1.3b-cp2 in that sweep).
+# BWD_MIN_STEPS), as a program's time is its steps whatever the grid. Swept in the mixer's
+# layout (`bench_row_stride.py --sweep-conv`, H100, ms, the steps above -> the rule's): 1.3b's x
+# (b4 L2048 d4096: 1024 programs of 2 warps), a TP=2 rank's x (d2048: 512 of 4) and 130m's x
+# (b16 d1536) keep theirs; B|C (d256) at b4 takes 16 steps, 0.027 -> 0.020 (1.3b), 0.025 ->
+# 0.016 (a CP=2 rank's 1024 tokens a row), and at b16 32 steps, 0.057 -> 0.050 (130m; 16: 0.070);
+# a CP=2 rank's x 64 steps, 0.090 -> 0.066. Each rule's pick was the best swept or within 0.004.
 BWD_GRID_WARPS, BWD_MIN_STEPS = 2048, 16
 
 

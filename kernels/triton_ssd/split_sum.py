@@ -1,10 +1,13 @@
 """The sum of a head-split launcher's fp32 partials (launch.split_output): one pass that reads
 every split and writes the result once, in the output's dtype and strides.
 
-torch's `partials.sum(0)` reduces the few long rows of a (splits, n) tensor with its generic
-reduction kernel, and a cast into a bf16 output was a second kernel after it: at 1.3b on an
-H100 the dcb sum alone took 76 µs a layer (under 700 GB/s), and a TP=2 rank, whose single
-group makes the dB and dC launchers split too, spent 4.2 ms a step in such sums.
+torch's `partials.sum(0)` was followed by a second kernel wherever the output is bf16 or a
+strided view (dB and dC written into the conv's gradient), and a TP=2 rank's single group makes
+the dB and dC launchers split too. H100, medians from a CUDA graph (`bench/bench_split_sum.py`),
+at the 1.3b step's shapes: dcb on one GPU (2 splits of 16 MiB) 0.0325 → 0.0230 ms; a TP=2
+rank's dB (2 splits, bf16, strided) 0.0089 → 0.0028 ms; but a TP=2 rank's dcb (4 splits of
+8 MiB, fp32 out) 0.0215 → 0.0241 ms, where torch's reduction reads faster (1.9 against 1.7
+TB/s). Net per layer: about 9 µs less on one GPU and on a TP rank.
 """
 
 import math
