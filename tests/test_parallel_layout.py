@@ -34,10 +34,13 @@ def test_impossible_layout_fails_with_a_message_naming_the_cause(kwargs, message
 
 
 class _TwoRanks:
-    """Stands in for a TP group of 2: TokenSplit's choice reads only its size."""
+    """Stands in for a TP group of 2 seen from rank 0: TokenSplit's choice reads only its size."""
 
     def size(self) -> int:
         return 2
+
+    def rank(self) -> int:
+        return 0
 
 
 def test_sequence_parallel_splits_rows_when_tp_divides_the_batch_else_the_sequence():
