@@ -5,9 +5,10 @@ torch's `partials.sum(0)` was followed by a second kernel wherever the output is
 strided view (dB and dC written into the conv's gradient), and a TP=2 rank's single group makes
 the dB and dC launchers split too. H100, medians from a CUDA graph (`bench/bench_split_sum.py`),
 at the 1.3b step's shapes: dcb on one GPU (2 splits of 16 MiB) 0.0325 → 0.0230 ms; a TP=2
-rank's dB (2 splits, bf16, strided) 0.0089 → 0.0028 ms; but a TP=2 rank's dcb (4 splits of
-8 MiB, fp32 out) 0.0215 → 0.0241 ms, where torch's reduction reads faster (1.9 against 1.7
-TB/s). Net per layer: about 9 µs less on one GPU and on a TP rank.
+rank's dB (2 splits, bf16, strided) 0.0089 → 0.0028 ms (3.7 TB/s); a TP=2 rank's dcb (4 splits
+of 8 MiB) 0.0215 → 0.0241 ms. The dcb figures were measured with a contiguous output seen as
+one row (a sixteenth of each tile live); it is now seen as rows of its last dim, as dB was,
+not yet timed.
 """
 
 import math
@@ -40,12 +41,14 @@ def _split_sum_kernel(partials_ptr, out_ptr, n_rows, n_cols, stride_split, strid
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor | None:
-    # t as a (rows, cols) view with unit column stride, its trailing dims merged into the
-    # columns as far as its strides allow (B's half of the conv gradient merges (g, n) and
-    # (b, l), not l with g); None if no such view exists
+    # t as a (rows, cols) view with unit column stride and as few columns as its strides allow:
+    # the last dim, or the fewest trailing dims after which the leading ones merge (B's half of
+    # the conv gradient: (b·l, g·n), as l does not merge with g); None if no such view exists.
+    # Few columns, many rows: a tile of 256 columns and 16 rows is full (a contiguous output
+    # seen as one row of every element filled one row of each tile)
     if t.dim() == 0 or t.stride(-1) != 1:
         return None
-    for trailing in range(t.dim(), 0, -1):
+    for trailing in range(1, t.dim() + 1):
         try:
             return t.view(-1, math.prod(t.shape[t.dim() - trailing:]))
         except RuntimeError:
