@@ -14,4 +14,7 @@ runs=("$@")
 python3 -m torch.distributed.run --standalone --nproc-per-node 2 bench/bench_parallel.py ${PARALLEL_ARGS:-} \
     --config configs/1.3b.yaml model.ngroups=2 model.vocab_size=50277 ${runs:+--runs "${runs[@]}"} 2>&1 \
     | tee "$OUT/parallel${PARALLEL_TAG:-}.log"
-for f in bench/results/parallel-*.json; do cp "$f" "$OUT/$(basename "$f" .json)${PARALLEL_TAG:-}.json"; done
+# only the file this run wrote (a call brings back at most 8 files: not the committed ones beside it)
+for f in $(find bench/results -maxdepth 1 -name 'parallel-*.json' -newer "$OUT/gpu.txt"); do
+  cp "$f" "$OUT/$(basename "$f" .json)${PARALLEL_TAG:-}.json"
+done
