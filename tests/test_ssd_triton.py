@@ -192,6 +192,18 @@ def test_split_sum_writes_the_partials_sum_into_strided_outputs(out_dtype):
     transposed = torch.empty((20, 2, 37, 2), dtype=out_dtype, device=DEVICE).permute(1, 2, 3, 0)
     split_sum(partials, transposed)
     assert torch.equal(transposed, partials.sum(0).to(out_dtype)), "transposed (torch's sum)"
+    # a view whose only 2-D form has columns 30 apart (its trailing dim of size 1 merged with
+    # the one before) and one whose rows would overlap (expand's stride 0): torch's sum,
+    # nothing written outside the view
+    grid = torch.full((2, 37, 30), float("nan"), dtype=out_dtype, device=DEVICE)
+    corner = grid[:, :5, :1]
+    small = torch.randn(2, *corner.shape, device=DEVICE)
+    split_sum(small, corner)
+    assert torch.equal(corner, small.sum(0).to(out_dtype)), "columns 30 apart (torch's sum)"
+    assert grid[:, 5:].isnan().all() and grid[..., 1:].isnan().all()
+    overlapping = torch.zeros(37, 2, dtype=out_dtype, device=DEVICE).expand(3, 37, 2)
+    with pytest.raises(RuntimeError):   # torch refuses to write into overlapping memory too
+        split_sum(torch.randn(2, 3, 37, 2, device=DEVICE), overlapping)
     for name, got in (("contiguous", contiguous), ("strided", half)):
         assert torch.equal(got, total.to(out_dtype)), name
     assert wide[..., :30].isnan().all() and wide[..., 70:].isnan().all()   # nothing written outside

@@ -35,24 +35,27 @@ def _split_sum_kernel(partials_ptr, out_ptr, n_rows, n_cols, stride_split, strid
     offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     total = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
     for split in tl.static_range(SPLITS):
-        total += tl.load(partials_ptr + split * stride_split + offsets, mask=mask, other=0.0)
+        total += tl.load(partials_ptr + split * stride_split.to(tl.int64) + offsets, mask=mask, other=0.0)
     out = out_ptr + rows[:, None].to(tl.int64) * stride_out_row + cols[None, :]
     tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor | None:
-    # t as a (rows, cols) view with unit column stride and as few columns as its strides allow:
-    # the last dim, or the fewest trailing dims after which the leading ones merge (B's half of
-    # the conv gradient: (b·l, g·n), as l does not merge with g); None if no such view exists.
+    # t as a (rows, cols) view with unit column stride and rows that do not overlap, with as few
+    # columns as its strides allow: the last dim, or the fewest trailing dims after which the
+    # leading ones merge (B's half of the conv gradient: (b·l, g·n), as l does not merge with
+    # g); None if there is no such view (a view can merge dims into a column stride other than
+    # 1, e.g. through a trailing dim of size 1, or into rows that overlap, as expand's do).
     # Few columns, many rows: a tile of 256 columns and 16 rows is full (a contiguous output
     # seen as one row of every element filled one row of each tile)
-    if t.dim() == 0 or t.stride(-1) != 1:
-        return None
     for trailing in range(1, t.dim() + 1):
         try:
-            return t.view(-1, math.prod(t.shape[t.dim() - trailing:]))
+            rows = t.view(-1, math.prod(t.shape[t.dim() - trailing:]))
         except RuntimeError:
             continue
+        n_rows, n_cols = rows.shape
+        if (n_cols == 1 or rows.stride(1) == 1) and (n_rows == 1 or rows.stride(0) >= n_cols):
+            return rows
     return None
 
 
