@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 import kernels  # noqa: E402
 from kernels.reference import add_rmsnorm, causal_conv1d, parts_gradient, rmsnorm_gated  # noqa: E402
+from kernels.reference.norm import gathered_base  # noqa: E402
 from kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 from kernels.triton_conv import conv1d as conv_stage  # noqa: E402
 from kernels.triton_norm import add_rmsnorm_triton, rmsnorm_gated_triton  # noqa: E402
@@ -463,11 +464,13 @@ def test_add_norm_writes_into_a_rank_s_rows_of_a_gathered_tensor(impl):
     for name, value in plain.items():
         assert torch.equal(placed[name], value), name
     rows = placed["out"][0]
-    assert rows._base is not None and rows._base.shape == (parts * shape[0], *shape[1:])
-    assert rows.data_ptr() == rows._base[rank * shape[0]].data_ptr()
+    assert gathered_base(rows, parts, rank) is rows._base and rows._base.shape == (parts * shape[0], *shape[1:])
+    assert gathered_base(plain["out"][0], parts, rank) is None   # a tensor of its own
+    # a view of the right height that gathered_rows did not make is not gathered into
+    assert gathered_base(torch.empty(parts * shape[0], *shape[1:]).chunk(parts)[rank], parts, rank) is None
     if impl == "triton":   # the update's gradient, as mixer_body's backward reads it
         got = parts_gradient(seen[0])
-        assert got._base is not None and got.data_ptr() == got._base[rank * shape[0]].data_ptr()
+        assert gathered_base(got, parts, rank) is not None
     with pytest.raises(ValueError, match="gather_rank: expected a rank below out_parts=2"):
         fn(inputs["residual"], inputs["update"], inputs["weight"], out_parts=parts, gather_rank=2)
 

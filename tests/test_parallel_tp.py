@@ -296,6 +296,17 @@ def _overlap_worker(rank, world):
     # the SSD's backward sums dt's and D's terms with atomics: bounds as for two summation orders
     assert_grads_close(recomputed_grads, grads)
 
+    # bf16, where the update's gradient is a tensor apart from the residual's: each gather but
+    # two finds this rank's rows written in place (add_rmsnorm's gather_rank), forward in_proj's
+    # after every block norm but the first (a plain norm), backward out_proj's after every
+    # block norm's backward but norm_f's
+    found, find = [], models[True].token_split._gathered_base
+    models[True].token_split._gathered_base = lambda local: found.append(find(local)) or found[-1]
+    loss_and_grads(models[True], first, amp=True)
+    del models[True].token_split._gathered_base
+    in_place = [False] + [True] * (cfg.n_layer - 1)
+    assert [base is not None for base in found] == in_place * 2, "gathers that found their rows in place"
+
     # bf16, captured in a CUDA graph (the workspace grown before the capture, the barriers and
     # side streams inside it): each replay gives the eager overlapped step's loss and gradients
     def step(s):

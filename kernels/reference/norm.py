@@ -55,9 +55,23 @@ def _check_add_norm_inputs(residual, update, weight, out_parts=1, gather_rank=No
 def gathered_rows(shape, parts: int, rank: int, dtype, device) -> torch.Tensor:
     """A new tensor of `shape` that is rank `rank`'s rows of one `parts` times as tall along dim
     0 (its `_base`): a producer writes there, and the all-gather after it (TokenSplit's
-    gather_matmul) finds this rank's rows of its output in place instead of copying them."""
+    gather_matmul) finds this rank's rows of its output in place instead of copying them
+    (`gathered_base`)."""
     tall = torch.empty((parts * shape[0], *shape[1:]), dtype=dtype, device=device)
+    # the mark gathered_base asks for: a view of some other tensor of the right height is
+    # not one to gather into (the gather overwrites the other ranks' rows). torch keeps a
+    # tensor's Python object, attributes included, while views of it live
+    tall._gathered_rows_of = parts
     return tall[rank * shape[0]:(rank + 1) * shape[0]]
+
+
+def gathered_base(rows: torch.Tensor, parts: int, rank: int) -> torch.Tensor | None:
+    """The tensor gathered_rows made `rows` rank `rank`'s rows of, if it did, else None."""
+    tall = rows._base
+    if tall is None or getattr(tall, "_gathered_rows_of", None) != parts or not rows.is_contiguous() \
+            or tall.shape != (parts * rows.shape[0], *rows.shape[1:]) or tall.dtype != rows.dtype:
+        return None
+    return tall if rows.data_ptr() == tall[rank * rows.shape[0]].data_ptr() else None
 
 
 def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1, gather_rank=None):
@@ -74,7 +88,8 @@ def add_rmsnorm(residual, update, weight, eps=1e-5, out_dtype=None, out_parts=1,
     in_proj's: each rank's term of this rank's rows), and the norm's backward sums them. With
     gather_rank (this TP rank, for in_proj's all-gather) the norm is written into that rank's
     rows of a tensor out_parts times as tall (`gathered_rows`); the Triton backward likewise
-    writes the update's gradient for out_proj's all-gather."""
+    writes the update's gradient for out_proj's all-gather, where that gradient is a tensor of
+    its own (the update in another dtype than the residual, as under bf16 autocast)."""
     # residual, sum: (..., d)  norm: (..., d) | (out_parts, ..., d)  update: (..., d) | (parts, ..., d)
     _check_add_norm_inputs(residual, update, weight, out_parts, gather_rank)
     if update.dim() == residual.dim():

@@ -45,6 +45,7 @@ import warnings
 
 import torch
 
+from kernels.reference.norm import gathered_base
 from kernels.wide_matmul import matmul_in_dtype
 from mamba_train.model.mamba2 import RMSNorm
 from mamba_train.parallel.symmetric_exchange import SymmetricExchange
@@ -143,11 +144,7 @@ class TokenSplit:
     def _gathered_base(self, local: torch.Tensor) -> torch.Tensor | None:
         # the tensor a producer wrote `local` into as this rank's rows, for the gather
         # (kernels.reference.norm.gathered_rows), else None
-        base = local._base
-        if base is None or base.shape != (local.shape[0] * self.tp, *local.shape[1:]) or not base.is_contiguous() \
-                or base.dtype != local.dtype or not local.is_contiguous():
-            return None
-        return base if local.data_ptr() == base[self.rank * local.shape[0]].data_ptr() else None
+        return gathered_base(local, self.tp, self.rank)
 
     def matmul_scatter(self, a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """a: (b, L, k), this rank's term of a sum over the TP group; w_t: (k, n) → this rank's
