@@ -236,8 +236,8 @@ def test_conv_default_tiles(monkeypatch):
 
 def test_conv_backward_walks_fewer_steps_on_a_small_grid():
     # the swept cases keep their steps (b4 L2048: 1.3b's x, wide tiles; a TP=2 rank's x), B|C's
-    # two column tiles walk 16, a CP=2 rank's x at 1024 tokens a row half of 1.3b's, a 16384-token
-    # CP piece all of them
+    # two column tiles walk 16, a CP=2 rank's x at 1024 tokens a row half of 1.3b's, a CP=2
+    # rank's 8192 tokens of a 16384-token row all of them
     wide, narrow = ((conv_stage.BWD_WIDE_BLOCK_L, 128, conv_stage.BWD_WIDE_WARPS, conv_stage.BWD_WIDE_STEPS),
                     (conv_stage.BWD_BLOCK_L, 128, conv_stage.BWD_WARPS, conv_stage.BWD_STEPS))
     steps = lambda b, l, d, tiles: conv_stage.bwd_steps(b, l, d, *tiles)
