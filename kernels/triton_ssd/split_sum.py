@@ -32,10 +32,13 @@ def _split_sum_kernel(partials_ptr, out_ptr, n_rows, n_cols, stride_split, strid
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    # 64-bit offsets, and the pointers stepped a split at a time: split · stride_split would
+    # be a 32-bit product
+    partials = partials_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     total = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
-        total += tl.load(partials_ptr + split * stride_split.to(tl.int64) + offsets, mask=mask, other=0.0)
+    for _ in tl.static_range(SPLITS):
+        total += tl.load(partials, mask=mask, other=0.0)
+        partials += stride_split
     out = out_ptr + rows[:, None].to(tl.int64) * stride_out_row + cols[None, :]
     tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 
