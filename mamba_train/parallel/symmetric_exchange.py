@@ -60,10 +60,10 @@ class SymmetricExchange:
                       full: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """local: this rank's rows (b/tp, L, k), contiguous; w_t: (k, n) → (every rank's rows
         (b, L, k), those rows @ w_t (b, L, n)). `full`: the tensor to gather into, if local is
-        already its rows of this rank (kernels.reference.norm.gathered_rows: not copied again). The side stream copies the others' rows in
-        while this rank's are multiplied; their products follow on this stream. The products
-        never run side by side: level with torch's two streams of them (2 H100s), and no
-        question of which the GPU starts first."""
+        already its rows of this rank (kernels.reference.norm.gathered_rows: not copied again).
+        The side stream copies the others' rows in while this rank's are multiplied; their
+        products follow on this stream. The products never run side by side: level with
+        torch's two streams of them (2 H100s), and no question of which the GPU starts first."""
         in_place = full is not None
         if not in_place:
             full = local.new_empty((local.shape[0] * self.world, *local.shape[1:]))
