@@ -20,10 +20,14 @@ from kernels.triton_ssd.split_sum import split_sum  # noqa: E402
 B, L, CHUNK, N = 4, 2048, 256, 128
 
 
+def dcb(splits, groups):
+    """bmm_bwd_dcb's partials and its contiguous fp32 output."""
+    return (torch.randn(splits, B, L // CHUNK, groups, CHUNK, CHUNK, device="cuda"),
+            torch.empty(B, L // CHUNK, groups, CHUNK, CHUNK, device="cuda"))
+
+
 def cases():
     """name -> (partials, output): fp32 partials and the tensor their sum goes into."""
-    dcb = lambda splits, groups: (torch.randn(splits, B, L // CHUNK, groups, CHUNK, CHUNK, device="cuda"),
-                                  torch.empty(B, L // CHUNK, groups, CHUNK, CHUNK, device="cuda"))
     conv_grad = torch.empty(B, L, 2048 + 2 * N, device="cuda", dtype=torch.bfloat16)   # x | B | C of a TP rank
     dB = conv_grad[..., 2048:2048 + N].view(B, L, 1, N)
     return {"dcb, one GPU (2 splits x 2 groups)": dcb(2, 2), "dcb, TP=2 rank (4 splits x 1 group)": dcb(4, 1),
