@@ -383,6 +383,46 @@ def test_fused_state_passing_bwd_matches_the_two_stages(docs, first_doc, dfinal,
     assert rel_err(ddA_fused, ddA_two) <= 1e-6
 
 
+@pytest.mark.parametrize("docs, first_doc, fused", [(0, 0, True), (2, 0, True), (3, 1, True), (3, 1, False)])
+def test_incoming_state_added_onto_the_zero_start_pass_equals_the_pass_from_it(docs, first_doc, fused,
+                                                                               monkeypatch):
+    # context parallelism's state passing: the pass from zero first (fused, as on one GPU),
+    # then the incoming state's part added (add_initial_state), against the pass from the
+    # incoming state; backward, the pass without the final state's gradient, then its part
+    # added (add_final_state_grad), against the pass with it. Linear in the boundary state, so
+    # equal up to fp32 rounding; a document start inside the piece cuts the boundary's part
+    # (fused: the one-GPU path states_in_fwd and dstates_bwd take on a full grid, else the two
+    # stages, as on a GPU at few (batch, head) pairs)
+    from kernels.triton_ssd import chunk_cumsum, chunk_scan, chunk_state, state_passing
+    monkeypatch.setattr(state_passing, "_fused_kernels_fill", lambda *_: fused)
+    inputs = make_inputs(2, 45, 4, 16, 2, 16, docs=docs, first_doc=first_doc)
+    x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(x.shape, generator=gen).to(x.device)
+    d_final = torch.randn(init.shape, generator=gen).to(x.device)
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
+    states = chunk_state.chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    zero_start = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx)
+    assert zero_start[0].dtype == torch.float32
+    for dtype, bound in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
+        direct = state_passing.state_passing_fwd(states, dA_cumsum, x.shape[1], init, seq_idx, dtype)
+        added = state_passing.add_initial_state(zero_start, init, dA_cumsum, x.shape[1], seq_idx, dtype)
+        for name, ours, theirs in zip(("states_in", "final"), added, direct):
+            assert ours.dtype == theirs.dtype and rel_err(ours, theirs) <= bound, f"{name} ({dtype})"
+    states_in = direct[0]   # fp16, as training keeps them
+    dstates_in = chunk_scan.chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    ddA_direct, ddA_added = torch.zeros_like(dA_cumsum), torch.zeros_like(dA_cumsum)
+    direct, _ = state_passing.state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_direct, x.shape[1], d_final,
+                                                seq_idx)
+    through_y, _ = state_passing.dstates_bwd(dy, C, states_in, dA_cumsum, ddA_added, None, seq_idx,
+                                             dstates_dtype=torch.float32)
+    assert through_y.dtype == torch.float32
+    added = state_passing.add_final_state_grad(through_y, states_in, dA_cumsum, ddA_added, x.shape[1], d_final,
+                                               seq_idx)
+    assert added.dtype == direct.dtype == torch.float16 and rel_err(added, direct) <= 1e-3, "dstates"
+    assert rel_err(ddA_added, ddA_direct) <= 1e-6, "ddA_cumsum"
+
+
 @pytest.mark.parametrize("dtype, dstate_split", [(torch.float16, False), (torch.float32, False), (torch.float16, True)],
                          ids=["fp16", "fp32", "fp16_dstate_split"])
 def test_shipped_settings_at_full_size_tiles(monkeypatch, dtype, dstate_split):

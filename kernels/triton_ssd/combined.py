@@ -36,10 +36,9 @@ import torch
 from ..reference.ssd import _check_chunk_size, _check_ssd_inputs
 from .bmm import bmm_bwd_dcb, bmm_fwd
 from .chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
-from .chunk_scan import (chunk_scan_bwd_dc, chunk_scan_bwd_dstates, chunk_scan_bwd_dx, chunk_scan_fwd,
-                         gate_bwd)
-from .chunk_state import chunk_state_bwd_db, chunk_state_fwd
-from .state_passing import dstates_bwd, state_passing_bwd, state_passing_fwd, states_in_fwd
+from .chunk_scan import chunk_scan_bwd_dc, chunk_scan_bwd_dx, chunk_scan_fwd, gate_bwd
+from .chunk_state import chunk_state_bwd_db
+from .state_passing import add_final_state_grad, add_initial_state, dstates_bwd, states_in_fwd
 
 
 def _contiguous(t):
@@ -65,7 +64,8 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
 
     context_parallel (the mixer body's hook, kernels.reference.mixer_body): the initial states
     are the state entering this piece, from the pieces before it and this piece's own final
-    state run from zero, which needs only the chunk states."""
+    state run from zero. The pass from zero runs as on one GPU (states_in_fwd, fused where the
+    grid fills), and the incoming state's part is added onto it (add_initial_state)."""
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     # states_in in C's dtype: chunk_scan_fwd casts them to that for its dot anyway, so y is
     # the same and half the bytes move (and are kept)
@@ -73,11 +73,11 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
         states_in, final_states = states_in_fwd(B, x, dt_out, dA_cumsum, initial_states, seq_idx, C.dtype)
     else:
         assert initial_states is None, "context parallelism supplies the initial states"
-        states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-        _, zero_start_final = state_passing_fwd(states, dA_cumsum, x.shape[1], None, seq_idx, C.dtype)
-        initial_states = context_parallel.state_in(zero_start_final, _log_decay(dA_cumsum))
-        states_in, final_states = state_passing_fwd(states, dA_cumsum, x.shape[1], initial_states, seq_idx, C.dtype)
-        del states
+        zero_start = states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx, torch.float32)
+        initial_states = context_parallel.state_in(zero_start[1], _log_decay(dA_cumsum))
+        states_in, final_states = add_initial_state(zero_start, initial_states, dA_cumsum, x.shape[1], seq_idx,
+                                                    C.dtype)
+        del zero_start
     # CB in C's dtype: chunk_scan_fwd rounds each score (CB · decay · dt) to it for its dot
     # anyway, so this adds one rounding of CB before that, and halves the bytes it reads (0.162
     # → 0.153 ms at b8 L2048 h32 on an H100). Backward recomputes CB in fp32.
@@ -110,15 +110,16 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     if context_parallel is None:
         dstates, dinit = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal_states, seq_idx, need_dinit)
     else:
-        assert dfinal_states is None, "context parallelism supplies the final states' gradient"
-        dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
-        # the initial states' gradient through y alone (the state passing's effect on dA_cumsum
-        # is counted in the full pass below, so this one's goes to a scratch buffer)
-        _, dinit_through_y = state_passing_bwd(dstates_in, states_in, dA_cumsum, torch.zeros_like(dA_cumsum),
-                                               x.shape[1], None, seq_idx, need_dinit=True)
+        assert dfinal_states is None and not need_dinit, "context parallelism supplies the boundary states"
+        # the pass without the final state's gradient (as on one GPU) gives the initial state's
+        # gradient through y, which the later pieces' final-state gradient needs; the final
+        # state's part is added after (add_final_state_grad)
+        through_y, dinit_through_y = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, None, seq_idx,
+                                                 need_dinit=True, dstates_dtype=torch.float32)
         dfinal_states = context_parallel.final_state_grad(dinit_through_y, _log_decay(dA_cumsum))
-        dstates, dinit = state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states,
-                                           seq_idx, need_dinit)
+        dstates, dinit = add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states,
+                                              seq_idx), None
+        del through_y
     dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, factor_decay)
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
     dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)

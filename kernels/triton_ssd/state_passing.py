@@ -15,8 +15,9 @@ The forward also comes fused with stage 2 (`chunk_state_passing_fwd`): one progr
 tile (chunk_state.own_state) as it goes, so the fp32 chunk states are never written and read
 back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch fewer. Its
 grid has no chunk axis, so it suits batches of many (batch, head) pairs, and `states_in_fwd`
-picks it or the two stages by their number. Context parallelism, which needs the chunk
-states before its initial state is known, runs the two stages apart.
+picks it or the two stages by their number. Context parallelism runs the pass from zero
+this way, before its initial state is known, and then adds the initial state's part
+(`add_initial_state`: the pass is linear in it); backward likewise (`add_final_state_grad`).
 
 The backward likewise fuses chunk_scan's d states_in (chunk_scan.own_dstates_in) into the
 reverse walk (`chunk_scan_state_passing_bwd`, picked by `dstates_bwd`): the fp32 d states_in
@@ -51,16 +52,19 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
 @cached_launch
 @triton.jit
 def _state_passing_fwd_kernel(
-    states_ptr, dA_cumsum_ptr, init_ptr, seq_idx_ptr, states_in_ptr, final_ptr,
+    states_ptr, dA_cumsum_ptr, init_ptr, seq_idx_ptr, base_final_ptr, states_in_ptr, final_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
     stride_init_b, stride_init_h,
     stride_seq_b, stride_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype
-    # chunk_scan_fwd casts it to anyway (backward reads the same)  init, final: (b, h, p·n)
+    # chunk_scan_fwd casts it to anyway (backward reads the same)  init, final: (b, h, p·n).
+    # ONTO_BASE (add_initial_state): states holds the states_in of a base pass (from zero)
+    # instead of the chunk states, base_final its final state; the initial state's own pass
+    # (its decay alone) is added onto them
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
     ok = offs < dim
@@ -78,11 +82,19 @@ def _state_passing_fwd_kernel(
     if HAS_SEQ:
         seq_prev = tl.load(seq_idx_ptr)
     for c in range(nchunks):
-        tl.store(states_in_ptr + c * stride_st_c, carried.to(states_in_ptr.dtype.element_ty), mask=ok)
+        entering = carried
+        if ONTO_BASE:
+            entering += tl.load(states_ptr + c * stride_st_c, mask=ok, other=0.0)
+        tl.store(states_in_ptr + c * stride_st_c, entering.to(states_in_ptr.dtype.element_ty), mask=ok)
         a, seq_prev = _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
                                    stride_dA_q, stride_seq_l, seq_prev, HAS_SEQ)
-        carried = a * carried + tl.load(states_ptr + c * stride_st_c, mask=ok, other=0.0)
-    tl.store(final_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, carried, mask=ok)
+        carried = a * carried
+        if not ONTO_BASE:
+            carried += tl.load(states_ptr + c * stride_st_c, mask=ok, other=0.0)
+    final_offs = pid_b * stride_init_b + pid_h * stride_init_h + offs
+    if ONTO_BASE:
+        carried += tl.load(base_final_ptr + final_offs, mask=ok, other=0.0)
+    tl.store(final_ptr + final_offs, carried, mask=ok)
 
 
 @cached_launch
@@ -146,11 +158,14 @@ def _state_passing_bwd_kernel(
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
     stride_init_b, stride_init_h,
     stride_seq_b, stride_seq_l,
-    HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # dstates_in: (b, c, h, p·n) fp32; states_in and dstates likewise in fp32 or the forward's
     # narrower dtype (the recurrence itself runs in fp32); ddA_cumsum (b, h, c, q) gets d a_c · a_c
-    # at each chunk's last token (atomically: the p·n blocks of one head share it)
+    # at each chunk's last token (atomically: the p·n blocks of one head share it).
+    # ONTO_BASE (add_final_state_grad): dstates_in holds the dstates of a base pass (without
+    # dfinal; fp32) instead of the gradients through y; dfinal's own pass is added onto them
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
     ok = offs < dim
@@ -166,7 +181,11 @@ def _state_passing_bwd_kernel(
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(nchunks):
         c = nchunks - 1 - i
-        tl.store(dstates_ptr + head_offs + c * stride_st_c, grad, mask=ok)
+        if ONTO_BASE:
+            tl.store(dstates_ptr + head_offs + c * stride_st_c,
+                     grad + tl.load(dstates_in_ptr + head_offs + c * stride_st_c, mask=ok, other=0.0), mask=ok)
+        else:
+            tl.store(dstates_ptr + head_offs + c * stride_st_c, grad, mask=ok)
         seq_prev = 0
         if HAS_SEQ:
             # document of the token before chunk c (for c = 0, the first document)
@@ -177,7 +196,9 @@ def _state_passing_bwd_kernel(
         da = tl.sum(grad * carried_in, axis=0)
         last = tl.minimum(chunk_size, seqlen - c * chunk_size) - 1
         tl.atomic_add(ddA_cumsum_ptr + c * stride_dA_c + last * stride_dA_q, da * a, sem="relaxed")
-        grad = tl.load(dstates_in_ptr + head_offs + c * stride_st_c, mask=ok, other=0.0) + a * grad
+        grad = a * grad
+        if not ONTO_BASE:
+            grad += tl.load(dstates_in_ptr + head_offs + c * stride_st_c, mask=ok, other=0.0)
     if HAS_DINIT:
         tl.store(dinit_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, grad, mask=ok)
 
@@ -262,28 +283,45 @@ def _fused_kernels_fill(b, h, device):
     return b * h >= FUSED_MIN_PAIRS_PER_SM * launch.sm_count(device)
 
 
-def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
+def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32,
+                      base_final=None):
     # states: (b, c, h, p, n) fp32  dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
     # ->  states_in: (b, c, h, p, n) in states_in_dtype, final_states: (b, h, p, n) fp32
+    # base_final: see add_initial_state (states are then the base pass's states_in)
     _, opts = launch.settings("state_passing_fwd")
     b, nchunks, h, p, n = states.shape
     chunk_size = dA_cumsum.shape[-1]
+    assert states.is_contiguous() and states.dtype == torch.float32, "states: contiguous fp32"
     states_in = torch.empty_like(states, dtype=states_in_dtype)
     final = torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
     if initial_states is not None:
         initial_states = initial_states.contiguous()
+    if base_final is not None:
+        assert base_final.shape == final.shape and base_final.dtype == torch.float32 and base_final.is_contiguous()
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_fwd_kernel[grid](
-        states, dA_cumsum, initial_states, seq_idx, states_in, final,
+        states, dA_cumsum, initial_states, seq_idx, base_final, states_in, final,
         p * n, nchunks, seqlen, chunk_size,
         states.stride(0), states.stride(1), states.stride(2), *dA_cumsum.stride(),
         final.stride(0), final.stride(1),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=block,
-        **opts,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, ONTO_BASE=base_final is not None,
+        BLOCK=block, **opts,
     )
     return states_in, final
+
+
+def add_initial_state(zero_start, initial_states, dA_cumsum, seqlen, seq_idx=None, states_in_dtype=torch.float32):
+    """The state passing from initial_states, given the same pass from zero: zero_start = (its
+    states_in (b, c, h, p, n) fp32, its final state (b, h, p, n) fp32). The pass is linear in
+    its initial state, so the initial state's own pass (carried through each chunk's decay,
+    cut at a document start) is added to the zero-start one, and rounded once -> states_in in
+    states_in_dtype, final fp32. Context parallelism's forward: its pass from zero runs before
+    the incoming state is known, fused with the chunk states (states_in_fwd) as on one GPU."""
+    zero_states_in, zero_final = zero_start
+    return state_passing_fwd(zero_states_in, dA_cumsum, seqlen, initial_states, seq_idx, states_in_dtype,
+                             base_final=zero_final)
 
 
 def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
@@ -324,14 +362,17 @@ def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states
 
 
 def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal=None,
-                      seq_idx=None, need_dinit=False):
+                      seq_idx=None, need_dinit=False, dstates_dtype=None, onto_base=False):
     # dstates_in: (b, c, h, p, n) fp32  states_in: likewise, fp32 or the forward's narrower dtype
     # dfinal: (b, h, p, n)  ->  dstates (gradient of each chunk's own state): (b, c, h, p, n) in
-    # states_in's dtype (its readers cast it to that for their dots), dinit (b, h, p, n) fp32 or None
+    # dstates_dtype, default states_in's (its readers cast it to that for their dots), dinit
+    # (b, h, p, n) fp32 or None. onto_base: see add_final_state_grad
     _, opts = launch.settings("state_passing_bwd")
     b, nchunks, h, p, n = states_in.shape
     chunk_size = dA_cumsum.shape[-1]
-    dstates = torch.empty_like(states_in)
+    assert dstates_in.is_contiguous() and dstates_in.dtype == torch.float32, "dstates_in: contiguous fp32"
+    assert not (onto_base and need_dinit), "add_final_state_grad gives no dinit"
+    dstates = torch.empty_like(states_in, dtype=dstates_dtype or states_in.dtype)
     dinit = torch.empty(b, h, p, n, device=states_in.device, dtype=torch.float32) if need_dinit else None
     if dfinal is not None:
         dfinal = dfinal.contiguous()
@@ -343,24 +384,37 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
         states_in.stride(0), states_in.stride(1), states_in.stride(2), *dA_cumsum.stride(),
         h * p * n, p * n,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_DFINAL=dfinal is not None, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None, BLOCK=block,
-        **opts,
+        HAS_DFINAL=dfinal is not None, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
+        ONTO_BASE=onto_base, BLOCK=block, **opts,
     )
     return dstates, dinit
 
 
+def add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal, seq_idx=None):
+    """The state passing's backward with a final state's gradient dfinal, given the same
+    backward without it (through_y: its dstates, fp32: dstates_bwd's dstates_dtype): linear
+    in dfinal, so dfinal's own pass (through each chunk's decay) is added to those dstates and
+    rounded once to states_in's dtype, and its part of ddA_cumsum accumulated in place ->
+    dstates. Context parallelism's backward: dfinal comes from the later pieces, which need
+    this piece's initial state gradient through y first (the pass without dfinal gives it)."""
+    dstates, _ = state_passing_bwd(through_y, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal, seq_idx,
+                                   onto_base=True)
+    return dstates
+
+
 def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None,
-                                 need_dinit=False):
+                                 need_dinit=False, dstates_dtype=None):
     """chunk_scan_bwd_dstates then state_passing_bwd in one kernel (module docstring): the same
     dstates and dinit, without the fp32 d states_in in between; ddA_cumsum accumulated in place.
 
     dy: (b, l, h, p)  C: (b, l, g, n)  states_in: (b, c, h, p, n)  dA_cumsum: (b, h, c, q)
-    dfinal: (b, h, p, n)  ->  dstates (states_in's dtype), dinit (b, h, p, n) fp32 or None"""
+    dfinal: (b, h, p, n)  ->  dstates (dstates_dtype, default states_in's), dinit (b, h, p, n)
+    fp32 or None"""
     tile, opts = launch.settings("chunk_scan_state_passing_bwd", dy.dtype)
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
-    dstates = torch.empty_like(states_in)
+    dstates = torch.empty_like(states_in, dtype=dstates_dtype or states_in.dtype)
     dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32) if need_dinit else None
     dfinal = dfinal.contiguous() if dfinal is not None else None
     block_p, block_k = launch.block(p, tile), launch.block(chunk_size, tile)
@@ -378,11 +432,14 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
     return dstates, dinit
 
 
-def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None, need_dinit=False):
+def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=None, need_dinit=False,
+                dstates_dtype=None):
     """The backward's dstates and dinit: fused (chunk_scan_state_passing_bwd) where there are
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_scan_bwd_dstates then
     state_passing_bwd (same results: tests)."""
     if _fused_kernels_fill(dy.shape[0], dy.shape[2], dy.device):
-        return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit)
+        return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit,
+                                            dstates_dtype)
     dstates_in = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
-    return state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, dy.shape[1], dfinal, seq_idx, need_dinit)
+    return state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, dy.shape[1], dfinal, seq_idx, need_dinit,
+                             dstates_dtype)
