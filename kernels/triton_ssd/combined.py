@@ -71,20 +71,25 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
     # the same and half the bytes move (and are kept)
     if context_parallel is None:
         states_in, final_states = states_in_fwd(B, x, dt_out, dA_cumsum, initial_states, seq_idx, C.dtype)
+        cb = _scores(C, B, chunk_size)
     else:
         assert initial_states is None, "context parallelism supplies the initial states"
         zero_start = states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx, torch.float32)
-        initial_states = context_parallel.state_in(zero_start[1], _log_decay(dA_cumsum))
-        states_in, final_states = add_initial_state(zero_start, initial_states, dA_cumsum, x.shape[1], seq_idx,
+        wait_state_in = context_parallel.state_in_async(zero_start[1], _log_decay(dA_cumsum))
+        cb = _scores(C, B, chunk_size)   # needs no state: runs while the pieces' states are gathered
+        states_in, final_states = add_initial_state(zero_start, wait_state_in(), dA_cumsum, x.shape[1], seq_idx,
                                                     C.dtype)
         del zero_start
-    # CB in C's dtype: chunk_scan_fwd rounds each score (CB · decay · dt) to it for its dot
-    # anyway, so this adds one rounding of CB before that, and halves the bytes it reads (0.162
-    # → 0.153 ms at b8 L2048 h32 on an H100). Backward recomputes CB in fp32.
-    cb = bmm_fwd(C, B, chunk_size, C.dtype)
     y, y_pregate = chunk_scan_fwd(cb, x, dt_out, dA_cumsum, C, states_in, D, z, seq_idx,
                                   dt_nonnegative(dt_softplus, dt_limit))
     return y, y_pregate, final_states, states_in
+
+
+def _scores(C, B, chunk_size):
+    # CB in C's dtype: chunk_scan_fwd rounds each score (CB · decay · dt) to it for its dot
+    # anyway, so this adds one rounding of CB before that, and halves the bytes it reads (0.162
+    # → 0.153 ms at b8 L2048 h32 on an H100). Backward recomputes CB in fp32.
+    return bmm_fwd(C, B, chunk_size, C.dtype)
 
 
 def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
@@ -116,12 +121,14 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
         # state's part is added after (add_final_state_grad)
         through_y, dinit_through_y = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, None, seq_idx,
                                                  need_dinit=True, dstates_dtype=torch.float32)
-        dfinal_states = context_parallel.final_state_grad(dinit_through_y, _log_decay(dA_cumsum))
-        dstates, dinit = add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, x.shape[1], dfinal_states,
-                                              seq_idx), None
+        wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum))
+    # CB's gradient needs no state: with context parallelism it runs while the gradients are gathered
+    dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
+    if context_parallel is not None:
+        dstates, dinit = add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, x.shape[1],
+                                              wait_dfinal(), seq_idx), None
         del through_y
     dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, factor_decay)
-    dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
     dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)
     dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx, out=dB_out)
     ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)

@@ -7,10 +7,11 @@ the ranks before it only (a) the last d_conv-1 conv input rows of the previous r
 halo) and (b) the SSM state entering its piece. The state is linear in the earlier
 pieces: with h_s the final state of piece s run from a zero state and a_s its total decay,
 the state entering rank r is  h_in = Σ_{s<r} (Π_{s<t<r} a_t) h_s  (Mamba-2's state
-passing, one level up). The mixer body (`kernels.mixer_body`) runs its SSD from h_in: it
-computes h_r from its chunk states first (no scan over the tokens), then the whole SSD. So
-each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r): B·H·P·N
-numbers per rank, independent of the sequence length.
+passing, one level up). The mixer body (`kernels.mixer_body`) runs its SSD from h_in: the
+Triton op runs the state passing from zero first (h_r is its final state), then adds
+h_in's part to the states entering each chunk (no scan over the tokens), then the rest of
+the SSD. So each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r):
+B·H·P·N numbers per rank, independent of the sequence length.
 
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
@@ -56,12 +57,23 @@ def all_gather_pieces(piece: torch.Tensor, group) -> torch.Tensor:
 
 
 def all_gather_plain(piece: torch.Tensor, group) -> torch.Tensor:
-    # (...) → (world, ...) outside autograd. gloo wants the output concatenated along dim 0,
-    # not stacked: gather, then view
+    # (...) → (world, ...) outside autograd
+    return _all_gather(piece, group, async_op=False)[0]
+
+
+def all_gather_started(piece: torch.Tensor, group):
+    # (...) → ((world, ...) once work.wait() has run, work): the all-gather runs beside what
+    # the current stream does until then (NCCL: on its own stream; wait() makes the current
+    # stream wait for it, so it must run on the stream that was current here)
+    return _all_gather(piece, group, async_op=True)
+
+
+def _all_gather(piece, group, async_op):
+    # gloo wants the output concatenated along dim 0, not stacked: gather, then view
     world = dist.get_world_size(group)
     gathered = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
-    dist.all_gather_into_tensor(gathered, piece.contiguous(), group=group)
-    return gathered.view(world, *piece.shape)
+    work = dist.all_gather_into_tensor(gathered, piece.contiguous(), group=group, async_op=async_op)
+    return gathered.view(world, *piece.shape), work
 
 
 def _exchange(send: torch.Tensor | None, send_to: int | None, recv_like: torch.Tensor, recv_from: int | None,
@@ -112,8 +124,11 @@ class ContextParallel:
     per layer).
 
     halo / state_in are differentiable (the reference mixer body runs them under autograd);
-    halo_grad / final_state_grad are their backward for an op that runs its own (the Triton
-    mixer body calls halo and state_in in its forward, these two in its backward)."""
+    halo_grad / final_state_grad_async are their backward for an op that runs its own (the
+    Triton mixer body calls halo and state_in_async in its forward, these two in its
+    backward). The _async forms start the all-gather and return a function that waits for it
+    and gives the result, so that work which needs neither runs meanwhile; call it on the
+    stream that was current when the all-gather started."""
 
     def __init__(self, group, d_conv: int):
         self.group = group
@@ -173,19 +188,42 @@ class ContextParallel:
         # because its loss does not depend on it would hang the others.
         return torch.einsum("sbh,sbhpn->bhpn", self._weights(log_totals, target=self.rank), states)
 
+    def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor):
+        # state_in outside autograd, its all-gather started: → a function giving h_in
+        return self._weighted_sum_async(final_state, log_decay, target=self.rank)
+
+    def final_state_grad_async(self, dstate_in: torch.Tensor, log_decay: torch.Tensor):
+        # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone → a
+        # function giving the gradient of this piece's true final state (h_in of the next piece,
+        # and on), the all-gather it needs started now
+        return self._weighted_sum_async(dstate_in, log_decay, source=self.rank)
+
     @torch.no_grad()
-    def final_state_grad(self, dstate_in: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-        # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone →
-        # the gradient of this piece's true final state (h_in of the next piece, and on)
-        dstates, log_totals = self._gather(dstate_in, log_decay, all_gather_plain)
-        return torch.einsum("tbh,tbhpn->bhpn", self._weights(log_totals, source=self.rank), dstates)
+    def _weighted_sum_async(self, state, log_decay, target=None, source=None):
+        # every rank's state weighted as _weights(target or source) says, summed: the all-gather
+        # started now, the rest in the function returned
+        every, work = all_gather_started(self._pack(state, log_decay), self.group)
+        shape = state.shape
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            states, log_totals = self._unpack(every, shape)
+            return torch.einsum("kbh,kbhpn->bhpn", self._weights(log_totals, target=target, source=source), states)
+        return finish
 
     def _gather(self, state, log_decay, all_gather):
         # (b, h, p, n), (b, h) of this rank → (cp, b, h, p, n), (cp, b, h) of every rank, one collective
-        b, h = log_decay.shape
-        packed = torch.cat([state.reshape(b, -1), log_decay.to(state.dtype)], dim=1)
-        every = all_gather(packed, self.group)                                       # (cp, b, h·p·n + h)
-        return every[..., :-h].reshape(self.world, *state.shape), every[..., -h:]
+        return self._unpack(all_gather(self._pack(state, log_decay), self.group), state.shape)
+
+    @staticmethod
+    def _pack(state, log_decay):
+        # (b, h, p, n), (b, h) → (b, h·p·n + h): one tensor for one collective
+        return torch.cat([state.reshape(log_decay.shape[0], -1), log_decay.to(state.dtype)], dim=1)
+
+    def _unpack(self, every, state_shape):
+        # (cp, b, h·p·n + h) → (cp, b, h, p, n), (cp, b, h)
+        h = state_shape[1]
+        return every[..., :-h].reshape(self.world, *state_shape), every[..., -h:]
 
     def _weights(self, log_totals: torch.Tensor, target: int | None = None, source: int | None = None):
         # log_totals: (cp, b, h) → (cp, b, h): the weights of every piece's final state in the
