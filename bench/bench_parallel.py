@@ -4,8 +4,10 @@ For each mode the parallel run and the one-GPU run process the same tokens per s
 and CP split one model step over the GPUs (one GPU runs the whole step alone), DP runs one
 micro-batch per GPU (one GPU runs one micro-batch). efficiency = parallel tokens/s per GPU
 / one-GPU tokens/s (1.0: perfect). Forward + backward, the gradient all-reduce over DP × CP
-bucketed and overlapped with the backward as DDP does (data_parallel.GradientBuckets), bf16
-autocast, median of timed steps after warm-up. Writes bench/results/parallel-<gpu>.json with rows
+bucketed and overlapped with the backward as DDP does (data_parallel.GradientBuckets), median
+of timed steps after warm-up. `--weights fp32` (default): fp32 weights under bf16 autocast, as
+one process trains; `--weights bf16`: bf16 weights and gradients, as the parallel trainer's
+model runs under DeepSpeed's bf16. Writes bench/results/parallel-<gpu>.json with rows
 {"mode", "world", "seqlen", "tokens_per_s_per_gpu", "single_gpu_tokens_per_s", "efficiency"},
 plus "grad_accum" and rank 0's "step_ms" and "enqueue_ms" (the CPU's part of the step: when it
 is close to the step, TP and CP are bound by launching kernels, not by the GPU).
@@ -91,20 +93,21 @@ def make_step(model, input_ids, labels, seq_idx, amp, accum=1, buckets=None):
     return step
 
 
-def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, buckets=None):
+def make_graphed_step(model, input_ids, labels, seq_idx, amp, accum=1, buckets=None):
     """make_step's step with forward+backward, collectives included, replayed from one CUDA
     graph (bench.common.capture_forward_backward). Without buckets the graph owns the gradients
     (each replay's first accumulation writes them). With buckets the graph writes into them: it
     opens with their zero_grad (captured: one fill per bucket, and in Python the views put back
     after capture_forward_backward's warm-up set the gradients to None), and the last
-    micro-batch's backward captures the all-reduces, side stream included."""
+    micro-batch's backward captures the all-reduces, side stream included. `amp` must not cache
+    casts (capture_forward_backward says why)."""
     def forward_backward():
         if buckets is not None:
             buckets.zero_grad()
         for micro in range(accum):
             if buckets is not None:
                 buckets.sync = micro == accum - 1
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            with amp():
                 loss = model.loss(input_ids, labels, seq_idx)
             loss.backward()
 
@@ -117,7 +120,7 @@ def make_graphed_step(model, input_ids, labels, seq_idx, accum=1, buckets=None):
 
 def build_step(graph, model, input_ids, labels, seq_idx, amp, accum=1, buckets=None):
     if graph:
-        return make_graphed_step(model, input_ids, labels, seq_idx, accum, buckets)
+        return make_graphed_step(model, input_ids, labels, seq_idx, amp, accum, buckets)
     return make_step(model, input_ids, labels, seq_idx, amp, accum, buckets)
 
 
@@ -181,10 +184,24 @@ def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
     return data.numel() * 2 * 2 * (world - 1) / world / seconds / 1e9
 
 
+def step_precision(device, weights, graph):
+    """(context the forward runs in, the weights' dtype). "fp32": fp32 weights under bf16
+    autocast, as one process trains (its gradients, accumulation and all-reduce fp32).
+    "bf16": bf16 weights and no autocast, as the parallel trainer's model is under DeepSpeed's
+    bf16 (gradients accumulated and reduced in bf16; the fp32 masters live in the optimizer,
+    outside this step). On CPU fp32 has no autocast."""
+    if weights == "bf16":
+        return nullcontext, torch.bfloat16
+    if device.type != "cuda":
+        return nullcontext, torch.float32
+    # a CUDA graph must not keep autocast's cached casts across its capture
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph)), torch.float32
+
+
 def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     """(parallel tokens/s per GPU, one-GPU tokens/s or None, this rank's {"step_ms",
     "enqueue_ms"} of the parallel step) for one row."""
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    amp, dtype = step_precision(device, args.weights, graph)
     # long sequences keep the tokens of a micro-batch at 2048 (at least one sequence)
     batch = max(1, args.micro_batch * 2048 // seqlen) if seqlen > 2048 else args.micro_batch
     tp, cp = (world, 1) if mode == "tp" else (1, world) if mode == "cp" else (1, 1)
@@ -196,7 +213,7 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     seq_idx = torch.zeros(batch * layout.dp, seqlen, dtype=torch.int32, device=device)
     rows = slice(dims.dp_rank * batch, (dims.dp_rank + 1) * batch)
     full = Mamba2LM(cfg.model, tp_size=tp)
-    model = parallelize_model(full, dims).to(device)
+    model = parallelize_model(full, dims).to(device, dtype)
     buckets = GradientBuckets(model, dims.dp_cp_group)   # TP (a group of one): a no-op
     piece = [context_parallel_piece(t[rows], dims) for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
     step = build_step(graph, model, *piece, amp, accum, buckets)
@@ -213,7 +230,7 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     single = None
     if rank == 0:  # the same per-step work on one GPU, no groups involved
         try:
-            model = Mamba2LM(cfg.model).to(device)
+            model = Mamba2LM(cfg.model).to(device, dtype)
             one = [t[:batch] for t in (tokens[:, :-1], tokens[:, 1:], seq_idx)]
             one_step = build_step(graph, model, *one, amp, accum)
             seconds, _ = time_steps(one_step, device, args.warmup, args.steps)
@@ -250,6 +267,9 @@ def main():
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--tp-comm-overlap", action="store_true",
                         help="with --sequence-parallel: in_proj's gather and out_proj's scatter inside their matmuls")
+    parser.add_argument("--weights", default="fp32", choices=["fp32", "bf16"],
+                        help="fp32: fp32 weights under bf16 autocast, fp32 gradients (one-process training); "
+                             "bf16: bf16 weights and gradients, no autocast (the parallel trainer under DeepSpeed's bf16)")
     parser.add_argument("--profile", action="store_true",
                         help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
     parser.add_argument("--runs", nargs="*", default=None,
@@ -279,7 +299,7 @@ def main():
     if rank == 0:
         print(f"# all-reduce bus bandwidth {busbw:.1f} GB/s (256 MB, bf16)")
         print(f"# {gpu} x{world} | {args.config} d_model={cfg.model.d_model} n_layer={cfg.model.n_layer} "
-              f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | SP={args.sequence_parallel}"
+              f"ngroups={cfg.model.ngroups} | micro_batch={args.micro_batch} | weights {args.weights} | SP={args.sequence_parallel}"
               f"{' (comm overlap)' if args.tp_comm_overlap else ''}")
         print(f"{'mode':>4} {'world':>5} {'seqlen':>7} {'accum':>5} {'graph':>5} {'tok/s/gpu':>12} {'1-gpu tok/s':>12}"
               f" {'efficiency':>10} {'step ms':>8} {'CPU ms':>7}")
@@ -300,7 +320,7 @@ def main():
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"device": gpu, "config": args.config, "overrides": args.overrides,
                                    "sequence_parallel": args.sequence_parallel,
-                                   "tp_comm_overlap": args.tp_comm_overlap,
+                                   "tp_comm_overlap": args.tp_comm_overlap, "weights": args.weights,
                                    "allreduce_busbw_gbs": busbw, "rows": rows}, indent=1))
         print(f"wrote {out}")
     dist.destroy_process_group()
