@@ -122,14 +122,15 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
         through_y, dinit_through_y = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, None, seq_idx,
                                                  need_dinit=True, dstates_dtype=torch.float32)
         wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum))
-    # CB's gradient needs no state: with context parallelism it runs while the gradients are gathered
+    # CB's gradient and C's need no dstates: with context parallelism they run while the
+    # gradients are gathered
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
+    dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)
     if context_parallel is not None:
         dstates, dinit = add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, x.shape[1],
                                               wait_dfinal(), seq_idx), None
         del through_y
     dx, dD = chunk_scan_bwd_dx(cb, dy, x, B, dstates, dt_out, dA_cumsum, ddt_out, D, seq_idx, factor_decay)
-    dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)
     dB = chunk_state_bwd_db(x, B, C, dcb, dstates, dt_out, dA_cumsum, ddA_cumsum, seq_idx, out=dB_out)
     ddt, dA, ddt_bias = chunk_cumsum_bwd(ddA_cumsum, ddt_out, dt, A, dt_bias, dt_softplus, dt_limit)
     if dD is not None:

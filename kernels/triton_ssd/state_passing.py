@@ -24,11 +24,14 @@ reverse walk (`chunk_scan_state_passing_bwd`, picked by `dstates_bwd`): the fp32
 are never written and read back.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..cached_launch import cached_launch
+from ..reference.mixer import WeightedStates
 from ..host_math import cdiv, next_power_of_2
 from . import launch
 from .chunk_scan import chunk_scan_bwd_dstates, own_dstates_in
@@ -49,19 +52,38 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
     return a, seq_new
 
 
+@triton.jit
+def _sum_parts(parts_ptr, stride_k, weights_ptr, stride_w_k, ok, PARTS: tl.constexpr):
+    # one head's block of a state given as parts: PARTS 0, a plain state; else the weighted sum
+    # Σ_k w_k · part_k (context parallelism's gathered states: WeightedStates), summed here
+    # rather than written out by the gatherer and read back
+    if PARTS == 0:
+        total = tl.load(parts_ptr, mask=ok, other=0.0).to(tl.float32)
+    else:
+        total = tl.load(weights_ptr) * tl.load(parts_ptr, mask=ok, other=0.0).to(tl.float32)
+        for k in tl.static_range(1, PARTS):
+            total += tl.load(weights_ptr + k * stride_w_k) * tl.load(parts_ptr + k * stride_k, mask=ok,
+                                                                     other=0.0).to(tl.float32)
+    return total
+
+
 @cached_launch
 @triton.jit
 def _state_passing_fwd_kernel(
-    states_ptr, dA_cumsum_ptr, init_ptr, seq_idx_ptr, base_final_ptr, states_in_ptr, final_ptr,
+    states_ptr, dA_cumsum_ptr, init_ptr, init_weights_ptr, seq_idx_ptr, base_final_ptr, states_in_ptr, final_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
-    stride_init_b, stride_init_h,
+    stride_init_k, stride_init_b, stride_init_h,
+    stride_w_k, stride_w_b, stride_w_h,
+    stride_final_b, stride_final_h,
     stride_seq_b, stride_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, INIT_PARTS: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype
-    # chunk_scan_fwd casts it to anyway (backward reads the same)  init, final: (b, h, p·n).
+    # chunk_scan_fwd casts it to anyway (backward reads the same)  final: (b, h, p·n)
+    # init: (b, h, p·n), or with INIT_PARTS a weighted sum of that many (k, b, h, p·n) (_sum_parts).
     # ONTO_BASE (add_initial_state): states holds the states_in of a base pass (from zero)
     # instead of the chunk states, base_final its final state; the initial state's own pass
     # (its decay alone) is added onto them
@@ -74,8 +96,8 @@ def _state_passing_fwd_kernel(
     if HAS_SEQ:
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_INIT:
-        carried = tl.load(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs,
-                          mask=ok, other=0.0).to(tl.float32)
+        carried = _sum_parts(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, stride_init_k,
+                             init_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok, INIT_PARTS)
     else:
         carried = tl.zeros((BLOCK,), dtype=tl.float32)
     seq_prev = 0
@@ -91,7 +113,7 @@ def _state_passing_fwd_kernel(
         carried = a * carried
         if not ONTO_BASE:
             carried += tl.load(states_ptr + c * stride_st_c, mask=ok, other=0.0)
-    final_offs = pid_b * stride_init_b + pid_h * stride_init_h + offs
+    final_offs = pid_b * stride_final_b + pid_h * stride_final_h + offs
     if ONTO_BASE:
         carried += tl.load(base_final_ptr + final_offs, mask=ok, other=0.0)
     tl.store(final_ptr + final_offs, carried, mask=ok)
@@ -151,21 +173,24 @@ def _chunk_state_passing_fwd_kernel(
 @cached_launch
 @triton.jit
 def _state_passing_bwd_kernel(
-    dstates_in_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, seq_idx_ptr,
+    dstates_in_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, dfinal_weights_ptr, seq_idx_ptr,
     dstates_ptr, dinit_ptr, ddA_cumsum_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
+    stride_dfinal_k, stride_dfinal_b, stride_dfinal_h,
+    stride_w_k, stride_w_b, stride_w_h,
     stride_init_b, stride_init_h,
     stride_seq_b, stride_seq_l,
-    HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, DFINAL_PARTS: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dstates_in: (b, c, h, p·n) fp32; states_in and dstates likewise in fp32 or the forward's
     # narrower dtype (the recurrence itself runs in fp32); ddA_cumsum (b, h, c, q) gets d a_c · a_c
     # at each chunk's last token (atomically: the p·n blocks of one head share it).
     # ONTO_BASE (add_final_state_grad): dstates_in holds the dstates of a base pass (without
-    # dfinal; fp32) instead of the gradients through y; dfinal's own pass is added onto them
+    # dfinal; fp32) instead of the gradients through y; dfinal's own pass is added onto them.
+    # dfinal: (b, h, p·n), or with DFINAL_PARTS a weighted sum of (k, b, h, p·n) (_sum_parts)
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
     ok = offs < dim
@@ -175,8 +200,8 @@ def _state_passing_bwd_kernel(
     if HAS_SEQ:
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_DFINAL:
-        grad = tl.load(dfinal_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs,
-                       mask=ok, other=0.0).to(tl.float32)
+        grad = _sum_parts(dfinal_ptr + pid_b * stride_dfinal_b + pid_h * stride_dfinal_h + offs, stride_dfinal_k,
+                          dfinal_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok, DFINAL_PARTS)
     else:
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(nchunks):
@@ -283,9 +308,35 @@ def _fused_kernels_fill(b, h, device):
     return b * h >= FUSED_MIN_PAIRS_PER_SM * launch.sm_count(device)
 
 
+class _Parts(NamedTuple):
+    # a state argument as _state_passing_*_kernel read it (_sum_parts)
+    parts: torch.Tensor | None
+    weights: torch.Tensor | None
+    count: int                 # 0: one plain state
+    strides: tuple             # (k, b, h) of parts, in elements; each head's p·n contiguous
+    weight_strides: tuple      # (k, b, h) of weights
+
+
+def _state_parts(state, shape) -> _Parts:
+    # state: None, a (b, h, p, n) tensor, or WeightedStates of parts (k, b, h, p, n)
+    if state is None:
+        return _Parts(None, None, 0, (0, 0, 0), (0, 0, 0))
+    if isinstance(state, WeightedStates):
+        parts, weights = state
+        assert tuple(parts.shape[1:]) == tuple(shape) and tuple(weights.shape) == (parts.shape[0], *shape[:2])
+        if parts.stride(-1) != 1 or parts.stride(-2) != shape[3]:
+            parts = parts.contiguous()
+        return _Parts(parts, weights, parts.shape[0], parts.stride()[:3], weights.stride())
+    assert tuple(state.shape) == tuple(shape), f"expected a state of shape {tuple(shape)}, found {tuple(state.shape)}"
+    state = state.contiguous()
+    # no weights: the kernel reads none (state stands in for the pointer, which must be one)
+    return _Parts(state, state, 0, (0, *state.stride()[:2]), (0, 0, 0))
+
+
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32,
                       base_final=None):
-    # states: (b, c, h, p, n) fp32  dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n)
+    # states: (b, c, h, p, n) fp32  dA_cumsum: (b, h, c, q)  initial_states: (b, h, p, n) or
+    # WeightedStates (their sum, taken as the kernel loads them)
     # ->  states_in: (b, c, h, p, n) in states_in_dtype, final_states: (b, h, p, n) fp32
     # base_final: see add_initial_state (states are then the base pass's states_in)
     _, opts = launch.settings("state_passing_fwd")
@@ -294,20 +345,19 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
     assert states.is_contiguous() and states.dtype == torch.float32, "states: contiguous fp32"
     states_in = torch.empty_like(states, dtype=states_in_dtype)
     final = torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
-    if initial_states is not None:
-        initial_states = initial_states.contiguous()
+    init = _state_parts(initial_states, (b, h, p, n))
     if base_final is not None:
         assert base_final.shape == final.shape and base_final.dtype == torch.float32 and base_final.is_contiguous()
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_fwd_kernel[grid](
-        states, dA_cumsum, initial_states, seq_idx, base_final, states_in, final,
+        states, dA_cumsum, init.parts, init.weights, seq_idx, base_final, states_in, final,
         p * n, nchunks, seqlen, chunk_size,
         states.stride(0), states.stride(1), states.stride(2), *dA_cumsum.stride(),
-        final.stride(0), final.stride(1),
+        *init.strides, *init.weight_strides, final.stride(0), final.stride(1),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, ONTO_BASE=base_final is not None,
-        BLOCK=block, **opts,
+        HAS_INIT=initial_states is not None, INIT_PARTS=init.count, HAS_SEQ=seq_idx is not None,
+        ONTO_BASE=base_final is not None, BLOCK=block, **opts,
     )
     return states_in, final
 
@@ -364,9 +414,9 @@ def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states
 def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal=None,
                       seq_idx=None, need_dinit=False, dstates_dtype=None, onto_base=False):
     # dstates_in: (b, c, h, p, n) fp32  states_in: likewise, fp32 or the forward's narrower dtype
-    # dfinal: (b, h, p, n)  ->  dstates (gradient of each chunk's own state): (b, c, h, p, n) in
-    # dstates_dtype, default states_in's (its readers cast it to that for their dots), dinit
-    # (b, h, p, n) fp32 or None. onto_base: see add_final_state_grad
+    # dfinal: (b, h, p, n) or WeightedStates  ->  dstates (gradient of each chunk's own state):
+    # (b, c, h, p, n) in dstates_dtype, default states_in's (its readers cast it to that for
+    # their dots), dinit (b, h, p, n) fp32 or None. onto_base: see add_final_state_grad
     _, opts = launch.settings("state_passing_bwd")
     b, nchunks, h, p, n = states_in.shape
     chunk_size = dA_cumsum.shape[-1]
@@ -374,17 +424,16 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
     assert not (onto_base and need_dinit), "add_final_state_grad gives no dinit"
     dstates = torch.empty_like(states_in, dtype=dstates_dtype or states_in.dtype)
     dinit = torch.empty(b, h, p, n, device=states_in.device, dtype=torch.float32) if need_dinit else None
-    if dfinal is not None:
-        dfinal = dfinal.contiguous()
+    final = _state_parts(dfinal, (b, h, p, n))
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_bwd_kernel[grid](
-        dstates_in, states_in, dA_cumsum, dfinal, seq_idx, dstates, dinit, ddA_cumsum,
+        dstates_in, states_in, dA_cumsum, final.parts, final.weights, seq_idx, dstates, dinit, ddA_cumsum,
         p * n, nchunks, seqlen, chunk_size,
         states_in.stride(0), states_in.stride(1), states_in.stride(2), *dA_cumsum.stride(),
-        h * p * n, p * n,
+        *final.strides, *final.weight_strides, h * p * n, p * n,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_DFINAL=dfinal is not None, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
+        HAS_DFINAL=dfinal is not None, DFINAL_PARTS=final.count, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
         ONTO_BASE=onto_base, BLOCK=block, **opts,
     )
     return dstates, dinit

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.reference.mixer import WeightedStates
+
 # ----------------------------------------------------------------------------- collectives
 
 
@@ -127,8 +129,9 @@ class ContextParallel:
     halo_grad / final_state_grad_async are their backward for an op that runs its own (the
     Triton mixer body calls halo and state_in_async in its forward, these two in its
     backward). The _async forms start the all-gather and return a function that waits for it
-    and gives the result, so that work which needs neither runs meanwhile; call it on the
-    stream that was current when the all-gather started."""
+    and gives the result as WeightedStates (the gathered states and their weights, summed by
+    the kernel that reads them), so that work which needs neither runs meanwhile; call it on
+    the stream that was current when the all-gather started."""
 
     def __init__(self, group, d_conv: int):
         self.group = group
@@ -189,13 +192,13 @@ class ContextParallel:
         return torch.einsum("sbh,sbhpn->bhpn", self._weights(log_totals, target=self.rank), states)
 
     def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor):
-        # state_in outside autograd, its all-gather started: → a function giving h_in
+        # state_in outside autograd, its all-gather started: → a function giving h_in (WeightedStates)
         return self._weighted_sum_async(final_state, log_decay, target=self.rank)
 
     def final_state_grad_async(self, dstate_in: torch.Tensor, log_decay: torch.Tensor):
         # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone → a
         # function giving the gradient of this piece's true final state (h_in of the next piece,
-        # and on), the all-gather it needs started now
+        # and on; WeightedStates), the all-gather it needs started now
         return self._weighted_sum_async(dstate_in, log_decay, source=self.rank)
 
     @torch.no_grad()
@@ -205,10 +208,11 @@ class ContextParallel:
         every, work = all_gather_started(self._pack(state, log_decay), self.group)
         shape = state.shape
 
-        def finish() -> torch.Tensor:
+        def finish() -> WeightedStates:
             work.wait()
             states, log_totals = self._unpack(every, shape)
-            return torch.einsum("kbh,kbhpn->bhpn", self._weights(log_totals, target=target, source=source), states)
+            # not summed here: the state passing that reads them sums them as it loads them
+            return WeightedStates(states, self._weights(log_totals, target=target, source=source))
         return finish
 
     def _gather(self, state, log_decay, all_gather):
