@@ -423,36 +423,44 @@ def test_incoming_state_added_onto_the_zero_start_pass_equals_the_pass_from_it(d
     assert rel_err(ddA_added, ddA_direct) <= 1e-6, "ddA_cumsum"
 
 
-def test_boundary_state_as_weighted_parts_equals_their_sum():
+@pytest.mark.parametrize("terms, strided", [(3, True), (1, False)])
+def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
     # context parallelism hands the boundary states over unsummed (WeightedStates: the gathered
     # pieces' states, views of the packed all-gather buffer, and their weights); the state
     # passing sums them as it loads them: the same as passing the sum, up to fp32 rounding
-    from kernels.reference.mixer import WeightedStates
+    from kernels.reference.ssd import WeightedStates
     from kernels.triton_ssd import chunk_cumsum, state_passing
     inputs = make_inputs(2, 45, 4, 16, 2, 16, docs=2, first_doc=0)
     x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
     b, h, p, n = init.shape
     gen = torch.Generator().manual_seed(2)
-    packed = torch.randn(3, b, h * p * n + h, generator=gen).to(x.device)   # as ContextParallel._pack lays it out
-    boundary = WeightedStates(packed[..., :-h].reshape(3, b, h, p, n), torch.rand(3, b, h, generator=gen).to(x.device))
-    assert not boundary.parts.is_contiguous()
+    if strided:   # as ContextParallel._pack lays them out: (k, b, h·p·n + h), the log decays last
+        states = torch.randn(terms, b, h * p * n + h, generator=gen)[..., :-h].reshape(terms, b, h, p, n)
+    else:
+        states = torch.randn(terms, b, h, p, n, generator=gen)
+    boundary = WeightedStates(states.to(x.device), torch.rand(terms, b, h, generator=gen).to(x.device))
+    assert boundary.states.is_contiguous() != strided
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
     zero_start = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx)
-    from_parts = state_passing.add_initial_state(zero_start, boundary, dA_cumsum, x.shape[1], seq_idx)
-    from_sum = state_passing.add_initial_state(zero_start, boundary.sum(), dA_cumsum, x.shape[1], seq_idx)
-    for name, ours, theirs in zip(("states_in", "final"), from_parts, from_sum):
+    summed_in_kernel = state_passing.add_initial_state(zero_start, boundary, dA_cumsum, x.shape[1], seq_idx)
+    summed_before = state_passing.add_initial_state(zero_start, boundary.sum(), dA_cumsum, x.shape[1], seq_idx)
+    for name, ours, theirs in zip(("states_in", "final"), summed_in_kernel, summed_before):
         assert rel_err(ours, theirs) <= 1e-6, name
+    states_in = summed_before[0]
     dy = torch.randn(x.shape, generator=gen).to(x.device)
-    ddA_parts, ddA_sum = torch.zeros_like(dA_cumsum), torch.zeros_like(dA_cumsum)
-    through_y, _ = state_passing.dstates_bwd(dy, C, from_sum[0], dA_cumsum, ddA_sum, None, seq_idx,
+    ddA_in_kernel, ddA_before = torch.zeros_like(dA_cumsum), torch.zeros_like(dA_cumsum)
+    through_y, _ = state_passing.dstates_bwd(dy, C, states_in, dA_cumsum, ddA_before, None, seq_idx,
                                              dstates_dtype=torch.float32)
-    ddA_parts.copy_(ddA_sum)
-    from_parts = state_passing.add_final_state_grad(through_y, from_sum[0], dA_cumsum, ddA_parts, x.shape[1],
-                                                    boundary, seq_idx)
-    from_sum = state_passing.add_final_state_grad(through_y, from_sum[0], dA_cumsum, ddA_sum, x.shape[1],
-                                                  boundary.sum(), seq_idx)
-    assert rel_err(from_parts, from_sum) <= 1e-6, "dstates"
-    assert rel_err(ddA_parts, ddA_sum) <= 1e-6, "ddA_cumsum"
+    ddA_in_kernel.copy_(ddA_before)
+    dstates_in_kernel = state_passing.add_final_state_grad(through_y, states_in, dA_cumsum, ddA_in_kernel, x.shape[1],
+                                                           boundary, seq_idx)
+    dstates_before = state_passing.add_final_state_grad(through_y, states_in, dA_cumsum, ddA_before, x.shape[1],
+                                                        boundary.sum(), seq_idx)
+    assert rel_err(dstates_in_kernel, dstates_before) <= 1e-6, "dstates"
+    assert rel_err(ddA_in_kernel, ddA_before) <= 1e-6, "ddA_cumsum"
+    with pytest.raises(AssertionError, match="fp32 weights"):
+        state_passing.add_initial_state(zero_start, boundary._replace(weights=boundary.weights.half()), dA_cumsum,
+                                        x.shape[1], seq_idx)
 
 
 @pytest.mark.parametrize("dtype, dstate_split", [(torch.float16, False), (torch.float32, False), (torch.float16, True)],

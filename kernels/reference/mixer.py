@@ -12,18 +12,6 @@ from .norm import rmsnorm_gated
 from .ssd import _process_dt, ssd_chunked
 
 
-class WeightedStates(NamedTuple):
-    """A state given as Σ_k weights[k] · parts[k], not summed: parts (k, b, h, p, n) (each
-    head's p·n contiguous), weights (k, b, h) fp32. Context parallelism's gathered states
-    (ContextParallel's _async hooks) come so, and the Triton state passing sums them as it
-    loads them, which saves writing the sum and reading it back."""
-    parts: torch.Tensor
-    weights: torch.Tensor
-
-    def sum(self) -> torch.Tensor:
-        return torch.einsum("kbh,kbhpn->bhpn", self.weights.to(self.parts.dtype), self.parts)
-
-
 class MixerSizes(NamedTuple):
     d_inner: int
     conv_dim: int
@@ -74,7 +62,7 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     `state_in_async` instead of state_in, `halo_grad(dhalo)` (the gradient of this piece's
     tail) and `final_state_grad_async(dstate_in, log_decay)` (the gradient of this piece's final
     state, from the pieces after it): the _async forms start their collective and return a
-    function that gives its result, as WeightedStates.
+    function that gives its result, as `kernels.reference.ssd.WeightedStates`.
 
     keep_activations: whether backward may keep the conv's and the gated norm's outputs rather
     than recompute them (the Triton op's choice of memory against time). These chained ops are

@@ -6,6 +6,7 @@ recurrence literally, one token at a time. `ssd_chunked` is the paper's SSD bloc
 launchers."""
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,19 @@ from .common import _compute_dtype, _expect_integer, _expect_shape, _upcast
 
 
 # ----------------------------------------------------------------------------- SSD helpers
+
+class WeightedStates(NamedTuple):
+    """A state given as Σ_k weights[k] · states[k], not summed: states (k, b, h, p, n), each
+    head's p·n contiguous; weights (k, b, h) fp32. Context parallelism's gathered boundary
+    states come so (ContextParallel's _async hooks), and the Triton state passing sums them as
+    it loads them (add_initial_state, add_final_state_grad), which saves writing the sum and
+    reading it back."""
+    states: torch.Tensor
+    weights: torch.Tensor
+
+    def sum(self) -> torch.Tensor:
+        return torch.einsum("kbh,kbhpn->bhpn", self.weights.to(self.states.dtype), self.states)
+
 
 def _check_chunk_size(chunk_size):
     """The Triton entry points' chunk_size check (a bool is an int to Python: refused too)."""

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..cached_launch import cached_launch
-from ..reference.mixer import WeightedStates
+from ..reference.ssd import WeightedStates
 from ..host_math import cdiv, next_power_of_2
 from . import launch
 from .chunk_scan import chunk_scan_bwd_dstates, own_dstates_in
@@ -53,16 +53,16 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
 
 
 @triton.jit
-def _sum_parts(parts_ptr, stride_k, weights_ptr, stride_w_k, ok, PARTS: tl.constexpr):
-    # one head's block of a state given as parts: PARTS 0, a plain state; else the weighted sum
-    # Σ_k w_k · part_k (context parallelism's gathered states: WeightedStates), summed here
-    # rather than written out by the gatherer and read back
-    if PARTS == 0:
-        total = tl.load(parts_ptr, mask=ok, other=0.0).to(tl.float32)
+def _load_state(state_ptr, stride_k, weights_ptr, stride_w_k, ok, TERMS: tl.constexpr):
+    # one head's block of a state, fp32: TERMS 0, a plain state; else the weighted sum
+    # Σ_k w_k · state_k of TERMS states (WeightedStates: context parallelism's gathered ones),
+    # summed here rather than written out by the gatherer and read back
+    if TERMS == 0:
+        total = tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
     else:
-        total = tl.load(weights_ptr) * tl.load(parts_ptr, mask=ok, other=0.0).to(tl.float32)
-        for k in tl.static_range(1, PARTS):
-            total += tl.load(weights_ptr + k * stride_w_k) * tl.load(parts_ptr + k * stride_k, mask=ok,
+        total = tl.load(weights_ptr) * tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
+        for k in tl.static_range(1, TERMS):
+            total += tl.load(weights_ptr + k * stride_w_k) * tl.load(state_ptr + k * stride_k, mask=ok,
                                                                      other=0.0).to(tl.float32)
     return total
 
@@ -78,12 +78,12 @@ def _state_passing_fwd_kernel(
     stride_w_k, stride_w_b, stride_w_h,
     stride_final_b, stride_final_h,
     stride_seq_b, stride_seq_l,
-    HAS_INIT: tl.constexpr, INIT_PARTS: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
+    HAS_INIT: tl.constexpr, INIT_TERMS: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype
     # chunk_scan_fwd casts it to anyway (backward reads the same)  final: (b, h, p·n)
-    # init: (b, h, p·n), or with INIT_PARTS a weighted sum of that many (k, b, h, p·n) (_sum_parts).
+    # init: (b, h, p·n), or with INIT_TERMS the weighted sum of that many (k, b, h, p·n) (_load_state).
     # ONTO_BASE (add_initial_state): states holds the states_in of a base pass (from zero)
     # instead of the chunk states, base_final its final state; the initial state's own pass
     # (its decay alone) is added onto them
@@ -96,8 +96,8 @@ def _state_passing_fwd_kernel(
     if HAS_SEQ:
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_INIT:
-        carried = _sum_parts(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, stride_init_k,
-                             init_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok, INIT_PARTS)
+        carried = _load_state(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, stride_init_k,
+                              init_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok, INIT_TERMS)
     else:
         carried = tl.zeros((BLOCK,), dtype=tl.float32)
     seq_prev = 0
@@ -182,7 +182,7 @@ def _state_passing_bwd_kernel(
     stride_w_k, stride_w_b, stride_w_h,
     stride_init_b, stride_init_h,
     stride_seq_b, stride_seq_l,
-    HAS_DFINAL: tl.constexpr, DFINAL_PARTS: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, DFINAL_TERMS: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dstates_in: (b, c, h, p·n) fp32; states_in and dstates likewise in fp32 or the forward's
@@ -190,7 +190,7 @@ def _state_passing_bwd_kernel(
     # at each chunk's last token (atomically: the p·n blocks of one head share it).
     # ONTO_BASE (add_final_state_grad): dstates_in holds the dstates of a base pass (without
     # dfinal; fp32) instead of the gradients through y; dfinal's own pass is added onto them.
-    # dfinal: (b, h, p·n), or with DFINAL_PARTS a weighted sum of (k, b, h, p·n) (_sum_parts)
+    # dfinal: (b, h, p·n), or with DFINAL_TERMS the weighted sum of (k, b, h, p·n) (_load_state)
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = pid_d * BLOCK + tl.arange(0, BLOCK)
     ok = offs < dim
@@ -200,8 +200,9 @@ def _state_passing_bwd_kernel(
     if HAS_SEQ:
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_DFINAL:
-        grad = _sum_parts(dfinal_ptr + pid_b * stride_dfinal_b + pid_h * stride_dfinal_h + offs, stride_dfinal_k,
-                          dfinal_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok, DFINAL_PARTS)
+        grad = _load_state(dfinal_ptr + pid_b * stride_dfinal_b + pid_h * stride_dfinal_h + offs, stride_dfinal_k,
+                           dfinal_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok,
+                           DFINAL_TERMS)
     else:
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(nchunks):
@@ -308,29 +309,31 @@ def _fused_kernels_fill(b, h, device):
     return b * h >= FUSED_MIN_PAIRS_PER_SM * launch.sm_count(device)
 
 
-class _Parts(NamedTuple):
-    # a state argument as _state_passing_*_kernel read it (_sum_parts)
-    parts: torch.Tensor | None
+class _StateArg(NamedTuple):
+    # a state argument as _state_passing_*_kernel take it (_load_state)
+    states: torch.Tensor | None
     weights: torch.Tensor | None
-    count: int                 # 0: one plain state
-    strides: tuple             # (k, b, h) of parts, in elements; each head's p·n contiguous
+    terms: int                 # 0: one plain state
+    strides: tuple             # (k, b, h) of states, in elements; each head's p·n contiguous
     weight_strides: tuple      # (k, b, h) of weights
 
 
-def _state_parts(state, shape) -> _Parts:
-    # state: None, a (b, h, p, n) tensor, or WeightedStates of parts (k, b, h, p, n)
+def _state_arg(state, shape) -> _StateArg:
+    # state: None, a (b, h, p, n) tensor, or WeightedStates of (k, b, h, p, n)
     if state is None:
-        return _Parts(None, None, 0, (0, 0, 0), (0, 0, 0))
+        return _StateArg(None, None, 0, (0, 0, 0), (0, 0, 0))
     if isinstance(state, WeightedStates):
-        parts, weights = state
-        assert tuple(parts.shape[1:]) == tuple(shape) and tuple(weights.shape) == (parts.shape[0], *shape[:2])
-        if parts.stride(-1) != 1 or parts.stride(-2) != shape[3]:
-            parts = parts.contiguous()
-        return _Parts(parts, weights, parts.shape[0], parts.stride()[:3], weights.stride())
+        states, weights = state
+        assert tuple(states.shape[1:]) == tuple(shape) and tuple(weights.shape) == (states.shape[0], *shape[:2])
+        assert weights.dtype == torch.float32, f"WeightedStates: fp32 weights, found {weights.dtype}"
+        if states.stride(-1) != 1 or states.stride(-2) != shape[3]:
+            states = states.contiguous()
+        return _StateArg(states, weights, states.shape[0], states.stride()[:3], weights.stride())
     assert tuple(state.shape) == tuple(shape), f"expected a state of shape {tuple(shape)}, found {tuple(state.shape)}"
     state = state.contiguous()
-    # no weights: the kernel reads none (state stands in for the pointer, which must be one)
-    return _Parts(state, state, 0, (0, *state.stride()[:2]), (0, 0, 0))
+    # no weights, none read: but the kernel forms the weights' address before _load_state
+    # looks at TERMS, and None + int does not compile, so state stands in for the pointer
+    return _StateArg(state, state, 0, (0, *state.stride()[:2]), (0, 0, 0))
 
 
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32,
@@ -345,18 +348,18 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
     assert states.is_contiguous() and states.dtype == torch.float32, "states: contiguous fp32"
     states_in = torch.empty_like(states, dtype=states_in_dtype)
     final = torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
-    init = _state_parts(initial_states, (b, h, p, n))
+    init_arg = _state_arg(initial_states, (b, h, p, n))
     if base_final is not None:
         assert base_final.shape == final.shape and base_final.dtype == torch.float32 and base_final.is_contiguous()
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_fwd_kernel[grid](
-        states, dA_cumsum, init.parts, init.weights, seq_idx, base_final, states_in, final,
+        states, dA_cumsum, init_arg.states, init_arg.weights, seq_idx, base_final, states_in, final,
         p * n, nchunks, seqlen, chunk_size,
         states.stride(0), states.stride(1), states.stride(2), *dA_cumsum.stride(),
-        *init.strides, *init.weight_strides, final.stride(0), final.stride(1),
+        *init_arg.strides, *init_arg.weight_strides, final.stride(0), final.stride(1),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_INIT=initial_states is not None, INIT_PARTS=init.count, HAS_SEQ=seq_idx is not None,
+        HAS_INIT=initial_states is not None, INIT_TERMS=init_arg.terms, HAS_SEQ=seq_idx is not None,
         ONTO_BASE=base_final is not None, BLOCK=block, **opts,
     )
     return states_in, final
@@ -368,7 +371,8 @@ def add_initial_state(zero_start, initial_states, dA_cumsum, seqlen, seq_idx=Non
     its initial state, so the initial state's own pass (carried through each chunk's decay,
     cut at a document start) is added to the zero-start one, and rounded once -> states_in in
     states_in_dtype, final fp32. Context parallelism's forward: its pass from zero runs before
-    the incoming state is known, fused with the chunk states (states_in_fwd) as on one GPU."""
+    the incoming state is known, fused with the chunk states (states_in_fwd) as on one GPU.
+    initial_states: (b, h, p, n), or WeightedStates (the gathered states, summed as loaded)."""
     zero_states_in, zero_final = zero_start
     return state_passing_fwd(zero_states_in, dA_cumsum, seqlen, initial_states, seq_idx, states_in_dtype,
                              base_final=zero_final)
@@ -404,7 +408,9 @@ def chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=No
 def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states_in_dtype=torch.float32):
     """The forward's states_in and final states: fused (chunk_state_passing_fwd) where there are
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_state_fwd then
-    state_passing_fwd, whose grids have a chunk axis (same results: tests)."""
+    state_passing_fwd, whose grids have a chunk axis (same results: tests). initial_states: a
+    tensor only (WeightedStates go to add_initial_state)."""
+    assert not isinstance(initial_states, WeightedStates), "states_in_fwd: WeightedStates go to add_initial_state"
     if _fused_kernels_fill(x.shape[0], x.shape[2], x.device):
         return chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states, seq_idx, states_in_dtype)
     states = chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx)
@@ -424,16 +430,16 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
     assert not (onto_base and need_dinit), "add_final_state_grad gives no dinit"
     dstates = torch.empty_like(states_in, dtype=dstates_dtype or states_in.dtype)
     dinit = torch.empty(b, h, p, n, device=states_in.device, dtype=torch.float32) if need_dinit else None
-    final = _state_parts(dfinal, (b, h, p, n))
+    dfinal_arg = _state_arg(dfinal, (b, h, p, n))
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_bwd_kernel[grid](
-        dstates_in, states_in, dA_cumsum, final.parts, final.weights, seq_idx, dstates, dinit, ddA_cumsum,
+        dstates_in, states_in, dA_cumsum, dfinal_arg.states, dfinal_arg.weights, seq_idx, dstates, dinit, ddA_cumsum,
         p * n, nchunks, seqlen, chunk_size,
         states_in.stride(0), states_in.stride(1), states_in.stride(2), *dA_cumsum.stride(),
-        *final.strides, *final.weight_strides, h * p * n, p * n,
+        *dfinal_arg.strides, *dfinal_arg.weight_strides, h * p * n, p * n,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_DFINAL=dfinal is not None, DFINAL_PARTS=final.count, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
+        HAS_DFINAL=dfinal is not None, DFINAL_TERMS=dfinal_arg.terms, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
         ONTO_BASE=onto_base, BLOCK=block, **opts,
     )
     return dstates, dinit
@@ -445,7 +451,8 @@ def add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, seqlen, df
     in dfinal, so dfinal's own pass (through each chunk's decay) is added to those dstates and
     rounded once to states_in's dtype, and its part of ddA_cumsum accumulated in place ->
     dstates. Context parallelism's backward: dfinal comes from the later pieces, which need
-    this piece's initial state gradient through y first (the pass without dfinal gives it)."""
+    this piece's initial state gradient through y first (the pass without dfinal gives it).
+    dfinal: (b, h, p, n), or WeightedStates (the gathered gradients, summed as loaded)."""
     dstates, _ = state_passing_bwd(through_y, states_in, dA_cumsum, ddA_cumsum, seqlen, dfinal, seq_idx,
                                    onto_base=True)
     return dstates
@@ -485,7 +492,9 @@ def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=No
                 dstates_dtype=None):
     """The backward's dstates and dinit: fused (chunk_scan_state_passing_bwd) where there are
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_scan_bwd_dstates then
-    state_passing_bwd (same results: tests)."""
+    state_passing_bwd (same results: tests). dfinal: a tensor only (WeightedStates go to
+    add_final_state_grad)."""
+    assert not isinstance(dfinal, WeightedStates), "dstates_bwd: WeightedStates go to add_final_state_grad"
     if _fused_kernels_fill(dy.shape[0], dy.shape[2], dy.device):
         return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit,
                                             dstates_dtype)

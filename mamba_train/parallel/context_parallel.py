@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.reference.mixer import WeightedStates
+from kernels.reference.ssd import WeightedStates
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -193,25 +193,26 @@ class ContextParallel:
 
     def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor):
         # state_in outside autograd, its all-gather started: → a function giving h_in (WeightedStates)
-        return self._weighted_sum_async(final_state, log_decay, target=self.rank)
+        return self._weighted_states_async(final_state, log_decay, target=self.rank)
 
     def final_state_grad_async(self, dstate_in: torch.Tensor, log_decay: torch.Tensor):
         # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone → a
         # function giving the gradient of this piece's true final state (h_in of the next piece,
         # and on; WeightedStates), the all-gather it needs started now
-        return self._weighted_sum_async(dstate_in, log_decay, source=self.rank)
+        return self._weighted_states_async(dstate_in, log_decay, source=self.rank)
 
-    @torch.no_grad()
-    def _weighted_sum_async(self, state, log_decay, target=None, source=None):
-        # every rank's state weighted as _weights(target or source) says, summed: the all-gather
-        # started now, the rest in the function returned
-        every, work = all_gather_started(self._pack(state, log_decay), self.group)
+    def _weighted_states_async(self, state, log_decay, target=None, source=None):
+        # every rank's state and its weight as _weights(target or source) says, not summed (the
+        # state passing that reads them sums them as it loads them): the all-gather started
+        # now, the rest in the function returned. Outside autograd: the Triton op's own passes
+        with torch.no_grad():
+            every, work = all_gather_started(self._pack(state, log_decay), self.group)
         shape = state.shape
 
+        @torch.no_grad()
         def finish() -> WeightedStates:
             work.wait()
             states, log_totals = self._unpack(every, shape)
-            # not summed here: the state passing that reads them sums them as it loads them
             return WeightedStates(states, self._weights(log_totals, target=target, source=source))
         return finish
 
@@ -235,7 +236,9 @@ class ContextParallel:
         # Π_{s<u<t} a_u where a path runs from s to t (begin), else 0
         between, paths = (self._between[target], self._paths[target]) if target is not None else \
             (self._between[:, source], self._paths[:, source])                   # (cp, cp u), (cp, b)
-        log_weight = torch.einsum("ku,ubh->kbh", between.to(log_totals.dtype), log_totals)
+        # a broadcast product and sum, not an einsum: autocast would run that in bf16, and a
+        # log weight of -30 would come back off by 0.06 (its weight by 6%)
+        log_weight = (between.to(log_totals.dtype)[..., None, None] * log_totals).sum(1)
         # -inf where no path runs: exp gives 0, and its gradient stays 0 (where a product with
         # 0 after the exp would meet an overflowed exp of a positive sum and give nan)
         return torch.exp(log_weight.masked_fill(~paths[..., None], float("-inf")))
