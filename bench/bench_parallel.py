@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import capture_forward_backward, cuda_time_by_kernel, is_matmul_kernel, results_path  # noqa: E402
+from bench.common import (capture_forward_backward, cuda_kernel_timeline, cuda_time_by_kernel,  # noqa: E402
+                          is_matmul_kernel, results_path)
 from mamba_train.config import load_config  # noqa: E402
 from mamba_train.model import Mamba2LM  # noqa: E402
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model,  # noqa: E402
@@ -169,6 +170,38 @@ def print_excess(parallel_ms: dict, single_ms: dict, share: int, what: str, top:
               f"{kernel_label(name)}")
 
 
+def collective_waits(timelines: list) -> dict:
+    """{NCCL kernel label: (calls, rank 0's µs, the transfer's µs at most, rank 0's wait at least)}
+    from every rank's NCCL kernels in start order ([(name, µs)] per rank). A collective's
+    kernel runs on every rank from its launch until the last rank's data has moved, so it
+    includes waiting for a rank that arrives later; the rank that arrives last waits least.
+    Calls are matched by their order within a label (each communicator issues them in one
+    order on every rank), and a call's shortest duration over the ranks bounds its transfer.
+    A label whose count differs between ranks is left out."""
+    per_rank = []
+    for timeline in timelines:
+        by_label = {}
+        for name, micros in timeline:
+            by_label.setdefault(kernel_label(name), []).append(micros)
+        per_rank.append(by_label)
+    waits = {}
+    for label, rank0 in per_rank[0].items():
+        calls = [by_label.get(label, []) for by_label in per_rank]
+        if any(len(c) != len(rank0) for c in calls):
+            continue
+        transfer = sum(min(durations) for durations in zip(*calls))
+        waits[label] = (len(rank0), sum(rank0), transfer, sum(rank0) - transfer)
+    return waits
+
+
+def print_collective_waits(timelines: list, steps: int):
+    print(f"# NCCL kernels, ms per step on rank 0: the transfer (at most: each call's shortest kernel over the "
+          f"{len(timelines)} ranks) and the wait for later ranks (at least: the rest)")
+    for label, (calls, total, transfer, wait) in sorted(collective_waits(timelines).items(), key=lambda kv: -kv[1][1]):
+        print(f"  {total / 1e3 / steps:8.2f} = transfer {transfer / 1e3 / steps:7.2f} + wait {wait / 1e3 / steps:7.2f}"
+              f"  ({calls // steps} calls a step)  {label}")
+
+
 def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
     """All-reduce bus bandwidth in GB/s (nccl-tests: bytes · 2(n-1)/n / time), bf16."""
     world = dist.get_world_size()
@@ -220,6 +253,16 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
     parallel_kernels = cuda_time_by_kernel(step) if args.profile else None   # every rank: collectives
+    if args.profile:   # every rank's NCCL kernels, to tell the transfers from the waits
+        try:
+            timeline = cuda_kernel_timeline(step, lambda name: kernel_kind(name) == "nccl")
+        except Exception as err:   # a diagnostic: the rest of the profile still prints (and every rank gathers)
+            print(f"# rank {rank}: no NCCL timeline ({err})", file=sys.stderr)
+            timeline = None
+        timelines = [None] * world if rank == 0 else None
+        dist.gather_object(timeline, timelines)
+        if rank == 0 and None not in timelines:
+            print_collective_waits(timelines, steps=2)
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step, buckets
@@ -271,7 +314,8 @@ def main():
                         help="fp32: fp32 weights under bf16 autocast, fp32 gradients (one-process training); "
                              "bf16: bf16 weights and gradients, no autocast (the parallel trainer under DeepSpeed's bf16)")
     parser.add_argument("--profile", action="store_true",
-                        help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel)")
+                        help="print where each parallel step's CUDA time goes beside the one-GPU step's (by kernel), "
+                             "and each NCCL kernel's time split into transfer and waiting for later ranks")
     parser.add_argument("--runs", nargs="*", default=None,
                         help="mode:seqlen[:accum][:graph] (after the overrides), e.g. tp:2048 dp:2048:8 "
                              "cp:16384:1:graph")

@@ -84,6 +84,19 @@ def cuda_time_by_kernel(step, steps=2):
     return dict(times)
 
 
+def cuda_kernel_timeline(step, keep, steps=2):
+    """[(kernel name, duration µs)] of the CUDA kernels whose names `keep` admits, in the order
+    they started, over `steps` calls of step()."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and keep(e.name)]
+    return [(e.name, e.time_range.elapsed_us()) for e in sorted(kernels, key=lambda e: e.time_range.start)]
+
+
 def copy_bandwidth(nbytes):
     """Bytes read + written per second by a device copy moving `nbytes` in all."""
     src = torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16)   # 2 bytes read + 2 written each
