@@ -185,11 +185,12 @@ class ContextParallel:
     def state_in(self, final_state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
         # final_state: (b, h, p, n) fp32, this piece run from a zero state   log_decay: (b, h),
         # Σ A·dt over the piece  →  h_in (b, h, p, n): the state entering this piece
-        states, log_totals = self._gather(final_state, log_decay, all_gather_pieces)
+        states, log_totals = self._unpack(all_gather_pieces(self._pack(final_state, log_decay), self.group),
+                                          final_state.shape)
         # Every rank weighs every gathered state (rank 0 with zero weights) so that under
         # autograd each rank runs the all-gather's backward: a collective skipped by one rank
         # because its loss does not depend on it would hang the others.
-        return torch.einsum("sbh,sbhpn->bhpn", self._weights(log_totals, target=self.rank), states)
+        return WeightedStates(states, self._weights(log_totals, target=self.rank)).sum()
 
     def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor):
         # state_in outside autograd, its all-gather started: → a function giving h_in (WeightedStates)
@@ -215,10 +216,6 @@ class ContextParallel:
             states, log_totals = self._unpack(every, shape)
             return WeightedStates(states, self._weights(log_totals, target=target, source=source))
         return finish
-
-    def _gather(self, state, log_decay, all_gather):
-        # (b, h, p, n), (b, h) of this rank → (cp, b, h, p, n), (cp, b, h) of every rank, one collective
-        return self._unpack(all_gather(self._pack(state, log_decay), self.group), state.shape)
 
     @staticmethod
     def _pack(state, log_decay):
