@@ -435,10 +435,12 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
     b, h, p, n = init.shape
     gen = torch.Generator().manual_seed(2)
     if strided:   # as ContextParallel._pack lays them out: (k, b, h·p·n + h), the log decays last
-        states = torch.randn(terms, b, h * p * n + h, generator=gen)[..., :-h].reshape(terms, b, h, p, n)
+        # sliced on the device: .to(device) of a tensor with gaps makes it contiguous
+        packed = torch.randn(terms, b, h * p * n + h, generator=gen).to(x.device)
+        states = packed[..., :-h].reshape(terms, b, h, p, n)
     else:
-        states = torch.randn(terms, b, h, p, n, generator=gen)
-    boundary = WeightedStates(states.to(x.device), torch.rand(terms, b, h, generator=gen).to(x.device))
+        states = torch.randn(terms, b, h, p, n, generator=gen).to(x.device)
+    boundary = WeightedStates(states, torch.rand(terms, b, h, generator=gen).to(x.device))
     assert boundary.states.is_contiguous() != strided
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
     zero_start = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx)
