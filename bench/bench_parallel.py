@@ -181,7 +181,7 @@ def collective_waits(timelines: list) -> dict:
     per_rank = []
     for timeline in timelines:
         by_label = {}
-        for name, micros in timeline:
+        for name, _, micros in timeline:
             by_label.setdefault(kernel_label(name), []).append(micros)
         per_rank.append(by_label)
     waits = {}
@@ -200,6 +200,48 @@ def print_collective_waits(timelines: list, steps: int):
     for label, (calls, total, transfer, wait) in sorted(collective_waits(timelines).items(), key=lambda kv: -kv[1][1]):
         print(f"  {total / 1e3 / steps:8.2f} = transfer {transfer / 1e3 / steps:7.2f} + wait {wait / 1e3 / steps:7.2f}"
               f"  ({calls // steps} calls a step)  {label}")
+
+
+def compute_idle(timeline: list, min_gap_us: float = 2.0) -> dict:
+    """{label of the kernel after a gap: (gaps, µs)} for the gaps of at least min_gap_us in
+    which no kernel but NCCL's runs (timeline: [(name, start µs, µs)] in start order): where the
+    compute waits, for a collective or for the kernel before. A CUDA graph's replay leaves ~1 µs
+    between kernels, so the gaps counted are waits."""
+    idle, busy_until = {}, None
+    for name, start, micros in timeline:
+        if kernel_kind(name) == "nccl":
+            continue
+        if busy_until is not None and start - busy_until >= min_gap_us:
+            gaps, total = idle.get(kernel_label(name), (0, 0.0))
+            idle[kernel_label(name)] = (gaps + 1, total + start - busy_until)
+        busy_until = start + micros if busy_until is None else max(busy_until, start + micros)
+    return idle
+
+
+def print_compute_idle(parallel: list, single: list, steps: int, top: int = 12):
+    """The idle time of a parallel rank's compute beside the one-GPU step's, and the kernels
+    the parallel rank's gaps end at."""
+    idle, idle_one = compute_idle(parallel), compute_idle(single)
+    total, total_one = (sum(us for _, us in d.values()) / 1e3 / steps for d in (idle, idle_one))
+    print(f"# compute idle (no kernel but NCCL's running, gaps >= 2 us), ms per step: one GPU {total_one:.2f}, "
+          f"rank 0 {total:.2f}; the kernels rank 0's gaps end at")
+    for label, (gaps, us) in sorted(idle.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {us / 1e3 / steps:8.2f}  ({gaps // steps} gaps a step)  {label}")
+
+
+def print_producers(timeline: list, steps: int, pattern: str = "reduce_kernel"):
+    """For kernels whose label contains `pattern` (torch's reductions): their ms per step by
+    the kernel that ran before each (the one whose partial sums it reduces, as a rule)."""
+    kernels = [(name, micros) for name, _, micros in timeline if kernel_kind(name) != "nccl"]
+    by_producer = {}
+    for (before, _), (name, micros) in zip(kernels, kernels[1:]):
+        if pattern in name:
+            key = (kernel_label(before, 60), kernel_label(name, 60))
+            calls, us = by_producer.get(key, (0, 0.0))
+            by_producer[key] = (calls + 1, us + micros)
+    print(f"# kernels matching {pattern!r} on rank 0 by the kernel before each: ms per step")
+    for (before, name), (calls, us) in sorted(by_producer.items(), key=lambda kv: -kv[1][1])[:10]:
+        print(f"  {us / 1e3 / steps:8.2f}  ({calls // steps} a step)  {name}  after  {before}")
 
 
 def allreduce_busbw(device, megabytes=256, repeats=10) -> float:
@@ -253,16 +295,19 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     seconds, enqueue = time_steps(step, device, args.warmup, args.steps)
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
     parallel_kernels = cuda_time_by_kernel(step) if args.profile else None   # every rank: collectives
+    parallel_timeline = None
     if args.profile:   # every rank's NCCL kernels, to tell the transfers from the waits
         try:
-            timeline = cuda_kernel_timeline(step, lambda name: kernel_kind(name) == "nccl")
+            parallel_timeline = cuda_kernel_timeline(step)
+            nccl = [kernel for kernel in parallel_timeline if kernel_kind(kernel[0]) == "nccl"]
         except Exception as err:   # a diagnostic: the rest of the profile still prints (and every rank gathers)
-            print(f"# rank {rank}: no NCCL timeline ({err})", file=sys.stderr)
-            timeline = None
+            print(f"# rank {rank}: no kernel timeline ({err})", file=sys.stderr)
+            nccl = None
         timelines = [None] * world if rank == 0 else None
-        dist.gather_object(timeline, timelines)
+        dist.gather_object(nccl, timelines)
         if rank == 0 and None not in timelines:
             print_collective_waits(timelines, steps=2)
+            print_producers(parallel_timeline, steps=2)
     # tokens of the global step / GPUs: TP and CP share one batch, DP adds a batch per GPU
     parallel = accum * batch * layout.dp * seqlen / seconds / world
     del model, full, step, buckets
@@ -281,6 +326,8 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
             if args.profile:
                 print_excess(parallel_kernels, cuda_time_by_kernel(one_step), world if mode in ("tp", "cp") else 1,
                              f"{mode}:{seqlen}:{accum}{':graph' if graph else ''}")
+                if parallel_timeline is not None:
+                    print_compute_idle(parallel_timeline, cuda_kernel_timeline(one_step), steps=2)
             del one_step
             del model
         except torch.OutOfMemoryError:

@@ -84,9 +84,9 @@ def cuda_time_by_kernel(step, steps=2):
     return dict(times)
 
 
-def cuda_kernel_timeline(step, keep, steps=2):
-    """[(kernel name, duration µs)] of the CUDA kernels whose names `keep` admits, in the order
-    they started, over `steps` calls of step()."""
+def cuda_kernel_timeline(step, keep=lambda name: True, steps=2):
+    """[(kernel name, start µs, duration µs)] of the CUDA kernels whose names `keep` admits, in
+    the order they started, over `steps` calls of step()."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -94,7 +94,8 @@ def cuda_kernel_timeline(step, keep, steps=2):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not getattr(e, "is_user_annotation", False) and keep(e.name)]
-    return [(e.name, e.time_range.elapsed_us()) for e in sorted(kernels, key=lambda e: e.time_range.start)]
+    return [(e.name, e.time_range.start, e.time_range.elapsed_us())
+            for e in sorted(kernels, key=lambda e: e.time_range.start)]
 
 
 def copy_bandwidth(nbytes):
