@@ -132,6 +132,25 @@ def test_tp2_cp2_with_sequence_parallel_split_by_rows_or_sequence_gradients_equa
 PIECE_SHAPES = {"tiny": ((20, 12), 4, 8, 2, 8, 24, 8), "layer": ((2048, 1024), 64, 64, 2, 128, 2048, 256)}
 
 
+@pytest.mark.parametrize("wire_dtype, state_shape", [(torch.bfloat16, (2, 3, 5, 7)), (torch.bfloat16, (2, 4, 8, 16)),
+                                                     (torch.float32, (2, 3, 5, 7))], ids=["bf16_odd", "bf16", "fp32"])
+def test_states_travel_in_the_wire_dtype_and_log_decays_bit_exact(wire_dtype, state_shape):
+    # the all-gather's packing (ContextParallel._pack / _unpack) outside any collective: the
+    # states rounded once to the wire's dtype, the log decays' fp32 bits carried whole (an
+    # odd h·p·n leaves them unaligned in 2-byte words)
+    from mamba_train.parallel.context_parallel import ContextParallel
+    gen = torch.Generator().manual_seed(0)
+    pieces = [(torch.randn(state_shape, generator=gen), -30 * torch.rand(state_shape[:2], generator=gen))
+              for _ in range(2)]
+    every = torch.stack([ContextParallel._pack(state, log_decay, wire_dtype) for state, log_decay in pieces])
+    assert every.dtype == wire_dtype
+    states, log_decays = ContextParallel._unpack(every, pieces[0][0].shape)
+    assert states.dtype == wire_dtype and log_decays.dtype == torch.float32
+    for rank, (state, log_decay) in enumerate(pieces):
+        assert torch.equal(states[rank], state.to(wire_dtype))
+        assert torch.equal(log_decays[rank], log_decay)
+
+
 def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
     """The Triton mixer body on this rank's piece, with the hook running its collectives in the
     op's forward and backward, against the reference on the whole sequence (float64 on CPU,
@@ -185,7 +204,8 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
     # per layer (one here): the halo and the incoming state forward, their gradients backward
     assert logs[0].calls == logs[1].calls, (logs[0].calls, logs[1].calls)
     halo = b * 3 * (h * p + 2 * g * n) * zx_dtype.itemsize     # (d_conv - 1) rows of conv channels
-    states = b * (h * p * n + h) * 4                            # (state, log decay) in fp32
+    # (state, log decay): the state in C's dtype (zx's), the log decay in fp32
+    states = b * (h * p * n * zx_dtype.itemsize + h * 4)
     expected_calls = ([("isend", halo)] if rank < world - 1 else []) + [("all_gather_into_tensor", states)] * 2 + \
         ([("isend", halo)] if rank > 0 else [])
     sends = [(name, size) for name, size in logs[0].calls if name in ("isend", "all_gather_into_tensor")]

@@ -26,7 +26,9 @@ class WeightedStates(NamedTuple):
     weights: torch.Tensor
 
     def sum(self) -> torch.Tensor:
-        return torch.einsum("kbh,kbhpn->bhpn", self.weights.to(self.states.dtype), self.states)
+        # (b, h, p, n) fp32, whatever the states' dtype (they may have travelled in bf16): a
+        # broadcast product, which autocast leaves in fp32 (it would run an einsum in bf16)
+        return (self.weights[..., None, None] * self.states.float()).sum(0)
 
 
 def _check_chunk_size(chunk_size):

@@ -75,7 +75,9 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
     else:
         assert initial_states is None, "context parallelism supplies the initial states"
         zero_start = states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx, torch.float32)
-        wait_state_in = context_parallel.state_in_async(zero_start[1], _log_decay(dA_cumsum))
+        # the states travel in C's dtype, the one every chunk's entering state has on one GPU
+        # (states_in): half the bytes of fp32 in bf16, and the all-gather waits on its bytes
+        wait_state_in = context_parallel.state_in_async(zero_start[1], _log_decay(dA_cumsum), C.dtype)
         cb = _scores(C, B, chunk_size)   # needs no state: runs while the pieces' states are gathered
         states_in, final_states = add_initial_state(zero_start, wait_state_in(), dA_cumsum, x.shape[1], seq_idx,
                                                     C.dtype)
@@ -121,7 +123,7 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
         # state's part is added after (add_final_state_grad)
         through_y, dinit_through_y = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, None, seq_idx,
                                                  need_dinit=True, dstates_dtype=torch.float32)
-        wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum))
+        wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum), C.dtype)
     # CB's gradient and C's need no dstates: with context parallelism they run while the
     # gradients are gathered
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)

@@ -11,7 +11,9 @@ passing, one level up). The mixer body (`kernels.mixer_body`) runs its SSD from 
 Triton op runs the state passing from zero first (h_r is its final state), then adds
 h_in's part to the states entering each chunk (no scan over the tokens), then the rest of
 the SSD. So each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r):
-B·H·P·N numbers per rank, independent of the sequence length.
+B·H·P·N numbers per rank, independent of the sequence length. The Triton op sends the
+states in C's dtype (bf16 in training): the dtype each chunk's entering state has on one GPU,
+so the rank border rounds the state as a chunk border does; the log decays stay fp32.
 
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
@@ -192,22 +194,24 @@ class ContextParallel:
         # because its loss does not depend on it would hang the others.
         return WeightedStates(states, self._weights(log_totals, target=self.rank)).sum()
 
-    def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor):
-        # state_in outside autograd, its all-gather started: → a function giving h_in (WeightedStates)
-        return self._weighted_states_async(final_state, log_decay, target=self.rank)
+    def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor, wire_dtype=None):
+        # state_in outside autograd, its all-gather started: → a function giving h_in
+        # (WeightedStates). wire_dtype: the states' dtype on the wire (default theirs, fp32);
+        # the log decays travel in fp32 whatever it is
+        return self._weighted_states_async(final_state, log_decay, wire_dtype, target=self.rank)
 
-    def final_state_grad_async(self, dstate_in: torch.Tensor, log_decay: torch.Tensor):
+    def final_state_grad_async(self, dstate_in: torch.Tensor, log_decay: torch.Tensor, wire_dtype=None):
         # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone → a
         # function giving the gradient of this piece's true final state (h_in of the next piece,
         # and on; WeightedStates), the all-gather it needs started now
-        return self._weighted_states_async(dstate_in, log_decay, source=self.rank)
+        return self._weighted_states_async(dstate_in, log_decay, wire_dtype, source=self.rank)
 
-    def _weighted_states_async(self, state, log_decay, target=None, source=None):
+    def _weighted_states_async(self, state, log_decay, wire_dtype, target=None, source=None):
         # every rank's state and its weight as _weights(target or source) says, not summed (the
         # state passing that reads them sums them as it loads them): the all-gather started
         # now, the rest in the function returned. Outside autograd: the Triton op's own passes
         with torch.no_grad():
-            every, work = all_gather_started(self._pack(state, log_decay), self.group)
+            every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
         shape = state.shape
 
         @torch.no_grad()
@@ -218,14 +222,25 @@ class ContextParallel:
         return finish
 
     @staticmethod
-    def _pack(state, log_decay):
-        # (b, h, p, n), (b, h) → (b, h·p·n + h): one tensor for one collective
-        return torch.cat([state.reshape(log_decay.shape[0], -1), log_decay.to(state.dtype)], dim=1)
+    def _pack(state, log_decay, wire_dtype=None):
+        # (b, h, p, n), (b, h) → (b, h·p·n + h·w): one tensor for one collective, the state in
+        # wire_dtype (default its own) and after it the log decays' fp32 bits, w words each
+        # (1 in fp32, 2 in bf16: a log decay of -30 rounded to bf16 would be off by 0.06)
+        wire_dtype = wire_dtype or state.dtype
+        b = log_decay.shape[0]
+        if wire_dtype == torch.float32:   # the reference path: differentiable, so no bit views
+            return torch.cat([state.reshape(b, -1).float(), log_decay.float()], dim=1)
+        assert wire_dtype.itemsize == 2, f"the states travel in fp32, bf16 or fp16, not {wire_dtype}"
+        return torch.cat([state.reshape(b, -1).to(wire_dtype), log_decay.float().view(wire_dtype)], dim=1)
 
-    def _unpack(self, every, state_shape):
-        # (cp, b, h·p·n + h) → (cp, b, h, p, n), (cp, b, h)
-        h = state_shape[1]
-        return every[..., :-h].reshape(self.world, *state_shape), every[..., -h:]
+    @staticmethod
+    def _unpack(every, state_shape):
+        # (cp, b, h·p·n + h·w) → (cp, b, h, p, n) in the wire's dtype, (cp, b, h) fp32
+        state_size = state_shape[1:].numel()
+        states, words = every[..., :state_size], every[..., state_size:]
+        if words.dtype != torch.float32:   # fp32 bits in 2-byte words: unaligned after an odd h·p·n
+            words = (words if state_size % 2 == 0 else words.contiguous()).view(torch.float32)
+        return states.reshape(every.shape[0], *state_shape), words
 
     def _weights(self, log_totals: torch.Tensor, target: int | None = None, source: int | None = None):
         # log_totals: (cp, b, h) → (cp, b, h): the weights of every piece's final state in the
