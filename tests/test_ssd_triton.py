@@ -426,8 +426,9 @@ def test_incoming_state_added_onto_the_zero_start_pass_equals_the_pass_from_it(d
 @pytest.mark.parametrize("terms, strided", [(3, True), (1, False)])
 def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
     # context parallelism hands the boundary states over unsummed (WeightedStates: the gathered
-    # pieces' states, views of the packed all-gather buffer, and their weights); the state
-    # passing sums them as it loads them: the same as passing the sum, up to fp32 rounding
+    # pieces' states and log decays, views of the packed all-gather buffer, and which decays
+    # weigh each state, where it reaches); the state passing forms the weights and the sum as
+    # it loads them: the same as passing the sum, up to fp32 rounding
     from kernels.reference.ssd import WeightedStates
     from kernels.triton_ssd import chunk_cumsum, state_passing
     inputs = make_inputs(2, 45, 4, 16, 2, 16, docs=2, first_doc=0)
@@ -437,11 +438,16 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
     if strided:   # as ContextParallel._pack lays them out: (k, b, h·p·n + h), the log decays last
         # sliced on the device: .to(device) of a tensor with gaps makes it contiguous
         packed = torch.randn(terms, b, h * p * n + h, generator=gen).to(x.device)
-        states = packed[..., :-h].reshape(terms, b, h, p, n)
+        states, log_totals = packed[..., :-h].reshape(terms, b, h, p, n), packed[..., -h:]
     else:
         states = torch.randn(terms, b, h, p, n, generator=gen).to(x.device)
-    boundary = WeightedStates(states, torch.rand(terms, b, h, generator=gen).to(x.device))
+        log_totals = torch.randn(terms, b, h, generator=gen).to(x.device)
+    coef = (torch.rand(terms, terms, generator=gen) < 0.6).float().to(x.device)
+    reach = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]][:terms]).to(x.device)   # (k, b): each 0 and 1
+    boundary = WeightedStates(states, log_totals, coef, reach)
     assert boundary.states.is_contiguous() != strided
+    weights = boundary.weights()
+    assert (weights[reach == 0] == 0).all() and (weights[reach == 1] > 0).all()
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
     zero_start = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx)
     summed_in_kernel = state_passing.add_initial_state(zero_start, boundary, dA_cumsum, x.shape[1], seq_idx)
@@ -460,8 +466,8 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
                                                         boundary.sum(), seq_idx)
     assert rel_err(dstates_in_kernel, dstates_before) <= 1e-6, "dstates"
     assert rel_err(ddA_in_kernel, ddA_before) <= 1e-6, "ddA_cumsum"
-    with pytest.raises(AssertionError, match="fp32 weights"):
-        state_passing.add_initial_state(zero_start, boundary._replace(weights=boundary.weights.half()), dA_cumsum,
+    with pytest.raises(AssertionError, match="fp32 log_totals"):
+        state_passing.add_initial_state(zero_start, boundary._replace(log_totals=log_totals.half()), dA_cumsum,
                                         x.shape[1], seq_idx)
 
 

@@ -17,18 +17,32 @@ from .common import _compute_dtype, _expect_integer, _expect_shape, _upcast
 # ----------------------------------------------------------------------------- SSD helpers
 
 class WeightedStates(NamedTuple):
-    """A state given as Σ_k weights[k] · states[k], not summed: states (k, b, h, p, n), each
-    head's p·n contiguous; weights (k, b, h) fp32. Context parallelism's gathered boundary
-    states come so (ContextParallel's _async hooks), and the Triton state passing sums them as
-    it loads them (add_initial_state, add_final_state_grad), which saves writing the sum and
-    reading it back."""
+    """A state given as Σ_k w_k · states[k], not summed, with each weight given by its log:
+    w_k = exp(Σ_u coef[k, u] · log_totals[u]) where reach[k] is 1, else 0. states (k, b, h, p,
+    n), each head's p·n contiguous; log_totals (u, b, h), coef (k, u), reach (k, b), fp32.
+
+    Context parallelism's gathered boundary states come so (ContextParallel's _async hooks):
+    log_totals are the pieces' total log decays, gathered with them; coef says which pieces'
+    decays lie between piece k and this one, reach whether a state passes at all (documents).
+    The Triton state passing forms the weights and the sum as it loads the states
+    (add_initial_state, add_final_state_grad): neither is written out and read back, and no
+    small kernels run between the all-gather and the pass."""
     states: torch.Tensor
-    weights: torch.Tensor
+    log_totals: torch.Tensor
+    coef: torch.Tensor
+    reach: torch.Tensor
+
+    def weights(self) -> torch.Tensor:
+        # (k, b, h) fp32; a broadcast product and sum, not an einsum: autocast would run that in
+        # bf16, and a log weight of -30 would come back off by 0.06 (its weight by 6%)
+        log_weight = (self.coef[:, :, None, None] * self.log_totals[None]).sum(1)
+        # -inf where no state passes: exp gives 0, and under autograd its gradient stays 0
+        # (where a product with 0 after the exp would meet an overflowed exp and give nan)
+        return torch.exp(log_weight.masked_fill(self.reach[..., None] == 0, float("-inf")))
 
     def sum(self) -> torch.Tensor:
-        # (b, h, p, n) fp32, whatever the states' dtype (they may have travelled in bf16): a
-        # broadcast product, which autocast leaves in fp32 (it would run an einsum in bf16)
-        return (self.weights[..., None, None] * self.states.float()).sum(0)
+        # (b, h, p, n) fp32, whatever the states' dtype (they may have travelled in bf16)
+        return (self.weights()[..., None, None] * self.states.float()).sum(0)
 
 
 def _check_chunk_size(chunk_size):

@@ -53,29 +53,43 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
 
 
 @triton.jit
-def _load_state(state_ptr, stride_k, weights_ptr, stride_w_k, ok, TERMS: tl.constexpr):
+def _term_weight(log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, k, TERMS: tl.constexpr):
+    # WeightedStates' w_k for one (batch, head): exp(Σ_u coef[k, u] · log_totals[u]), or 0
+    # where reach[k] is 0 (the exp not taken there: it may overflow)
+    log_weight = 0.0
+    for u in tl.static_range(TERMS):
+        log_weight += tl.load(coef_ptr + k * TERMS + u) * tl.load(log_ptr + u * stride_log_u)
+    reaches = tl.load(reach_ptr + k * stride_reach_k) != 0
+    return tl.where(reaches, tl.exp(tl.where(reaches, log_weight, 0.0)), 0.0)
+
+
+@triton.jit
+def _load_state(state_ptr, stride_k, log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, ok,
+                TERMS: tl.constexpr):
     # one head's block of a state, fp32: TERMS 0, a plain state; else the weighted sum
     # Σ_k w_k · state_k of TERMS states (WeightedStates: context parallelism's gathered ones),
-    # summed here rather than written out by the gatherer and read back
+    # the weights formed and the sum taken here rather than by small kernels before
     if TERMS == 0:
         total = tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
     else:
-        total = tl.load(weights_ptr) * tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
+        total = _term_weight(log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, 0, TERMS) * \
+            tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
         for k in tl.static_range(1, TERMS):
-            total += tl.load(weights_ptr + k * stride_w_k) * tl.load(state_ptr + k * stride_k, mask=ok,
-                                                                     other=0.0).to(tl.float32)
+            total += _term_weight(log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, k, TERMS) * \
+                tl.load(state_ptr + k * stride_k, mask=ok, other=0.0).to(tl.float32)
     return total
 
 
 @cached_launch
 @triton.jit
 def _state_passing_fwd_kernel(
-    states_ptr, dA_cumsum_ptr, init_ptr, init_weights_ptr, seq_idx_ptr, base_final_ptr, states_in_ptr, final_ptr,
+    states_ptr, dA_cumsum_ptr, init_ptr, init_log_ptr, init_coef_ptr, init_reach_ptr, seq_idx_ptr, base_final_ptr,
+    states_in_ptr, final_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
     stride_init_k, stride_init_b, stride_init_h,
-    stride_w_k, stride_w_b, stride_w_h,
+    stride_log_u, stride_log_b, stride_log_h, stride_reach_k, stride_reach_b,
     stride_final_b, stride_final_h,
     stride_seq_b, stride_seq_l,
     HAS_INIT: tl.constexpr, INIT_TERMS: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
@@ -97,7 +111,8 @@ def _state_passing_fwd_kernel(
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_INIT:
         carried = _load_state(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, stride_init_k,
-                              init_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok, INIT_TERMS)
+                              init_log_ptr + pid_b * stride_log_b + pid_h * stride_log_h, stride_log_u,
+                              init_coef_ptr, init_reach_ptr + pid_b * stride_reach_b, stride_reach_k, ok, INIT_TERMS)
     else:
         carried = tl.zeros((BLOCK,), dtype=tl.float32)
     seq_prev = 0
@@ -173,13 +188,14 @@ def _chunk_state_passing_fwd_kernel(
 @cached_launch
 @triton.jit
 def _state_passing_bwd_kernel(
-    dstates_in_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, dfinal_weights_ptr, seq_idx_ptr,
+    dstates_in_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, dfinal_log_ptr, dfinal_coef_ptr, dfinal_reach_ptr,
+    seq_idx_ptr,
     dstates_ptr, dinit_ptr, ddA_cumsum_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
     stride_dfinal_k, stride_dfinal_b, stride_dfinal_h,
-    stride_w_k, stride_w_b, stride_w_h,
+    stride_log_u, stride_log_b, stride_log_h, stride_reach_k, stride_reach_b,
     stride_init_b, stride_init_h,
     stride_seq_b, stride_seq_l,
     HAS_DFINAL: tl.constexpr, DFINAL_TERMS: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -201,7 +217,8 @@ def _state_passing_bwd_kernel(
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_DFINAL:
         grad = _load_state(dfinal_ptr + pid_b * stride_dfinal_b + pid_h * stride_dfinal_h + offs, stride_dfinal_k,
-                           dfinal_weights_ptr + pid_b * stride_w_b + pid_h * stride_w_h, stride_w_k, ok,
+                           dfinal_log_ptr + pid_b * stride_log_b + pid_h * stride_log_h, stride_log_u,
+                           dfinal_coef_ptr, dfinal_reach_ptr + pid_b * stride_reach_b, stride_reach_k, ok,
                            DFINAL_TERMS)
     else:
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -310,30 +327,36 @@ def _fused_kernels_fill(b, h, device):
 
 
 class _StateArg(NamedTuple):
-    # a state argument as _state_passing_*_kernel take it (_load_state)
-    states: torch.Tensor | None
-    weights: torch.Tensor | None
-    terms: int                 # 0: one plain state
-    strides: tuple             # (k, b, h) of states, in elements; each head's p·n contiguous
-    weight_strides: tuple      # (k, b, h) of weights
+    # a state argument as _state_passing_*_kernel take it (_load_state): the pointers
+    # (states, log_totals, coef, reach), the number of terms (0: one plain state), and the
+    # strides, in elements, (k, b, h) of states (each head's p·n contiguous), (u, b, h) of
+    # log_totals and (k, b) of reach (coef is contiguous)
+    pointers: tuple
+    terms: int
+    strides: tuple
 
 
 def _state_arg(state, shape) -> _StateArg:
     # state: None, a (b, h, p, n) tensor, or WeightedStates of (k, b, h, p, n)
-    if state is None:
-        return _StateArg(None, None, 0, (0, 0, 0), (0, 0, 0))
     if isinstance(state, WeightedStates):
-        states, weights = state
-        assert tuple(states.shape[1:]) == tuple(shape) and tuple(weights.shape) == (states.shape[0], *shape[:2])
-        assert weights.dtype == torch.float32, f"WeightedStates: fp32 weights, found {weights.dtype}"
+        states, log_totals, coef, reach = state
+        k = states.shape[0]
+        assert tuple(states.shape[1:]) == tuple(shape), (tuple(states.shape), tuple(shape))
+        assert log_totals.shape == (k, *shape[:2]) and coef.shape == (k, k) and reach.shape == (k, shape[0]), \
+            "WeightedStates: log_totals (k, b, h), coef (k, k), reach (k, b) for k states"
+        assert log_totals.dtype == coef.dtype == reach.dtype == torch.float32, \
+            f"WeightedStates: fp32 log_totals, coef and reach, found {log_totals.dtype}, {coef.dtype}, {reach.dtype}"
         if states.stride(-1) != 1 or states.stride(-2) != shape[3]:
             states = states.contiguous()
-        return _StateArg(states, weights, states.shape[0], states.stride()[:3], weights.stride())
+        return _StateArg((states, log_totals, coef.contiguous(), reach), k,
+                         (*states.stride()[:3], *log_totals.stride(), *reach.stride()))
+    if state is None:
+        return _StateArg((None,) * 4, 0, (0,) * 8)
     assert tuple(state.shape) == tuple(shape), f"expected a state of shape {tuple(shape)}, found {tuple(state.shape)}"
     state = state.contiguous()
-    # no weights, none read: but the kernel forms the weights' address before _load_state
-    # looks at TERMS, and None + int does not compile, so state stands in for the pointer
-    return _StateArg(state, state, 0, (0, *state.stride()[:2]), (0, 0, 0))
+    # no weights, none read: but the kernel forms their addresses before _load_state looks at
+    # TERMS, and None + int does not compile, so state stands in for those pointers
+    return _StateArg((state,) * 4, 0, (0, *state.stride()[:2], 0, 0, 0, 0, 0))
 
 
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32,
@@ -354,10 +377,10 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_fwd_kernel[grid](
-        states, dA_cumsum, init_arg.states, init_arg.weights, seq_idx, base_final, states_in, final,
+        states, dA_cumsum, *init_arg.pointers, seq_idx, base_final, states_in, final,
         p * n, nchunks, seqlen, chunk_size,
         states.stride(0), states.stride(1), states.stride(2), *dA_cumsum.stride(),
-        *init_arg.strides, *init_arg.weight_strides, final.stride(0), final.stride(1),
+        *init_arg.strides, final.stride(0), final.stride(1),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_INIT=initial_states is not None, INIT_TERMS=init_arg.terms, HAS_SEQ=seq_idx is not None,
         ONTO_BASE=base_final is not None, BLOCK=block, **opts,
@@ -434,10 +457,10 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
     block = min(_BLOCK, next_power_of_2(p * n))
     grid = (cdiv(p * n, block), b, h)
     _state_passing_bwd_kernel[grid](
-        dstates_in, states_in, dA_cumsum, dfinal_arg.states, dfinal_arg.weights, seq_idx, dstates, dinit, ddA_cumsum,
+        dstates_in, states_in, dA_cumsum, *dfinal_arg.pointers, seq_idx, dstates, dinit, ddA_cumsum,
         p * n, nchunks, seqlen, chunk_size,
         states_in.stride(0), states_in.stride(1), states_in.stride(2), *dA_cumsum.stride(),
-        *dfinal_arg.strides, *dfinal_arg.weight_strides, h * p * n, p * n,
+        *dfinal_arg.strides, h * p * n, p * n,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_DFINAL=dfinal is not None, DFINAL_TERMS=dfinal_arg.terms, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
         ONTO_BASE=onto_base, BLOCK=block, **opts,

@@ -84,7 +84,8 @@ def _exchange(send: torch.Tensor | None, send_to: int | None, recv_like: torch.T
               group) -> torch.Tensor:
     """Send `send` to group rank send_to and receive a tensor like recv_like from recv_from
     (None: no partner; zeros are received). Posted together so neighbours cannot deadlock."""
-    received = recv_like.new_zeros(recv_like.shape)  # contiguous, whatever recv_like is
+    # contiguous, whatever recv_like is; zeros only where no partner sends (a fill kernel)
+    received = recv_like.new_zeros(recv_like.shape) if recv_from is None else recv_like.new_empty(recv_like.shape)
     requests = []
     if recv_from is not None:
         requests.append(dist.irecv(received, group=group, group_src=recv_from))
@@ -139,7 +140,7 @@ class ContextParallel:
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.halo_len = d_conv - 1
-        self._halo_mask = self._between = self._paths = None
+        self._halo_mask = self._into_this = self._from_this = None
 
     @torch.no_grad()
     def begin(self, seq_idx: torch.Tensor | None, batch: int, device) -> None:
@@ -162,10 +163,17 @@ class ContextParallel:
         # document starts inside it)
         passes = joins & (first == last)                                         # (cp, b)
         ranks = torch.arange(self.world, device=joins.device)
-        target, source, between = ranks[:, None, None], ranks[None, :, None], ranks[None, None, :]
-        self._between = (source < between) & (between < target)                 # (cp t, cp s, cp u): s < u < t
-        blocked = (self._between[..., None] & ~passes[None, None]).any(dim=2)    # (cp t, cp s, b)
-        self._paths = (ranks[None, :] < ranks[:, None])[..., None] & joins[:, None, :] & ~blocked
+        target, source, middle = ranks[:, None, None], ranks[None, :, None], ranks[None, None, :]
+        between = (source < middle) & (middle < target)                          # (cp t, cp s, cp u): s < u < t
+        blocked = (between[..., None] & ~passes[None, None]).any(dim=2)          # (cp t, cp s, b)
+        paths = (ranks[None, :] < ranks[:, None])[..., None] & joins[:, None, :] & ~blocked
+        # WeightedStates' coef and reach (fp32) for the two sums every layer takes over the
+        # gathered pieces: the state entering this piece (a term per source s) and the
+        # gradient of this piece's final state (a term per target t): log w = Σ_u coef·log a_u
+        # over the pieces u between them, and no weight where no path runs
+        between, paths = between.float(), paths.float()
+        self._into_this = (between[self.rank], paths[self.rank])                 # (cp s, cp u), (cp s, b)
+        self._from_this = (between[:, self.rank], paths[:, self.rank])           # (cp t, cp u), (cp t, b)
 
     # -- (a) the conv's halo
 
@@ -192,24 +200,25 @@ class ContextParallel:
         # Every rank weighs every gathered state (rank 0 with zero weights) so that under
         # autograd each rank runs the all-gather's backward: a collective skipped by one rank
         # because its loss does not depend on it would hang the others.
-        return WeightedStates(states, self._weights(log_totals, target=self.rank)).sum()
+        return WeightedStates(states, log_totals, *self._into_this).sum()
 
     def state_in_async(self, final_state: torch.Tensor, log_decay: torch.Tensor, wire_dtype=None):
         # state_in outside autograd, its all-gather started: → a function giving h_in
         # (WeightedStates). wire_dtype: the states' dtype on the wire (default theirs, fp32);
         # the log decays travel in fp32 whatever it is
-        return self._weighted_states_async(final_state, log_decay, wire_dtype, target=self.rank)
+        return self._weighted_states_async(final_state, log_decay, wire_dtype, self._into_this)
 
     def final_state_grad_async(self, dstate_in: torch.Tensor, log_decay: torch.Tensor, wire_dtype=None):
         # dstate_in: (b, h, p, n) the gradient of h_in through this piece's y alone → a
         # function giving the gradient of this piece's true final state (h_in of the next piece,
         # and on; WeightedStates), the all-gather it needs started now
-        return self._weighted_states_async(dstate_in, log_decay, wire_dtype, source=self.rank)
+        return self._weighted_states_async(dstate_in, log_decay, wire_dtype, self._from_this)
 
-    def _weighted_states_async(self, state, log_decay, wire_dtype, target=None, source=None):
-        # every rank's state and its weight as _weights(target or source) says, not summed (the
-        # state passing that reads them sums them as it loads them): the all-gather started
-        # now, the rest in the function returned. Outside autograd: the Triton op's own passes
+    def _weighted_states_async(self, state, log_decay, wire_dtype, coef_reach):
+        # every rank's state with its log decay, weighted by coef_reach (begin), not summed: the
+        # state passing that reads them forms the weights and the sum as it loads them. The
+        # all-gather started now, the rest (views) in the function returned. Outside autograd:
+        # the Triton op's own passes
         with torch.no_grad():
             every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
         shape = state.shape
@@ -217,8 +226,7 @@ class ContextParallel:
         @torch.no_grad()
         def finish() -> WeightedStates:
             work.wait()
-            states, log_totals = self._unpack(every, shape)
-            return WeightedStates(states, self._weights(log_totals, target=target, source=source))
+            return WeightedStates(*self._unpack(every, shape), *coef_reach)
         return finish
 
     @staticmethod
@@ -241,16 +249,3 @@ class ContextParallel:
         if words.dtype != torch.float32:   # fp32 bits in 2-byte words: unaligned after an odd h·p·n
             words = (words if state_size % 2 == 0 else words.contiguous()).view(torch.float32)
         return states.reshape(every.shape[0], *state_shape), words
-
-    def _weights(self, log_totals: torch.Tensor, target: int | None = None, source: int | None = None):
-        # log_totals: (cp, b, h) → (cp, b, h): the weights of every piece's final state in the
-        # state entering `target`, or of `source`'s in the state entering every piece:
-        # Π_{s<u<t} a_u where a path runs from s to t (begin), else 0
-        between, paths = (self._between[target], self._paths[target]) if target is not None else \
-            (self._between[:, source], self._paths[:, source])                   # (cp, cp u), (cp, b)
-        # a broadcast product and sum, not an einsum: autocast would run that in bf16, and a
-        # log weight of -30 would come back off by 0.06 (its weight by 6%)
-        log_weight = (between.to(log_totals.dtype)[..., None, None] * log_totals).sum(1)
-        # -inf where no path runs: exp gives 0, and its gradient stays 0 (where a product with
-        # 0 after the exp would meet an overflowed exp of a positive sum and give nan)
-        return torch.exp(log_weight.masked_fill(~paths[..., None], float("-inf")))
