@@ -492,6 +492,21 @@ def test_add_norm_rejects_mismatched_shapes():
         add_rmsnorm_triton(**inputs, out_parts=0)
 
 
+@pytest.mark.parametrize("rows, shape, transposed, dtype",
+                         [(1, (5,), False, torch.float32), (37, (300,), False, torch.bfloat16),
+                          (513, (4, 70), True, torch.float32), (6, (3, 2), True, torch.float16)])
+def test_column_sum_of_partials_into_any_layout_and_dtype(rows, shape, transposed, dtype):
+    # the backward kernels' partial rows of dweight and dbias summed into the weight's dtype
+    # and layout (the conv's (d, width) weight from (width, d) partials: a transposed output)
+    from kernels.column_sum import column_sum
+    parts = torch.randn(rows, *shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    out = torch.empty(shape[::-1] if transposed else shape, device=DEVICE, dtype=dtype)
+    result = column_sum(parts, out.t() if transposed else out)
+    expected = parts.double().sum(0)
+    assert result.dtype == dtype and rel_err(result, expected) <= (FP32_BOUND if dtype == torch.float32 else HALF_BOUND)
+    assert torch.equal(out.t() if transposed else out, result)
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 
 @pytest.mark.gpu

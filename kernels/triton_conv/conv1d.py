@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..cached_launch import cached_launch
+from ..column_sum import column_sum
 from ..host_math import cdiv, next_power_of_2
 
 
@@ -432,6 +433,8 @@ def conv1d_bwd(dout, dfinal, x, weight, bias=None, initial_state=None, seq_idx=N
         HAS_SEQ=seq_idx is not None, HAS_DFINAL=dfinal is not None, BLOCK_L=block_l, BLOCK_D=block_d,
         STEPS=steps, num_warps=num_warps,
     )
-    dweight = dweight_part.sum(dim=(0, 1)).t().to(weight.dtype)
-    dbias = dbias_part.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
+    # a partial row holds (width, d); the weight is (d, width): summed into its transpose
+    dweight = torch.empty(d, width, device=x.device, dtype=weight.dtype)
+    column_sum(dweight_part.view(-1, width, d), dweight.t())
+    dbias = column_sum(dbias_part.view(-1, d), torch.empty_like(bias)) if bias is not None else None
     return dx, dweight, dbias, dinit

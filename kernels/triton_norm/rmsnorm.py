@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..cached_launch import cached_launch
+from ..column_sum import column_sum
 from ..host_math import cdiv, next_power_of_2
 
 
@@ -275,5 +276,5 @@ def rmsnorm_gated_bwd(dout, x, z, weight, eps, group_size, block_m=None, num_war
         HAS_OUT=out is not None, DOUT_PARTS=dout_terms.shape[0], BLOCK_M=block_m, BLOCK_G=block_g, TILES=tiles,
         num_warps=num_warps,
     )
-    dweight = dweight_part.sum(dim=0).to(weight.dtype)
+    dweight = column_sum(dweight_part, torch.empty_like(weight, memory_format=torch.contiguous_format))
     return (dx if update_dtype is None else (dx, dupdate)), dz, dweight

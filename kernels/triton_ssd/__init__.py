@@ -1,24 +1,6 @@
 """Chunked SSD (Mamba-2) as Triton kernels, one file per stage (DESIGN §3)."""
 
-import os
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Triton 3.6's CPU interpreter turns a scalar into an int with int(array of shape (1,)),
-    # which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
-    # scalars"): every `for k in range(0, n, BLOCK)` with a run-time n fails. Patch that one
-    # conversion; compiled kernels are not affected.
-    import triton.runtime.interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    if not getattr(_patch_lang_tensor, "_mamba_train_index_fix", False):
-        _patch_lang_tensor_index._mamba_train_index_fix = True
-        _interpreter._patch_lang_tensor = _patch_lang_tensor_index
-
-from .combined import ssd_triton  # noqa: E402
+from .. import triton_interpreter  # noqa: F401  (its loops run to run-time bounds)
+from .combined import ssd_triton
 
 __all__ = ["ssd_triton"]
