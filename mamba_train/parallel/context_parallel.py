@@ -239,7 +239,12 @@ class ContextParallel:
         if wire_dtype == torch.float32:   # the reference path: differentiable, so no bit views
             return torch.cat([state.reshape(b, -1).float(), log_decay.float()], dim=1)
         assert wire_dtype.itemsize == 2, f"the states travel in fp32, bf16 or fp16, not {wire_dtype}"
-        return torch.cat([state.reshape(b, -1).to(wire_dtype), log_decay.float().view(wire_dtype)], dim=1)
+        decay_words = log_decay.float().view(wire_dtype)
+        state_size = state[0].numel()
+        packed = state.new_empty((b, state_size + decay_words.shape[1]), dtype=wire_dtype)
+        packed[:, :state_size].copy_(state.reshape(b, -1))   # cast as it is written: no cast, then cat
+        packed[:, state_size:].copy_(decay_words)
+        return packed
 
     @staticmethod
     def _unpack(every, state_shape):
