@@ -4,11 +4,10 @@ every split and writes the result once, in the output's dtype and strides.
 torch's `partials.sum(0)` was followed by a second kernel wherever the output is bf16 or a
 strided view (dB and dC written into the conv's gradient), and a TP=2 rank's single group makes
 the dB and dC launchers split too. H100, medians from a CUDA graph (`bench/bench_split_sum.py`),
-at the 1.3b step's shapes: dcb on one GPU (2 splits of 16 MiB) 0.0325 → 0.0230 ms; a TP=2
-rank's dB (2 splits, bf16, strided) 0.0089 → 0.0028 ms (3.7 TB/s); a TP=2 rank's dcb (4 splits
-of 8 MiB) 0.0215 → 0.0241 ms. The dcb figures were measured with a contiguous output seen as
-one row (a sixteenth of each tile live); it is now seen as rows of its last dim, as dB was,
-not yet timed.
+at the 1.3b step's shapes: dcb on one GPU (2 splits of 16 MiB) 0.0325 → 0.0175 ms (2.9 TB/s); a
+TP=2 rank's dcb (4 splits of 8 MiB) 0.0215 → 0.0115 ms (3.6 TB/s); a TP=2 rank's dB (2 splits,
+bf16, strided) 0.0089 → 0.0029 ms (3.7 TB/s). (twenty-fourth session; the dcb figures before
+the output was seen as rows of its last dim were 0.0230 and 0.0241 ms.)
 """
 
 import math
