@@ -12,14 +12,15 @@ Triton op runs the state passing from zero first (h_r is its final state), then 
 h_in's part to the states entering each chunk (no scan over the tokens), then the rest of
 the SSD. So each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r):
 B·H·P·N numbers per rank, independent of the sequence length. The Triton op sends the
-states in C's dtype (bf16 in training): the dtype each chunk's entering state has on one GPU,
-so the rank border rounds the state as a chunk border does; the log decays stay fp32.
+states in C's dtype (bf16 in training), the dtype of each chunk's entering state on one GPU:
+one rounding per gathered state, comparable to a chunk border's (though on one GPU the
+state carried on stays fp32); the log decays stay fp32.
 
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
 true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's
 final state is Σ_{s>r} (the forward's weight of r in h_in(s)) · (h_in(s)'s gradient through
-y_s), one more all-gather of (b, h·p·n + h) a layer; the SSD's backward then takes it as the
+y_s), one more all-gather like the forward's a layer; the SSD's backward then takes it as the
 gradient of its final state, so nothing runs over the tokens twice.
 
 Documents (`seq_idx`, ids of the whole sequence, sliced per rank): a state or a halo row
@@ -132,9 +133,10 @@ class ContextParallel:
     halo_grad / final_state_grad_async are their backward for an op that runs its own (the
     Triton mixer body calls halo and state_in_async in its forward, these two in its
     backward). The _async forms start the all-gather and return a function that waits for it
-    and gives the result as WeightedStates (the gathered states and their weights, summed by
-    the kernel that reads them), so that work which needs neither runs meanwhile; call it on
-    the stream that was current when the all-gather started."""
+    and gives the result as WeightedStates (the gathered states and log decays, with the
+    coef and reach set in `begin`: the kernel that reads them forms the weights and the sum),
+    so that work which needs neither runs meanwhile; call it on the stream that was current
+    when the all-gather started."""
 
     def __init__(self, group, d_conv: int):
         self.group = group
@@ -172,8 +174,9 @@ class ContextParallel:
         # gradient of this piece's final state (a term per target t): log w = Σ_u coef·log a_u
         # over the pieces u between them, and no weight where no path runs
         between, paths = between.float(), paths.float()
+        # (contiguous: the kernel reads coef so, and a copy per layer would run after the wait)
         self._into_this = (between[self.rank], paths[self.rank])                 # (cp s, cp u), (cp s, b)
-        self._from_this = (between[:, self.rank], paths[:, self.rank])           # (cp t, cp u), (cp t, b)
+        self._from_this = (between[:, self.rank].contiguous(), paths[:, self.rank])   # (cp t, cp u), (cp t, b)
 
     # -- (a) the conv's halo
 
@@ -236,11 +239,11 @@ class ContextParallel:
         # (1 in fp32, 2 in bf16: a log decay of -30 rounded to bf16 would be off by 0.06)
         wire_dtype = wire_dtype or state.dtype
         b = log_decay.shape[0]
-        if wire_dtype == torch.float32:   # the reference path: differentiable, so no bit views
-            return torch.cat([state.reshape(b, -1).float(), log_decay.float()], dim=1)
-        assert wire_dtype.itemsize == 2, f"the states travel in fp32, bf16 or fp16, not {wire_dtype}"
-        decay_words = log_decay.float().view(wire_dtype)
-        state_size = state[0].numel()
+        if wire_dtype.itemsize >= 4:   # fp32 (float64 in the reference's checks): differentiable, no bit views
+            return torch.cat([state.reshape(b, -1).to(wire_dtype), log_decay.to(wire_dtype)], dim=1)
+        assert wire_dtype.itemsize == 2, f"the states travel in float64, fp32, bf16 or fp16, not {wire_dtype}"
+        decay_words = log_decay.float().contiguous().view(wire_dtype)
+        state_size = state.shape[1:].numel()
         packed = state.new_empty((b, state_size + decay_words.shape[1]), dtype=wire_dtype)
         packed[:, :state_size].copy_(state.reshape(b, -1))   # cast as it is written: no cast, then cat
         packed[:, state_size:].copy_(decay_words)
@@ -248,9 +251,11 @@ class ContextParallel:
 
     @staticmethod
     def _unpack(every, state_shape):
-        # (cp, b, h·p·n + h·w) → (cp, b, h, p, n) in the wire's dtype, (cp, b, h) fp32
+        # (cp, b, h·p·n + h·w) → (cp, b, h, p, n) in the wire's dtype, (cp, b, h) fp32 (or the
+        # wire's dtype, if wider)
         state_size = state_shape[1:].numel()
         states, words = every[..., :state_size], every[..., state_size:]
-        if words.dtype != torch.float32:   # fp32 bits in 2-byte words: unaligned after an odd h·p·n
-            words = (words if state_size % 2 == 0 else words.contiguous()).view(torch.float32)
+        if words.dtype.itemsize == 2:   # fp32 bits in 2-byte words: unaligned after an odd h·p·n, so copied
+            words = (words if state_size % 2 == 0 else words.clone(memory_format=torch.contiguous_format))
+            words = words.view(torch.float32)
         return states.reshape(every.shape[0], *state_shape), words
