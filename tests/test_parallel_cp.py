@@ -151,7 +151,7 @@ def test_states_travel_in_the_wire_dtype_and_log_decays_bit_exact(wire_dtype, st
         assert torch.equal(log_decays[rank], log_decay)
 
 
-def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
+def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound, symmetric=False):
     """The Triton mixer body on this rank's piece, with the hook running its collectives in the
     op's forward and backward, against the reference on the whole sequence (float64 on CPU,
     fp32 on a GPU): output, the gradient of in_proj's output (this piece's rows) and the
@@ -187,7 +187,7 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
         mine = {k: (v[:, rows].contiguous() if k in ("zxbcdt", "seq_idx") else v) for k, v in inputs.items()}
         mine["zxbcdt"] = mine["zxbcdt"].to(zx_dtype)
         mine = {k: (v.detach().clone().requires_grad_(True) if k in GRADS else v) for k, v in mine.items()}
-        cp = ContextParallel(dist.group.WORLD, d_conv=4)
+        cp = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=symmetric)
         cp.begin(mine["seq_idx"], b, torch.device(device))
         with count_collectives() as log:
             out = mixer_body_triton(**mine, **kwargs, context_parallel=cp)
@@ -206,8 +206,9 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
     halo = b * 3 * (h * p + 2 * g * n) * zx_dtype.itemsize     # (d_conv - 1) rows of conv channels
     # (state, log decay): the state in C's dtype (zx's), the log decay in fp32
     states = b * (h * p * n * zx_dtype.itemsize + h * 4)
-    expected_calls = ([("isend", halo)] if rank < world - 1 else []) + [("all_gather_into_tensor", states)] * 2 + \
-        ([("isend", halo)] if rank > 0 else [])
+    # (over symmetric memory the states are read in place: no collective of torch's)
+    gathers = [] if symmetric else [("all_gather_into_tensor", states)] * 2
+    expected_calls = ([("isend", halo)] if rank < world - 1 else []) + gathers + ([("isend", halo)] if rank > 0 else [])
     sends = [(name, size) for name, size in logs[0].calls if name in ("isend", "all_gather_into_tensor")]
     assert sends == expected_calls, sends
 
@@ -265,8 +266,10 @@ def test_parallel_model_with_the_triton_mixer_body_equals_one_process(tp, world,
 
 
 @pytest.mark.gpu
-def test_gpu_triton_mixer_body_on_two_nccl_ranks_equals_the_whole_sequence():
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric_memory", "all_gather"])
+def test_gpu_triton_mixer_body_on_two_nccl_ranks_equals_the_whole_sequence(symmetric):
     if _interpreted_triton() or torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    # bf16 in_proj output against the fp32 reference, as test_mixer_body's gpu test bounds it
-    run_workers(_mixer_body_piece_worker, 2, "layer", torch.bfloat16, 2e-2, backend="nccl")
+    # bf16 in_proj output against the fp32 reference, as test_mixer_body's gpu test bounds it;
+    # the boundary states read from each rank's symmetric buffer, or all-gathered
+    run_workers(_mixer_body_piece_worker, 2, "layer", torch.bfloat16, 2e-2, symmetric, backend="nccl")

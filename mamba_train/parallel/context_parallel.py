@@ -31,10 +31,14 @@ zeroed where the border starts a document.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 import torch.distributed as dist
 
-from kernels.reference.ssd import WeightedStates
+from kernels.reference.ssd import PeerStates, WeightedStates
+from mamba_train.parallel.symmetric_exchange import SymmetricStates
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -136,11 +140,17 @@ class ContextParallel:
     the kernel that reads them), so that work which needs neither runs meanwhile; call it on
     the stream that was current when the all-gather started."""
 
-    def __init__(self, group, d_conv: int):
+    def __init__(self, group, d_conv: int, symmetric: bool = True):
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.halo_len = d_conv - 1
         self._halo_mask = self._into_this = self._from_this = None
+        # symmetric: on CUDA, the _async hooks' states go through symmetric memory
+        # (SymmetricStates, made at the first exchange, which knows their size) rather than
+        # NCCL all-gathers, unless it cannot be set up
+        self._symmetric_wanted = symmetric
+        self._symmetric: SymmetricStates | None = None
+        self._captured = False   # whether a CUDA graph may hold the workspace's address
 
     @torch.no_grad()
     def begin(self, seq_idx: torch.Tensor | None, batch: int, device) -> None:
@@ -174,6 +184,8 @@ class ContextParallel:
         between, paths = between.float(), paths.float()
         self._into_this = (between[self.rank], paths[self.rank])                 # (cp s, cp u), (cp s, b)
         self._from_this = (between[:, self.rank], paths[:, self.rank])           # (cp t, cp u), (cp t, b)
+        if self._symmetric is not None and device.type == "cuda":
+            self._symmetric.fence()   # this forward's exchanges start at region 0
 
     # -- (a) the conv's halo
 
@@ -217,11 +229,24 @@ class ContextParallel:
     def _weighted_states_async(self, state, log_decay, wire_dtype, coef_reach):
         # every rank's state with its log decay, weighted by coef_reach (begin), not summed: the
         # state passing that reads them forms the weights and the sum as it loads them. The
-        # all-gather started now, the rest (views) in the function returned. Outside autograd:
-        # the Triton op's own passes
+        # exchange started now, the rest in the function returned. Outside autograd: the Triton
+        # op's own passes
+        shape, wire_dtype = state.shape, wire_dtype or state.dtype
+        packed_shape = self._packed_shape(shape, wire_dtype)
+        if self._symmetric_ready(state, packed_shape, wire_dtype):
+            with torch.no_grad():
+                packed = self._symmetric.own(packed_shape, wire_dtype)
+                self._pack_into(packed, state, log_decay)
+
+            @torch.no_grad()
+            def read_in_place() -> PeerStates:
+                self._symmetric.exchanged()
+                own_state, own_log = self._unpack(packed[None], shape)
+                return PeerStates(own_state[0], own_log[0], self._symmetric.offsets(wire_dtype.itemsize),
+                                  self._symmetric.offsets(4), *coef_reach)
+            return read_in_place
         with torch.no_grad():
             every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
-        shape = state.shape
 
         @torch.no_grad()
         def finish() -> WeightedStates:
@@ -235,16 +260,52 @@ class ContextParallel:
         # wire_dtype (default its own) and after it the log decays' fp32 bits, w words each
         # (1 in fp32, 2 in bf16: a log decay of -30 rounded to bf16 would be off by 0.06)
         wire_dtype = wire_dtype or state.dtype
-        b = log_decay.shape[0]
         if wire_dtype == torch.float32:   # the reference path: differentiable, so no bit views
-            return torch.cat([state.reshape(b, -1).float(), log_decay.float()], dim=1)
-        assert wire_dtype.itemsize == 2, f"the states travel in fp32, bf16 or fp16, not {wire_dtype}"
-        decay_words = log_decay.float().view(wire_dtype)
+            return torch.cat([state.reshape(log_decay.shape[0], -1).float(), log_decay.float()], dim=1)
+        packed = state.new_empty(ContextParallel._packed_shape(state.shape, wire_dtype), dtype=wire_dtype)
+        return ContextParallel._pack_into(packed, state, log_decay)
+
+    @staticmethod
+    def _packed_shape(state_shape, wire_dtype) -> tuple[int, int]:
+        assert wire_dtype.itemsize in (2, 4), f"the states travel in fp32, bf16 or fp16, not {wire_dtype}"
+        return state_shape[0], state_shape[1:].numel() + state_shape[1] * 4 // wire_dtype.itemsize
+
+    @staticmethod
+    def _pack_into(packed, state, log_decay):
+        # _pack's layout, written into `packed` (b, h·p·n + h·w) of the wire's dtype; outside autograd
         state_size = state[0].numel()
-        packed = state.new_empty((b, state_size + decay_words.shape[1]), dtype=wire_dtype)
-        packed[:, :state_size].copy_(state.reshape(b, -1))   # cast as it is written: no cast, then cat
-        packed[:, state_size:].copy_(decay_words)
+        packed[:, :state_size].copy_(state.reshape(state.shape[0], -1))   # cast as it is written
+        packed[:, state_size:].copy_(log_decay.float().view(packed.dtype))
         return packed
+
+    def _symmetric_ready(self, state, packed_shape, wire_dtype) -> bool:
+        # whether this exchange goes through SymmetricStates, making (or growing) it if needed:
+        # collective, as every rank exchanges the same shapes at the same point
+        state_bytes = state[0].numel() * wire_dtype.itemsize
+        if not (self._symmetric_wanted and state.is_cuda and state_bytes % 4 == 0):
+            return False   # (the log decays' fp32 words must be aligned where they lie)
+        nbytes = math.prod(packed_shape) * wire_dtype.itemsize
+        capturing = torch.cuda.is_current_stream_capturing()
+        if self._symmetric is not None and nbytes <= self._symmetric.region_bytes:
+            self._captured |= capturing
+            return True
+        if capturing or self._captured:
+            raise RuntimeError("context parallelism: the symmetric workspace for the boundary states cannot grow "
+                               "inside a CUDA graph's capture or under one captured before; run an eager forward "
+                               "and backward of the largest batch first")
+        try:
+            from torch.distributed import _symmetric_memory as symm_mem
+            with warnings.catch_warnings():
+                # torch 2.11 and later warn that the call is no longer needed; older ones need it
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.group.group_name)
+            self._symmetric = SymmetricStates(self.group.group_name, nbytes, state.device)
+        except RuntimeError as err:   # no symmetric memory here (no P2P between the GPUs, ...)
+            warnings.warn(f"context parallelism: no symmetric memory ({err}); the boundary states go through NCCL "
+                          "all-gathers")
+            self._symmetric_wanted = False
+            return False
+        return True
 
     @staticmethod
     def _unpack(every, state_shape):

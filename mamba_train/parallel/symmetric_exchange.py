@@ -19,6 +19,8 @@ starting region) never follows an exchange of the same region without a barrier 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -111,3 +113,51 @@ class SymmetricExchange:
         torch.mm(rows[self.rank], w_t, out=flat_parts[self.rank])
         main.wait_stream(self.side)
         return parts
+
+
+class SymmetricStates:
+    """Context parallelism's boundary states over symmetric memory: the CP group's workspace in
+    two regions of `region_bytes`. Each rank packs its (state, log decay) into its own buffer
+    (`own`), one barrier says every rank's is there (`exchanged`), and the state passing reads
+    every rank's in place (kernels.reference.ssd.PeerStates, through `offsets`): no all-gather
+    kernel holds SMs beside the SSD's, and nothing is copied between buffers. The regions
+    alternate as SymmetricExchange's do, for the same reason: when an exchange writes a region,
+    the barrier of the exchange before it has seen every rank finish reading that region's
+    previous states (each rank's reading kernel runs on the stream before its next barrier).
+    `fence()` starts a sequence of exchanges (each forward)."""
+
+    def __init__(self, group_name: str, region_bytes: int, device):
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * region_bytes)
+        self.region_bytes = region_bytes
+        self.rank, self.world = self.workspace.rank, self.workspace.world_size
+        pointers = self.workspace.buffer_ptrs
+        gaps = [pointer - pointers[self.rank] for pointer in pointers]   # bytes from this rank's buffer
+        # each rank's buffer from this rank's, in elements of 2 bytes (the states) and 4 (the
+        # log decays): made here, as a CUDA graph's capture could not copy them to the device
+        self._offsets = {size: torch.tensor([gap // size for gap in gaps], device=device) for size in (2, 4)}
+        assert all(gap % 4 == 0 for gap in gaps), "symmetric buffers are aligned"
+        self._next_region = 0
+
+    def fence(self) -> None:
+        """A barrier behind all earlier work of the current stream, and region 0 next."""
+        self.workspace.barrier(channel=0)
+        self._next_region = 0
+
+    def own(self, shape, dtype) -> torch.Tensor:
+        """This rank's buffer in the next region, as a tensor of `shape` in `dtype`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.region_bytes:
+            raise RuntimeError(f"context parallelism: boundary states of {tuple(shape)} {dtype} ({nbytes} bytes) do "
+                               f"not fit the symmetric workspace's {self.region_bytes}-byte region")
+        return self.workspace.get_buffer(self.rank, shape, dtype, self._next_region * self.region_bytes // dtype.itemsize)
+
+    def exchanged(self) -> None:
+        """The barrier after this rank's states are in the region; the next exchange takes the other."""
+        self.workspace.barrier(channel=self._next_region)
+        self._next_region ^= 1
+
+    def offsets(self, itemsize: int) -> torch.Tensor:
+        """(world,) int64 on the device: each rank's buffer from this rank's, in elements of itemsize."""
+        return self._offsets[itemsize]
