@@ -172,7 +172,7 @@ def print_excess(parallel_ms: dict, single_ms: dict, share: int, what: str, top:
 
 def collective_waits(timelines: list) -> dict:
     """{NCCL kernel label: (calls, rank 0's µs, the transfer's µs at most, rank 0's wait at least)}
-    from every rank's NCCL kernels in start order ([(name, µs)] per rank). A collective's
+    from every rank's NCCL kernels in start order ([(name, start µs, µs)] per rank). A collective's
     kernel runs on every rank from its launch until the last rank's data has moved, so it
     includes waiting for a rank that arrives later; the rank that arrives last waits least.
     Calls are matched by their order within a label (each communicator issues them in one
@@ -206,7 +206,7 @@ def compute_idle(timeline: list, min_gap_us: float = 2.0) -> dict:
     """{label of the kernel after a gap: (gaps, µs)} for the gaps of at least min_gap_us in
     which no kernel but NCCL's runs (timeline: [(name, start µs, µs)] in start order): where the
     compute waits, for a collective or for the kernel before. A CUDA graph's replay leaves ~1 µs
-    between kernels, so the gaps counted are waits."""
+    between kernels, so the gaps counted are waits (and the host's gap between two steps)."""
     idle, busy_until = {}, None
     for name, start, micros in timeline:
         if kernel_kind(name) == "nccl":
@@ -296,7 +296,7 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
     busy = {"step_ms": 1e3 * seconds, "enqueue_ms": 1e3 * enqueue}
     parallel_kernels = cuda_time_by_kernel(step) if args.profile else None   # every rank: collectives
     parallel_timeline = None
-    if args.profile:   # every rank's NCCL kernels, to tell the transfers from the waits
+    if args.profile:   # every rank's kernels: its NCCL ones to tell the transfers from the waits
         try:
             parallel_timeline = cuda_kernel_timeline(step)
             nccl = [kernel for kernel in parallel_timeline if kernel_kind(kernel[0]) == "nccl"]
@@ -327,7 +327,10 @@ def run(mode, seqlen, accum, graph, cfg, device, args, world, rank):
                 print_excess(parallel_kernels, cuda_time_by_kernel(one_step), world if mode in ("tp", "cp") else 1,
                              f"{mode}:{seqlen}:{accum}{':graph' if graph else ''}")
                 if parallel_timeline is not None:
-                    print_compute_idle(parallel_timeline, cuda_kernel_timeline(one_step), steps=2)
+                    try:   # a diagnostic: an error here must not keep rank 0 from the barrier below
+                        print_compute_idle(parallel_timeline, cuda_kernel_timeline(one_step), steps=2)
+                    except Exception as err:
+                        print(f"# no one-GPU kernel timeline ({err})", file=sys.stderr)
             del one_step
             del model
         except torch.OutOfMemoryError:

@@ -132,23 +132,27 @@ def test_tp2_cp2_with_sequence_parallel_split_by_rows_or_sequence_gradients_equa
 PIECE_SHAPES = {"tiny": ((20, 12), 4, 8, 2, 8, 24, 8), "layer": ((2048, 1024), 64, 64, 2, 128, 2048, 256)}
 
 
-@pytest.mark.parametrize("wire_dtype, state_shape", [(torch.bfloat16, (2, 3, 5, 7)), (torch.bfloat16, (2, 4, 8, 16)),
-                                                     (torch.float32, (2, 3, 5, 7))], ids=["bf16_odd", "bf16", "fp32"])
+@pytest.mark.parametrize("wire_dtype, state_shape",
+                         [(torch.bfloat16, (2, 3, 5, 7)), (torch.bfloat16, (1, 3, 5, 7)), (torch.bfloat16, (2, 4, 8, 16)),
+                          (torch.float16, (2, 4, 8, 16)), (torch.float32, (2, 3, 5, 7)), (torch.float64, (2, 3, 5, 7))],
+                         ids=["bf16_odd", "bf16_odd_one_row", "bf16", "fp16", "fp32", "float64"])
 def test_states_travel_in_the_wire_dtype_and_log_decays_bit_exact(wire_dtype, state_shape):
     # the all-gather's packing (ContextParallel._pack / _unpack) outside any collective: the
     # states rounded once to the wire's dtype, the log decays' fp32 bits carried whole (an
     # odd h·p·n leaves them unaligned in 2-byte words)
     from mamba_train.parallel.context_parallel import ContextParallel
     gen = torch.Generator().manual_seed(0)
+    ranks = 1 if state_shape[0] == 1 else 2   # one rank of one row: a slice torch calls contiguous
     pieces = [(torch.randn(state_shape, generator=gen), -30 * torch.rand(state_shape[:2], generator=gen))
-              for _ in range(2)]
+              for _ in range(ranks)]
     every = torch.stack([ContextParallel._pack(state, log_decay, wire_dtype) for state, log_decay in pieces])
     assert every.dtype == wire_dtype
     states, log_decays = ContextParallel._unpack(every, pieces[0][0].shape)
-    assert states.dtype == wire_dtype and log_decays.dtype == torch.float32
+    decay_dtype = torch.promote_types(wire_dtype, torch.float32)   # float64 on a float64 wire
+    assert states.dtype == wire_dtype and log_decays.dtype == decay_dtype
     for rank, (state, log_decay) in enumerate(pieces):
         assert torch.equal(states[rank], state.to(wire_dtype))
-        assert torch.equal(log_decays[rank], log_decay)
+        assert torch.equal(log_decays[rank], log_decay.to(decay_dtype))
 
 
 def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound, symmetric=False):

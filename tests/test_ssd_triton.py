@@ -423,8 +423,8 @@ def test_incoming_state_added_onto_the_zero_start_pass_equals_the_pass_from_it(d
     assert rel_err(ddA_added, ddA_direct) <= 1e-6, "ddA_cumsum"
 
 
-@pytest.mark.parametrize("terms, strided", [(3, True), (1, False)])
-def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
+@pytest.mark.parametrize("terms, layout", [(3, "strided"), (1, "contiguous"), (3, "packed_bf16")])
+def test_boundary_state_as_weighted_states_equals_their_sum(terms, layout):
     # context parallelism hands the boundary states over unsummed (WeightedStates: the gathered
     # pieces' states and log decays, views of the packed all-gather buffer, and which decays
     # weigh each state, where it reaches); the state passing forms the weights and the sum as
@@ -435,17 +435,23 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
     x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
     b, h, p, n = init.shape
     gen = torch.Generator().manual_seed(2)
-    if strided:   # as ContextParallel._pack lays them out: (k, b, h·p·n + h), the log decays last
+    if layout == "strided":   # as ContextParallel._pack lays out fp32 states: (k, b, h·p·n + h), log decays last
         # sliced on the device: .to(device) of a tensor with gaps makes it contiguous
         packed = torch.randn(terms, b, h * p * n + h, generator=gen).to(x.device)
         states, log_totals = packed[..., :-h].reshape(terms, b, h, p, n), packed[..., -h:]
+    elif layout == "packed_bf16":   # what the all-gather of bf16 states gives: each rank's _pack, stacked
+        from mamba_train.parallel.context_parallel import ContextParallel
+        every = torch.stack([ContextParallel._pack(torch.randn(b, h, p, n, generator=gen).to(x.device),
+                                                   -torch.rand(b, h, generator=gen).to(x.device), torch.bfloat16)
+                             for _ in range(terms)])
+        states, log_totals = ContextParallel._unpack(every, init.shape)
     else:
         states = torch.randn(terms, b, h, p, n, generator=gen).to(x.device)
         log_totals = torch.randn(terms, b, h, generator=gen).to(x.device)
     coef = (torch.rand(terms, terms, generator=gen) < 0.6).float().to(x.device)
     reach = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]][:terms]).to(x.device)   # (k, b): each 0 and 1
     boundary = WeightedStates(states, log_totals, coef, reach)
-    assert boundary.states.is_contiguous() != strided
+    assert boundary.states.is_contiguous() == (layout == "contiguous")
     weights = boundary.weights()
     assert (weights[reach == 0] == 0).all() and (weights[reach == 1] > 0).all()
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
@@ -466,6 +472,13 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, strided):
                                                         boundary.sum(), seq_idx)
     assert rel_err(dstates_in_kernel, dstates_before) <= 1e-6, "dstates"
     assert rel_err(ddA_in_kernel, ddA_before) <= 1e-6, "ddA_cumsum"
+    # a state that reaches no row adds nothing, though its log weight overflows exp
+    unreached = boundary._replace(log_totals=torch.full_like(log_totals, 200.0), coef=torch.ones_like(coef),
+                                  reach=torch.zeros_like(reach))
+    for name, ours, theirs in zip(("states_in", "final"),
+                                  state_passing.add_initial_state(zero_start, unreached, dA_cumsum, x.shape[1], seq_idx),
+                                  state_passing.add_initial_state(zero_start, None, dA_cumsum, x.shape[1], seq_idx)):
+        assert torch.equal(ours, theirs), name
     with pytest.raises(AssertionError, match="fp32 log_totals"):
         state_passing.add_initial_state(zero_start, boundary._replace(log_totals=log_totals.half()), dA_cumsum,
                                         x.shape[1], seq_idx)

@@ -41,8 +41,9 @@ class WeightedStates(NamedTuple):
         return torch.exp(log_weight.masked_fill(self.reach[..., None] == 0, float("-inf")))
 
     def sum(self) -> torch.Tensor:
-        # (b, h, p, n) fp32, whatever the states' dtype (they may have travelled in bf16)
-        return (self.weights()[..., None, None] * self.states.float()).sum(0)
+        # (b, h, p, n) in fp32 at least, whatever the states' dtype (they may have travelled in bf16)
+        return (self.weights()[..., None, None] * self.states.to(torch.promote_types(self.states.dtype,
+                                                                                       torch.float32))).sum(0)
 
 
 class PeerStates(NamedTuple):

@@ -12,14 +12,15 @@ Triton op runs the state passing from zero first (h_r is its final state), then 
 h_in's part to the states entering each chunk (no scan over the tokens), then the rest of
 the SSD. So each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r):
 B·H·P·N numbers per rank, independent of the sequence length. The Triton op sends the
-states in C's dtype (bf16 in training): the dtype each chunk's entering state has on one GPU,
-so the rank border rounds the state as a chunk border does; the log decays stay fp32.
+states in C's dtype (bf16 in training), the dtype of each chunk's entering state on one GPU:
+one rounding per gathered state, comparable to a chunk border's (though on one GPU the
+state carried on stays fp32); the log decays stay fp32.
 
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
 true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's
 final state is Σ_{s>r} (the forward's weight of r in h_in(s)) · (h_in(s)'s gradient through
-y_s), one more all-gather of (b, h·p·n + h) a layer; the SSD's backward then takes it as the
+y_s), one more all-gather like the forward's a layer; the SSD's backward then takes it as the
 gradient of its final state, so nothing runs over the tokens twice.
 
 Documents (`seq_idx`, ids of the whole sequence, sliced per rank): a state or a halo row
@@ -136,9 +137,10 @@ class ContextParallel:
     halo_grad / final_state_grad_async are their backward for an op that runs its own (the
     Triton mixer body calls halo and state_in_async in its forward, these two in its
     backward). The _async forms start the all-gather and return a function that waits for it
-    and gives the result as WeightedStates (the gathered states and their weights, summed by
-    the kernel that reads them), so that work which needs neither runs meanwhile; call it on
-    the stream that was current when the all-gather started."""
+    and gives the result as WeightedStates (the gathered states and log decays, with the
+    coef and reach set in `begin`: the kernel that reads them forms the weights and the sum),
+    so that work which needs neither runs meanwhile; call it on the stream that was current
+    when the all-gather started."""
 
     def __init__(self, group, d_conv: int, symmetric: bool = True):
         self.group = group
@@ -182,8 +184,9 @@ class ContextParallel:
         # gradient of this piece's final state (a term per target t): log w = Σ_u coef·log a_u
         # over the pieces u between them, and no weight where no path runs
         between, paths = between.float(), paths.float()
+        # (contiguous: the kernel reads coef so, and a copy per layer would run after the wait)
         self._into_this = (between[self.rank], paths[self.rank])                 # (cp s, cp u), (cp s, b)
-        self._from_this = (between[:, self.rank], paths[:, self.rank])           # (cp t, cp u), (cp t, b)
+        self._from_this = (between[:, self.rank].contiguous(), paths[:, self.rank])   # (cp t, cp u), (cp t, b)
         if self._symmetric is not None and device.type == "cuda":
             self._symmetric.fence()   # this forward's exchanges start at region 0
 
@@ -232,8 +235,8 @@ class ContextParallel:
         # exchange started now, the rest in the function returned. Outside autograd: the Triton
         # op's own passes
         shape, wire_dtype = state.shape, wire_dtype or state.dtype
-        packed_shape = self._packed_shape(shape, wire_dtype)
-        if self._symmetric_ready(state, packed_shape, wire_dtype):
+        if self._symmetric_ready(state, wire_dtype):
+            packed_shape = self._packed_shape(shape, wire_dtype)
             with torch.no_grad():
                 packed = self._symmetric.own(packed_shape, wire_dtype)
                 self._pack_into(packed, state, log_decay)
@@ -260,31 +263,32 @@ class ContextParallel:
         # wire_dtype (default its own) and after it the log decays' fp32 bits, w words each
         # (1 in fp32, 2 in bf16: a log decay of -30 rounded to bf16 would be off by 0.06)
         wire_dtype = wire_dtype or state.dtype
-        if wire_dtype == torch.float32:   # the reference path: differentiable, so no bit views
-            return torch.cat([state.reshape(log_decay.shape[0], -1).float(), log_decay.float()], dim=1)
+        if wire_dtype.itemsize >= 4:   # fp32 (float64 in the reference's checks): differentiable, no bit views
+            return torch.cat([state.reshape(log_decay.shape[0], -1).to(wire_dtype), log_decay.to(wire_dtype)], dim=1)
         packed = state.new_empty(ContextParallel._packed_shape(state.shape, wire_dtype), dtype=wire_dtype)
         return ContextParallel._pack_into(packed, state, log_decay)
 
     @staticmethod
     def _packed_shape(state_shape, wire_dtype) -> tuple[int, int]:
-        assert wire_dtype.itemsize in (2, 4), f"the states travel in fp32, bf16 or fp16, not {wire_dtype}"
+        # (b, h·p·n + h·w): w words of the wire's dtype hold a log decay's fp32 bits
+        assert wire_dtype.itemsize in (2, 4), f"the states travel in float64, fp32, bf16 or fp16, not {wire_dtype}"
         return state_shape[0], state_shape[1:].numel() + state_shape[1] * 4 // wire_dtype.itemsize
 
     @staticmethod
     def _pack_into(packed, state, log_decay):
         # _pack's layout, written into `packed` (b, h·p·n + h·w) of the wire's dtype; outside autograd
-        state_size = state[0].numel()
-        packed[:, :state_size].copy_(state.reshape(state.shape[0], -1))   # cast as it is written
-        packed[:, state_size:].copy_(log_decay.float().view(packed.dtype))
+        state_size = state.shape[1:].numel()
+        packed[:, :state_size].copy_(state.reshape(state.shape[0], -1))   # cast as it is written: no cast, then cat
+        packed[:, state_size:].copy_(log_decay.float().contiguous().view(packed.dtype))
         return packed
 
-    def _symmetric_ready(self, state, packed_shape, wire_dtype) -> bool:
+    def _symmetric_ready(self, state, wire_dtype) -> bool:
         # whether this exchange goes through SymmetricStates, making (or growing) it if needed:
         # collective, as every rank exchanges the same shapes at the same point
-        state_bytes = state[0].numel() * wire_dtype.itemsize
-        if not (self._symmetric_wanted and state.is_cuda and state_bytes % 4 == 0):
+        state_bytes = state.shape[1:].numel() * wire_dtype.itemsize
+        if not (self._symmetric_wanted and state.is_cuda and wire_dtype.itemsize in (2, 4) and state_bytes % 4 == 0):
             return False   # (the log decays' fp32 words must be aligned where they lie)
-        nbytes = math.prod(packed_shape) * wire_dtype.itemsize
+        nbytes = math.prod(self._packed_shape(state.shape, wire_dtype)) * wire_dtype.itemsize
         capturing = torch.cuda.is_current_stream_capturing()
         if self._symmetric is not None and nbytes <= self._symmetric.region_bytes:
             self._captured |= capturing
@@ -309,9 +313,11 @@ class ContextParallel:
 
     @staticmethod
     def _unpack(every, state_shape):
-        # (cp, b, h·p·n + h·w) → (cp, b, h, p, n) in the wire's dtype, (cp, b, h) fp32
+        # (cp, b, h·p·n + h·w) → (cp, b, h, p, n) in the wire's dtype, (cp, b, h) fp32 (or the
+        # wire's dtype, if wider)
         state_size = state_shape[1:].numel()
         states, words = every[..., :state_size], every[..., state_size:]
-        if words.dtype != torch.float32:   # fp32 bits in 2-byte words: unaligned after an odd h·p·n
-            words = (words if state_size % 2 == 0 else words.contiguous()).view(torch.float32)
+        if words.dtype.itemsize == 2:   # fp32 bits in 2-byte words: unaligned after an odd h·p·n, so copied
+            words = (words if state_size % 2 == 0 else words.clone(memory_format=torch.contiguous_format))
+            words = words.view(torch.float32)
         return states.reshape(every.shape[0], *state_shape), words
