@@ -16,6 +16,13 @@ states in C's dtype (bf16 in training), the dtype of each chunk's entering state
 one rounding per gathered state, comparable to a chunk border's (though on one GPU the
 state carried on stays fp32); the log decays stay fp32.
 
+On CUDA the Triton op's exchanges need no all-gather: each rank packs its (state, log decay)
+into its own buffer of symmetric memory (`SymmetricStates`), and after one barrier the state
+passing reads every rank's in place (`PeerStates`: a table of the buffers' offsets from this
+rank's). No NCCL kernel then holds SMs beside the SSD's, and the forward waits for a barrier
+rather than for a transfer. Elsewhere (gloo: the CPU tests), or where symmetric memory cannot
+be set up, the states are all-gathered.
+
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
 true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's

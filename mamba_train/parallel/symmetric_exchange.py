@@ -1,5 +1,8 @@
-"""The products with a TP exchange inside (parallel.tp_comm_overlap on CUDA), over torch's
-symmetric memory: each rank's buffer is mapped into every other rank's address space, so a
+"""Exchanges over torch's symmetric memory: the products with a TP exchange inside
+(SymmetricExchange, parallel.tp_comm_overlap on CUDA), and context parallelism's boundary
+states read in place (SymmetricStates, at its class).
+
+The TP products: each rank's buffer is mapped into every other rank's address space, so a
 rank pulls another's rows with an NVLink copy (copy engines, no SMs) while it multiplies others.
 
 torch's own ops (`fused_all_gather_matmul`, and `_pipelined_produce_and_all2all` under
@@ -129,8 +132,10 @@ class SymmetricStates:
     def __init__(self, group_name: str, region_bytes: int, device):
         from torch.distributed import _symmetric_memory as symm_mem
 
-        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * region_bytes)
-        self.region_bytes = region_bytes
+        # regions of whole 256-byte blocks: the second region's states start as aligned as the
+        # first's (Triton specialises its loads on 16-byte alignment)
+        self.region_bytes = -(-region_bytes // 256) * 256
+        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * self.region_bytes)
         self.rank, self.world = self.workspace.rank, self.workspace.world_size
         pointers = self.workspace.buffer_ptrs
         gaps = [pointer - pointers[self.rank] for pointer in pointers]   # bytes from this rank's buffer
