@@ -10,6 +10,7 @@ the bound written beside it.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,6 +531,21 @@ def test_boundary_state_read_from_each_ranks_buffer_equals_the_gathered_sum(wire
     dstates = [state_passing.add_final_state_grad(through_y, states_in, dA_cumsum, ddA[i], x.shape[1], dfinal, seq_idx)
                for i, dfinal in enumerate((peers, gathered))]
     assert torch.equal(dstates[0], dstates[1]) and torch.equal(ddA[0], ddA[1])
+
+
+def test_state_passing_kernels_with_boundary_states_compile_for_an_h100():
+    # the interpreter runs kernels as Python and misses what the compiler refuses (a PeerStates
+    # path returning int64 from one branch and int32 from the other did); compiled here for
+    # sm_90 without a GPU, in a process without TRITON_INTERPRET
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(root / "tests" / "compile_sm90.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype, dstate_split", [(torch.float16, False), (torch.float32, False), (torch.float16, True)],

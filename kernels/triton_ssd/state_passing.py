@@ -55,10 +55,15 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
 @triton.jit
 def _term_offset(offsets_ptr, stride, k, PEERS: tl.constexpr):
     # where term k lies from the address given, in elements: k · stride, or with PEERS (each
-    # rank's symmetric-memory buffer, mapped at an address of its own) read from a table
+    # rank's symmetric-memory buffer, mapped at an address of its own) read from a table, whose
+    # offsets are multiples of 8 elements (SymmetricStates asserts 256-byte gaps), so that the
+    # loads stay vectorized. One return of one type: the compiler refuses int64 in one branch
+    # and int32 in another
     if PEERS:
-        return tl.load(offsets_ptr + k)
-    return k * stride
+        offset = tl.multiple_of(tl.load(offsets_ptr + k), 8)
+    else:
+        offset = (k * stride).to(tl.int64)
+    return offset
 
 
 @triton.jit
@@ -367,6 +372,7 @@ def _state_arg(state, shape) -> _StateArg:
         states, log_totals, coef, reach = state
         k = states.shape[0]
         assert tuple(states.shape[1:]) == tuple(shape), (tuple(states.shape), tuple(shape))
+        assert log_totals.shape[0] == k, f"WeightedStates: log totals (k, b, h) for k={k} states"
         _check_weighing(log_totals[0], coef, reach, k, shape)
         if states.stride(-1) != 1 or states.stride(-2) != shape[3]:
             states = states.contiguous()
@@ -395,7 +401,7 @@ def _state_arg(state, shape) -> _StateArg:
 def _check_weighing(log_total, coef, reach, k, shape):
     # one rank's (b, h) log totals, coef (k, k), reach (k, b), all fp32
     assert log_total.shape == tuple(shape[:2]) and coef.shape == (k, k) and reach.shape == (k, shape[0]), \
-        "the states' weighing: log totals (k, b, h), coef (k, k), reach (k, b) for k states"
+        "the states' weighing: log totals (b, h) a state, coef (k, k), reach (k, b) for k states"
     assert log_total.dtype == coef.dtype == reach.dtype == torch.float32, \
         f"the states' weighing: fp32 log_totals, coef and reach, found {log_total.dtype}, {coef.dtype}, {reach.dtype}"
 
@@ -475,7 +481,8 @@ def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_state_fwd then
     state_passing_fwd, whose grids have a chunk axis (same results: tests). initial_states: a
     tensor only (WeightedStates go to add_initial_state)."""
-    assert not isinstance(initial_states, WeightedStates), "states_in_fwd: WeightedStates go to add_initial_state"
+    assert not isinstance(initial_states, (WeightedStates, PeerStates)), \
+        "states_in_fwd: WeightedStates and PeerStates go to add_initial_state"
     if _fused_kernels_fill(x.shape[0], x.shape[2], x.device):
         return chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states, seq_idx, states_in_dtype)
     states = chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx)
@@ -560,7 +567,8 @@ def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=No
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_scan_bwd_dstates then
     state_passing_bwd (same results: tests). dfinal: a tensor only (WeightedStates go to
     add_final_state_grad)."""
-    assert not isinstance(dfinal, WeightedStates), "dstates_bwd: WeightedStates go to add_final_state_grad"
+    assert not isinstance(dfinal, (WeightedStates, PeerStates)), \
+        "dstates_bwd: WeightedStates and PeerStates go to add_final_state_grad"
     if _fused_kernels_fill(dy.shape[0], dy.shape[2], dy.device):
         return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit,
                                             dstates_dtype)

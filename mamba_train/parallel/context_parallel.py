@@ -143,11 +143,12 @@ class ContextParallel:
     halo / state_in are differentiable (the reference mixer body runs them under autograd);
     halo_grad / final_state_grad_async are their backward for an op that runs its own (the
     Triton mixer body calls halo and state_in_async in its forward, these two in its
-    backward). The _async forms start the all-gather and return a function that waits for it
-    and gives the result as WeightedStates (the gathered states and log decays, with the
-    coef and reach set in `begin`: the kernel that reads them forms the weights and the sum),
-    so that work which needs neither runs meanwhile; call it on the stream that was current
-    when the all-gather started."""
+    backward). The _async forms start the exchange and return a function that finishes it and
+    gives the result: WeightedStates (the gathered states and log decays, with the coef and
+    reach set in `begin`: the kernel that reads them forms the weights and the sum), or on
+    CUDA PeerStates (the same, read in place from each rank's symmetric buffer), so that work
+    which needs neither runs meanwhile; call it on the stream that was current when the
+    exchange started, before the next exchange starts."""
 
     def __init__(self, group, d_conv: int, symmetric: bool = True):
         self.group = group
@@ -159,7 +160,8 @@ class ContextParallel:
         # NCCL all-gathers, unless it cannot be set up
         self._symmetric_wanted = symmetric
         self._symmetric: SymmetricStates | None = None
-        self._captured = False   # whether a CUDA graph may hold the workspace's address
+        self._captured = False     # whether a CUDA graph may hold the workspace's address (never reset)
+        self._exchanging = False   # between an exchange's pack and its read
 
     @torch.no_grad()
     def begin(self, seq_idx: torch.Tensor | None, batch: int, device) -> None:
@@ -243,18 +245,7 @@ class ContextParallel:
         # op's own passes
         shape, wire_dtype = state.shape, wire_dtype or state.dtype
         if self._symmetric_ready(state, wire_dtype):
-            packed_shape = self._packed_shape(shape, wire_dtype)
-            with torch.no_grad():
-                packed = self._symmetric.own(packed_shape, wire_dtype)
-                self._pack_into(packed, state, log_decay)
-
-            @torch.no_grad()
-            def read_in_place() -> PeerStates:
-                self._symmetric.exchanged()
-                own_state, own_log = self._unpack(packed[None], shape)
-                return PeerStates(own_state[0], own_log[0], self._symmetric.offsets(wire_dtype.itemsize),
-                                  self._symmetric.offsets(4), *coef_reach)
-            return read_in_place
+            return self._read_in_place_async(state, log_decay, wire_dtype, coef_reach)
         with torch.no_grad():
             every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
 
@@ -263,6 +254,31 @@ class ContextParallel:
             work.wait()
             return WeightedStates(*self._unpack(every, shape), *coef_reach)
         return finish
+
+    def _read_in_place_async(self, state, log_decay, wire_dtype, coef_reach):
+        # _weighted_states_async over symmetric memory: this rank's state packed into its own
+        # buffer now; the barrier, and the states as PeerStates, in the function returned. The
+        # regions' argument (SymmetricStates) needs the pack and the barrier on one stream and
+        # one exchange at a time: asserted
+        symmetric, stream = self._symmetric, torch.cuda.current_stream()
+        assert not self._exchanging, "context parallelism: an exchange started before the last one was read"
+        self._exchanging = True
+        with torch.no_grad():
+            packed = symmetric.region(self.rank, self._packed_shape(state.shape, wire_dtype), wire_dtype)
+            self._pack_into(packed, state, log_decay)
+
+        @torch.no_grad()
+        def read_in_place() -> PeerStates:
+            assert torch.cuda.current_stream() == stream, "read the exchanged states on the stream that packed them"
+            symmetric.exchanged()
+            self._exchanging = False
+            own_state, own_log = self._unpack(packed[None], state.shape)
+            # views of the buffer, never copies: the offsets lead from them to the other ranks'
+            assert own_state.data_ptr() == packed.data_ptr() and own_log.data_ptr() == packed.data_ptr() + \
+                state.shape[1:].numel() * wire_dtype.itemsize
+            return PeerStates(own_state[0], own_log[0], symmetric.offsets(wire_dtype.itemsize), symmetric.offsets(4),
+                              *coef_reach)
+        return read_in_place
 
     @staticmethod
     def _pack(state, log_decay, wire_dtype=None):
@@ -304,18 +320,34 @@ class ContextParallel:
             raise RuntimeError("context parallelism: the symmetric workspace for the boundary states cannot grow "
                                "inside a CUDA graph's capture or under one captured before; run an eager forward "
                                "and backward of the largest batch first")
+        first, failure = self._symmetric is None, None
         try:
             from torch.distributed import _symmetric_memory as symm_mem
             with warnings.catch_warnings():
                 # torch 2.11 and later warn that the call is no longer needed; older ones need it
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(self.group.group_name)
-            self._symmetric = SymmetricStates(self.group.group_name, nbytes, state.device)
+            symmetric = SymmetricStates(self.group.group_name, nbytes, state.device)
+            if (symmetric.rank, symmetric.world) != (self.rank, self.world):
+                raise RuntimeError(f"the workspace's rank {symmetric.rank} of {symmetric.world} is not the group's "
+                                   f"{self.rank} of {self.world}")
         except RuntimeError as err:   # no symmetric memory here (no P2P between the GPUs, ...)
-            warnings.warn(f"context parallelism: no symmetric memory ({err}); the boundary states go through NCCL "
-                          "all-gathers")
+            failure = err
+        if not first:   # a larger workspace: every rank has read in place so far, and cannot stop alone
+            if failure is not None:
+                raise RuntimeError("context parallelism: the symmetric workspace for the boundary states could not "
+                                   "grow") from failure
+            self._symmetric = symmetric
+            return True
+        # the first exchange: every rank reads in place or every rank all-gathers, decided together
+        everywhere = torch.tensor([failure is None], dtype=torch.int32, device=state.device)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=self.group)
+        if not everywhere.item():
+            warnings.warn(f"context parallelism: no symmetric memory on every rank ({failure or 'another rank'}); "
+                          "the boundary states go through NCCL all-gathers")
             self._symmetric_wanted = False
             return False
+        self._symmetric = symmetric
         return True
 
     @staticmethod
