@@ -155,7 +155,7 @@ def test_states_travel_in_the_wire_dtype_and_log_decays_bit_exact(wire_dtype, st
         assert torch.equal(log_decays[rank], log_decay.to(decay_dtype))
 
 
-def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
+def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound, symmetric=False):
     """The Triton mixer body on this rank's piece, with the hook running its collectives in the
     op's forward and backward, against the reference on the whole sequence (float64 on CPU,
     fp32 on a GPU): output, the gradient of in_proj's output (this piece's rows) and the
@@ -191,7 +191,7 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
         mine = {k: (v[:, rows].contiguous() if k in ("zxbcdt", "seq_idx") else v) for k, v in inputs.items()}
         mine["zxbcdt"] = mine["zxbcdt"].to(zx_dtype)
         mine = {k: (v.detach().clone().requires_grad_(True) if k in GRADS else v) for k, v in mine.items()}
-        cp = ContextParallel(dist.group.WORLD, d_conv=4)
+        cp = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=symmetric)
         cp.begin(mine["seq_idx"], b, torch.device(device))
         with count_collectives() as log:
             out = mixer_body_triton(**mine, **kwargs, context_parallel=cp)
@@ -210,8 +210,9 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound):
     halo = b * 3 * (h * p + 2 * g * n) * zx_dtype.itemsize     # (d_conv - 1) rows of conv channels
     # (state, log decay): the state in C's dtype (zx's), the log decay in fp32
     states = b * (h * p * n * zx_dtype.itemsize + h * 4)
-    expected_calls = ([("isend", halo)] if rank < world - 1 else []) + [("all_gather_into_tensor", states)] * 2 + \
-        ([("isend", halo)] if rank > 0 else [])
+    # (over symmetric memory the states are read in place: no collective of torch's)
+    gathers = [] if symmetric else [("all_gather_into_tensor", states)] * 2
+    expected_calls = ([("isend", halo)] if rank < world - 1 else []) + gathers + ([("isend", halo)] if rank > 0 else [])
     sends = [(name, size) for name, size in logs[0].calls if name in ("isend", "all_gather_into_tensor")]
     assert sends == expected_calls, sends
 
@@ -268,9 +269,76 @@ def test_parallel_model_with_the_triton_mixer_body_equals_one_process(tp, world,
     run_workers(_triton_model_worker, world, tp, recompute, with_docs)
 
 
+def _symmetric_states_worker(rank, world):
+    """Sequences of boundary-state exchanges over symmetric memory, rank 1 held back before a
+    pack or before a read, eagerly and over replays of a captured CUDA graph, against the same
+    exchanges all-gathered: what the state passing reads, bit for bit."""
+    import torch.distributed as dist
+
+    from kernels.triton_ssd import state_passing
+    from mamba_train.parallel.context_parallel import ContextParallel
+    from mamba_train.train.cuda_graph import capture_graph
+
+    device = torch.device("cuda", rank)
+    b, h, p, n, q, exchanges = 2, 8, 64, 128, 16, 5   # an odd count: the next sequence starts after a fence
+    symmetric = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=True)
+    gathering = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=False)
+    zeros = (torch.zeros(b, 1, h, p, n, device=device), torch.zeros(b, h, p, n, device=device))
+    no_decay = torch.zeros(b, h, 1, q, device=device)
+
+    def fresh_inputs():
+        return {"states": torch.randn(exchanges, b, h, p, n, device=device),
+                "log_decays": -torch.rand(exchanges, b, h, device=device)}
+
+    def hold_back(when, lag):
+        if lag == when and rank == 1:
+            torch.cuda._sleep(200_000)
+
+    def read(cp, inputs, lag=None):
+        # the states entering this piece (even exchanges) or the gradients of its final state
+        # (odd ones), as the boundary pass sums them: from zero with no decay, it gives the sum
+        cp.begin(None, b, device)
+        outs = []
+        for i in range(exchanges):
+            hold_back("pack", lag)
+            start = cp.state_in_async if i % 2 == 0 else cp.final_state_grad_async
+            finish = start(inputs["states"][i], inputs["log_decays"][i], torch.bfloat16)
+            hold_back("read", lag)
+            outs.append(state_passing.add_initial_state(zeros, finish(), no_decay, q)[1])
+        return outs
+
+    def check(outs, inputs, what):
+        for i, (got, want) in enumerate(zip(outs, read(gathering, inputs), strict=True)):
+            assert torch.equal(got, want), f"{what}: exchange {i} differs from the all-gather's"
+
+    for lag in (None, "pack", "read"):
+        inputs = fresh_inputs()
+        check(read(symmetric, inputs, lag), inputs, f"eager, rank 1 held back before each {lag or 'nothing'}")
+    assert symmetric._symmetric is not None, "the exchanges went through symmetric memory"
+    for lag in ("pack", "read"):
+        static = fresh_inputs()
+        graph, outs = capture_graph(lambda s: read(symmetric, s, lag), static, warmup=1)
+        for replay in range(3):
+            inputs = fresh_inputs()
+            for key in static:
+                static[key].copy_(inputs[key])
+            graph.replay()
+            check(outs, inputs, f"replay {replay}, rank 1 held back before each {lag}")
+    torch.cuda.synchronize()
+
+
 @pytest.mark.gpu
-def test_gpu_triton_mixer_body_on_two_nccl_ranks_equals_the_whole_sequence():
+def test_gpu_symmetric_states_equal_the_all_gather_with_a_lagging_rank_eager_and_replayed():
     if _interpreted_triton() or torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    # bf16 in_proj output against the fp32 reference, as test_mixer_body's gpu test bounds it
-    run_workers(_mixer_body_piece_worker, 2, "layer", torch.bfloat16, 2e-2, backend="nccl")
+    run_workers(_symmetric_states_worker, torch.cuda.device_count(), backend="nccl")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric_memory", "all_gather"])
+def test_gpu_triton_mixer_body_on_two_nccl_ranks_equals_the_whole_sequence(symmetric):
+    if _interpreted_triton() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    # bf16 in_proj output against the fp32 reference, as test_mixer_body's gpu test bounds it;
+    # the boundary states read from each rank's symmetric buffer, or all-gathered
+    run_workers(_mixer_body_piece_worker, 2, "layer", torch.bfloat16, 2e-2, symmetric, backend="nccl")

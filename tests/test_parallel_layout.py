@@ -16,6 +16,9 @@ from mamba_train.parallel.tensor_parallel import in_proj_rows
 def test_valid_layout_derives_dp_from_the_world_size():
     layout = validate_layout(tiny_config(ngroups=2), seq_len=32, world_size=8, tp=2, cp=2, sequence_parallel=True)
     assert (layout.tp, layout.cp, layout.dp, layout.sequence_parallel) == (2, 2, 2, True)
+    # CP's boundary states over symmetric memory on CUDA unless parallel.cp_symmetric_memory is off
+    assert layout.cp_symmetric_memory
+    assert not validate_layout(tiny_config(), seq_len=32, world_size=2, cp=2, cp_symmetric_memory=False).cp_symmetric_memory
 
 
 @pytest.mark.parametrize("kwargs, message", [

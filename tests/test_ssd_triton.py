@@ -10,6 +10,7 @@ the bound written beside it.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -482,6 +483,69 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, layout):
     with pytest.raises(AssertionError, match="fp32 log_totals"):
         state_passing.add_initial_state(zero_start, boundary._replace(log_totals=log_totals.half()), dA_cumsum,
                                         x.shape[1], seq_idx)
+
+
+@pytest.mark.parametrize("wire_dtype", [torch.float32, torch.bfloat16])
+def test_boundary_state_read_from_each_ranks_buffer_equals_the_gathered_sum(wire_dtype):
+    # PeerStates: every rank's packed (state, log decay) left in its own buffer, which the state
+    # passing reads through a table of offsets from this rank's (symmetric memory's buffers are
+    # mapped at unrelated addresses; here, three separate tensors): the same as the gathered
+    # WeightedStates of those buffers stacked, forward and backward, bit for bit
+    from kernels.reference.ssd import PeerStates, WeightedStates
+    from kernels.triton_ssd import chunk_cumsum, state_passing
+    inputs = make_inputs(2, 45, 4, 16, 2, 16, docs=2, first_doc=0)
+    x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
+    b, h, p, n = init.shape
+    ranks, this_rank, state_size, words = 3, 1, h * p * n, h * 4 // wire_dtype.itemsize
+    gen = torch.Generator().manual_seed(3)
+    buffers = []
+    for _ in range(ranks):   # each rank's packed buffer: (b, h·p·n + words), the log decays' fp32 bits last
+        packed = torch.empty(b, state_size + words, dtype=wire_dtype, device=x.device)
+        packed[:, :state_size] = torch.randn(b, state_size, generator=gen).to(packed)
+        packed[:, state_size:].view(torch.float32).copy_(-torch.rand(b, h, generator=gen))
+        buffers.append(packed)
+    coef = (torch.rand(ranks, ranks, generator=gen) < 0.6).float().to(x.device)
+    reach = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).to(x.device)
+    stacked = torch.stack(buffers)
+    gathered = WeightedStates(stacked[..., :state_size].reshape(ranks, b, h, p, n),
+                              stacked[..., state_size:].contiguous().view(torch.float32), coef, reach)
+
+    def offsets(itemsize):
+        base = buffers[this_rank].data_ptr()
+        return torch.tensor([(t.data_ptr() - base) // itemsize for t in buffers], device=x.device)
+
+    own = buffers[this_rank]
+    peers = PeerStates(own[:, :state_size].view(b, h, p, n), own[:, state_size:].view(torch.float32),
+                       offsets(wire_dtype.itemsize), offsets(4), coef, reach)
+    dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
+    zero_start = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx)
+    for name, ours, theirs in zip(("states_in", "final"),
+                                  state_passing.add_initial_state(zero_start, peers, dA_cumsum, x.shape[1], seq_idx),
+                                  state_passing.add_initial_state(zero_start, gathered, dA_cumsum, x.shape[1], seq_idx)):
+        assert torch.equal(ours, theirs), name
+    states_in = zero_start[0]
+    dy = torch.randn(x.shape, generator=gen).to(x.device)
+    ddA = [torch.zeros_like(dA_cumsum) for _ in range(2)]
+    through_y, _ = state_passing.dstates_bwd(dy, C, states_in, dA_cumsum, torch.zeros_like(dA_cumsum), None, seq_idx,
+                                             dstates_dtype=torch.float32)
+    dstates = [state_passing.add_final_state_grad(through_y, states_in, dA_cumsum, ddA[i], x.shape[1], dfinal, seq_idx)
+               for i, dfinal in enumerate((peers, gathered))]
+    assert torch.equal(dstates[0], dstates[1]) and torch.equal(ddA[0], ddA[1])
+
+
+def test_state_passing_kernels_with_boundary_states_compile_for_an_h100():
+    # the interpreter runs kernels as Python and misses what the compiler refuses (a PeerStates
+    # path returning int64 from one branch and int32 from the other did); compiled here for
+    # sm_90 without a GPU, in a process without TRITON_INTERPRET
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(root / "tests" / "compile_sm90.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype, dstate_split", [(torch.float16, False), (torch.float32, False), (torch.float16, True)],

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..cached_launch import cached_launch
-from ..reference.ssd import WeightedStates
+from ..reference.ssd import PeerStates, WeightedStates
 from ..host_math import cdiv, next_power_of_2
 from . import launch
 from .chunk_scan import chunk_scan_bwd_dstates, own_dstates_in
@@ -53,38 +53,65 @@ def _chunk_decay(dA_cumsum_ptr, seq_idx_ptr, c, seqlen, chunk_size, stride_dA_c,
 
 
 @triton.jit
-def _term_weight(log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, k, TERMS: tl.constexpr):
+def _term_offset(offsets_ptr, stride, k, PEERS: tl.constexpr):
+    # where term k lies from the address given, in elements: k · stride, or with PEERS (each
+    # rank's symmetric-memory buffer, mapped at an address of its own) read from a table, whose
+    # offsets are multiples of 8 elements (SymmetricStates asserts 256-byte gaps), so that the
+    # loads stay vectorized. One return of one type: the compiler refuses int64 in one branch
+    # and int32 in another
+    if PEERS:
+        offset = tl.multiple_of(tl.load(offsets_ptr + k), 8)
+    else:
+        offset = (k * stride).to(tl.int64)
+    return offset
+
+
+@triton.jit
+def _term_weight(log_ptr, stride_log_u, log_offsets_ptr, coef_ptr, reach_ptr, stride_reach_k, k,
+                 TERMS: tl.constexpr, PEERS: tl.constexpr):
     # WeightedStates' w_k for one (batch, head): exp(Σ_u coef[k, u] · log_totals[u]), or 0
     # where reach[k] is 0 (the exp not taken there: it may overflow)
     log_weight = 0.0
     for u in tl.static_range(TERMS):
-        log_weight += tl.load(coef_ptr + k * TERMS + u) * tl.load(log_ptr + u * stride_log_u)
+        log_total = tl.load(log_ptr + _term_offset(log_offsets_ptr, stride_log_u, u, PEERS))
+        log_weight += tl.load(coef_ptr + k * TERMS + u) * log_total
     reaches = tl.load(reach_ptr + k * stride_reach_k) != 0
     return tl.where(reaches, tl.exp(tl.where(reaches, log_weight, 0.0)), 0.0)
 
 
 @triton.jit
-def _load_state(state_ptr, stride_k, log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, ok,
-                TERMS: tl.constexpr):
+def _load_state(state_ptr, stride_k, state_offsets_ptr, log_ptr, stride_log_u, log_offsets_ptr, coef_ptr, reach_ptr,
+                stride_reach_k, ok, TERMS: tl.constexpr, PEERS: tl.constexpr):
     # one head's block of a state, fp32: TERMS 0, a plain state; else the weighted sum
-    # Σ_k w_k · state_k of TERMS states (WeightedStates: context parallelism's gathered ones),
-    # the weights formed and the sum taken here rather than by small kernels before
+    # Σ_k w_k · state_k of TERMS states (WeightedStates: context parallelism's gathered ones,
+    # or PeerStates: each rank's own, in its buffer), the weights formed and the sum taken
+    # here rather than by small kernels before
     if TERMS == 0:
         total = tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
     else:
-        total = _term_weight(log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, 0, TERMS) * \
-            tl.load(state_ptr, mask=ok, other=0.0).to(tl.float32)
+        total = _weighted_term(state_ptr, stride_k, state_offsets_ptr, log_ptr, stride_log_u, log_offsets_ptr,
+                               coef_ptr, reach_ptr, stride_reach_k, ok, 0, TERMS, PEERS)
         for k in tl.static_range(1, TERMS):
-            total += _term_weight(log_ptr, stride_log_u, coef_ptr, reach_ptr, stride_reach_k, k, TERMS) * \
-                tl.load(state_ptr + k * stride_k, mask=ok, other=0.0).to(tl.float32)
+            total += _weighted_term(state_ptr, stride_k, state_offsets_ptr, log_ptr, stride_log_u, log_offsets_ptr,
+                                    coef_ptr, reach_ptr, stride_reach_k, ok, k, TERMS, PEERS)
     return total
+
+
+@triton.jit
+def _weighted_term(state_ptr, stride_k, state_offsets_ptr, log_ptr, stride_log_u, log_offsets_ptr, coef_ptr,
+                   reach_ptr, stride_reach_k, ok, k, TERMS: tl.constexpr, PEERS: tl.constexpr):
+    # w_k · state_k, fp32
+    weight = _term_weight(log_ptr, stride_log_u, log_offsets_ptr, coef_ptr, reach_ptr, stride_reach_k, k, TERMS,
+                          PEERS)
+    state = tl.load(state_ptr + _term_offset(state_offsets_ptr, stride_k, k, PEERS), mask=ok, other=0.0)
+    return weight * state.to(tl.float32)
 
 
 @cached_launch
 @triton.jit
 def _state_passing_fwd_kernel(
-    states_ptr, dA_cumsum_ptr, init_ptr, init_log_ptr, init_coef_ptr, init_reach_ptr, seq_idx_ptr, base_final_ptr,
-    states_in_ptr, final_ptr,
+    states_ptr, dA_cumsum_ptr, init_ptr, init_log_ptr, init_coef_ptr, init_reach_ptr, init_offsets_ptr,
+    init_log_offsets_ptr, seq_idx_ptr, base_final_ptr, states_in_ptr, final_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_q,
@@ -92,8 +119,8 @@ def _state_passing_fwd_kernel(
     stride_log_u, stride_log_b, stride_log_h, stride_reach_k, stride_reach_b,
     stride_final_b, stride_final_h,
     stride_seq_b, stride_seq_l,
-    HAS_INIT: tl.constexpr, INIT_TERMS: tl.constexpr, HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, INIT_TERMS: tl.constexpr, INIT_PEERS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # states: (b, c, h, p·n) fp32 (p·n contiguous); states_in likewise, in fp32 or in the dtype
     # chunk_scan_fwd casts it to anyway (backward reads the same)  final: (b, h, p·n)
@@ -111,8 +138,9 @@ def _state_passing_fwd_kernel(
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_INIT:
         carried = _load_state(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs, stride_init_k,
-                              init_log_ptr + pid_b * stride_log_b + pid_h * stride_log_h, stride_log_u,
-                              init_coef_ptr, init_reach_ptr + pid_b * stride_reach_b, stride_reach_k, ok, INIT_TERMS)
+                              init_offsets_ptr, init_log_ptr + pid_b * stride_log_b + pid_h * stride_log_h,
+                              stride_log_u, init_log_offsets_ptr, init_coef_ptr,
+                              init_reach_ptr + pid_b * stride_reach_b, stride_reach_k, ok, INIT_TERMS, INIT_PEERS)
     else:
         carried = tl.zeros((BLOCK,), dtype=tl.float32)
     seq_prev = 0
@@ -189,7 +217,7 @@ def _chunk_state_passing_fwd_kernel(
 @triton.jit
 def _state_passing_bwd_kernel(
     dstates_in_ptr, states_in_ptr, dA_cumsum_ptr, dfinal_ptr, dfinal_log_ptr, dfinal_coef_ptr, dfinal_reach_ptr,
-    seq_idx_ptr,
+    dfinal_offsets_ptr, dfinal_log_offsets_ptr, seq_idx_ptr,
     dstates_ptr, dinit_ptr, ddA_cumsum_ptr,
     dim, nchunks, seqlen, chunk_size,
     stride_st_b, stride_st_c, stride_st_h,
@@ -198,8 +226,8 @@ def _state_passing_bwd_kernel(
     stride_log_u, stride_log_b, stride_log_h, stride_reach_k, stride_reach_b,
     stride_init_b, stride_init_h,
     stride_seq_b, stride_seq_l,
-    HAS_DFINAL: tl.constexpr, DFINAL_TERMS: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, DFINAL_TERMS: tl.constexpr, DFINAL_PEERS: tl.constexpr, HAS_DINIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr, ONTO_BASE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dstates_in: (b, c, h, p·n) fp32; states_in and dstates likewise in fp32 or the forward's
     # narrower dtype (the recurrence itself runs in fp32); ddA_cumsum (b, h, c, q) gets d a_c · a_c
@@ -217,9 +245,9 @@ def _state_passing_bwd_kernel(
         seq_idx_ptr += pid_b * stride_seq_b
     if HAS_DFINAL:
         grad = _load_state(dfinal_ptr + pid_b * stride_dfinal_b + pid_h * stride_dfinal_h + offs, stride_dfinal_k,
-                           dfinal_log_ptr + pid_b * stride_log_b + pid_h * stride_log_h, stride_log_u,
-                           dfinal_coef_ptr, dfinal_reach_ptr + pid_b * stride_reach_b, stride_reach_k, ok,
-                           DFINAL_TERMS)
+                           dfinal_offsets_ptr, dfinal_log_ptr + pid_b * stride_log_b + pid_h * stride_log_h,
+                           stride_log_u, dfinal_log_offsets_ptr, dfinal_coef_ptr,
+                           dfinal_reach_ptr + pid_b * stride_reach_b, stride_reach_k, ok, DFINAL_TERMS, DFINAL_PEERS)
     else:
         grad = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(nchunks):
@@ -328,35 +356,54 @@ def _fused_kernels_fill(b, h, device):
 
 class _StateArg(NamedTuple):
     # a state argument as _state_passing_*_kernel take it (_load_state): the pointers
-    # (states, log_totals, coef, reach), the number of terms (0: one plain state), and the
-    # strides, in elements, (k, b, h) of states (each head's p·n contiguous), (u, b, h) of
-    # log_totals and (k, b) of reach (coef is contiguous)
+    # (states, log_totals, coef, reach, and for PeerStates the tables of the ranks' offsets,
+    # states' then log totals'), the number of terms (0: one plain state), whether they are
+    # PeerStates, and the strides, in elements, (k, b, h) of states (each head's p·n
+    # contiguous), (u, b, h) of log_totals and (k, b) of reach (coef is contiguous)
     pointers: tuple
     terms: int
+    peers: bool
     strides: tuple
 
 
 def _state_arg(state, shape) -> _StateArg:
-    # state: None, a (b, h, p, n) tensor, or WeightedStates of (k, b, h, p, n)
+    # state: None, a (b, h, p, n) tensor, WeightedStates of (k, b, h, p, n), or PeerStates
     if isinstance(state, WeightedStates):
         states, log_totals, coef, reach = state
         k = states.shape[0]
         assert tuple(states.shape[1:]) == tuple(shape), (tuple(states.shape), tuple(shape))
-        assert log_totals.shape == (k, *shape[:2]) and coef.shape == (k, k) and reach.shape == (k, shape[0]), \
-            "WeightedStates: log_totals (k, b, h), coef (k, k), reach (k, b) for k states"
-        assert log_totals.dtype == coef.dtype == reach.dtype == torch.float32, \
-            f"WeightedStates: fp32 log_totals, coef and reach, found {log_totals.dtype}, {coef.dtype}, {reach.dtype}"
+        assert log_totals.shape[0] == k, f"WeightedStates: log totals (k, b, h) for k={k} states"
+        _check_weighing(log_totals[0], coef, reach, k, shape)
         if states.stride(-1) != 1 or states.stride(-2) != shape[3]:
             states = states.contiguous()
-        return _StateArg((states, log_totals, coef.contiguous(), reach), k,
+        # the offset tables are not read: states stands in for their pointers
+        return _StateArg((states, log_totals, coef.contiguous(), reach, states, states), k, False,
                          (*states.stride()[:3], *log_totals.stride(), *reach.stride()))
+    if isinstance(state, PeerStates):
+        own, log_total, state_offsets, log_offsets, coef, reach = state
+        k = state_offsets.shape[0]
+        assert tuple(own.shape) == tuple(shape) and own.stride(-1) == 1 and own.stride(-2) == shape[3], \
+            "PeerStates: this rank's (b, h, p, n) state, each head's p·n contiguous"
+        assert state_offsets.shape == log_offsets.shape == (k,) and state_offsets.dtype == log_offsets.dtype == \
+            torch.int64, "PeerStates: int64 offsets (k,) of each rank's state and log total from this rank's"
+        _check_weighing(log_total, coef, reach, k, shape)
+        return _StateArg((own, log_total, coef.contiguous(), reach, state_offsets, log_offsets), k, True,
+                         (0, *own.stride()[:2], 0, *log_total.stride(), *reach.stride()))
     if state is None:
-        return _StateArg((None,) * 4, 0, (0,) * 8)
+        return _StateArg((None,) * 6, 0, False, (0,) * 8)
     assert tuple(state.shape) == tuple(shape), f"expected a state of shape {tuple(shape)}, found {tuple(state.shape)}"
     state = state.contiguous()
     # no weights, none read: but the kernel forms their addresses before _load_state looks at
     # TERMS, and None + int does not compile, so state stands in for those pointers
-    return _StateArg((state,) * 4, 0, (0, *state.stride()[:2], 0, 0, 0, 0, 0))
+    return _StateArg((state,) * 6, 0, False, (0, *state.stride()[:2], 0, 0, 0, 0, 0))
+
+
+def _check_weighing(log_total, coef, reach, k, shape):
+    # one rank's (b, h) log totals, coef (k, k), reach (k, b), all fp32
+    assert log_total.shape == tuple(shape[:2]) and coef.shape == (k, k) and reach.shape == (k, shape[0]), \
+        "the states' weighing: log totals (b, h) a state, coef (k, k), reach (k, b) for k states"
+    assert log_total.dtype == coef.dtype == reach.dtype == torch.float32, \
+        f"the states' weighing: fp32 log_totals, coef and reach, found {log_total.dtype}, {coef.dtype}, {reach.dtype}"
 
 
 def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=None, states_in_dtype=torch.float32,
@@ -382,7 +429,8 @@ def state_passing_fwd(states, dA_cumsum, seqlen, initial_states=None, seq_idx=No
         states.stride(0), states.stride(1), states.stride(2), *dA_cumsum.stride(),
         *init_arg.strides, final.stride(0), final.stride(1),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_INIT=initial_states is not None, INIT_TERMS=init_arg.terms, HAS_SEQ=seq_idx is not None,
+        HAS_INIT=initial_states is not None, INIT_TERMS=init_arg.terms, INIT_PEERS=init_arg.peers,
+        HAS_SEQ=seq_idx is not None,
         ONTO_BASE=base_final is not None, BLOCK=block, **opts,
     )
     return states_in, final
@@ -433,7 +481,8 @@ def states_in_fwd(B, x, dt, dA_cumsum, initial_states=None, seq_idx=None, states
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_state_fwd then
     state_passing_fwd, whose grids have a chunk axis (same results: tests). initial_states: a
     tensor only (WeightedStates go to add_initial_state)."""
-    assert not isinstance(initial_states, WeightedStates), "states_in_fwd: WeightedStates go to add_initial_state"
+    assert not isinstance(initial_states, (WeightedStates, PeerStates)), \
+        "states_in_fwd: WeightedStates and PeerStates go to add_initial_state"
     if _fused_kernels_fill(x.shape[0], x.shape[2], x.device):
         return chunk_state_passing_fwd(B, x, dt, dA_cumsum, initial_states, seq_idx, states_in_dtype)
     states = chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx)
@@ -462,7 +511,8 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
         states_in.stride(0), states_in.stride(1), states_in.stride(2), *dA_cumsum.stride(),
         *dfinal_arg.strides, h * p * n, p * n,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_DFINAL=dfinal is not None, DFINAL_TERMS=dfinal_arg.terms, HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
+        HAS_DFINAL=dfinal is not None, DFINAL_TERMS=dfinal_arg.terms, DFINAL_PEERS=dfinal_arg.peers,
+        HAS_DINIT=need_dinit, HAS_SEQ=seq_idx is not None,
         ONTO_BASE=onto_base, BLOCK=block, **opts,
     )
     return dstates, dinit
@@ -517,7 +567,8 @@ def dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal=None, seq_idx=No
     FUSED_MIN_PAIRS_PER_SM (batch, head) pairs an SM, else chunk_scan_bwd_dstates then
     state_passing_bwd (same results: tests). dfinal: a tensor only (WeightedStates go to
     add_final_state_grad)."""
-    assert not isinstance(dfinal, WeightedStates), "dstates_bwd: WeightedStates go to add_final_state_grad"
+    assert not isinstance(dfinal, (WeightedStates, PeerStates)), \
+        "dstates_bwd: WeightedStates and PeerStates go to add_final_state_grad"
     if _fused_kernels_fill(dy.shape[0], dy.shape[2], dy.device):
         return chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal, seq_idx, need_dinit,
                                             dstates_dtype)

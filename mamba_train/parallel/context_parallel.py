@@ -16,6 +16,13 @@ states in C's dtype (bf16 in training), the dtype of each chunk's entering state
 one rounding per gathered state, comparable to a chunk border's (though on one GPU the
 state carried on stays fp32); the log decays stay fp32.
 
+On CUDA the Triton op's exchanges need no all-gather: each rank packs its (state, log decay)
+into its own buffer of symmetric memory (`SymmetricStates`), and after one barrier the state
+passing reads every rank's in place (`PeerStates`: a table of the buffers' offsets from this
+rank's). No NCCL kernel then holds SMs beside the SSD's, and the forward waits for a barrier
+rather than for a transfer. Elsewhere (gloo: the CPU tests), or where symmetric memory cannot
+be set up, the states are all-gathered.
+
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
 true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's
@@ -32,10 +39,14 @@ zeroed where the border starts a document.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 import torch.distributed as dist
 
-from kernels.reference.ssd import WeightedStates
+from kernels.reference.ssd import PeerStates, WeightedStates
+from mamba_train.parallel.symmetric_exchange import SymmetricStates
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -132,17 +143,25 @@ class ContextParallel:
     halo / state_in are differentiable (the reference mixer body runs them under autograd);
     halo_grad / final_state_grad_async are their backward for an op that runs its own (the
     Triton mixer body calls halo and state_in_async in its forward, these two in its
-    backward). The _async forms start the all-gather and return a function that waits for it
-    and gives the result as WeightedStates (the gathered states and log decays, with the
-    coef and reach set in `begin`: the kernel that reads them forms the weights and the sum),
-    so that work which needs neither runs meanwhile; call it on the stream that was current
-    when the all-gather started."""
+    backward). The _async forms start the exchange and return a function that finishes it and
+    gives the result: WeightedStates (the gathered states and log decays, with the coef and
+    reach set in `begin`: the kernel that reads them forms the weights and the sum), or on
+    CUDA PeerStates (the same, read in place from each rank's symmetric buffer), so that work
+    which needs neither runs meanwhile; call it on the stream that was current when the
+    exchange started, before the next exchange starts."""
 
-    def __init__(self, group, d_conv: int):
+    def __init__(self, group, d_conv: int, symmetric: bool = True):
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.halo_len = d_conv - 1
         self._halo_mask = self._into_this = self._from_this = None
+        # symmetric: on CUDA, the _async hooks' states go through symmetric memory
+        # (SymmetricStates, made at the first exchange, which knows their size) rather than
+        # NCCL all-gathers, unless it cannot be set up
+        self._symmetric_wanted = symmetric
+        self._symmetric: SymmetricStates | None = None
+        self._captured = False     # whether a CUDA graph may hold the workspace's address (never reset)
+        self._exchanging = False   # between an exchange's pack and its read
 
     @torch.no_grad()
     def begin(self, seq_idx: torch.Tensor | None, batch: int, device) -> None:
@@ -177,6 +196,8 @@ class ContextParallel:
         # (contiguous: the kernel reads coef so, and a copy per layer would run after the wait)
         self._into_this = (between[self.rank], paths[self.rank])                 # (cp s, cp u), (cp s, b)
         self._from_this = (between[:, self.rank].contiguous(), paths[:, self.rank])   # (cp t, cp u), (cp t, b)
+        if self._symmetric is not None and device.type == "cuda":
+            self._symmetric.fence()   # this forward's exchanges start at region 0
 
     # -- (a) the conv's halo
 
@@ -220,11 +241,13 @@ class ContextParallel:
     def _weighted_states_async(self, state, log_decay, wire_dtype, coef_reach):
         # every rank's state with its log decay, weighted by coef_reach (begin), not summed: the
         # state passing that reads them forms the weights and the sum as it loads them. The
-        # all-gather started now, the rest (views) in the function returned. Outside autograd:
-        # the Triton op's own passes
+        # exchange started now, the rest in the function returned. Outside autograd: the Triton
+        # op's own passes
+        shape, wire_dtype = state.shape, wire_dtype or state.dtype
+        if self._symmetric_ready(state, wire_dtype):
+            return self._read_in_place_async(state, log_decay, wire_dtype, coef_reach)
         with torch.no_grad():
             every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
-        shape = state.shape
 
         @torch.no_grad()
         def finish() -> WeightedStates:
@@ -232,22 +255,100 @@ class ContextParallel:
             return WeightedStates(*self._unpack(every, shape), *coef_reach)
         return finish
 
+    def _read_in_place_async(self, state, log_decay, wire_dtype, coef_reach):
+        # _weighted_states_async over symmetric memory: this rank's state packed into its own
+        # buffer now; the barrier, and the states as PeerStates, in the function returned. The
+        # regions' argument (SymmetricStates) needs the pack and the barrier on one stream and
+        # one exchange at a time: asserted
+        symmetric, stream = self._symmetric, torch.cuda.current_stream()
+        assert not self._exchanging, "context parallelism: an exchange started before the last one was read"
+        self._exchanging = True
+        with torch.no_grad():
+            packed = symmetric.region(self.rank, self._packed_shape(state.shape, wire_dtype), wire_dtype)
+            self._pack_into(packed, state, log_decay)
+
+        @torch.no_grad()
+        def read_in_place() -> PeerStates:
+            assert torch.cuda.current_stream() == stream, "read the exchanged states on the stream that packed them"
+            symmetric.exchanged()
+            self._exchanging = False
+            own_state, own_log = self._unpack(packed[None], state.shape)
+            # views of the buffer, never copies: the offsets lead from them to the other ranks'
+            assert own_state.data_ptr() == packed.data_ptr() and own_log.data_ptr() == packed.data_ptr() + \
+                state.shape[1:].numel() * wire_dtype.itemsize
+            return PeerStates(own_state[0], own_log[0], symmetric.offsets(wire_dtype.itemsize), symmetric.offsets(4),
+                              *coef_reach)
+        return read_in_place
+
     @staticmethod
     def _pack(state, log_decay, wire_dtype=None):
         # (b, h, p, n), (b, h) → (b, h·p·n + h·w): one tensor for one collective, the state in
         # wire_dtype (default its own) and after it the log decays' fp32 bits, w words each
         # (1 in fp32, 2 in bf16: a log decay of -30 rounded to bf16 would be off by 0.06)
         wire_dtype = wire_dtype or state.dtype
-        b = log_decay.shape[0]
         if wire_dtype.itemsize >= 4:   # fp32 (float64 in the reference's checks): differentiable, no bit views
-            return torch.cat([state.reshape(b, -1).to(wire_dtype), log_decay.to(wire_dtype)], dim=1)
-        assert wire_dtype.itemsize == 2, f"the states travel in float64, fp32, bf16 or fp16, not {wire_dtype}"
-        decay_words = log_decay.float().contiguous().view(wire_dtype)
+            return torch.cat([state.reshape(log_decay.shape[0], -1).to(wire_dtype), log_decay.to(wire_dtype)], dim=1)
+        packed = state.new_empty(ContextParallel._packed_shape(state.shape, wire_dtype), dtype=wire_dtype)
+        return ContextParallel._pack_into(packed, state, log_decay)
+
+    @staticmethod
+    def _packed_shape(state_shape, wire_dtype) -> tuple[int, int]:
+        # (b, h·p·n + h·w): w words of the wire's dtype hold a log decay's fp32 bits
+        assert wire_dtype.itemsize in (2, 4), f"the states travel in float64, fp32, bf16 or fp16, not {wire_dtype}"
+        return state_shape[0], state_shape[1:].numel() + state_shape[1] * 4 // wire_dtype.itemsize
+
+    @staticmethod
+    def _pack_into(packed, state, log_decay):
+        # _pack's layout, written into `packed` (b, h·p·n + h·w) of the wire's dtype; outside autograd
         state_size = state.shape[1:].numel()
-        packed = state.new_empty((b, state_size + decay_words.shape[1]), dtype=wire_dtype)
-        packed[:, :state_size].copy_(state.reshape(b, -1))   # cast as it is written: no cast, then cat
-        packed[:, state_size:].copy_(decay_words)
+        packed[:, :state_size].copy_(state.reshape(state.shape[0], -1))   # cast as it is written: no cast, then cat
+        packed[:, state_size:].copy_(log_decay.float().contiguous().view(packed.dtype))
         return packed
+
+    def _symmetric_ready(self, state, wire_dtype) -> bool:
+        # whether this exchange goes through SymmetricStates, making (or growing) it if needed:
+        # collective, as every rank exchanges the same shapes at the same point
+        state_bytes = state.shape[1:].numel() * wire_dtype.itemsize
+        if not (self._symmetric_wanted and state.is_cuda and wire_dtype.itemsize in (2, 4) and state_bytes % 4 == 0):
+            return False   # (the log decays' fp32 words must be aligned where they lie)
+        nbytes = math.prod(self._packed_shape(state.shape, wire_dtype)) * wire_dtype.itemsize
+        capturing = torch.cuda.is_current_stream_capturing()
+        if self._symmetric is not None and nbytes <= self._symmetric.region_bytes:
+            self._captured |= capturing
+            return True
+        if capturing or self._captured:
+            raise RuntimeError("context parallelism: the symmetric workspace for the boundary states cannot grow "
+                               "inside a CUDA graph's capture or under one captured before; run an eager forward "
+                               "and backward of the largest batch first")
+        first, failure = self._symmetric is None, None
+        try:
+            from torch.distributed import _symmetric_memory as symm_mem
+            with warnings.catch_warnings():
+                # torch 2.11 and later warn that the call is no longer needed; older ones need it
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.group.group_name)
+            symmetric = SymmetricStates(self.group.group_name, nbytes, state.device)
+            if (symmetric.rank, symmetric.world) != (self.rank, self.world):
+                raise RuntimeError(f"the workspace's rank {symmetric.rank} of {symmetric.world} is not the group's "
+                                   f"{self.rank} of {self.world}")
+        except RuntimeError as err:   # no symmetric memory here (no P2P between the GPUs, ...)
+            failure = err
+        if not first:   # a larger workspace: every rank has read in place so far, and cannot stop alone
+            if failure is not None:
+                raise RuntimeError("context parallelism: the symmetric workspace for the boundary states could not "
+                                   "grow") from failure
+            self._symmetric = symmetric
+            return True
+        # the first exchange: every rank reads in place or every rank all-gathers, decided together
+        everywhere = torch.tensor([failure is None], dtype=torch.int32, device=state.device)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=self.group)
+        if not everywhere.item():
+            warnings.warn(f"context parallelism: no symmetric memory on every rank ({failure or 'another rank'}); "
+                          "the boundary states go through NCCL all-gathers")
+            self._symmetric_wanted = False
+            return False
+        self._symmetric = symmetric
+        return True
 
     @staticmethod
     def _unpack(every, state_shape):

@@ -29,6 +29,8 @@ class ParallelLayout:
     # SP split by batch rows on CUDA: in_proj's gather and out_proj's scatter run inside their
     # matmuls over symmetric memory (parallel/sequence_parallel.py)
     tp_comm_overlap: bool = False
+    # CP on CUDA: the boundary states read in place over symmetric memory (context_parallel.py)
+    cp_symmetric_memory: bool = True
 
     @property
     def world_size(self) -> int:
@@ -36,7 +38,8 @@ class ParallelLayout:
 
 
 def validate_layout(model: ModelConfig, seq_len: int, world_size: int, tp: int = 1, cp: int = 1,
-                    sequence_parallel: bool = False, tp_comm_overlap: bool = False) -> ParallelLayout:
+                    sequence_parallel: bool = False, tp_comm_overlap: bool = False,
+                    cp_symmetric_memory: bool = True) -> ParallelLayout:
     """The layout for `world_size` ranks, or a LayoutError naming what does not divide."""
     for name, value in (("parallel.tp", tp), ("parallel.cp", cp), ("world size", world_size)):
         if not isinstance(value, int) or value < 1:
@@ -69,7 +72,7 @@ def validate_layout(model: ModelConfig, seq_len: int, world_size: int, tp: int =
         raise LayoutError("parallel.tp_comm_overlap overlaps sequence parallelism's gather and scatter with "
                           "in_proj's and out_proj's matmuls: it needs parallel.sequence_parallel on")
     return ParallelLayout(tp=tp, cp=cp, dp=world_size // (tp * cp), sequence_parallel=sequence_parallel and tp > 1,
-                          tp_comm_overlap=tp_comm_overlap and tp > 1)
+                          tp_comm_overlap=tp_comm_overlap and tp > 1, cp_symmetric_memory=cp_symmetric_memory)
 
 
 @dataclass

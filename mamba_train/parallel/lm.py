@@ -60,7 +60,8 @@ class ParallelMamba2LM(nn.Module):
             _VocabParallelRows(dims.tp_group, self.embedding.vocab_start_index)
         self.layers = model.layers
         self.norm_f = model.norm_f
-        self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv) if layout.cp > 1 else None
+        self.context_parallel = ContextParallel(dims.cp_group, model.cfg.d_conv, symmetric=layout.cp_symmetric_memory) \
+            if layout.cp > 1 else None
         # which tokens of the residual stream each TP rank holds under SP, chosen per forward
         self.token_split = TokenSplit(dims.tp_group, overlap=layout.tp_comm_overlap) if self.sequence_parallel \
             else None

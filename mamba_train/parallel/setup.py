@@ -80,14 +80,15 @@ class ParallelRun:
 
 def setup_parallel(model_cfg: ModelConfig, seq_len: int, optim: OptimConfig, micro_batch: int, grad_accum: int,
                    tp: int = 1, cp: int = 1, sequence_parallel: bool = False, tp_comm_overlap: bool = False,
-                   zero_stage: int = 1,
+                   cp_symmetric_memory: bool = True, zero_stage: int = 1,
                    bf16: bool = False, seed: int = 1234, device: torch.device | None = None,
                    vocab_tp: int | None = None, timeout_minutes: float | None = None) -> ParallelRun:
     """`vocab_tp`: pad the vocabulary as for this TP size (default: tp); a run resumed on
     another TP size keeps the padding its checkpoint was trained with. `timeout_minutes`:
     how long a collective of the TP/CP/DP groups may wait before it raises."""
     layout = validate_layout(model_cfg, seq_len, dist.get_world_size(), tp=tp, cp=cp,
-                             sequence_parallel=sequence_parallel, tp_comm_overlap=tp_comm_overlap)
+                             sequence_parallel=sequence_parallel, tp_comm_overlap=tp_comm_overlap,
+                             cp_symmetric_memory=cp_symmetric_memory)
     dims = init_parallel(layout, timeout_minutes)
     # The same full model on every rank (one seed), then sliced: a TP run starts from exactly
     # the weights a TP=1 run would, and a TP=1 checkpoint shards with shard_state_dict.

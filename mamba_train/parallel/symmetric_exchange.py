@@ -1,5 +1,8 @@
-"""The products with a TP exchange inside (parallel.tp_comm_overlap on CUDA), over torch's
-symmetric memory: each rank's buffer is mapped into every other rank's address space, so a
+"""Exchanges over torch's symmetric memory: the products with a TP exchange inside
+(SymmetricExchange, parallel.tp_comm_overlap on CUDA), and context parallelism's boundary
+states read in place (SymmetricStates, at its class).
+
+The TP products: each rank's buffer is mapped into every other rank's address space, so a
 rank pulls another's rows with an NVLink copy (copy engines, no SMs) while it multiplies others.
 
 torch's own ops (`fused_all_gather_matmul`, and `_pipelined_produce_and_all2all` under
@@ -19,40 +22,57 @@ starting region) never follows an exchange of the same region without a barrier 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-class SymmetricExchange:
-    """The TP group's symmetric workspace, split in two regions of `region_bytes`, and the side
-    stream that pulls the other ranks' rows. Row pieces are contiguous, of one rank's rows."""
+class AlternatingRegions:
+    """A group's symmetric workspace, split in two regions of `region_bytes` (whole 256-byte
+    blocks, so that the second region starts as aligned as the first), taken in turn by the
+    exchanges of one sequence (module docstring). `purpose` names the user in errors."""
 
-    def __init__(self, group_name: str, region_bytes: int):
+    barrier_timeout_ms = 0   # 0: a barrier waits for ever
+
+    def __init__(self, group_name: str, region_bytes: int, purpose: str):
         from torch.distributed import _symmetric_memory as symm_mem
 
-        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * region_bytes)
-        self.region_bytes = region_bytes
+        self.region_bytes = -(-region_bytes // 256) * 256
+        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * self.region_bytes)
         self.rank, self.world = self.workspace.rank, self.workspace.world_size
-        self.side = torch.cuda.Stream()
+        self.purpose = purpose
         self._next_region = 0
 
     def fence(self) -> None:
         """A barrier behind all earlier work of the current stream, and region 0 next."""
-        self.workspace.barrier(channel=0)
+        self.workspace.barrier(channel=0, timeout_ms=self.barrier_timeout_ms)
         self._next_region = 0
+
+    def region(self, rank: int, shape, dtype) -> torch.Tensor:
+        """`rank`'s buffer in the next region, as a tensor of `shape` in `dtype`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.region_bytes:
+            raise RuntimeError(f"{self.purpose}: a piece of {tuple(shape)} {dtype} ({nbytes} bytes) does not fit the "
+                               f"symmetric workspace's {self.region_bytes}-byte region")
+        return self.workspace.get_buffer(rank, shape, dtype, self._next_region * self.region_bytes // dtype.itemsize)
+
+    def exchanged(self) -> None:
+        """The barrier after this rank's piece is in the region; the next exchange takes the other."""
+        self.workspace.barrier(channel=self._next_region, timeout_ms=self.barrier_timeout_ms)
+        self._next_region ^= 1
+
+
+class SymmetricExchange(AlternatingRegions):
+    """The TP group's symmetric workspace, split in two regions of `region_bytes`, and the side
+    stream that pulls the other ranks' rows. Row pieces are contiguous, of one rank's rows."""
+
+    def __init__(self, group_name: str, region_bytes: int):
+        super().__init__(group_name, region_bytes, "tp_comm_overlap")
+        self.side = torch.cuda.Stream()
 
     def _region(self, rank: int, like: torch.Tensor) -> torch.Tensor:
         # like's shape and dtype in the next region of `rank`'s buffer
-        nbytes = like.numel() * like.element_size()
-        if nbytes > self.region_bytes:
-            raise RuntimeError(f"tp_comm_overlap: a piece of {tuple(like.shape)} {like.dtype} ({nbytes} bytes) does "
-                               f"not fit the symmetric workspace's {self.region_bytes}-byte region")
-        offset = self._next_region * self.region_bytes // like.element_size()
-        return self.workspace.get_buffer(rank, like.shape, like.dtype, offset)
-
-    def _exchanged(self) -> None:
-        # the barrier after this rank's rows are in the region; the next exchange takes the other
-        self.workspace.barrier(channel=self._next_region)
-        self._next_region ^= 1
+        return self.region(rank, like.shape, like.dtype)
 
     # autocast off in both products: the operands come in the dtype the collectives keep
     @torch.autocast("cuda", enabled=False)
@@ -73,7 +93,7 @@ class SymmetricExchange:
         main = torch.cuda.current_stream()
         pieces = [self._region(r, local) for r in range(self.world)]
         pieces[self.rank].copy_(local)
-        self._exchanged()
+        self.exchanged()
         self.side.wait_stream(main)
         others = [(self.rank + step) % self.world for step in range(1, self.world)]
         with torch.cuda.stream(self.side):
@@ -104,10 +124,40 @@ class SymmetricExchange:
             torch.mm(rows[dst], w_t, out=mine)
             if step > 1:   # this rank has pulled the last step's rows: its barrier says so
                 main.wait_stream(self.side)
-            self._exchanged()
+            self.exchanged()
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
                 flat_parts[src].copy_(theirs)
         torch.mm(rows[self.rank], w_t, out=flat_parts[self.rank])
         main.wait_stream(self.side)
         return parts
+
+
+class SymmetricStates(AlternatingRegions):
+    """Context parallelism's boundary states over symmetric memory: the CP group's workspace in
+    two regions. Each rank packs its (state, log decay) into its own buffer (`region(rank)`),
+    one barrier says every rank's is there (`exchanged`), and the state passing reads every
+    rank's in place (kernels.reference.ssd.PeerStates, through `offsets`): no all-gather kernel
+    holds SMs beside the SSD's, and nothing is copied between buffers. The regions alternate
+    as SymmetricExchange's do, for the same reason: each rank's reading kernel runs on the
+    stream before its next barrier. `fence()` starts a sequence of exchanges (each forward)."""
+
+    # ranks that went different ways trap each other's barrier kernels after this long, rather
+    # than hanging
+    barrier_timeout_ms = 300_000
+
+    def __init__(self, group_name: str, region_bytes: int, device):
+        super().__init__(group_name, region_bytes, "context parallelism's boundary states")
+        pointers = self.workspace.buffer_ptrs
+        if not all(pointers):   # a backend that maps no pointer for a peer it cannot reach directly
+            raise RuntimeError("context parallelism: a peer's symmetric buffer is not mapped here")
+        gaps = [pointer - pointers[self.rank] for pointer in pointers]   # bytes from this rank's buffer
+        if any(gap % 32 for gap in gaps):   # the state passing's loads assume offsets of whole 8 elements
+            raise RuntimeError(f"context parallelism: symmetric buffers {gaps} bytes apart, not multiples of 32")
+        # each rank's buffer from this rank's, in elements of 2 bytes (the states) and 4 (the
+        # log decays): made here, as a CUDA graph's capture could not copy them to the device
+        self._offsets = {size: torch.tensor([gap // size for gap in gaps], device=device) for size in (2, 4)}
+
+    def offsets(self, itemsize: int) -> torch.Tensor:
+        """(world,) int64 on the device: each rank's buffer from this rank's, in elements of itemsize."""
+        return self._offsets[itemsize]

@@ -73,7 +73,8 @@ class ParallelTrainer:
         try:  # before any process group or model: a layout that cannot work costs nothing
             self.layout = validate_layout(cfg.model, cfg.data.seq_len, world, tp=parallel.tp, cp=parallel.cp,
                                           sequence_parallel=parallel.sequence_parallel,
-                                          tp_comm_overlap=parallel.tp_comm_overlap)
+                                          tp_comm_overlap=parallel.tp_comm_overlap,
+                                          cp_symmetric_memory=parallel.cp_symmetric_memory)
         except LayoutError as err:
             raise TrainingError(f"parallel layout: {err}") from err
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -128,7 +129,7 @@ class ParallelTrainer:
         self.run = setup_parallel(cfg.model, cfg.data.seq_len, cfg.optim, cfg.train.micro_batch, cfg.train.grad_accum,
                                   tp=parallel.tp, cp=parallel.cp, sequence_parallel=parallel.sequence_parallel,
                                   tp_comm_overlap=parallel.tp_comm_overlap,
-                                  zero_stage=parallel.zero_stage, bf16=self.bf16, seed=cfg.train.seed,
+                                  cp_symmetric_memory=parallel.cp_symmetric_memory, zero_stage=parallel.zero_stage, bf16=self.bf16, seed=cfg.train.seed,
                                   device=self.device, vocab_tp=self.vocab_tp, timeout_minutes=parallel.timeout_minutes)
         self.engine, self.dims = self.run.engine, self.run.dims
         set_recompute(self.run.model, cfg.train.recompute)
