@@ -15,9 +15,13 @@ The forward also comes fused with stage 2 (`chunk_state_passing_fwd`): one progr
 tile (chunk_state.own_state) as it goes, so the fp32 chunk states are never written and read
 back (at b8 L2048 h32 that is 67 MB each way) and the forward makes one launch fewer. Its
 grid has no chunk axis, so it suits batches of many (batch, head) pairs, and `states_in_fwd`
-picks it or the two stages by their number. Context parallelism runs the pass from zero
-this way, before its initial state is known, and then adds the initial state's part
-(`add_initial_state`: the pass is linear in it); backward likewise (`add_final_state_grad`).
+picks it or the two stages by their number. Context parallelism relays its pieces' states
+rank to rank on CUDA: the pass runs once from the incoming state, read in place from the
+previous rank's buffer and scaled as loaded (`init_scale`: 0 where a document starts at the
+border), and writes its final state into this rank's slot (`final_out`); backward likewise
+(`dfinal_scale`, `dinit_out`). Where the states are all-gathered instead, the pass runs from
+zero before the incoming state is known, and the incoming state's part is added after
+(`add_initial_state`: the pass is linear in it; backward `add_final_state_grad`).
 
 The backward likewise fuses chunk_scan's d states_in (chunk_scan.own_dstates_in) into the
 reverse walk (`chunk_scan_state_passing_bwd`, picked by `dstates_bwd`): the fp32 d states_in
