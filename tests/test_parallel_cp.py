@@ -305,7 +305,8 @@ def _state_relay_worker(rank, world):
             hold_back("read", lag)
             received.append(relayed.incoming.clone() if relayed.incoming is not None
                             else torch.zeros(shape, dtype=wire, device=device))
-            if relayed.incoming is not None:   # one document throughout: the state reaches every row
+            if relayed.incoming is not None and not torch.cuda.is_current_stream_capturing():
+                # one document throughout: the state reaches every row (compared eagerly: a capture cannot sync)
                 assert torch.equal(relayed.scale, torch.ones(shape[0], device=device))
             relayed.done()
         return received
