@@ -128,10 +128,11 @@ def test_a_slot_is_free_only_after_its_reader_is_done(relays):
 def test_another_relay_on_the_marked_workspace_does_not_mark_its_slots_again(relays, monkeypatch):
     from torch.distributed import _symmetric_memory as symm_mem
 
-    fabric, (first, second) = relays
+    _, (first, second) = relays
     send(first, FORWARD, 1.0)
     receive(second, FORWARD)
-    again = [StateRelay(f"cp/{r}", torch.Size(SHAPE).numel() * 2) for r in range(2)]   # a second ContextParallel on the group: no WouldWait
+    # a second ContextParallel on the group: its relays find the slots marked (marking again would wait)
+    again = [StateRelay(f"cp/{r}", torch.Size(SHAPE).numel() * 2) for r in range(2)]
     send(again[0], FORWARD, 2.0)
     assert torch.equal(receive(again[1], FORWARD), torch.full(SHAPE, 2.0, dtype=torch.bfloat16))
     # a larger state: torch makes a new workspace (its signals cleared), whose slots are marked anew
