@@ -318,9 +318,10 @@ class ParallelConfig:
     # With sequence_parallel: in_proj's all-gather and out_proj's reduce-scatter overlap their
     # matmuls (torch's symmetric memory over NVLink/P2P: the TP group within one node; CUDA)
     tp_comm_overlap: bool = False
-    # With cp > 1 on CUDA: each layer's boundary states are read in place from every CP rank's
-    # symmetric-memory buffer (one barrier) rather than all-gathered through NCCL; off: the
-    # all-gather. Falls back to the all-gather where symmetric memory cannot be set up.
+    # With cp > 1 on CUDA: each layer's boundary states are relayed rank to rank through
+    # symmetric memory (each rank's state passing reads the previous rank's final state in
+    # place) rather than all-gathered through NCCL; off: the all-gather. Falls back to the
+    # all-gather where symmetric memory cannot be set up.
     cp_symmetric_memory: bool = True
     zero_stage: int = 1  # DeepSpeed ZeRO: 1 partitions the optimizer state, 2 the gradients too
     # A collective that has not completed after this long raises instead of hanging (a dead

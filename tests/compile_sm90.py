@@ -20,19 +20,26 @@ def compile_for_sm90(cached_kernel, pointer_types: dict, constexprs: dict):
 
 
 def state_passing_with_boundary_states():
-    # the two state-passing kernels that read context parallelism's boundary states, in each
-    # form: gathered (WeightedStates) and read in place from each rank's buffer (PeerStates)
+    # the state-passing kernels in context parallelism's forms: the gathered states summed as
+    # loaded (WeightedStates), and a relayed state (bf16, in a peer's buffer) scaled as loaded,
+    # with the final state or dinit written into a bf16 slot
     from kernels.triton_ssd import state_passing
-    for peers in (False, True):
-        for kernel, prefix, flags in ((state_passing._state_passing_fwd_kernel, "INIT", dict(HAS_INIT=True)),
-                                      (state_passing._state_passing_bwd_kernel, "DFINAL",
-                                       dict(HAS_DFINAL=True, HAS_DINIT=False))):
-            lower = prefix.lower()
-            compile_for_sm90(kernel, {f"{lower}_ptr": "*bf16", f"{lower}_offsets_ptr": "*i64",
-                                      f"{lower}_log_offsets_ptr": "*i64", "seq_idx_ptr": "*i32",
-                                      "states_in_ptr": "*bf16", "dstates_ptr": "*bf16"},
-                             {f"{prefix}_TERMS": 2, f"{prefix}_PEERS": peers, "HAS_SEQ": True, "ONTO_BASE": True,
-                              "BLOCK": 1024, **flags})
+    bf16 = {"seq_idx_ptr": "*i32", "states_in_ptr": "*bf16", "dstates_ptr": "*bf16"}
+    for kernel, prefix, flags in ((state_passing._state_passing_fwd_kernel, "INIT", dict(HAS_INIT=True)),
+                                  (state_passing._state_passing_bwd_kernel, "DFINAL", dict(HAS_DFINAL=True))):
+        lower, out = prefix.lower(), "final_ptr" if prefix == "INIT" else "dinit_ptr"
+        for terms in (2, 0):   # gathered, relayed
+            compile_for_sm90(kernel, {f"{lower}_ptr": "*bf16", out: "*bf16", **bf16},
+                             {f"{prefix}_TERMS": terms, f"{prefix}_SCALED": terms == 0, "HAS_SEQ": True,
+                              "ONTO_BASE": terms > 0, "BLOCK": 1024, **flags,
+                              **({"HAS_DINIT": terms == 0} if prefix == "DFINAL" else {})})
+    tiles = {"HAS_SEQ": True, "BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_K": 64, "HEADS_FASTEST": False}
+    compile_for_sm90(state_passing._chunk_state_passing_fwd_kernel,
+                     {"x_ptr": "*bf16", "B_ptr": "*bf16", "init_ptr": "*bf16", "final_ptr": "*bf16", **bf16},
+                     {"HAS_INIT": True, "INIT_SCALED": True, **tiles})
+    compile_for_sm90(state_passing._chunk_scan_state_passing_bwd_kernel,
+                     {"dy_ptr": "*bf16", "C_ptr": "*bf16", "dfinal_ptr": "*bf16", "dinit_ptr": "*bf16", **bf16},
+                     {"HAS_DFINAL": True, "DFINAL_SCALED": True, "HAS_DINIT": True, **tiles})
 
 
 if __name__ == "__main__":

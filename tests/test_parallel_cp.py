@@ -210,7 +210,7 @@ def _mixer_body_piece_worker(rank, world, shape, zx_dtype, bound, symmetric=Fals
     halo = b * 3 * (h * p + 2 * g * n) * zx_dtype.itemsize     # (d_conv - 1) rows of conv channels
     # (state, log decay): the state in C's dtype (zx's), the log decay in fp32
     states = b * (h * p * n * zx_dtype.itemsize + h * 4)
-    # (over symmetric memory the states are read in place: no collective of torch's)
+    # (relayed over symmetric memory, the states go through no collective of torch's)
     gathers = [] if symmetric else [("all_gather_into_tensor", states)] * 2
     expected_calls = ([("isend", halo)] if rank < world - 1 else []) + gathers + ([("isend", halo)] if rank > 0 else [])
     sends = [(name, size) for name, size in logs[0].calls if name in ("isend", "all_gather_into_tensor")]
@@ -269,76 +269,82 @@ def test_parallel_model_with_the_triton_mixer_body_equals_one_process(tp, world,
     run_workers(_triton_model_worker, world, tp, recompute, with_docs)
 
 
-def _symmetric_states_worker(rank, world):
-    """Sequences of boundary-state exchanges over symmetric memory, rank 1 held back before a
-    pack or before a read, eagerly and over replays of a captured CUDA graph, against the same
-    exchanges all-gathered: what the state passing reads, bit for bit."""
+def _state_relay_worker(rank, world):
+    """Sequences of boundary states relayed over symmetric memory (ContextParallel's
+    relay_forward and relay_backward, alternating), one rank held back before it writes or
+    before it reads, eagerly and over replays of a captured CUDA graph: each rank reads what its
+    neighbour wrote in that pass, bit for bit, with more passes in each direction than the
+    relay has slots (a writer that runs ahead must wait for the slot to be read)."""
     import torch.distributed as dist
 
-    from kernels.triton_ssd import state_passing
     from mamba_train.parallel.context_parallel import ContextParallel
+    from mamba_train.parallel.symmetric_exchange import StateRelay
     from mamba_train.train.cuda_graph import capture_graph
 
     device = torch.device("cuda", rank)
-    b, h, p, n, q, exchanges = 2, 8, 64, 128, 16, 5   # an odd count: the next sequence starts after a fence
-    symmetric = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=True)
-    gathering = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=False)
-    zeros = (torch.zeros(b, 1, h, p, n, device=device), torch.zeros(b, h, p, n, device=device))
-    no_decay = torch.zeros(b, h, 1, q, device=device)
+    shape, passes, wire = (2, 8, 64, 128), 2 * StateRelay.slots + 3, torch.bfloat16
+    cp = ContextParallel(dist.group.WORLD, d_conv=4, symmetric=True)
 
     def fresh_inputs():
-        return {"states": torch.randn(exchanges, b, h, p, n, device=device),
-                "log_decays": -torch.rand(exchanges, b, h, device=device)}
+        return {"states": torch.randn(passes, *shape, device=device)}
 
     def hold_back(when, lag):
         if lag == when and rank == 1:
             torch.cuda._sleep(200_000)
 
-    def read(cp, inputs, lag=None):
-        # the states entering this piece (even exchanges) or the gradients of its final state
-        # (odd ones), as the boundary pass sums them: from zero with no decay, it gives the sum
-        cp.begin(None, b, device)
-        outs = []
-        for i in range(exchanges):
-            hold_back("pack", lag)
-            start = cp.state_in_async if i % 2 == 0 else cp.final_state_grad_async
-            finish = start(inputs["states"][i], inputs["log_decays"][i], torch.bfloat16)
+    def relay(inputs, lag=None):
+        # pass i: forward when even (rank r reads rank r-1's), backward when odd (rank r+1's)
+        cp.begin(None, shape[0], device)
+        received = []
+        for i in range(passes):
+            assert cp.relays(shape, wire, device), "the states were not relayed"
+            relayed = (cp.relay_forward if i % 2 == 0 else cp.relay_backward)(shape, wire)
+            hold_back("write", lag)
+            if relayed.outgoing is not None:
+                relayed.outgoing.copy_(inputs["states"][i])
             hold_back("read", lag)
-            outs.append(state_passing.add_initial_state(zeros, finish(), no_decay, q)[1])
-        return outs
+            received.append(relayed.incoming.clone() if relayed.incoming is not None
+                            else torch.zeros(shape, dtype=wire, device=device))
+            if relayed.incoming is not None and not torch.cuda.is_current_stream_capturing():
+                # one document throughout: the state reaches every row (compared eagerly: a capture cannot sync)
+                assert torch.equal(relayed.scale, torch.ones(shape[0], device=device))
+            relayed.done()
+        return received
 
-    def check(outs, inputs, what):
-        for i, (got, want) in enumerate(zip(outs, read(gathering, inputs), strict=True)):
-            assert torch.equal(got, want), f"{what}: exchange {i} differs from the all-gather's"
+    def check(received, inputs, what):
+        every = torch.empty(world, *inputs["states"].shape, device=device)
+        dist.all_gather_into_tensor(every, inputs["states"])
+        for i, got in enumerate(received):
+            sender = rank - 1 if i % 2 == 0 else rank + 1
+            want = every[sender, i].to(wire) if 0 <= sender < world else torch.zeros_like(got)
+            assert torch.equal(got, want), f"{what}: pass {i} is not what rank {sender} wrote"
 
-    for lag in (None, "pack", "read"):
+    for lag in (None, "write", "read"):
         inputs = fresh_inputs()
-        check(read(symmetric, inputs, lag), inputs, f"eager, rank 1 held back before each {lag or 'nothing'}")
-    assert symmetric._symmetric is not None, "the exchanges went through symmetric memory"
-    for lag in ("pack", "read"):
+        check(relay(inputs, lag), inputs, f"eager, rank 1 held back before each {lag or 'nothing'}")
+    for lag in ("write", "read"):
         static = fresh_inputs()
-        graph, outs = capture_graph(lambda s: read(symmetric, s, lag), static, warmup=1)
+        graph, received = capture_graph(lambda s: relay(s, lag), static, warmup=1)
         for replay in range(3):
             inputs = fresh_inputs()
-            for key in static:
-                static[key].copy_(inputs[key])
+            static["states"].copy_(inputs["states"])
             graph.replay()
-            check(outs, inputs, f"replay {replay}, rank 1 held back before each {lag}")
+            check(received, inputs, f"replay {replay}, rank 1 held back before each {lag}")
     torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
-def test_gpu_symmetric_states_equal_the_all_gather_with_a_lagging_rank_eager_and_replayed():
+def test_gpu_state_relay_passes_each_neighbours_state_with_a_lagging_rank_eager_and_replayed():
     if _interpreted_triton() or torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    run_workers(_symmetric_states_worker, torch.cuda.device_count(), backend="nccl")
+    run_workers(_state_relay_worker, torch.cuda.device_count(), backend="nccl")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric_memory", "all_gather"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["relay", "all_gather"])
 def test_gpu_triton_mixer_body_on_two_nccl_ranks_equals_the_whole_sequence(symmetric):
     if _interpreted_triton() or torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     # bf16 in_proj output against the fp32 reference, as test_mixer_body's gpu test bounds it;
-    # the boundary states read from each rank's symmetric buffer, or all-gathered
+    # the boundary states relayed rank to rank over symmetric memory, or all-gathered
     run_workers(_mixer_body_piece_worker, 2, "layer", torch.bfloat16, 2e-2, symmetric, backend="nccl")

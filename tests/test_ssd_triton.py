@@ -485,57 +485,56 @@ def test_boundary_state_as_weighted_states_equals_their_sum(terms, layout):
                                         x.shape[1], seq_idx)
 
 
-@pytest.mark.parametrize("wire_dtype", [torch.float32, torch.bfloat16])
-def test_boundary_state_read_from_each_ranks_buffer_equals_the_gathered_sum(wire_dtype):
-    # PeerStates: every rank's packed (state, log decay) left in its own buffer, which the state
-    # passing reads through a table of offsets from this rank's (symmetric memory's buffers are
-    # mapped at unrelated addresses; here, three separate tensors): the same as the gathered
-    # WeightedStates of those buffers stacked, forward and backward, bit for bit
-    from kernels.reference.ssd import PeerStates, WeightedStates
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_stages"])
+def test_relayed_state_scaled_as_loaded_and_written_into_its_slot(monkeypatch, fused, slot_dtype):
+    # context parallelism's relay: the incoming state (bf16, as relayed) times a per-row scale (0
+    # where a document starts at the border) as the kernel loads it, and this piece's final state
+    # (forward) or initial state's gradient (backward) written into a given slot: the same as the
+    # state scaled before the call (a 0 or 1 scale is exact) and the result cast after it, for
+    # the fused kernels and the two stages. Bit for bit in an fp32 slot; a bf16 slot within its
+    # rounding (the interpreter's cast to bf16 truncates, the GPU's rounds to nearest)
     from kernels.triton_ssd import chunk_cumsum, state_passing
+    monkeypatch.setattr(state_passing, "_fused_kernels_fill", lambda *shape: fused)
+
+    def assert_in_slot(slot, want):
+        if slot.dtype == torch.float32:
+            assert torch.equal(slot, want)
+        else:   # within one bf16 step (8 significant bits) of the fp32 value
+            assert ((slot.float() - want).abs() <= want.abs() * 2.0 ** -7).all()
+
     inputs = make_inputs(2, 45, 4, 16, 2, 16, docs=2, first_doc=0)
     x, dt, A, B, C, seq_idx, init = (inputs[k] for k in ("x", "dt", "A", "B", "C", "seq_idx", "initial_states"))
-    b, h, p, n = init.shape
-    ranks, this_rank, state_size, words = 3, 1, h * p * n, h * 4 // wire_dtype.itemsize
-    gen = torch.Generator().manual_seed(3)
-    buffers = []
-    for _ in range(ranks):   # each rank's packed buffer: (b, h·p·n + words), the log decays' fp32 bits last
-        packed = torch.empty(b, state_size + words, dtype=wire_dtype, device=x.device)
-        packed[:, :state_size] = torch.randn(b, state_size, generator=gen).to(packed)
-        packed[:, state_size:].view(torch.float32).copy_(-torch.rand(b, h, generator=gen))
-        buffers.append(packed)
-    coef = (torch.rand(ranks, ranks, generator=gen) < 0.6).float().to(x.device)
-    reach = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).to(x.device)
-    stacked = torch.stack(buffers)
-    gathered = WeightedStates(stacked[..., :state_size].reshape(ranks, b, h, p, n),
-                              stacked[..., state_size:].contiguous().view(torch.float32), coef, reach)
-
-    def offsets(itemsize):
-        base = buffers[this_rank].data_ptr()
-        return torch.tensor([(t.data_ptr() - base) // itemsize for t in buffers], device=x.device)
-
-    own = buffers[this_rank]
-    peers = PeerStates(own[:, :state_size].view(b, h, p, n), own[:, state_size:].view(torch.float32),
-                       offsets(wire_dtype.itemsize), offsets(4), coef, reach)
+    gen = torch.Generator().manual_seed(4)
+    incoming = init.to(torch.bfloat16)
+    scale = torch.tensor([0.0, 1.0], device=x.device)
+    scaled = incoming.float() * scale[:, None, None, None]
     dt_out, dA_cumsum = chunk_cumsum.chunk_cumsum_fwd(dt, A, 16, inputs["dt_bias"], True)
-    zero_start = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx)
-    for name, ours, theirs in zip(("states_in", "final"),
-                                  state_passing.add_initial_state(zero_start, peers, dA_cumsum, x.shape[1], seq_idx),
-                                  state_passing.add_initial_state(zero_start, gathered, dA_cumsum, x.shape[1], seq_idx)):
-        assert torch.equal(ours, theirs), name
-    states_in = zero_start[0]
+    slot = torch.empty_like(incoming, dtype=slot_dtype)
+    states_in, final = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, incoming, seq_idx, torch.bfloat16,
+                                                   init_scale=scale, final_out=slot)
+    want_states_in, want_final = state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, scaled, seq_idx, torch.bfloat16)
+    assert final is slot and torch.equal(states_in, want_states_in)
+    assert_in_slot(slot, want_final)
+
     dy = torch.randn(x.shape, generator=gen).to(x.device)
-    ddA = [torch.zeros_like(dA_cumsum) for _ in range(2)]
-    through_y, _ = state_passing.dstates_bwd(dy, C, states_in, dA_cumsum, torch.zeros_like(dA_cumsum), None, seq_idx,
-                                             dstates_dtype=torch.float32)
-    dstates = [state_passing.add_final_state_grad(through_y, states_in, dA_cumsum, ddA[i], x.shape[1], dfinal, seq_idx)
-               for i, dfinal in enumerate((peers, gathered))]
-    assert torch.equal(dstates[0], dstates[1]) and torch.equal(ddA[0], ddA[1])
+    dfinal = torch.randn(init.shape, generator=gen).to(x.device, torch.bfloat16)
+    ddA, want_ddA = torch.zeros_like(dA_cumsum), torch.zeros_like(dA_cumsum)
+    dslot = torch.empty_like(dfinal, dtype=slot_dtype)
+    dstates, dinit = state_passing.dstates_bwd(dy, C, states_in, dA_cumsum, ddA, dfinal, seq_idx, need_dinit=True,
+                                               dfinal_scale=scale, dinit_out=dslot)
+    want_dstates, want_dinit = state_passing.dstates_bwd(dy, C, states_in, dA_cumsum, want_ddA,
+                                                         dfinal.float() * scale[:, None, None, None], seq_idx,
+                                                         need_dinit=True)
+    assert dinit is dslot and torch.equal(dstates, want_dstates) and torch.equal(ddA, want_ddA)
+    assert_in_slot(dslot, want_dinit)
+    with pytest.raises(AssertionError, match="scale: contiguous fp32"):
+        state_passing.states_in_fwd(B, x, dt_out, dA_cumsum, incoming, seq_idx, init_scale=scale.double())
 
 
 def test_state_passing_kernels_with_boundary_states_compile_for_an_h100():
-    # the interpreter runs kernels as Python and misses what the compiler refuses (a PeerStates
-    # path returning int64 from one branch and int32 from the other did); compiled here for
+    # the interpreter runs kernels as Python and misses what the compiler refuses (a path
+    # returning int64 from one branch and int32 from the other once did); compiled here for
     # sm_90 without a GPU, in a process without TRITON_INTERPRET
     import os
     import subprocess

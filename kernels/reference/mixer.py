@@ -62,8 +62,10 @@ def mixer_body(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_w
     `state_in_async` instead of state_in, `halo_grad(dhalo)` (the gradient of this piece's
     tail) and `final_state_grad_async(dstate_in, log_decay)` (the gradient of this piece's final
     state, from the pieces after it): the _async forms take the dtype the states travel in
-    too, start their exchange and return a function that gives its result, as
-    `kernels.reference.ssd.WeightedStates` or `PeerStates`.
+    too, start their collective and return a function that gives its result, as
+    `kernels.reference.ssd.WeightedStates`. On CUDA the Triton op may instead relay the states
+    rank to rank: `relays(state_shape, wire_dtype, device)` says whether, and
+    `relay_forward` / `relay_backward` (mamba_train.parallel.context_parallel) give each pass.
 
     keep_activations: whether backward may keep the conv's and the gated norm's outputs rather
     than recompute them (the Triton op's choice of memory against time). These chained ops are

@@ -46,22 +46,6 @@ class WeightedStates(NamedTuple):
                                                                                        torch.float32))).sum(0)
 
 
-class PeerStates(NamedTuple):
-    """WeightedStates whose k states and log totals lie in the k ranks' own symmetric-memory
-    buffers (context parallelism's SymmetricStates) rather than in one gathered tensor: `state`
-    (b, h, p, n) and `log_total` (b, h, fp32) are views of this rank's buffer, and rank k's lie
-    state_offsets[k] and log_offsets[k] elements from them (int64 on the device: each buffer is
-    mapped at an address of its own). coef and reach as in WeightedStates. Only the Triton state
-    passing reads them (add_initial_state, add_final_state_grad): here a peer's buffer is not a
-    tensor."""
-    state: torch.Tensor
-    log_total: torch.Tensor
-    state_offsets: torch.Tensor
-    log_offsets: torch.Tensor
-    coef: torch.Tensor
-    reach: torch.Tensor
-
-
 def _check_chunk_size(chunk_size):
     """The Triton entry points' chunk_size check (a bool is an int to Python: refused too)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -63,20 +63,29 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
     final states (b, h, p, n) fp32, and states_in (b, c, h, p, n) in C's dtype for backward.
 
     context_parallel (the mixer body's hook, kernels.reference.mixer_body): the initial states
-    are the state entering this piece, from the pieces before it and this piece's own final
-    state run from zero. The pass from zero runs as on one GPU (states_in_fwd, fused where the
-    grid fills), and the incoming state's part is added onto it (add_initial_state)."""
+    are the state entering this piece. Relayed (CUDA): the previous piece's final state, read in
+    place once that rank has written it, and this piece's written for the next, by one state
+    passing as on one GPU. Else the pass from zero runs first (states_in_fwd, fused where the
+    grid fills), the pieces' final states are all-gathered, and the incoming state's part is
+    added onto it (add_initial_state). The states travel in C's dtype, the one every chunk's
+    entering state has on one GPU (states_in)."""
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     # states_in in C's dtype: chunk_scan_fwd casts them to that for its dot anyway, so y is
     # the same and half the bytes move (and are kept)
+    state_shape = (x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
     if context_parallel is None:
         states_in, final_states = states_in_fwd(B, x, dt_out, dA_cumsum, initial_states, seq_idx, C.dtype)
         cb = _scores(C, B, chunk_size)
+    elif context_parallel.relays(state_shape, C.dtype, x.device):
+        assert initial_states is None, "context parallelism supplies the initial states"
+        cb = _scores(C, B, chunk_size)   # needs no state: runs before the wait for the previous rank's
+        relayed = context_parallel.relay_forward(state_shape, C.dtype)
+        states_in, final_states = states_in_fwd(B, x, dt_out, dA_cumsum, relayed.incoming, seq_idx, C.dtype,
+                                                init_scale=relayed.scale, final_out=relayed.outgoing)
+        relayed.done()
     else:
         assert initial_states is None, "context parallelism supplies the initial states"
         zero_start = states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx, torch.float32)
-        # the states travel in C's dtype, the one every chunk's entering state has on one GPU
-        # (states_in): half the bytes of fp32 in bf16, and the all-gather waits on its bytes
         wait_state_in = context_parallel.state_in_async(zero_start[1], _log_decay(dA_cumsum), C.dtype)
         cb = _scores(C, B, chunk_size)   # needs no state: runs while the pieces' states are gathered
         states_in, final_states = add_initial_state(zero_start, wait_state_in(), dA_cumsum, x.shape[1], seq_idx,
@@ -102,7 +111,8 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     may be None. dB and dC are written into dB_out and dC_out where given (any strides: the
     mixer body passes the two halves of one tensor, its conv's gradient). With
     context_parallel (as in ssd_fwd) the final states' gradient comes from the pieces after
-    this one, given the gradient of this piece's initial states through y."""
+    this one: relayed, the next rank's initial state's gradient, read in place; else
+    all-gathered, given the gradient of this piece's initial states through y."""
     factor_decay = dt_nonnegative(dt_softplus, dt_limit)
     dt_out, dA_cumsum = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     cb = bmm_fwd(C, B, chunk_size)
@@ -114,8 +124,12 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     # the stages' gradients w.r.t. dA_cumsum and dt_out, accumulated in place: one zeroed buffer
     ddA_cumsum, ddt_out = torch.zeros((2, *dA_cumsum.shape), device=dA_cumsum.device, dtype=torch.float32).unbind(0)
     need_dinit = initial_states is not None and need_dinit
+    state_shape = (x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
+    relays = context_parallel is not None and context_parallel.relays(state_shape, C.dtype, x.device)
     if context_parallel is None:
         dstates, dinit = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal_states, seq_idx, need_dinit)
+    elif relays:
+        assert dfinal_states is None and not need_dinit, "context parallelism supplies the boundary states"
     else:
         assert dfinal_states is None and not need_dinit, "context parallelism supplies the boundary states"
         # the pass without the final state's gradient (as on one GPU) gives the initial state's
@@ -125,10 +139,17 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
                                                  need_dinit=True, dstates_dtype=torch.float32)
         wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum), C.dtype)
     # CB's gradient and C's need no dstates: with context parallelism they run while the
-    # gradients are gathered
+    # gradients are gathered, or before the wait for the next rank's
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
     dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)
-    if context_parallel is not None:
+    if relays:
+        relayed = context_parallel.relay_backward(state_shape, C.dtype)
+        dstates, dinit = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, relayed.incoming, seq_idx,
+                                     need_dinit=relayed.outgoing is not None, dfinal_scale=relayed.scale,
+                                     dinit_out=relayed.outgoing)
+        relayed.done()
+        dinit = None   # it went to the previous rank
+    elif context_parallel is not None:
         dstates, dinit = add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, x.shape[1],
                                               wait_dfinal(), seq_idx), None
         del through_y

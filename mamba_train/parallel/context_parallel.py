@@ -16,12 +16,15 @@ states in C's dtype (bf16 in training), the dtype of each chunk's entering state
 one rounding per gathered state, comparable to a chunk border's (though on one GPU the
 state carried on stays fp32); the log decays stay fp32.
 
-On CUDA the Triton op's exchanges need no all-gather: each rank packs its (state, log decay)
-into its own buffer of symmetric memory (`SymmetricStates`), and after one barrier the state
-passing reads every rank's in place (`PeerStates`: a table of the buffers' offsets from this
-rank's). No NCCL kernel then holds SMs beside the SSD's, and the forward waits for a barrier
-rather than for a transfer. Elsewhere (gloo: the CPU tests), or where symmetric memory cannot
-be set up, the states are all-gathered.
+On CUDA the Triton op relays the states instead (`StateRelay`, parallel.cp_symmetric_memory):
+the state entering piece r+1 is piece r's true final state, so rank r's state passing, run
+from its own incoming state, writes its final state into its symmetric-memory buffer and rank
+r+1's state passing reads it there, once a signal says it is written. Each rank then passes
+over its chunks once (no pass from zero plus a second one adding the incoming state), nothing
+but a signal waits, and since every rank waits only on the one before it, the first runs
+ahead: a layer's state was written while the next rank was still on the layer before. The
+backward relays the gradients the other way. Elsewhere (gloo: the CPU tests), or where
+symmetric memory cannot be set up, the states are all-gathered.
 
 Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
 sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
@@ -41,12 +44,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from kernels.reference.ssd import PeerStates, WeightedStates
-from mamba_train.parallel.symmetric_exchange import SymmetricStates
+from kernels.reference.ssd import WeightedStates
+from mamba_train.parallel.symmetric_exchange import StateRelay
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -134,6 +138,18 @@ def _to_previous_rank(halo_grad: torch.Tensor, group) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the mixer hook
 
 
+class RelayedState(NamedTuple):
+    """One layer's boundary state passing through this rank (ContextParallel.relay_forward /
+    relay_backward), as the Triton state passing takes it: `incoming` the neighbour's state in
+    its symmetric buffer (None where none comes) and `scale` (b,) fp32 its factor, 0 where a
+    document starts at the border; `outgoing` this rank's slot for what it sends on (None where
+    it sends nothing); `done()` after the kernel that read and wrote them."""
+    incoming: torch.Tensor | None
+    scale: torch.Tensor | None
+    outgoing: torch.Tensor | None
+    done: Callable[[], None]
+
+
 class ContextParallel:
     """The mixer's context-parallel hook (Mamba2Mixer.context_parallel), passed to
     `kernels.mixer_body`. One object is shared by every layer; `begin(seq_idx)` records, once
@@ -143,25 +159,25 @@ class ContextParallel:
     halo / state_in are differentiable (the reference mixer body runs them under autograd);
     halo_grad / final_state_grad_async are their backward for an op that runs its own (the
     Triton mixer body calls halo and state_in_async in its forward, these two in its
-    backward). The _async forms start the exchange and return a function that finishes it and
+    backward). The _async forms start the all-gather and return a function that waits for it and
     gives the result: WeightedStates (the gathered states and log decays, with the coef and
-    reach set in `begin`: the kernel that reads them forms the weights and the sum), or on
-    CUDA PeerStates (the same, read in place from each rank's symmetric buffer), so that work
-    which needs neither runs meanwhile; call it on the stream that was current when the
-    exchange started, before the next exchange starts."""
+    reach set in `begin`: the kernel that reads them forms the weights and the sum), so that
+    work which needs neither runs meanwhile; call it on the stream that was current when the
+    all-gather started. On CUDA the Triton op relays the states instead (`relays`,
+    `relay_forward`, `relay_backward`)."""
 
     def __init__(self, group, d_conv: int, symmetric: bool = True):
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.halo_len = d_conv - 1
         self._halo_mask = self._into_this = self._from_this = None
-        # symmetric: on CUDA, the _async hooks' states go through symmetric memory
-        # (SymmetricStates, made at the first exchange, which knows their size) rather than
-        # NCCL all-gathers, unless it cannot be set up
+        # symmetric: on CUDA, the Triton op's states are relayed rank to rank through symmetric
+        # memory (StateRelay, made at the first pass, which knows their size) rather than
+        # all-gathered, unless it cannot be set up
         self._symmetric_wanted = symmetric
-        self._symmetric: SymmetricStates | None = None
+        self._relay: StateRelay | None = None
         self._captured = False     # whether a CUDA graph may hold the workspace's address (never reset)
-        self._exchanging = False   # between an exchange's pack and its read
+        self._relay_scales = (None, None)
 
     @torch.no_grad()
     def begin(self, seq_idx: torch.Tensor | None, batch: int, device) -> None:
@@ -196,8 +212,11 @@ class ContextParallel:
         # (contiguous: the kernel reads coef so, and a copy per layer would run after the wait)
         self._into_this = (between[self.rank], paths[self.rank])                 # (cp s, cp u), (cp s, b)
         self._from_this = (between[:, self.rank].contiguous(), paths[:, self.rank])   # (cp t, cp u), (cp t, b)
-        if self._symmetric is not None and device.type == "cuda":
-            self._symmetric.fence()   # this forward's exchanges start at region 0
+        # the relay's factors (b,) fp32 for the state entering this piece (1 where this piece's
+        # first token continues the previous piece's last document) and for the gradient of its
+        # final state (where the next piece's first token continues this piece's last document)
+        self._relay_scales = (joins[self.rank].float(),
+                              joins[self.rank + 1].float() if self.rank + 1 < self.world else None)
 
     # -- (a) the conv's halo
 
@@ -244,8 +263,6 @@ class ContextParallel:
         # exchange started now, the rest in the function returned. Outside autograd: the Triton
         # op's own passes
         shape, wire_dtype = state.shape, wire_dtype or state.dtype
-        if self._symmetric_ready(state, wire_dtype):
-            return self._read_in_place_async(state, log_decay, wire_dtype, coef_reach)
         with torch.no_grad():
             every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
 
@@ -254,31 +271,6 @@ class ContextParallel:
             work.wait()
             return WeightedStates(*self._unpack(every, shape), *coef_reach)
         return finish
-
-    def _read_in_place_async(self, state, log_decay, wire_dtype, coef_reach):
-        # _weighted_states_async over symmetric memory: this rank's state packed into its own
-        # buffer now; the barrier, and the states as PeerStates, in the function returned. The
-        # regions' argument (SymmetricStates) needs the pack and the barrier on one stream and
-        # one exchange at a time: asserted
-        symmetric, stream = self._symmetric, torch.cuda.current_stream()
-        assert not self._exchanging, "context parallelism: an exchange started before the last one was read"
-        self._exchanging = True
-        with torch.no_grad():
-            packed = symmetric.region(self.rank, self._packed_shape(state.shape, wire_dtype), wire_dtype)
-            self._pack_into(packed, state, log_decay)
-
-        @torch.no_grad()
-        def read_in_place() -> PeerStates:
-            assert torch.cuda.current_stream() == stream, "read the exchanged states on the stream that packed them"
-            symmetric.exchanged()
-            self._exchanging = False
-            own_state, own_log = self._unpack(packed[None], state.shape)
-            # views of the buffer, never copies: the offsets lead from them to the other ranks'
-            assert own_state.data_ptr() == packed.data_ptr() and own_log.data_ptr() == packed.data_ptr() + \
-                state.shape[1:].numel() * wire_dtype.itemsize
-            return PeerStates(own_state[0], own_log[0], symmetric.offsets(wire_dtype.itemsize), symmetric.offsets(4),
-                              *coef_reach)
-        return read_in_place
 
     @staticmethod
     def _pack(state, log_decay, wire_dtype=None):
@@ -305,50 +297,72 @@ class ContextParallel:
         packed[:, state_size:].copy_(log_decay.float().contiguous().view(packed.dtype))
         return packed
 
-    def _symmetric_ready(self, state, wire_dtype) -> bool:
-        # whether this exchange goes through SymmetricStates, making (or growing) it if needed:
-        # collective, as every rank exchanges the same shapes at the same point
-        state_bytes = state.shape[1:].numel() * wire_dtype.itemsize
-        if not (self._symmetric_wanted and state.is_cuda and wire_dtype.itemsize in (2, 4) and state_bytes % 4 == 0):
-            return False   # (the log decays' fp32 words must be aligned where they lie)
-        nbytes = math.prod(self._packed_shape(state.shape, wire_dtype)) * wire_dtype.itemsize
+    # -- (b') the same states relayed rank to rank (the Triton op on CUDA)
+
+    def relays(self, state_shape, wire_dtype, device) -> bool:
+        """Whether the Triton op relays this layer's boundary states rank to rank over symmetric
+        memory (StateRelay: `relay_forward` / `relay_backward`) rather than all-gathering them
+        (`state_in_async` / `final_state_grad_async`). Makes or grows the relay where needed:
+        collective, as every rank passes the same shapes at the same point."""
+        state_bytes = math.prod(state_shape) * wire_dtype.itemsize
+        if not (self._symmetric_wanted and device.type == "cuda" and self.world > 1):
+            return False
         capturing = torch.cuda.is_current_stream_capturing()
-        if self._symmetric is not None and nbytes <= self._symmetric.region_bytes:
+        if self._relay is not None and state_bytes <= self._relay.slot_bytes:
             self._captured |= capturing
             return True
         if capturing or self._captured:
             raise RuntimeError("context parallelism: the symmetric workspace for the boundary states cannot grow "
                                "inside a CUDA graph's capture or under one captured before; run an eager forward "
                                "and backward of the largest batch first")
-        first, failure = self._symmetric is None, None
+        if self._relay is not None:   # larger slots: every rank has relayed so far, and cannot stop alone
+            self._relay.grow(state_bytes)
+            return True
+        relay, failure = None, None
         try:
             from torch.distributed import _symmetric_memory as symm_mem
             with warnings.catch_warnings():
                 # torch 2.11 and later warn that the call is no longer needed; older ones need it
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(self.group.group_name)
-            symmetric = SymmetricStates(self.group.group_name, nbytes, state.device)
-            if (symmetric.rank, symmetric.world) != (self.rank, self.world):
-                raise RuntimeError(f"the workspace's rank {symmetric.rank} of {symmetric.world} is not the group's "
+            relay = StateRelay(self.group.group_name, state_bytes)
+            if (relay.rank, relay.world) != (self.rank, self.world):
+                raise RuntimeError(f"the workspace's rank {relay.rank} of {relay.world} is not the group's "
                                    f"{self.rank} of {self.world}")
         except RuntimeError as err:   # no symmetric memory here (no P2P between the GPUs, ...)
             failure = err
-        if not first:   # a larger workspace: every rank has read in place so far, and cannot stop alone
-            if failure is not None:
-                raise RuntimeError("context parallelism: the symmetric workspace for the boundary states could not "
-                                   "grow") from failure
-            self._symmetric = symmetric
-            return True
-        # the first exchange: every rank reads in place or every rank all-gathers, decided together
-        everywhere = torch.tensor([failure is None], dtype=torch.int32, device=state.device)
+        # the first pass: every rank relays or every rank all-gathers, decided together
+        everywhere = torch.tensor([failure is None], dtype=torch.int32, device=device)
         dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=self.group)
         if not everywhere.item():
             warnings.warn(f"context parallelism: no symmetric memory on every rank ({failure or 'another rank'}); "
                           "the boundary states go through NCCL all-gathers")
             self._symmetric_wanted = False
             return False
-        self._symmetric = symmetric
+        self._relay = relay
         return True
+
+    def relay_forward(self, state_shape, wire_dtype) -> RelayedState:
+        """The forward's pass (after `relays`): the previous piece's final state, once it is
+        there, and this rank's slot for its own final state, once the next rank has read the
+        last. Call `done()` after the state passing that reads and writes them."""
+        return self._relay_pass(StateRelay.FORWARD, state_shape, wire_dtype, self._relay_scales[0])
+
+    def relay_backward(self, state_shape, wire_dtype) -> RelayedState:
+        """The backward's pass: the gradient of the next piece's initial state (that of this
+        piece's final state, once scaled), and this rank's slot for the gradient of its own
+        initial state. Call `done()` after the state passing's backward."""
+        return self._relay_pass(StateRelay.BACKWARD, state_shape, wire_dtype, self._relay_scales[1])
+
+    def _relay_pass(self, direction, state_shape, wire_dtype, scale) -> RelayedState:
+        relay = self._relay
+        incoming = relay.receive(direction, state_shape, wire_dtype)
+        outgoing = relay.outgoing(direction, state_shape, wire_dtype)
+
+        def done() -> None:
+            relay.sent(direction)   # first: the rank waiting for it is the one behind
+            relay.read(direction)
+        return RelayedState(incoming, scale if incoming is not None else None, outgoing, done)
 
     @staticmethod
     def _unpack(every, state_shape):

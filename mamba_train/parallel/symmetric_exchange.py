@@ -1,6 +1,6 @@
 """Exchanges over torch's symmetric memory: the products with a TP exchange inside
 (SymmetricExchange, parallel.tp_comm_overlap on CUDA), and context parallelism's boundary
-states read in place (SymmetricStates, at its class).
+states passed rank to rank (StateRelay, at its class).
 
 The TP products: each rank's buffer is mapped into every other rank's address space, so a
 rank pulls another's rows with an NVLink copy (copy engines, no SMs) while it multiplies others.
@@ -133,31 +133,110 @@ class SymmetricExchange(AlternatingRegions):
         return parts
 
 
-class SymmetricStates(AlternatingRegions):
-    """Context parallelism's boundary states over symmetric memory: the CP group's workspace in
-    two regions. Each rank packs its (state, log decay) into its own buffer (`region(rank)`),
-    one barrier says every rank's is there (`exchanged`), and the state passing reads every
-    rank's in place (kernels.reference.ssd.PeerStates, through `offsets`): no all-gather kernel
-    holds SMs beside the SSD's, and nothing is copied between buffers. The regions alternate
-    as SymmetricExchange's do, for the same reason: each rank's reading kernel runs on the
-    stream before its next barrier. `fence()` starts a sequence of exchanges (each forward)."""
+class StateRelay:
+    """Context parallelism's boundary states passed rank to rank over symmetric memory, one way
+    a pass: forward, the final state of piece r is the state entering piece r+1; backward, the
+    gradient of piece r+1's initial state is that of piece r's final state. A rank's state
+    passing writes what it sends into a slot of its own buffer, and the receiver's state passing
+    reads it there in place (no copy, no collective); signals say a slot is ready, then free again.
 
-    # ranks that went different ways trap each other's barrier kernels after this long, rather
-    # than hanging
-    barrier_timeout_ms = 300_000
+    Why a relay and not an exchange among all ranks: the pieces' states form a chain, each
+    waiting only on the rank before it in the pass's direction, which never waits on it. The
+    first rank runs ahead, so after the first layer the state a rank waits for was written a
+    layer earlier, and each rank runs its state passing once, from the true initial state (an
+    exchange of states run from zero needs a second pass over the chunks to add it in).
 
-    def __init__(self, group_name: str, region_bytes: int, device):
-        super().__init__(group_name, region_bytes, "context parallelism's boundary states")
-        pointers = self.workspace.buffer_ptrs
-        if not all(pointers):   # a backend that maps no pointer for a peer it cannot reach directly
-            raise RuntimeError("context parallelism: a peer's symmetric buffer is not mapped here")
-        gaps = [pointer - pointers[self.rank] for pointer in pointers]   # bytes from this rank's buffer
-        if any(gap % 32 for gap in gaps):   # the state passing's loads assume offsets of whole 8 elements
-            raise RuntimeError(f"context parallelism: symmetric buffers {gaps} bytes apart, not multiples of 32")
-        # each rank's buffer from this rank's, in elements of 2 bytes (the states) and 4 (the
-        # log decays): made here, as a CUDA graph's capture could not copy them to the device
-        self._offsets = {size: torch.tensor([gap // size for gap in gaps], device=device) for size in (2, 4)}
+    Each direction has `slots` slots a rank, taken in turn. Every rank runs the same sequence of
+    passes, so the n-th send to a neighbour and its n-th receive name the same slot. A send waits
+    until the receiver freed the slot (its reading kernel has run), then its kernel writes, then
+    it signals ready; a receive waits for ready, its kernel reads, and it signals free. torch's
+    signals are flags (a second put waits until the first is taken), so after any whole sequence
+    every slot is free and none ready again: what a CUDA graph captured replays from that state."""
 
-    def offsets(self, itemsize: int) -> torch.Tensor:
-        """(world,) int64 on the device: each rank's buffer from this rank's, in elements of itemsize."""
-        return self._offsets[itemsize]
+    FORWARD, BACKWARD = 0, 1
+    slots = 4
+    timeout_ms = 300_000   # ranks that went different ways trap here after this long, rather than hang
+    _first_channel = 2     # channels 0 and 1: the workspace's barriers (AlternatingRegions)
+
+    # group name -> torch's workspace tensor of that group whose slots were marked free: every
+    # relay of the group shares it, and a slot marked twice would trap (a second put waits)
+    _marked: dict = {}
+
+    def __init__(self, group_name: str, slot_bytes: int):
+        self.group_name, self.slot_bytes = group_name, 0
+        self._sent, self._received = [0, 0], [0, 0]
+        self.grow(slot_bytes)
+
+    def grow(self, slot_bytes: int) -> None:
+        """Slots of at least slot_bytes (whole 256-byte blocks). Collective, between whole
+        sequences of passes (eagerly: not under a CUDA graph's capture)."""
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        self.slot_bytes = max(self.slot_bytes, -(-slot_bytes // 256) * 256)
+        self.workspace = symm_mem.get_symm_mem_workspace(self.group_name, 2 * self.slots * self.slot_bytes)
+        self.rank, self.world = self.workspace.rank, self.workspace.world_size
+        channels = self._channel(self.BACKWARD, 1, self.slots - 1) + 1
+        if channels * self.world * 4 > symm_mem.get_signal_pad_size():
+            raise RuntimeError(f"context parallelism: {channels} signal channels at cp {self.world} do not fit the "
+                               f"symmetric signal pad's {symm_mem.get_signal_pad_size()} bytes")
+        # torch keeps one workspace a group and makes a new one (signals zeroed) only when asked
+        # for more than the last was made for
+        tensor = symm_mem._group_name_to_workspace_tensor[self.group_name]
+        if self._marked.get(self.group_name) is not tensor:
+            self._marked[self.group_name] = tensor
+            for direction in (self.FORWARD, self.BACKWARD):   # every slot starts free
+                sender = self._neighbour(direction, receiving=True)
+                if sender is not None:
+                    for slot in range(self.slots):
+                        self.workspace.put_signal(sender, self._channel(direction, 1, slot), self.timeout_ms)
+
+    def _channel(self, direction: int, free: int, slot: int) -> int:
+        return self._first_channel + (2 * direction + free) * self.slots + slot
+
+    def _neighbour(self, direction: int, receiving: bool) -> int | None:
+        # the rank this one receives from (receiving) or sends to in `direction`; None at an end
+        step = 1 if direction == self.FORWARD else -1
+        peer = self.rank - step if receiving else self.rank + step
+        return peer if 0 <= peer < self.world else None
+
+    def _slot(self, rank: int, direction: int, slot: int, shape, dtype) -> torch.Tensor:
+        assert math.prod(shape) * dtype.itemsize <= self.slot_bytes, "a boundary state larger than the relay's slots"
+        return self.workspace.get_buffer(rank, shape, dtype,
+                                         (direction * self.slots + slot) * self.slot_bytes // dtype.itemsize)
+
+    def receive(self, direction: int, shape, dtype) -> torch.Tensor | None:
+        """The neighbour's state for this pass, in its buffer, once it is there (the current
+        stream waits); None where no rank sends to this one. Call `read` after its reader."""
+        sender = self._neighbour(direction, receiving=True)
+        if sender is None:
+            return None
+        slot = self._received[direction] % self.slots
+        self.workspace.wait_signal(sender, self._channel(direction, 0, slot), self.timeout_ms)
+        return self._slot(sender, direction, slot, shape, dtype)
+
+    def read(self, direction: int) -> None:
+        """After the kernel that read `receive`'s state: its slot is free for the sender again."""
+        sender = self._neighbour(direction, receiving=True)
+        if sender is not None:
+            slot = self._received[direction] % self.slots
+            self.workspace.put_signal(sender, self._channel(direction, 1, slot), self.timeout_ms)
+            self._received[direction] += 1
+
+    def outgoing(self, direction: int, shape, dtype) -> torch.Tensor | None:
+        """This rank's next slot for `direction`, once its receiver has read what it held last
+        (the current stream waits), for a kernel to write the state into; None where no rank
+        receives from this one. Call `sent` after the writer."""
+        receiver = self._neighbour(direction, receiving=False)
+        if receiver is None:
+            return None
+        slot = self._sent[direction] % self.slots
+        self.workspace.wait_signal(receiver, self._channel(direction, 1, slot), self.timeout_ms)
+        return self._slot(self.rank, direction, slot, shape, dtype)
+
+    def sent(self, direction: int) -> None:
+        """After the kernel that wrote `outgoing`'s slot: the receiver may read it."""
+        receiver = self._neighbour(direction, receiving=False)
+        if receiver is not None:
+            slot = self._sent[direction] % self.slots
+            self.workspace.put_signal(receiver, self._channel(direction, 0, slot), self.timeout_ms)
+            self._sent[direction] += 1
