@@ -27,6 +27,7 @@ class Fabric:
         self.buffers = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)]
         self.pads = [[0] * pad_flags for _ in range(world)]
         self.tensor = torch.empty(0)   # stands for torch's workspace tensor of the group
+        self.barriers = 0
 
     def workspace(self, rank):
         fabric = self
@@ -46,6 +47,9 @@ class Fabric:
                     raise WouldWait(f"rank {rank}: wait for {src_rank} on channel {channel}, flag clear")
                 fabric.pads[rank][slot] = 0
 
+            def barrier(self, channel, timeout_ms):   # one process plays both ranks: counted only
+                fabric.barriers += 1
+
             def get_buffer(self, owner, shape, dtype, storage_offset=0):
                 flat = fabric.buffers[owner].view(dtype)
                 return flat[storage_offset:storage_offset + torch.Size(shape).numel()].view(shape)
@@ -57,16 +61,16 @@ class Fabric:
 @pytest.fixture
 def relays(monkeypatch):
     """(fabric, [relay of rank 0, relay of rank 1]): each rank's process has its own registry of
-    marked workspaces, so each relay here gets a group name of its own."""
+    relays, so each rank's relay here gets a group name of its own."""
     from torch.distributed import _symmetric_memory as symm_mem
 
     fabric = Fabric()
     monkeypatch.setattr(symm_mem, "get_symm_mem_workspace", lambda name, nbytes: fabric.workspace(int(name[-1])))
     monkeypatch.setattr(symm_mem, "get_signal_pad_size", lambda: 4 * len(fabric.pads[0]))
     monkeypatch.setattr(symm_mem, "_group_name_to_workspace_tensor", {f"cp/{r}": fabric.tensor for r in range(2)})
-    monkeypatch.setattr(StateRelay, "_marked", {})
+    monkeypatch.setattr(StateRelay, "_by_group", {})
     state_bytes = torch.Size(SHAPE).numel() * 2
-    return fabric, [StateRelay(f"cp/{r}", state_bytes) for r in range(2)]
+    return fabric, [StateRelay.for_group(f"cp/{r}", state_bytes) for r in range(2)]
 
 
 def send(relay, direction, value):
@@ -125,21 +129,42 @@ def test_a_slot_is_free_only_after_its_reader_is_done(relays):
     first.outgoing(FORWARD, SHAPE, torch.bfloat16)
 
 
-def test_another_relay_on_the_marked_workspace_does_not_mark_its_slots_again(relays, monkeypatch):
+def test_a_pass_cannot_start_twice_nor_the_relay_grow_inside_one(relays):
+    _, (first, _) = relays
+    first.outgoing(FORWARD, SHAPE, torch.bfloat16)
+    with pytest.raises(AssertionError, match="started twice"):
+        first.outgoing(FORWARD, SHAPE, torch.bfloat16)
+    with pytest.raises(AssertionError, match="between passes"):
+        first.grow(2 * first.slot_bytes)
+    first.sent(FORWARD)
+    with pytest.raises(AssertionError, match="without a start"):
+        first.sent(FORWARD)
+
+
+def test_a_group_has_one_relay_whose_slots_move_only_behind_a_barrier(relays, monkeypatch):
     from torch.distributed import _symmetric_memory as symm_mem
 
-    _, (first, second) = relays
+    fabric, (first, second) = relays
     send(first, FORWARD, 1.0)
     receive(second, FORWARD)
-    # a second ContextParallel on the group: its relays find the slots marked (marking again would wait)
-    again = [StateRelay(f"cp/{r}", torch.Size(SHAPE).numel() * 2) for r in range(2)]
-    send(again[0], FORWARD, 2.0)
-    assert torch.equal(receive(again[1], FORWARD), torch.full(SHAPE, 2.0, dtype=torch.bfloat16))
-    # a larger state: torch makes a new workspace (its signals cleared), whose slots are marked anew
+    # every ContextParallel of the group gets its relay: one layout of slots, one count of passes
+    assert StateRelay.for_group("cp/0", 64) is first and first.slot_bytes >= torch.Size(SHAPE).numel() * 2
+    # larger slots in the same workspace (torch's was made large enough): moved behind a barrier,
+    # every slot still free
+    for relay in (first, second):
+        StateRelay.for_group(relay.group_name, 2 * relay.slot_bytes)
+    assert fabric.barriers == 2
+    send(first, FORWARD, 2.0)
+    assert torch.equal(receive(second, FORWARD), torch.full(SHAPE, 2.0, dtype=torch.bfloat16))
+    # larger still: torch makes a new workspace (its signals cleared), whose slots are marked anew
     fresh = Fabric()
     monkeypatch.setattr(symm_mem, "get_symm_mem_workspace", lambda name, nbytes: fresh.workspace(int(name[-1])))
     monkeypatch.setattr(symm_mem, "_group_name_to_workspace_tensor", {f"cp/{r}": fresh.tensor for r in range(2)})
-    for relay in again:
+    for relay in (first, second):
         relay.grow(4 * relay.slot_bytes)
-    send(again[0], FORWARD, 3.0)
-    assert torch.equal(receive(again[1], FORWARD), torch.full(SHAPE, 3.0, dtype=torch.bfloat16))
+    assert fresh.barriers == 0
+    send(first, FORWARD, 3.0)
+    assert torch.equal(receive(second, FORWARD), torch.full(SHAPE, 3.0, dtype=torch.bfloat16))
+    first.captured = True   # a CUDA graph holds the slots' addresses
+    with pytest.raises(RuntimeError, match="cannot grow"):
+        first.grow(8 * first.slot_bytes)

@@ -60,7 +60,9 @@ def dt_nonnegative(dt_softplus, dt_limit):
 def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
             context_parallel=None):
     """The forward stages on contiguous inputs -> y (x's dtype), y before the gate (or None),
-    final states (b, h, p, n) fp32, and states_in (b, c, h, p, n) in C's dtype for backward.
+    final states (b, h, p, n) fp32 (None where context parallelism relays them: they went into
+    the relay's slot, which the next pass reuses), and states_in (b, c, h, p, n) in C's dtype
+    for backward.
 
     context_parallel (the mixer body's hook, kernels.reference.mixer_body): the initial states
     are the state entering this piece. Relayed (CUDA): the previous piece's final state, read in
@@ -79,10 +81,11 @@ def ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, 
     elif context_parallel.relays(state_shape, C.dtype, x.device):
         assert initial_states is None, "context parallelism supplies the initial states"
         cb = _scores(C, B, chunk_size)   # needs no state: runs before the wait for the previous rank's
-        relayed = context_parallel.relay_forward(state_shape, C.dtype)
-        states_in, final_states = states_in_fwd(B, x, dt_out, dA_cumsum, relayed.incoming, seq_idx, C.dtype,
-                                                init_scale=relayed.scale, final_out=relayed.outgoing)
-        relayed.done()
+        relay = context_parallel.relay_forward(state_shape, C.dtype)
+        states_in, _ = states_in_fwd(B, x, dt_out, dA_cumsum, relay.incoming, seq_idx, C.dtype,
+                                     init_scale=relay.scale, final_out=relay.outgoing)
+        relay.done()
+        final_states = None
     else:
         assert initial_states is None, "context parallelism supplies the initial states"
         zero_start = states_in_fwd(B, x, dt_out, dA_cumsum, None, seq_idx, torch.float32)
@@ -125,29 +128,28 @@ def ssd_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, init
     ddA_cumsum, ddt_out = torch.zeros((2, *dA_cumsum.shape), device=dA_cumsum.device, dtype=torch.float32).unbind(0)
     need_dinit = initial_states is not None and need_dinit
     state_shape = (x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
-    relays = context_parallel is not None and context_parallel.relays(state_shape, C.dtype, x.device)
+    relayed = context_parallel is not None and context_parallel.relays(state_shape, C.dtype, x.device)
     if context_parallel is None:
         dstates, dinit = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal_states, seq_idx, need_dinit)
-    elif relays:
-        assert dfinal_states is None and not need_dinit, "context parallelism supplies the boundary states"
     else:
         assert dfinal_states is None and not need_dinit, "context parallelism supplies the boundary states"
-        # the pass without the final state's gradient (as on one GPU) gives the initial state's
-        # gradient through y, which the later pieces' final-state gradient needs; the final
-        # state's part is added after (add_final_state_grad)
-        through_y, dinit_through_y = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, None, seq_idx,
-                                                 need_dinit=True, dstates_dtype=torch.float32)
-        wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum), C.dtype)
+        if not relayed:
+            # the pass without the final state's gradient (as on one GPU) gives the initial
+            # state's gradient through y, which the later pieces' final-state gradient needs;
+            # the final state's part is added after (add_final_state_grad)
+            through_y, dinit_through_y = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, None, seq_idx,
+                                                     need_dinit=True, dstates_dtype=torch.float32)
+            wait_dfinal = context_parallel.final_state_grad_async(dinit_through_y, _log_decay(dA_cumsum), C.dtype)
     # CB's gradient and C's need no dstates: with context parallelism they run while the
     # gradients are gathered, or before the wait for the next rank's
     dcb = bmm_bwd_dcb(dy, x, cb, dt_out, dA_cumsum, ddA_cumsum, seq_idx, factor_decay)
     dC = chunk_scan_bwd_dc(dcb, B, C, dy, states_in, dA_cumsum, ddA_cumsum, seq_idx, out=dC_out)
-    if relays:
-        relayed = context_parallel.relay_backward(state_shape, C.dtype)
-        dstates, dinit = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, relayed.incoming, seq_idx,
-                                     need_dinit=relayed.outgoing is not None, dfinal_scale=relayed.scale,
-                                     dinit_out=relayed.outgoing)
-        relayed.done()
+    if relayed:
+        relay = context_parallel.relay_backward(state_shape, C.dtype)
+        dstates, _ = dstates_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, relay.incoming, seq_idx,
+                                 need_dinit=relay.outgoing is not None, dfinal_scale=relay.scale,
+                                 dinit_out=relay.outgoing)
+        relay.done()
         dinit = None   # it went to the previous rank
     elif context_parallel is not None:
         dstates, dinit = add_final_state_grad(through_y, states_in, dA_cumsum, ddA_cumsum, x.shape[1],

@@ -501,6 +501,7 @@ def state_passing_bwd(dstates_in, states_in, dA_cumsum, ddA_cumsum, seqlen, dfin
     assert dstates_in.is_contiguous() and dstates_in.dtype == torch.float32, "dstates_in: contiguous fp32"
     assert not (onto_base and need_dinit), "add_final_state_grad gives no dinit"
     dstates = torch.empty_like(states_in, dtype=dstates_dtype or states_in.dtype)
+    assert need_dinit or dinit_out is None, "dinit_out without need_dinit"
     dinit = _boundary_out(dinit_out, (b, h, p, n), states_in.device) if need_dinit else None
     dfinal_arg = _state_arg(dfinal, (b, h, p, n))
     dfinal_scale = _boundary_scale(dfinal_scale, b)
@@ -545,6 +546,7 @@ def chunk_scan_state_passing_bwd(dy, C, states_in, dA_cumsum, ddA_cumsum, dfinal
     g, n = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     dstates = torch.empty_like(states_in, dtype=dstates_dtype or states_in.dtype)
+    assert need_dinit or dinit_out is None, "dinit_out without need_dinit"
     dinit = _boundary_out(dinit_out, (b, h, p, n), dy.device) if need_dinit else None
     dfinal = dfinal.contiguous() if dfinal is not None else None
     dfinal_scale = _boundary_scale(dfinal_scale, b)

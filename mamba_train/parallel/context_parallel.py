@@ -4,34 +4,27 @@ SSD run from h_in: below).
 
 The sequence is cut into cp contiguous pieces, one per rank. A Mamba-2 layer needs from
 the ranks before it only (a) the last d_conv-1 conv input rows of the previous rank (the
-halo) and (b) the SSM state entering its piece. The state is linear in the earlier
-pieces: with h_s the final state of piece s run from a zero state and a_s its total decay,
-the state entering rank r is  h_in = Σ_{s<r} (Π_{s<t<r} a_t) h_s  (Mamba-2's state
-passing, one level up). The mixer body (`kernels.mixer_body`) runs its SSD from h_in: the
-Triton op runs the state passing from zero first (h_r is its final state), then adds
-h_in's part to the states entering each chunk (no scan over the tokens), then the rest of
-the SSD. So each layer sends d_conv-1 rows to one neighbour and all-gathers (h_r, log a_r):
-B·H·P·N numbers per rank, independent of the sequence length. The Triton op sends the
-states in C's dtype (bf16 in training), the dtype of each chunk's entering state on one GPU:
-one rounding per gathered state, comparable to a chunk border's (though on one GPU the
-state carried on stays fp32); the log decays stay fp32.
+halo) and (b) the SSM state entering its piece, h_in(r+1) = the final state of piece r run
+from h_in(r). Each layer sends d_conv-1 rows to one neighbour and B·H·P·N numbers of state,
+independent of the sequence length. Two ways to pass the state:
 
-On CUDA the Triton op relays the states instead (`StateRelay`, parallel.cp_symmetric_memory):
-the state entering piece r+1 is piece r's true final state, so rank r's state passing, run
-from its own incoming state, writes its final state into its symmetric-memory buffer and rank
-r+1's state passing reads it there, once a signal says it is written. Each rank then passes
-over its chunks once (no pass from zero plus a second one adding the incoming state), nothing
-but a signal waits, and since every rank waits only on the one before it, the first runs
-ahead: a layer's state was written while the next rank was still on the layer before. The
-backward relays the gradients the other way. Elsewhere (gloo: the CPU tests), or where
-symmetric memory cannot be set up, the states are all-gathered.
+- Relayed (the Triton op on CUDA, parallel.cp_symmetric_memory; `StateRelay`): rank r's state
+  passing, run from h_in(r), writes its final state into a slot of its symmetric-memory buffer,
+  and rank r+1's state passing reads it there once a signal says it is written. Each rank
+  passes over its chunks once, and waits only on the rank before it, which has run ahead. The
+  backward relays the gradient of each piece's initial state the other way (the SSD's
+  backward takes it as the gradient of the previous piece's final state).
+- All-gathered (the CPU tests on gloo, the reference op, or where symmetric memory cannot be
+  set up): with h_s piece s's final state run from zero and a_s its total decay,
+  h_in(r) = Σ_{s<r} (Π_{s<t<r} a_t) h_s, Mamba-2's state passing one level up. Every rank
+  all-gathers (h_r, log a_r); the Triton op runs its state passing from zero, then adds h_in's
+  part to the states entering each chunk. Its backward is the same prefix sum the other way,
+  one more all-gather a layer; the reference op differentiates the forward with autograd.
 
-Backward, two ways. The reference path (CPU) differentiates the all-gather and the prefix
-sum above with autograd. The Triton path sees the same function as a chain, h_in(r+1) = the
-true final state of piece r, whose reverse is again a prefix sum: the gradient of piece r's
-final state is Σ_{s>r} (the forward's weight of r in h_in(s)) · (h_in(s)'s gradient through
-y_s), one more all-gather like the forward's a layer; the SSD's backward then takes it as the
-gradient of its final state, so nothing runs over the tokens twice.
+The Triton op passes the states in C's dtype (bf16 in training), the dtype of each chunk's
+entering state on one GPU: relayed, each border rounds the state carried on (cp-1 roundings
+from the first rank to the last, where one GPU carries fp32), gathered, each gathered state is
+rounded once; the log decays stay fp32.
 
 Documents (`seq_idx`, ids of the whole sequence, sliced per rank): a state or a halo row
 reaches only tokens of its own document; a document that starts exactly at a rank border
@@ -138,7 +131,7 @@ def _to_previous_rank(halo_grad: torch.Tensor, group) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the mixer hook
 
 
-class RelayedState(NamedTuple):
+class RelayPass(NamedTuple):
     """One layer's boundary state passing through this rank (ContextParallel.relay_forward /
     relay_backward), as the Triton state passing takes it: `incoming` the neighbour's state in
     its symmetric buffer (None where none comes) and `scale` (b,) fp32 its factor, 0 where a
@@ -175,8 +168,7 @@ class ContextParallel:
         # memory (StateRelay, made at the first pass, which knows their size) rather than
         # all-gathered, unless it cannot be set up
         self._symmetric_wanted = symmetric
-        self._relay: StateRelay | None = None
-        self._captured = False     # whether a CUDA graph may hold the workspace's address (never reset)
+        self._relay: StateRelay | None = None   # the group's (StateRelay.for_group), shared
         self._relay_scales = (None, None)
 
     @torch.no_grad()
@@ -308,15 +300,14 @@ class ContextParallel:
         if not (self._symmetric_wanted and device.type == "cuda" and self.world > 1):
             return False
         capturing = torch.cuda.is_current_stream_capturing()
-        if self._relay is not None and state_bytes <= self._relay.slot_bytes:
-            self._captured |= capturing
-            return True
-        if capturing or self._captured:
-            raise RuntimeError("context parallelism: the symmetric workspace for the boundary states cannot grow "
-                               "inside a CUDA graph's capture or under one captured before; run an eager forward "
-                               "and backward of the largest batch first")
-        if self._relay is not None:   # larger slots: every rank has relayed so far, and cannot stop alone
-            self._relay.grow(state_bytes)
+        if (capturing and (self._relay is None or state_bytes > self._relay.slot_bytes)):
+            raise RuntimeError("context parallelism: the relay of boundary states is set up (or grown) eagerly, not "
+                               "inside a CUDA graph's capture; run an eager forward and backward of the largest "
+                               "batch first")
+        if self._relay is not None:
+            if state_bytes > self._relay.slot_bytes:   # every rank has relayed so far, and cannot stop alone
+                self._relay.grow(state_bytes)
+            self._relay.captured |= capturing
             return True
         relay, failure = None, None
         try:
@@ -325,7 +316,7 @@ class ContextParallel:
                 # torch 2.11 and later warn that the call is no longer needed; older ones need it
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(self.group.group_name)
-            relay = StateRelay(self.group.group_name, state_bytes)
+            relay = StateRelay.for_group(self.group.group_name, state_bytes)
             if (relay.rank, relay.world) != (self.rank, self.world):
                 raise RuntimeError(f"the workspace's rank {relay.rank} of {relay.world} is not the group's "
                                    f"{self.rank} of {self.world}")
@@ -342,19 +333,19 @@ class ContextParallel:
         self._relay = relay
         return True
 
-    def relay_forward(self, state_shape, wire_dtype) -> RelayedState:
+    def relay_forward(self, state_shape, wire_dtype) -> RelayPass:
         """The forward's pass (after `relays`): the previous piece's final state, once it is
         there, and this rank's slot for its own final state, once the next rank has read the
         last. Call `done()` after the state passing that reads and writes them."""
         return self._relay_pass(StateRelay.FORWARD, state_shape, wire_dtype, self._relay_scales[0])
 
-    def relay_backward(self, state_shape, wire_dtype) -> RelayedState:
+    def relay_backward(self, state_shape, wire_dtype) -> RelayPass:
         """The backward's pass: the gradient of the next piece's initial state (that of this
         piece's final state, once scaled), and this rank's slot for the gradient of its own
         initial state. Call `done()` after the state passing's backward."""
         return self._relay_pass(StateRelay.BACKWARD, state_shape, wire_dtype, self._relay_scales[1])
 
-    def _relay_pass(self, direction, state_shape, wire_dtype, scale) -> RelayedState:
+    def _relay_pass(self, direction, state_shape, wire_dtype, scale) -> RelayPass:
         relay = self._relay
         incoming = relay.receive(direction, state_shape, wire_dtype)
         outgoing = relay.outgoing(direction, state_shape, wire_dtype)
@@ -362,7 +353,7 @@ class ContextParallel:
         def done() -> None:
             relay.sent(direction)   # first: the rank waiting for it is the one behind
             relay.read(direction)
-        return RelayedState(incoming, scale if incoming is not None else None, outgoing, done)
+        return RelayPass(incoming, scale if incoming is not None else None, outgoing, done)
 
     @staticmethod
     def _unpack(every, state_shape):

@@ -29,7 +29,7 @@ class ParallelLayout:
     # SP split by batch rows on CUDA: in_proj's gather and out_proj's scatter run inside their
     # matmuls over symmetric memory (parallel/sequence_parallel.py)
     tp_comm_overlap: bool = False
-    # CP on CUDA: the boundary states read in place over symmetric memory (context_parallel.py)
+    # CP on CUDA: the boundary states relayed rank to rank over symmetric memory (context_parallel.py)
     cp_symmetric_memory: bool = True
 
     @property

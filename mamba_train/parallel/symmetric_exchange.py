@@ -141,54 +141,85 @@ class StateRelay:
     reads it there in place (no copy, no collective); signals say a slot is ready, then free again.
 
     Why a relay and not an exchange among all ranks: the pieces' states form a chain, each
-    waiting only on the rank before it in the pass's direction, which never waits on it. The
-    first rank runs ahead, so after the first layer the state a rank waits for was written a
-    layer earlier, and each rank runs its state passing once, from the true initial state (an
-    exchange of states run from zero needs a second pass over the chunks to add it in).
+    waiting only on the rank before it in the pass's direction, which never waits on it, and
+    each rank runs its state passing once, from the true initial state (an exchange of states
+    run from zero needs a second pass over the chunks to add it in).
 
     Each direction has `slots` slots a rank, taken in turn. Every rank runs the same sequence of
     passes, so the n-th send to a neighbour and its n-th receive name the same slot. A send waits
     until the receiver freed the slot (its reading kernel has run), then its kernel writes, then
     it signals ready; a receive waits for ready, its kernel reads, and it signals free. torch's
     signals are flags (a second put waits until the first is taken), so after any whole sequence
-    every slot is free and none ready again: what a CUDA graph captured replays from that state."""
+    every slot is free and none ready again: what a CUDA graph captured replays from that state.
+
+    One relay a group and process (`for_group`): the group's workspace, its slots and their
+    signals are one, so every ContextParallel of the group shares its layout and counters."""
 
     FORWARD, BACKWARD = 0, 1
     slots = 4
-    timeout_ms = 300_000   # ranks that went different ways trap here after this long, rather than hang
-    _first_channel = 2     # channels 0 and 1: the workspace's barriers (AlternatingRegions)
+    # 0: a wait spins until its signal comes. A rank that never sends leaves the next NCCL
+    # collective behind the spinning kernel unfinished, and NCCL's watchdog ends the job after
+    # parallel.timeout_minutes, the one timeout for every collective (a trap here would end
+    # the CUDA context with no word of which collective waited)
+    timeout_ms = 0
+    _first_channel = 2   # channels 0 and 1 reserved for the workspace's barriers
+    _by_group: dict = {}
 
-    # group name -> torch's workspace tensor of that group whose slots were marked free: every
-    # relay of the group shares it, and a slot marked twice would trap (a second put waits)
-    _marked: dict = {}
+    @classmethod
+    def for_group(cls, group_name: str, slot_bytes: int) -> "StateRelay":
+        """The group's relay, made or grown to slots of at least slot_bytes: collective (every
+        rank of the group at the same pass), eagerly (not under a CUDA graph's capture)."""
+        relay = cls._by_group.get(group_name)
+        if relay is None:
+            relay = cls._by_group[group_name] = cls(group_name)
+        if slot_bytes > relay.slot_bytes:
+            relay.grow(slot_bytes)
+        return relay
 
-    def __init__(self, group_name: str, slot_bytes: int):
+    def __init__(self, group_name: str):
         self.group_name, self.slot_bytes = group_name, 0
+        self.captured = False   # whether a CUDA graph holds the slots' addresses: they may not move then
         self._sent, self._received = [0, 0], [0, 0]
-        self.grow(slot_bytes)
+        self._passing = [set(), set()]   # per direction, "send" / "receive" between their two halves
+        self._marked = None   # torch's workspace tensor whose slots this relay marked free
 
     def grow(self, slot_bytes: int) -> None:
-        """Slots of at least slot_bytes (whole 256-byte blocks). Collective, between whole
-        sequences of passes (eagerly: not under a CUDA graph's capture)."""
+        """Slots of at least slot_bytes (whole 256-byte blocks). Collective, between passes."""
         from torch.distributed import _symmetric_memory as symm_mem
 
-        self.slot_bytes = max(self.slot_bytes, -(-slot_bytes // 256) * 256)
+        if self.captured:
+            raise RuntimeError("context parallelism: the symmetric workspace for the boundary states cannot grow "
+                               "under a CUDA graph captured before; run an eager forward and backward of the "
+                               "largest batch first")
+        assert not any(self._passing), "a relay grows between passes"
+        self.slot_bytes = -(-slot_bytes // 256) * 256
         self.workspace = symm_mem.get_symm_mem_workspace(self.group_name, 2 * self.slots * self.slot_bytes)
         self.rank, self.world = self.workspace.rank, self.workspace.world_size
         channels = self._channel(self.BACKWARD, 1, self.slots - 1) + 1
         if channels * self.world * 4 > symm_mem.get_signal_pad_size():
             raise RuntimeError(f"context parallelism: {channels} signal channels at cp {self.world} do not fit the "
                                f"symmetric signal pad's {symm_mem.get_signal_pad_size()} bytes")
-        # torch keeps one workspace a group and makes a new one (signals zeroed) only when asked
-        # for more than the last was made for
+        # torch keeps one workspace a group, and makes a new one (signals cleared) only when asked
+        # for more than the last was made for; its handle is made anew on every call, so the
+        # tensor in torch's registry is what tells a new workspace from the old
         tensor = symm_mem._group_name_to_workspace_tensor[self.group_name]
-        if self._marked.get(self.group_name) is not tensor:
-            self._marked[self.group_name] = tensor
+        if self._marked is not tensor:
+            self._marked = tensor
             for direction in (self.FORWARD, self.BACKWARD):   # every slot starts free
                 sender = self._neighbour(direction, receiving=True)
                 if sender is not None:
                     for slot in range(self.slots):
                         self.workspace.put_signal(sender, self._channel(direction, 1, slot), self.timeout_ms)
+        else:   # the slots move within the same memory: every rank's earlier reads end first
+            self.workspace.barrier(channel=0, timeout_ms=self.timeout_ms)
+
+    def _begin(self, direction: int, half: str) -> None:
+        # a pass's counters move at its end: a second start before it would name the same slot
+        assert half not in self._passing[direction], f"a relay pass's {half} started twice"
+
+    def _end(self, direction: int, half: str) -> None:
+        assert half in self._passing[direction], f"a relay pass's {half} ended without a start"
+        self._passing[direction].remove(half)
 
     def _channel(self, direction: int, free: int, slot: int) -> int:
         return self._first_channel + (2 * direction + free) * self.slots + slot
@@ -211,13 +242,16 @@ class StateRelay:
         if sender is None:
             return None
         slot = self._received[direction] % self.slots
+        self._begin(direction, "receive")
         self.workspace.wait_signal(sender, self._channel(direction, 0, slot), self.timeout_ms)
+        self._passing[direction].add("receive")
         return self._slot(sender, direction, slot, shape, dtype)
 
     def read(self, direction: int) -> None:
         """After the kernel that read `receive`'s state: its slot is free for the sender again."""
         sender = self._neighbour(direction, receiving=True)
         if sender is not None:
+            self._end(direction, "receive")
             slot = self._received[direction] % self.slots
             self.workspace.put_signal(sender, self._channel(direction, 1, slot), self.timeout_ms)
             self._received[direction] += 1
@@ -230,13 +264,16 @@ class StateRelay:
         if receiver is None:
             return None
         slot = self._sent[direction] % self.slots
+        self._begin(direction, "send")
         self.workspace.wait_signal(receiver, self._channel(direction, 1, slot), self.timeout_ms)
+        self._passing[direction].add("send")
         return self._slot(self.rank, direction, slot, shape, dtype)
 
     def sent(self, direction: int) -> None:
         """After the kernel that wrote `outgoing`'s slot: the receiver may read it."""
         receiver = self._neighbour(direction, receiving=False)
         if receiver is not None:
+            self._end(direction, "send")
             slot = self._sent[direction] % self.slots
             self.workspace.put_signal(receiver, self._channel(direction, 0, slot), self.timeout_ms)
             self._sent[direction] += 1
