@@ -188,3 +188,25 @@ def assert_grads_close(named_grads: dict, expected: dict, rel: float = 1e-5, rel
     assert diff <= rel * norm, f"all gradients: |diff| {diff:.3e} > {rel} · |grad| {norm:.3e}"
     for name, grad in named_grads.items():
         assert_close(grad, expected[name], rel=rel_each, what=f"grad of {name}")
+
+
+def check_eager_and_replayed(run, check, fresh_inputs, lags, replays=3, describe=str):
+    """A GPU exchange's test with a lagging rank: `run(inputs, lag)` on fresh inputs eagerly, with
+    no lag and with each of `lags`, then captured in a CUDA graph for each lag and replayed
+    `replays` times on fresh inputs copied into the captured ones; `check(outputs, inputs,
+    what)` after each. describe(lag) names a lag in the messages."""
+    from mamba_train.train.cuda_graph import capture_graph
+
+    for lag in (None, *lags):
+        inputs = fresh_inputs()
+        check(run(inputs, lag), inputs, f"eager, {describe(lag)}")
+    for lag in lags:
+        static = fresh_inputs()
+        graph, outs = capture_graph(lambda s: run(s, lag), static, warmup=1)
+        for replay in range(replays):
+            inputs = fresh_inputs()
+            for key in static:
+                static[key].copy_(inputs[key])
+            graph.replay()
+            check(outs, inputs, f"replay {replay}, {describe(lag)}")
+    torch.cuda.synchronize()

@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
 
-from distributed import assert_close, assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
+from distributed import (assert_close, assert_grads_close, check_eager_and_replayed, count_collectives, run_workers,
+                         tiny_batch, tiny_config)
 from mamba_train.model import Mamba2LM, set_recompute
 from mamba_train.parallel import (context_parallel_piece, init_parallel, parallelize_model, shard_state_dict,
                                   validate_layout)
@@ -279,7 +280,6 @@ def _state_relay_worker(rank, world):
 
     from mamba_train.parallel.context_parallel import ContextParallel
     from mamba_train.parallel.symmetric_exchange import StateRelay
-    from mamba_train.train.cuda_graph import capture_graph
 
     device = torch.device("cuda", rank)
     shape, passes, wire = (2, 8, 64, 128), 2 * StateRelay.slots + 3, torch.bfloat16
@@ -319,18 +319,8 @@ def _state_relay_worker(rank, world):
             want = every[sender, i].to(wire) if 0 <= sender < world else torch.zeros_like(got)
             assert torch.equal(got, want), f"{what}: pass {i} is not what rank {sender} wrote"
 
-    for lag in (None, "write", "read"):
-        inputs = fresh_inputs()
-        check(relay(inputs, lag), inputs, f"eager, rank 1 held back before each {lag or 'nothing'}")
-    for lag in ("write", "read"):
-        static = fresh_inputs()
-        graph, received = capture_graph(lambda s: relay(s, lag), static, warmup=1)
-        for replay in range(3):
-            inputs = fresh_inputs()
-            static["states"].copy_(inputs["states"])
-            graph.replay()
-            check(received, inputs, f"replay {replay}, rank 1 held back before each {lag}")
-    torch.cuda.synchronize()
+    check_eager_and_replayed(relay, check, fresh_inputs, ("write", "read"),
+                             describe=lambda lag: f"rank 1 held back before each {lag or 'nothing'}")
 
 
 @pytest.mark.gpu

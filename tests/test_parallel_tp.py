@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is in the [dev] extra")
 import torch.distributed as dist
 
-from distributed import assert_close, assert_grads_close, count_collectives, run_workers, tiny_batch, tiny_config
+from distributed import (assert_close, assert_grads_close, check_eager_and_replayed, count_collectives, run_workers,
+                         tiny_batch, tiny_config)
 from mamba_train.model import Mamba2LM, set_recompute
 from mamba_train.parallel import init_parallel, merge_state_dicts, parallelize_model, shard_state_dict, validate_layout
 
@@ -353,7 +354,6 @@ def _exchange_worker(rank, world):
     from torch.distributed import _symmetric_memory as symm_mem
 
     from mamba_train.parallel.symmetric_exchange import SymmetricExchange
-    from mamba_train.train.cuda_graph import capture_graph
 
     device = torch.device("cuda", rank)
     group = dist.group.WORLD
@@ -423,19 +423,8 @@ def _exchange_worker(rank, world):
             else:
                 assert_close(got.float(), want.float(), rel=1e-2, what=f"{what}: product {j}")
 
-    for lag in (None, "main", "side"):
-        inputs = fresh_inputs()
-        check(exchanged(inputs, lag), inputs, f"eager, rank 1 held back on {lag or 'no'} stream")
-    for lag in ("main", "side"):
-        static = fresh_inputs()
-        graph, outs = capture_graph(lambda s: exchanged(s, lag), static, warmup=1)
-        for replay in range(3):
-            inputs = fresh_inputs()
-            for key in static:
-                static[key].copy_(inputs[key])
-            graph.replay()
-            check(outs, inputs, f"replay {replay}, rank 1 held back on the {lag} stream")
-    torch.cuda.synchronize()
+    check_eager_and_replayed(exchanged, check, fresh_inputs, ("main", "side"),
+                             describe=lambda lag: f"rank 1 held back on the {lag or 'no'} stream")
 
 
 @pytest.mark.gpu
