@@ -252,11 +252,11 @@ class ContextParallel:
     def _weighted_states_async(self, state, log_decay, wire_dtype, coef_reach):
         # every rank's state with its log decay, weighted by coef_reach (begin), not summed: the
         # state passing that reads them forms the weights and the sum as it loads them. The
-        # exchange started now, the rest in the function returned. Outside autograd: the Triton
-        # op's own passes
-        shape, wire_dtype = state.shape, wire_dtype or state.dtype
+        # all-gather started now, the rest (views) in the function returned. Outside autograd:
+        # the Triton op's own passes
         with torch.no_grad():
             every, work = all_gather_started(self._pack(state, log_decay, wire_dtype), self.group)
+        shape = state.shape
 
         @torch.no_grad()
         def finish() -> WeightedStates:
@@ -270,23 +270,15 @@ class ContextParallel:
         # wire_dtype (default its own) and after it the log decays' fp32 bits, w words each
         # (1 in fp32, 2 in bf16: a log decay of -30 rounded to bf16 would be off by 0.06)
         wire_dtype = wire_dtype or state.dtype
+        b = log_decay.shape[0]
         if wire_dtype.itemsize >= 4:   # fp32 (float64 in the reference's checks): differentiable, no bit views
-            return torch.cat([state.reshape(log_decay.shape[0], -1).to(wire_dtype), log_decay.to(wire_dtype)], dim=1)
-        packed = state.new_empty(ContextParallel._packed_shape(state.shape, wire_dtype), dtype=wire_dtype)
-        return ContextParallel._pack_into(packed, state, log_decay)
-
-    @staticmethod
-    def _packed_shape(state_shape, wire_dtype) -> tuple[int, int]:
-        # (b, h·p·n + h·w): w words of the wire's dtype hold a log decay's fp32 bits
-        assert wire_dtype.itemsize in (2, 4), f"the states travel in float64, fp32, bf16 or fp16, not {wire_dtype}"
-        return state_shape[0], state_shape[1:].numel() + state_shape[1] * 4 // wire_dtype.itemsize
-
-    @staticmethod
-    def _pack_into(packed, state, log_decay):
-        # _pack's layout, written into `packed` (b, h·p·n + h·w) of the wire's dtype; outside autograd
+            return torch.cat([state.reshape(b, -1).to(wire_dtype), log_decay.to(wire_dtype)], dim=1)
+        assert wire_dtype.itemsize == 2, f"the states travel in float64, fp32, bf16 or fp16, not {wire_dtype}"
+        decay_words = log_decay.float().contiguous().view(wire_dtype)
         state_size = state.shape[1:].numel()
-        packed[:, :state_size].copy_(state.reshape(state.shape[0], -1))   # cast as it is written: no cast, then cat
-        packed[:, state_size:].copy_(log_decay.float().contiguous().view(packed.dtype))
+        packed = state.new_empty((b, state_size + decay_words.shape[1]), dtype=wire_dtype)
+        packed[:, :state_size].copy_(state.reshape(b, -1))   # cast as it is written: no cast, then cat
+        packed[:, state_size:].copy_(decay_words)
         return packed
 
     # -- (b') the same states relayed rank to rank (the Triton op on CUDA)

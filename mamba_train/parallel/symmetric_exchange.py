@@ -27,52 +27,37 @@ import math
 import torch
 
 
-class AlternatingRegions:
-    """A group's symmetric workspace, split in two regions of `region_bytes` (whole 256-byte
-    blocks, so that the second region starts as aligned as the first), taken in turn by the
-    exchanges of one sequence (module docstring). `purpose` names the user in errors."""
-
-    barrier_timeout_ms = 0   # 0: a barrier waits for ever
-
-    def __init__(self, group_name: str, region_bytes: int, purpose: str):
-        from torch.distributed import _symmetric_memory as symm_mem
-
-        self.region_bytes = -(-region_bytes // 256) * 256
-        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * self.region_bytes)
-        self.rank, self.world = self.workspace.rank, self.workspace.world_size
-        self.purpose = purpose
-        self._next_region = 0
-
-    def fence(self) -> None:
-        """A barrier behind all earlier work of the current stream, and region 0 next."""
-        self.workspace.barrier(channel=0, timeout_ms=self.barrier_timeout_ms)
-        self._next_region = 0
-
-    def region(self, rank: int, shape, dtype) -> torch.Tensor:
-        """`rank`'s buffer in the next region, as a tensor of `shape` in `dtype`."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > self.region_bytes:
-            raise RuntimeError(f"{self.purpose}: a piece of {tuple(shape)} {dtype} ({nbytes} bytes) does not fit the "
-                               f"symmetric workspace's {self.region_bytes}-byte region")
-        return self.workspace.get_buffer(rank, shape, dtype, self._next_region * self.region_bytes // dtype.itemsize)
-
-    def exchanged(self) -> None:
-        """The barrier after this rank's piece is in the region; the next exchange takes the other."""
-        self.workspace.barrier(channel=self._next_region, timeout_ms=self.barrier_timeout_ms)
-        self._next_region ^= 1
-
-
-class SymmetricExchange(AlternatingRegions):
+class SymmetricExchange:
     """The TP group's symmetric workspace, split in two regions of `region_bytes`, and the side
     stream that pulls the other ranks' rows. Row pieces are contiguous, of one rank's rows."""
 
     def __init__(self, group_name: str, region_bytes: int):
-        super().__init__(group_name, region_bytes, "tp_comm_overlap")
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        self.workspace = symm_mem.get_symm_mem_workspace(group_name, 2 * region_bytes)
+        self.region_bytes = region_bytes
+        self.rank, self.world = self.workspace.rank, self.workspace.world_size
         self.side = torch.cuda.Stream()
+        self._next_region = 0
+
+    def fence(self) -> None:
+        """A barrier behind all earlier work of the current stream, and region 0 next."""
+        self.workspace.barrier(channel=0)
+        self._next_region = 0
 
     def _region(self, rank: int, like: torch.Tensor) -> torch.Tensor:
         # like's shape and dtype in the next region of `rank`'s buffer
-        return self.region(rank, like.shape, like.dtype)
+        nbytes = like.numel() * like.element_size()
+        if nbytes > self.region_bytes:
+            raise RuntimeError(f"tp_comm_overlap: a piece of {tuple(like.shape)} {like.dtype} ({nbytes} bytes) does "
+                               f"not fit the symmetric workspace's {self.region_bytes}-byte region")
+        offset = self._next_region * self.region_bytes // like.element_size()
+        return self.workspace.get_buffer(rank, like.shape, like.dtype, offset)
+
+    def _exchanged(self) -> None:
+        # the barrier after this rank's rows are in the region; the next exchange takes the other
+        self.workspace.barrier(channel=self._next_region)
+        self._next_region ^= 1
 
     # autocast off in both products: the operands come in the dtype the collectives keep
     @torch.autocast("cuda", enabled=False)
@@ -93,7 +78,7 @@ class SymmetricExchange(AlternatingRegions):
         main = torch.cuda.current_stream()
         pieces = [self._region(r, local) for r in range(self.world)]
         pieces[self.rank].copy_(local)
-        self.exchanged()
+        self._exchanged()
         self.side.wait_stream(main)
         others = [(self.rank + step) % self.world for step in range(1, self.world)]
         with torch.cuda.stream(self.side):
@@ -124,7 +109,7 @@ class SymmetricExchange(AlternatingRegions):
             torch.mm(rows[dst], w_t, out=mine)
             if step > 1:   # this rank has pulled the last step's rows: its barrier says so
                 main.wait_stream(self.side)
-            self.exchanged()
+            self._exchanged()
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
                 flat_parts[src].copy_(theirs)
