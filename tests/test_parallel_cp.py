@@ -249,16 +249,28 @@ def _triton_model_worker(rank, world, tp, recompute, with_docs):
     torch.manual_seed(0)
     reference = Mamba2LM(cfg, tp_size=tp)
     dims = init_parallel(validate_layout(cfg, seq_len, world, tp=tp, cp=cp))
-    model = parallelize_model(copy.deepcopy(reference), dims)
+    _check_triton_model(reference, dims, cfg, seq_len, recompute, with_docs, torch.device("cpu"))
+
+
+def _check_triton_model(reference, dims, cfg, seq_len, recompute, with_docs, device):
+    """The parallel model made from `reference` (its weights), one step's gradients of it against
+    the reference's over the whole sequence (which runs the same mixer body); returns the
+    parallel run's collectives."""
+    model = parallelize_model(copy.deepcopy(reference), dims).to(device)
+    reference = copy.deepcopy(reference).to(device)
     set_recompute(model, recompute)
-    input_ids, labels, seq_idx = tiny_batch(cfg, 3, seq_len, _doc_starts(seq_len, cp))
+    batch = tiny_batch(cfg, 3, seq_len, _doc_starts(seq_len, dims.layout.cp))
+    input_ids, labels, seq_idx = (t.to(device) for t in batch)
     seq_idx = seq_idx if with_docs else None
     pieces = [None if t is None else context_parallel_piece(t, dims) for t in (input_ids, labels, seq_idx)]
-    model.loss(*pieces).backward()
+    with count_collectives() as log:
+        model.loss(*pieces).backward()
     allreduce_gradients(model, dims)
     reference.loss(input_ids, labels, seq_idx).backward()
-    expected = shard_state_dict({name: p.grad for name, p in reference.named_parameters()}, cfg, tp, dims.tp_rank)
+    expected = shard_state_dict({name: p.grad for name, p in reference.named_parameters()}, cfg, dims.layout.tp,
+                                dims.tp_rank)
     assert_grads_close({name: p.grad for name, p in model.named_parameters()}, expected)
+    return log
 
 
 @pytest.mark.distributed
@@ -268,6 +280,40 @@ def test_parallel_model_with_the_triton_mixer_body_equals_one_process(tp, world,
     if not _interpreted_triton():
         pytest.skip("the kernels are compiled for the GPU here: the gpu test below runs them")
     run_workers(_triton_model_worker, world, tp, recompute, with_docs)
+
+
+def _relayed_model_worker(rank, world):
+    # The CP=2 model on two GPUs, its boundary states relayed over symmetric memory, with whole
+    # blocks recomputed and without: the recomputed forward relays again, in the backward's
+    # order (rank r's recompute reads rank r-1's, its backward then waits for rank r+1's), and
+    # every gradient must still equal one process's.
+    import mamba_train.model.mamba2 as mamba2
+    from kernels.triton_mixer import mixer_body_triton
+    from mamba_train.config import ModelConfig
+
+    mamba2.mixer_body = mixer_body_triton
+    # the smallest shapes whose dots the compiled kernels tile (16 and up), 2 chunks a rank
+    cfg = ModelConfig(d_model=64, n_layer=2, d_state=16, d_conv=4, expand=2, headdim=16, ngroups=2, chunk_size=16,
+                      vocab_size=50)
+    seq_len, device = 64, torch.device("cuda", rank)
+    torch.manual_seed(0)
+    reference = Mamba2LM(cfg)
+    dims = init_parallel(validate_layout(cfg, seq_len, world, tp=1, cp=world))
+    for recompute in ("none", "block"):
+        log = _check_triton_model(reference, dims, cfg, seq_len, recompute, True, device)
+        # one all-gather a step (`begin`'s, of each piece's first and last document ids); the
+        # all-gather path would add two a layer, three with the recomputed forward
+        assert log.counts().get("all_gather_into_tensor", 0) == 1, (recompute, log.calls)
+
+
+@pytest.mark.gpu
+def test_gpu_relayed_cp2_model_with_and_without_recompute_equals_one_process(monkeypatch):
+    if _interpreted_triton() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    # fp32 dots in fp32, not tf32, so that the CPU tests' fp32 bounds hold (the workers inherit it;
+    # the setting is part of Triton's cache key)
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    run_workers(_relayed_model_worker, 2, backend="nccl")
 
 
 def _state_relay_worker(rank, world):
