@@ -292,7 +292,7 @@ class ContextParallel:
         if not (self._symmetric_wanted and device.type == "cuda" and self.world > 1):
             return False
         capturing = torch.cuda.is_current_stream_capturing()
-        if (capturing and (self._relay is None or state_bytes > self._relay.slot_bytes)):
+        if capturing and (self._relay is None or state_bytes > self._relay.slot_bytes):
             raise RuntimeError("context parallelism: the relay of boundary states is set up (or grown) eagerly, not "
                                "inside a CUDA graph's capture; run an eager forward and backward of the largest "
                                "batch first")

@@ -164,7 +164,7 @@ class StateRelay:
     def __init__(self, group_name: str):
         self.group_name, self.slot_bytes = group_name, 0
         self.captured = False   # whether a CUDA graph holds the slots' addresses: they may not move then
-        self._sent, self._received = [0, 0], [0, 0]
+        self._passes = {"send": [0, 0], "receive": [0, 0]}   # per half and direction: passes ended
         self._passing = [set(), set()]   # per direction, "send" / "receive" between their two halves
         self._marked = None   # torch's workspace tensor whose slots this relay marked free
 
@@ -198,13 +198,29 @@ class StateRelay:
         else:   # the slots move within the same memory: every rank's earlier reads end first
             self.workspace.barrier(channel=0, timeout_ms=self.timeout_ms)
 
-    def _begin(self, direction: int, half: str) -> None:
-        # a pass's counters move at its end: a second start before it would name the same slot
+    def _take(self, direction: int, receiving: bool, shape, dtype) -> torch.Tensor | None:
+        # the first half of a pass: wait until this pass's slot is ready (receiving) or free
+        # (sending), then hand out the slot, in the sender's buffer
+        peer, half = self._neighbour(direction, receiving), "receive" if receiving else "send"
+        if peer is None:
+            return None
+        # a pass's counter moves at its end: a second start before it would name the same slot
         assert half not in self._passing[direction], f"a relay pass's {half} started twice"
+        slot = self._passes[half][direction] % self.slots
+        self.workspace.wait_signal(peer, self._channel(direction, int(not receiving), slot), self.timeout_ms)
+        self._passing[direction].add(half)
+        return self._slot(peer if receiving else self.rank, direction, slot, shape, dtype)
 
-    def _end(self, direction: int, half: str) -> None:
+    def _give(self, direction: int, receiving: bool) -> None:
+        # the second half: the slot is free (read) or ready (written) for the peer
+        peer, half = self._neighbour(direction, receiving), "receive" if receiving else "send"
+        if peer is None:
+            return
         assert half in self._passing[direction], f"a relay pass's {half} ended without a start"
         self._passing[direction].remove(half)
+        slot = self._passes[half][direction] % self.slots
+        self.workspace.put_signal(peer, self._channel(direction, int(receiving), slot), self.timeout_ms)
+        self._passes[half][direction] += 1
 
     def _channel(self, direction: int, free: int, slot: int) -> int:
         return self._first_channel + (2 * direction + free) * self.slots + slot
@@ -223,42 +239,18 @@ class StateRelay:
     def receive(self, direction: int, shape, dtype) -> torch.Tensor | None:
         """The neighbour's state for this pass, in its buffer, once it is there (the current
         stream waits); None where no rank sends to this one. Call `read` after its reader."""
-        sender = self._neighbour(direction, receiving=True)
-        if sender is None:
-            return None
-        slot = self._received[direction] % self.slots
-        self._begin(direction, "receive")
-        self.workspace.wait_signal(sender, self._channel(direction, 0, slot), self.timeout_ms)
-        self._passing[direction].add("receive")
-        return self._slot(sender, direction, slot, shape, dtype)
+        return self._take(direction, True, shape, dtype)
 
     def read(self, direction: int) -> None:
         """After the kernel that read `receive`'s state: its slot is free for the sender again."""
-        sender = self._neighbour(direction, receiving=True)
-        if sender is not None:
-            self._end(direction, "receive")
-            slot = self._received[direction] % self.slots
-            self.workspace.put_signal(sender, self._channel(direction, 1, slot), self.timeout_ms)
-            self._received[direction] += 1
+        self._give(direction, True)
 
     def outgoing(self, direction: int, shape, dtype) -> torch.Tensor | None:
         """This rank's next slot for `direction`, once its receiver has read what it held last
         (the current stream waits), for a kernel to write the state into; None where no rank
         receives from this one. Call `sent` after the writer."""
-        receiver = self._neighbour(direction, receiving=False)
-        if receiver is None:
-            return None
-        slot = self._sent[direction] % self.slots
-        self._begin(direction, "send")
-        self.workspace.wait_signal(receiver, self._channel(direction, 1, slot), self.timeout_ms)
-        self._passing[direction].add("send")
-        return self._slot(self.rank, direction, slot, shape, dtype)
+        return self._take(direction, False, shape, dtype)
 
     def sent(self, direction: int) -> None:
         """After the kernel that wrote `outgoing`'s slot: the receiver may read it."""
-        receiver = self._neighbour(direction, receiving=False)
-        if receiver is not None:
-            self._end(direction, "send")
-            slot = self._sent[direction] % self.slots
-            self.workspace.put_signal(receiver, self._channel(direction, 0, slot), self.timeout_ms)
-            self._sent[direction] += 1
+        self._give(direction, False)
